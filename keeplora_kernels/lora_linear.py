@@ -1,0 +1,97 @@
+"""Frozen-A LoRA linear: ``y = x·Wᵀ + b + scale·(x·Aᵀ)·Bᵀ`` with W and A frozen, B trained.
+
+Layouts follow PEFT: ``weight`` is ``d_out × d_in``, ``lora_a`` is ``r × d_in`` (``lora_A.weight``), ``lora_b`` is
+``d_out × r`` (``lora_B.weight``). Because W and A never receive gradients, backward needs only ``s = x·Aᵀ``
+(T×r) from the forward pass, never x (T×d_in): the adapter branch keeps d_in/r times less activation memory than a
+general LoRA layer.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _dispatch
+
+__all__ = ["lora_linear", "lora_linear_ref", "LoRALinearFunction"]
+
+
+def lora_linear_ref(x, weight, bias, lora_a, lora_b, scale):
+    """Plain-autograd reference (differentiable in every argument); the tests compare against it."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    return y + scale * torch.nn.functional.linear(torch.nn.functional.linear(x, lora_a), lora_b)
+
+
+def _flatten_tokens(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """Forward and backward of the frozen-A LoRA linear in PyTorch ops.
+
+    Forward, with X the T×d_in matrix of tokens (leading dims flattened):
+        s = X·Aᵀ                          (T×r, kept for backward)
+        Y = X·Wᵀ + b + scale·s·Bᵀ
+    Backward, given dY (T×d_out):
+        dB = scale·dYᵀ·s                  (d_out×r)
+        ds = scale·dY·B                   (T×r)
+        dX = dY·W + ds·A                  (T×d_in)
+        db = Σ_T dY                       (only if the bias requires grad)
+    W and A are frozen: no dW, no dA, so X itself is never saved.
+    The adapter branch runs in x's dtype; dB is returned in B's dtype (fp32 adapters under bf16 inputs work).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale):
+        if weight.requires_grad or lora_a.requires_grad:
+            raise RuntimeError("lora_linear treats `weight` and `lora_a` as frozen, but one of them requires grad; "
+                               "call .requires_grad_(False) on it or use lora_linear_ref")
+        x2 = _flatten_tokens(x)
+        a = lora_a.to(x.dtype)
+        b = lora_b.to(x.dtype)
+        s = x2 @ a.t()
+        y2 = torch.addmm(bias.to(x.dtype), x2, weight.t()) if bias is not None else x2 @ weight.t()
+        y2.addmm_(s, b.t(), alpha=scale)
+        ctx.save_for_backward(s, weight, lora_a, lora_b)
+        ctx.scale = scale
+        ctx.x_shape = x.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y2.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        s, weight, lora_a, lora_b = ctx.saved_tensors
+        scale = ctx.scale
+        dy2 = _flatten_tokens(dy).to(s.dtype)
+        dx = db = dlora_b = None
+        if ctx.needs_input_grad[4]:
+            dlora_b = (scale * (dy2.t() @ s)).to(lora_b.dtype)
+        if ctx.needs_input_grad[0]:
+            ds = dy2 @ lora_b.to(s.dtype)
+            dx2 = dy2 @ weight.to(s.dtype)
+            dx2.addmm_(ds, lora_a.to(s.dtype), alpha=scale)
+            dx = dx2.reshape(ctx.x_shape)
+        if ctx.needs_input_grad[2]:
+            db = dy2.sum(0).to(ctx.bias_dtype)
+        return dx, None, db, None, dlora_b, None
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x·weightᵀ + bias + scale·(x·lora_aᵀ)·lora_bᵀ`` with ``weight`` and ``lora_a`` frozen.
+
+    Args:
+        x: ``(..., d_in)``, any leading dims, may be non-contiguous; fp32, fp16 or bf16.
+        weight: ``(d_out, d_in)``, frozen (must not require grad).
+        bias: ``(d_out,)`` or None; may require grad.
+        lora_a: ``(r, d_in)`` (PEFT's ``lora_A.weight``), frozen.
+        lora_b: ``(d_out, r)`` (PEFT's ``lora_B.weight``), trainable; may be fp32 while x is low precision.
+        scale: ``alpha / r``.
+
+    Returns ``(..., d_out)`` in x's dtype. Saved for backward: ``s = x·lora_aᵀ`` (T×r) and the (frozen) weights.
+    """
+    backend = _dispatch.select("lora_linear", x.device)
+    if backend == "reference":
+        return LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, float(scale))
+    return _dispatch.implementation("lora_linear", backend)(x, weight, bias, lora_a, lora_b, float(scale))

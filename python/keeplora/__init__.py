@@ -1,0 +1,2 @@
+"""keeplora: KeepLoRA continual learning for Hugging Face models."""
+__version__ = "0.1.0"
