@@ -1,0 +1,160 @@
+"""The one benchmark harness: timing, peak memory, and result rows with machine, versions and git sha.
+
+* GPU: ``triton.testing.do_bench`` medians (it flushes L2 between runs); peak memory from
+  ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
+* CPU: median of repeated wall-clock runs after warm-up; peak memory is the process's resident-set high-water mark
+  (``VmHWM``, reset through ``/proc/self/clear_refs``) minus the resident set before the call. glibc returns large
+  blocks to the OS on free (mmap threshold), so torch tensors show up; small cached blocks may hide a few MB.
+Rows are appended to ``benchmarks/results/<name>.csv`` (one CSV per benchmark); ``benchmarks/plot.py`` reads them.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import functools
+import gc
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@functools.lru_cache(maxsize=None)
+def environment() -> dict[str, str]:
+    """Machine, versions and git sha recorded with every row."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).resolve().parent).stdout.strip()
+        sha += "-dirty" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        sha = "unknown"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = _cpu_name()
+    return {
+        "device": device,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "git_sha": sha,
+        "host_cpus": str(os.cpu_count()),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return "CPU " + line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "CPU " + platform.processor()
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    repeats: int
+
+
+def time_fn(fn: Callable[[], Any], *, device: torch.device | str = "cpu", warmup: int = 2, repeats: int = 7,
+            min_seconds: float = 0.0) -> Timing:
+    """Median time of ``fn()``: do_bench on CUDA, wall clock medians on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return Timing(float(do_bench(fn, warmup=25, rep=100, return_mode="median")), repeats=0)
+    for _ in range(warmup):
+        fn()
+    samples = []
+    start = time.perf_counter()
+    while len(samples) < repeats or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return Timing(statistics.median(samples), repeats=len(samples))
+
+
+def _proc_status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def measure_memory(fn: Callable[[], Any], *, device: torch.device | str = "cpu") -> int:
+    """Peak bytes allocated during one call of ``fn`` beyond what was allocated before it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+    before = _proc_status_kb("VmRSS")
+    fn()
+    return max(0, _proc_status_kb("VmHWM") - before) * 1024
+
+
+def append_rows(name: str, rows: Iterable[dict[str, Any]], results_dir: Optional[Path] = None) -> Path:
+    """Append rows (dicts) to ``results/<name>.csv`` with the environment columns; returns the path."""
+    rows = list(rows)
+    path = Path(results_dir or RESULTS_DIR) / f"{name}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    full = [{**row, **environment(), "timestamp": stamp} for row in rows]
+    fields: list[str] = []
+    for row in full:
+        fields += [k for k in row if k not in fields]
+    existing_fields = None
+    if path.exists():
+        with path.open(newline="") as f:
+            existing_fields = next(csv.reader(f), None)
+    if existing_fields and existing_fields != fields:
+        # schema changed: keep history readable by writing to a new file next to it
+        path = path.with_name(f"{name}-{stamp.replace(':', '')}.csv")
+        existing_fields = None
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if not existing_fields:
+            writer.writeheader()
+        writer.writerows(full)
+    return path
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    """A plain fixed-width table on stdout."""
+    cells = [[_fmt(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
