@@ -1,0 +1,189 @@
+"""Target resolution and the PEFT LoRA layers KeepLoRA owns.
+
+KeepLoRA uses PEFT's own ``lora.Linear`` layers (so PEFT tooling, saving and ``PeftModel`` keep working) and swaps
+their class to :class:`KeepLoRALinear`, a subclass that only changes ``forward``: when the layer is in KeepLoRA's
+configuration (one active adapter, W and A frozen, no dropout in effect) it runs the fused frozen-A op
+``keeplora_kernels.lora_linear``, which keeps ``s = x·Aᵀ`` (T×r) for backward instead of x (T×d_in). Any other
+configuration falls back to PEFT's forward, so behaviour never silently changes.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+from peft import LoraConfig, PeftModel, inject_adapter_in_model
+from peft.tuners.lora import layer as lora_layer
+from peft.tuners.lora.layer import LoraLayer
+from torch import nn
+
+import keeplora_kernels as kk
+
+from .config import KeepLoRAConfig
+
+
+class KeepLoRALinear(lora_layer.Linear):
+    """PEFT's LoRA ``Linear`` with the frozen-A fused forward; identical state and state-dict keys."""
+
+    def _fused_adapter(self) -> Optional[str]:
+        """The adapter the fused path can run, or None when PEFT's general forward is needed."""
+        active = self.active_adapters
+        if self.disable_adapters or self.merged or len(active) != 1:
+            return None
+        name = active[0]
+        if name not in self.lora_A or name in self.lora_variant or type(self.base_layer) is not nn.Linear:
+            return None
+        if self.lora_A[name].weight.requires_grad or self.base_layer.weight.requires_grad:
+            return None
+        dropout = self.lora_dropout[name]
+        if self.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
+            return None
+        return name
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = None if (args or kwargs) else self._fused_adapter()
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        base = self.base_layer
+        return kk.lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                              self.scaling[name])
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a ``PeftModel`` (module names relative to it are PEFT's state-dict keys)."""
+    if isinstance(model, PeftModel):
+        return model.base_model.model
+    return model
+
+
+def _default_targets(model: nn.Module) -> list[str]:
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as mapping
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in mapping:
+        raise ValueError("KeepLoRAConfig.target_modules is None and PEFT has no default targets for model type "
+                         f"{model_type!r}; name the modules to adapt, e.g. target_modules=['q_proj', 'v_proj']")
+    return list(mapping[model_type])
+
+
+def _entry_matches(name: str, entry: str) -> bool:
+    return name == entry or name.endswith("." + entry)
+
+
+def resolve_targets(model: nn.Module, config: KeepLoRAConfig) -> list[str]:
+    """Full names (relative to the unwrapped model) of the modules to adapt, in model order.
+
+    Names in a list match like PEFT's (equal, or ending with '.' + entry); a string is a regex that must match the
+    whole name. Raises ``ValueError`` naming every list entry that matches nothing and every match that is not a
+    ``torch.nn.Linear``.
+    """
+    root = unwrap_model(model)
+    existing = _adapter_layers(root, config.adapter_name)
+    spec = config.target_modules
+    if spec is None:
+        spec = sorted(existing) if existing else _default_targets(root)
+    names, not_linear, used_entries = [], [], set()
+    for name, module in root.named_modules():
+        if not name or ".lora_" in name or name.endswith(".base_layer"):
+            continue
+        if isinstance(spec, str):
+            hit = re.fullmatch(spec, name) is not None
+        else:
+            entries = {e for e in spec if _entry_matches(name, e)}
+            used_entries |= entries
+            hit = bool(entries)
+        if not hit:
+            continue
+        base = module.get_base_layer() if isinstance(module, LoraLayer) else module
+        if type(base) is nn.Linear:
+            names.append(name)
+        else:
+            not_linear.append(f"{name} ({type(base).__name__})")
+    if isinstance(spec, list) and len(used_entries) < len(spec):
+        missing = [e for e in spec if e not in used_entries]
+        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in root.named_modules() if type(m) is nn.Linear})
+        raise ValueError(f"KeepLoRAConfig.target_modules: no module matches {missing}; the nn.Linear modules of "
+                         f"this model have names ending with one of {linear_names}")
+    if not_linear:
+        raise ValueError("KeepLoRAConfig.target_modules matched modules that are not torch.nn.Linear (KeepLoRA "
+                         f"adapts linear layers only): {not_linear[:8]}")
+    if not names:
+        raise ValueError(f"KeepLoRAConfig.target_modules={spec!r} matches no nn.Linear module of the model")
+    return names
+
+
+def _adapter_layers(root: nn.Module, adapter: str) -> dict[str, LoraLayer]:
+    return {name: m for name, m in root.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A}
+
+
+def check_shapes(model: nn.Module, names: list[str], config: KeepLoRAConfig) -> None:
+    """Reject ``r`` larger than a target's input size (A would not have r orthonormal columns)."""
+    root = unwrap_model(model)
+    modules = dict(root.named_modules())
+    for name in names:
+        module = modules[name]
+        d_in = (module.get_base_layer() if isinstance(module, LoraLayer) else module).in_features
+        if config.r > d_in:
+            raise ValueError(f"KeepLoRAConfig.r = {config.r} exceeds d_in = {d_in} of target {name!r}; "
+                             f"use r ≤ {d_in}")
+        if config.weight_subspace == "official-clip":
+            w = (module.get_base_layer() if isinstance(module, LoraLayer) else module).weight
+            if w.shape[0] != w.shape[1]:
+                raise ValueError("KeepLoRAConfig.weight_subspace='official-clip' applies output-space singular "
+                                 f"vectors on the input side, which needs square weights; {name!r} is "
+                                 f"{tuple(w.shape)}. Use weight_subspace='input'.")
+        config.weight_energy_for(name)  # every target needs an ε_w
+
+
+def attach_adapters(model: nn.Module, names: list[str], config: KeepLoRAConfig) -> dict[str, KeepLoRALinear]:
+    """Put KeepLoRA's PEFT LoRA adapter on every target (reusing an existing adapter of that name), A and B zero,
+    A frozen, B trainable, every other parameter of the model frozen. Returns ``{name: layer}``."""
+    root = unwrap_model(model)
+    existing = _adapter_layers(root, config.adapter_name)
+    if existing:
+        if sorted(existing) != sorted(names):
+            raise ValueError(f"the model's PEFT adapter {config.adapter_name!r} adapts {sorted(existing)}, but "
+                             f"KeepLoRAConfig.target_modules selects {sorted(names)}")
+        for name, layer in existing.items():
+            a = layer.lora_A[config.adapter_name].weight
+            if a.shape[0] != config.r or abs(layer.scaling[config.adapter_name] - config.scale) > 1e-12:
+                raise ValueError(f"the model's PEFT adapter {config.adapter_name!r} has r={a.shape[0]} and scale "
+                                 f"{layer.scaling[config.adapter_name]} at {name!r}; KeepLoRAConfig asks for "
+                                 f"r={config.r}, scale alpha/r={config.scale}")
+            if config.adapter_name in layer.lora_variant:
+                raise ValueError(f"the PEFT adapter {config.adapter_name!r} uses a LoRA variant (e.g. DoRA) at "
+                                 f"{name!r}; KeepLoRA needs plain LoRA")
+    else:
+        lora_config = LoraConfig(r=config.r, lora_alpha=config.alpha, target_modules=list(names),
+                                 lora_dropout=config.lora_dropout, bias="none")
+        if isinstance(model, PeftModel):
+            model.add_adapter(config.adapter_name, lora_config)
+        else:
+            inject_adapter_in_model(lora_config, root, adapter_name=config.adapter_name)
+    if isinstance(model, PeftModel):
+        model.set_adapter(config.adapter_name)
+    modules = dict(root.named_modules())
+    layers = {}
+    for name in names:
+        layer = modules[name]
+        if type(layer) is lora_layer.Linear:
+            layer.__class__ = KeepLoRALinear
+        if not isinstance(layer, KeepLoRALinear):
+            raise TypeError(f"target {name!r} is a {type(layer).__name__}, not a plain PEFT LoRA Linear")
+        layers[name] = layer
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in layers.values():
+        with torch.no_grad():
+            layer.lora_A[config.adapter_name].weight.zero_()
+            layer.lora_B[config.adapter_name].weight.zero_()
+    freeze_adapters(layers, config.adapter_name)
+    return layers
+
+
+def freeze_adapters(layers: dict[str, LoraLayer], adapter: str) -> None:
+    """A frozen, B trainable (PEFT's ``set_adapter`` makes both trainable; call again after using it)."""
+    for layer in layers.values():
+        layer.lora_A[adapter].weight.requires_grad_(False)
+        layer.lora_B[adapter].weight.requires_grad_(True)

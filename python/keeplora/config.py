@@ -1,0 +1,153 @@
+"""KeepLoRAConfig: every knob of the algorithm, validated once in ``__post_init__``.
+
+Field ``metadata["help"]`` is the documentation (PEFT's convention). Defaults follow the paper and the authors'
+CLIP run (r=16, alpha=1, ε_f=0.99, B initialised from the gradient); see ../shared/spec/keeplora.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+
+_STATS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _choice(name: str, value: Any, accepted: Sequence[Any]) -> None:
+    if value not in accepted:
+        raise ValueError(f"KeepLoRAConfig.{name} must be one of {list(accepted)}, got {value!r}")
+
+
+def _fraction(name: str, value: Any, *, allow_zero: bool = True) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (0.0 <= value <= 1.0)
+    if not ok or (not allow_zero and value == 0):
+        interval = "[0, 1]" if allow_zero else "(0, 1]"
+        raise ValueError(f"KeepLoRAConfig.{name} must be a number in {interval}, got {value!r}")
+
+
+@dataclass
+class KeepLoRAConfig:
+    target_modules: Optional[Union[str, list[str]]] = field(default=None, metadata={"help": (
+        "Modules to adapt. A list of names matched like PEFT does (a module is a target when its full name equals "
+        "an entry or ends with '.' + entry, e.g. 'query' or 'attention.output.dense'), or one string used as a "
+        "regular expression that must match the full module name. None: the targets of an existing PEFT adapter, "
+        "else PEFT's default targets for the model type. Targets must be torch.nn.Linear.")})
+    r: int = field(default=16, metadata={"help": "LoRA rank (columns of the frozen A). Must not exceed any target's d_in."})
+    alpha: float = field(default=1.0, metadata={"help": "LoRA alpha; the adapter scale is s = alpha / r."})
+    weight_energy: Union[float, dict[str, float]] = field(default=0.85, metadata={"help": (
+        "ε_w: fraction of each pre-trained weight's energy ‖W‖_F² whose principal input directions are protected. "
+        "A number for all targets, or {regex: number} per group (first pattern found by re.search in the module "
+        "name wins, e.g. {'vision_model': 0.85, 'text_model': 0.2}); every target must match a pattern. "
+        "0 disables pre-trained protection (ablation).")})
+    feature_energy: float = field(default=0.99, metadata={"help": (
+        "ε_f: after each task, input-feature directions are added to the protected basis until it captures this "
+        "fraction of the task's feature energy (GPM rule). 0 disables the task memory (ablation).")})
+    b_init: str = field(default="gradient", metadata={"help": (
+        "'gradient' (authors' CLIP code): B = diag(S_r)·V_rᵀ of the residual gradient and the same amount is "
+        "subtracted from W so the function is unchanged; 'zero' (authors' LLaVA code): B = 0.")})
+    a_init: str = field(default="gradient", metadata={"help": (
+        "'gradient' (KeepLoRA): A = top-r left singular vectors of the residual gradient; 'random' (ablation): "
+        "A = r random orthonormal directions inside the residual subspace.")})
+    grad_data_fraction: float = field(default=1.0, metadata={"help": (
+        "Fraction of the task's batches, evenly spaced, used for the gradient estimate in begin_task "
+        "(authors: 1.0 for CLIP, 0.2 for LLaVA).")})
+    memory_source: str = field(default="features", metadata={"help": (
+        "'features' (default): the exact second moment Σ x·xᵀ of each target's inputs over real tokens; "
+        "'gradients' (authors' LLaVA pipeline): the post-task gradient Gᵀ of the task data.")})
+    weight_subspace: str = field(default="input", metadata={"help": (
+        "'input' (paper, default): right singular vectors of the PyTorch weight. 'official-clip': the authors' "
+        "CLIP code (left singular vectors applied on the input side, strict energy rule); square weights only.")})
+    stats_dtype: str = field(default="float32", metadata={"help": (
+        "dtype of the gradient and feature accumulators and of the protected bases: 'float32' or 'float64'.")})
+    svd_method: str = field(default="auto", metadata={"help": (
+        "SVD of the residual gradient: 'exact' (torch.linalg.svd), 'randomized' (batched randomized SVD with "
+        "svd_oversample and svd_power_iters), 'auto' (randomized when r + oversample ≤ min(d_in, d_out) / 4).")})
+    svd_oversample: int = field(default=8, metadata={"help": "Extra sketch columns of the randomized SVD."})
+    svd_power_iters: int = field(default=4, metadata={"help": "Power iterations of the randomized SVD."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter branch's input (PEFT's)."})
+    adapter_name: str = field(default="default", metadata={"help": "Name of the PEFT adapter KeepLoRA owns."})
+    seed: int = field(default=0, metadata={"help": "Seed of the randomized SVD sketches and of a_init='random'."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars over the data passes."})
+
+    def __post_init__(self) -> None:
+        tm = self.target_modules
+        if tm is not None:
+            if isinstance(tm, str):
+                if not tm:
+                    raise ValueError("KeepLoRAConfig.target_modules must not be an empty string")
+                try:
+                    re.compile(tm)
+                except re.error as exc:
+                    raise ValueError(f"KeepLoRAConfig.target_modules is not a valid regular expression: {exc}") from None
+            elif isinstance(tm, (list, tuple, set)) and tm and all(isinstance(t, str) and t for t in tm):
+                self.target_modules = list(tm)
+            else:
+                raise ValueError("KeepLoRAConfig.target_modules must be None, a regex string or a non-empty list of "
+                                 f"module names, got {tm!r}")
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            raise ValueError(f"KeepLoRAConfig.r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or self.alpha <= 0:
+            raise ValueError(f"KeepLoRAConfig.alpha must be a positive number, got {self.alpha!r}")
+        if isinstance(self.weight_energy, Mapping):
+            if not self.weight_energy:
+                raise ValueError("KeepLoRAConfig.weight_energy must not be an empty mapping")
+            for pattern, value in self.weight_energy.items():
+                try:
+                    re.compile(pattern)
+                except (re.error, TypeError) as exc:
+                    raise ValueError(f"KeepLoRAConfig.weight_energy key {pattern!r} is not a valid regular "
+                                     f"expression: {exc}") from None
+                _fraction(f"weight_energy[{pattern!r}]", value)
+            self.weight_energy = dict(self.weight_energy)
+        else:
+            _fraction("weight_energy", self.weight_energy)
+        _fraction("feature_energy", self.feature_energy)
+        _fraction("grad_data_fraction", self.grad_data_fraction, allow_zero=False)
+        _fraction("lora_dropout", self.lora_dropout)
+        _choice("b_init", self.b_init, ("gradient", "zero"))
+        _choice("a_init", self.a_init, ("gradient", "random"))
+        _choice("memory_source", self.memory_source, ("features", "gradients"))
+        _choice("weight_subspace", self.weight_subspace, ("input", "official-clip"))
+        if isinstance(self.stats_dtype, torch.dtype):
+            self.stats_dtype = {v: k for k, v in _STATS_DTYPES.items()}.get(self.stats_dtype, self.stats_dtype)
+        _choice("stats_dtype", self.stats_dtype, tuple(_STATS_DTYPES))
+        _choice("svd_method", self.svd_method, ("auto", "exact", "randomized"))
+        for name in ("svd_oversample", "svd_power_iters", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"KeepLoRAConfig.{name} must be a non-negative integer, got {value!r}")
+        if not isinstance(self.adapter_name, str) or not self.adapter_name:
+            raise ValueError(f"KeepLoRAConfig.adapter_name must be a non-empty string, got {self.adapter_name!r}")
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / self.r
+
+    @property
+    def torch_stats_dtype(self) -> torch.dtype:
+        return _STATS_DTYPES[self.stats_dtype]
+
+    def weight_energy_for(self, module_name: str) -> float:
+        """ε_w of one target; raises when a per-group mapping has no pattern for it."""
+        if not isinstance(self.weight_energy, dict):
+            return float(self.weight_energy)
+        for pattern, value in self.weight_energy.items():
+            if re.search(pattern, module_name):
+                return float(value)
+        raise ValueError(f"KeepLoRAConfig.weight_energy has no pattern matching target {module_name!r} "
+                         f"(patterns: {list(self.weight_energy)}); add one, e.g. '.*' last as a default")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "KeepLoRAConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"KeepLoRAConfig got unknown fields {unknown}; accepted: {sorted(known)}")
+        return cls(**dict(data))

@@ -1,0 +1,296 @@
+"""KeepLoRA: the continual-learning task lifecycle on a Hugging Face model (spec: ../shared/spec/keeplora.md).
+
+    kl = KeepLoRA(model, KeepLoRAConfig(target_modules=[...], r=16))
+    for task in tasks:
+        kl.begin_task(task.loader, loss_fn)          # gradient estimate → A (frozen), B (trained)
+        train(kl.trainable_parameters(), ...)        # the user's optimizer, schedule and loss
+        kl.end_task(task.loader, loss_fn)            # merge, feature statistics, memory update
+
+Conventions: PyTorch weights are ``d_out × d_in``; every protected basis ``P`` is an orthonormal ``d_in × k`` basis
+of the input space; PEFT stores ``A`` as ``lora_A.weight`` (``r × d_in``) and ``B`` as ``lora_B.weight``
+(``d_out × r``), so the weight delta is ``scale·lora_B.weight·lora_A.weight``.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections import defaultdict
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+import keeplora_kernels as kk
+
+from . import checkpoint
+from .adapters import attach_adapters, check_shapes, freeze_adapters, resolve_targets
+from .basis import expand_basis, orthonormalize_against, random_residual_directions
+from .config import KeepLoRAConfig
+from .statistics import LossFn, collect_second_moments, estimate_gradients
+
+
+class KeepLoRAWarning(UserWarning):
+    """Something the user should know about the continual state (e.g. a module with no residual directions left)."""
+
+
+class KeepLoRA:
+    """Continual fine-tuning of a transformers model (or a ``PeftModel``) with KeepLoRA.
+
+    Construction resolves the targets, puts PEFT LoRA layers on them (A frozen, B trainable, everything else
+    frozen) and computes every target's pre-trained principal subspace; it raises before touching the model when
+    the config does not fit it.
+
+    Attributes:
+        model: the model, adapted in place.
+        config: the :class:`KeepLoRAConfig`.
+        layers: ``{module name: PEFT LoRA layer}`` of the targets (names relative to the unwrapped model).
+        bases: ``{module name: P}``, the unified protected basis (``d_in × k``, orthonormal, stats dtype).
+        tasks_done: number of finished tasks. ``in_task``: between begin_task and end_task.
+        history: one dict per finished task (basis sizes, adapter ranks, token counts, timings).
+    """
+
+    def __init__(self, model: nn.Module, config: Optional[KeepLoRAConfig] = None, *,
+                 _bases: Optional[dict[str, torch.Tensor]] = None):
+        config = config if config is not None else KeepLoRAConfig()
+        if not isinstance(config, KeepLoRAConfig):
+            raise TypeError(f"config must be a KeepLoRAConfig, got {type(config).__name__}")
+        names = resolve_targets(model, config)
+        check_shapes(model, names, config)
+        self.model = model
+        self.config = config
+        self.layers = attach_adapters(model, names, config)
+        first = next(iter(self.layers.values())).base_layer.weight
+        self.device = first.device
+        self.tasks_done = 0
+        self.in_task = False
+        self.history: list[dict[str, Any]] = []
+        self._task_record: dict[str, Any] = {}
+        self._b_start: dict[str, torch.Tensor] = {}
+        self.initial_fingerprint = checkpoint.fingerprint(checkpoint.target_weights(self))
+        self.bases = _bases if _bases is not None else self._pretrained_bases()
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def adapter_name(self) -> str:
+        return self.config.adapter_name
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The B matrices (``lora_B.weight`` of every target): the only parameters KeepLoRA trains."""
+        freeze_adapters(self.layers, self.adapter_name)
+        return [layer.lora_B[self.adapter_name].weight for layer in self.layers.values()]
+
+    def begin_task(self, dataloader: Iterable[Any], loss_fn: Optional[LossFn] = None) -> dict[str, int]:
+        """Start a task: estimate the task gradient of every target weight and initialise its adapter from it.
+
+        Args:
+            dataloader: the task's training batches (any iterable; re-iterable if end_task reuses it).
+            loss_fn: ``loss_fn(model, batch) -> scalar``; None uses ``model(**batch).loss``.
+
+        Per target: ``G`` = mean over batches of ``∂L/∂W`` (targets only, fp32, on the model's device);
+        ``Ĝ = (I − P·Pᵀ)·Gᵀ``; ``A`` = top-r left singular vectors of ``Ĝ`` (orthonormal, ⟂ P);
+        ``B = Aᵀ·Ĝ`` (= diag(S_r)·V_rᵀ) and ``W ← W − scale·(A·B)ᵀ`` for ``b_init='gradient'``, ``B = 0`` for 'zero'.
+        A target whose basis already spans its whole input space keeps a zero adapter (with a warning).
+        Returns ``{module name: adapter rank used}``. On any error nothing is changed.
+        """
+        if self.in_task:
+            raise RuntimeError(f"begin_task called during task {self.tasks_done + 1}: call end_task first")
+        start = time.perf_counter()
+        stats_dtype = self.config.torch_stats_dtype
+        need_gradient = self.config.a_init == "gradient" or self.config.b_init == "gradient"
+        grads = None
+        if need_gradient:
+            grads = estimate_gradients(self.model, self.layers, dataloader, loss_fn, device=self.device,
+                                       dtype=stats_dtype, fraction=self.config.grad_data_fraction,
+                                       progress=self.config.progress, desc=f"task {self.tasks_done + 1} gradient")
+        else:
+            _require_nonempty(dataloader)
+        factors = self._adapter_factors(grads)
+        ranks = {}
+        with torch.no_grad():
+            for name, (a, b) in factors.items():
+                layer = self.layers[name]
+                lora_a, lora_b = layer.lora_A[self.adapter_name].weight, layer.lora_B[self.adapter_name].weight
+                lora_a.copy_(a.t())
+                lora_b.copy_(b.t())
+                self._b_start[name] = lora_b.detach().clone()
+                if self.config.b_init == "gradient":
+                    _add_to_weight(layer.base_layer.weight, -self.config.scale * (b.t() @ a.t()))
+                ranks[name] = int((a.abs().sum(0) > 0).sum())
+        freeze_adapters(self.layers, self.adapter_name)
+        self.in_task = True
+        self._task_record = {"task": self.tasks_done + 1, "adapter_rank": ranks,
+                             "seconds_begin": time.perf_counter() - start}
+        return ranks
+
+    def end_task(self, dataloader: Iterable[Any], loss_fn: Optional[LossFn] = None, *,
+                 export_adapter_to: Optional[str] = None) -> dict[str, int]:
+        """Finish the task: merge the adapter into the weights and add the task's feature directions to P.
+
+        Args:
+            dataloader: the task's training batches (the feature statistics come from them).
+            loss_fn: the task's ``loss_fn(model, batch)``; only its forward pass runs (no grad) unless
+                ``memory_source='gradients'``. None calls ``model(**batch)``.
+            export_adapter_to: optional folder; the task's adapter is written there first in PEFT's format
+                (see :meth:`export_adapter`).
+
+        The feature pass runs with the adapter still active (the same function as the merged model), so that an
+        error leaves the state unchanged; then ``W ← W + scale·(A·B)ᵀ``, the adapter is reset to zero and each
+        basis grows by the energy rule, capped at ``d_in``. Returns ``{module name: columns added}``.
+        """
+        if not self.in_task:
+            raise RuntimeError("end_task called without begin_task: there is no task to end")
+        start = time.perf_counter()
+        if export_adapter_to is not None:
+            self.export_adapter(export_adapter_to)
+        moments, tokens = self._task_statistics(dataloader, loss_fn)
+        with torch.no_grad():
+            for layer in self.layers.values():
+                lora_a, lora_b = layer.lora_A[self.adapter_name].weight, layer.lora_B[self.adapter_name].weight
+                _add_to_weight(layer.base_layer.weight, self.config.scale * (lora_b.float() @ lora_a.float()))
+                lora_a.zero_()
+                lora_b.zero_()
+        added = {}
+        for name in self.layers:
+            before = self.bases[name].shape[1]
+            if moments is not None:
+                self.bases[name] = expand_basis(self.bases[name], moments[name], self.config.feature_energy)
+            added[name] = self.bases[name].shape[1] - before
+        self._b_start.clear()
+        self.tasks_done += 1
+        self.in_task = False
+        self.history.append({**self._task_record, "added": added, "tokens": tokens,
+                             "basis_size": {n: int(p.shape[1]) for n, p in self.bases.items()},
+                             "seconds_end": time.perf_counter() - start})
+        return added
+
+    def export_adapter(self, directory: str) -> None:
+        """Write the current task's adapter in PEFT's format (``PeftModel.from_pretrained`` loads it).
+
+        The exported B is ``B − B_start``, so the adapter is exactly this task's change: loaded onto the model as it
+        was before the task (the pre-trained model for task 1; the previous tasks' adapters merged in order after
+        that), it reproduces the model after this task.
+        """
+        if not self.in_task:
+            raise RuntimeError("export_adapter needs an active task (call it between begin_task and end_task)")
+        checkpoint.export_peft_adapter(self, directory)
+
+    def save(self, directory: str) -> None:
+        """Save the whole continual state (config, bases, target weights, task counter, an active adapter)."""
+        checkpoint.save_state(self, directory)
+
+    @classmethod
+    def load(cls, directory: str, model: nn.Module) -> "KeepLoRA":
+        """Restore a state saved by :meth:`save` into ``model`` (the same pre-trained model, or the saved one)."""
+        return checkpoint.load_state(cls, directory, model)
+
+    def basis_sizes(self) -> dict[str, int]:
+        return {name: int(p.shape[1]) for name, p in self.bases.items()}
+
+    def __repr__(self) -> str:
+        sizes = self.basis_sizes()
+        mean_k = sum(sizes.values()) / max(1, len(sizes))
+        return (f"KeepLoRA(targets={len(self.layers)}, r={self.config.r}, tasks_done={self.tasks_done}, "
+                f"in_task={self.in_task}, mean basis size={mean_k:.1f})")
+
+    # ------------------------------------------------------------------ internals
+    def _pretrained_bases(self) -> dict[str, torch.Tensor]:
+        """Principal input subspace of every target's pre-trained weight, one batched call per ε_w value."""
+        official = self.config.weight_subspace == "official-clip"
+        by_energy: dict[float, list[str]] = defaultdict(list)
+        for name in self.layers:
+            by_energy[self.config.weight_energy_for(name)].append(name)
+        bases = {}
+        for energy, names in by_energy.items():
+            weights = [self.layers[n].base_layer.weight.detach() for n in names]
+            found = kk.principal_subspace(weights, energy, side="output" if official else "input", strict=official)
+            for name, basis in zip(names, found):
+                bases[name] = basis.to(device=self.device, dtype=self.config.torch_stats_dtype).contiguous()
+        return {name: bases[name] for name in self.layers}
+
+    def _adapter_factors(self, grads: Optional[dict[str, torch.Tensor]]
+                         ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{name: (A d_in×r, B r×d_out)}`` in the stats dtype; zero columns/rows where fewer than r exist."""
+        cfg = self.config
+        generator = torch.Generator().manual_seed(cfg.seed + 7919 * self.tasks_done)
+        left = self._residual_singular_vectors(grads) if cfg.a_init == "gradient" else {}
+        factors = {}
+        for name, layer in self.layers.items():
+            basis = self.bases[name]
+            d_in, d_out = layer.in_features, layer.out_features
+            a = basis.new_zeros(d_in, cfg.r)
+            b = basis.new_zeros(cfg.r, d_out)
+            available = d_in - basis.shape[1]
+            if available <= 0:
+                warnings.warn(f"{name}: the protected basis spans all of R^{d_in}, so the residual gradient is zero; "
+                              f"its adapter stays zero for task {self.tasks_done + 1}", KeepLoRAWarning, stacklevel=3)
+                factors[name] = (a, b)
+                continue
+            rank = min(cfg.r, available)
+            if rank < cfg.r:
+                warnings.warn(f"{name}: only {available} residual input directions are left; the adapter uses rank "
+                              f"{rank} instead of {cfg.r}", KeepLoRAWarning, stacklevel=3)
+            if cfg.a_init == "gradient":
+                a[:, :rank] = orthonormalize_against(left[name][:, :rank], basis, fill_to=rank, generator=generator)
+            else:
+                a[:, :rank] = random_residual_directions(basis, rank, generator)
+            if cfg.b_init == "gradient":
+                residual = kk.residual_project(grads[name].t().contiguous(), basis)  # Ĝ = (I − PPᵀ)·Gᵀ
+                b = a.t() @ residual
+            factors[name] = (a, b)
+        return factors
+
+    def _residual_singular_vectors(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Top left singular vectors of ``Ĝ = (I − P·Pᵀ)·Gᵀ`` per target, batched over same-shaped targets.
+
+        Bases of one shape group are zero-padded to a common width (zero columns do not change ``P·Pᵀ``).
+        """
+        cfg = self.config
+        groups: dict[tuple[int, int], list[str]] = defaultdict(list)
+        for name, layer in self.layers.items():
+            groups[(layer.in_features, layer.out_features)].append(name)
+        out = {}
+        for (d_in, d_out), names in groups.items():
+            rank = min(cfg.r, d_in, d_out)
+            width = max(self.bases[n].shape[1] for n in names)
+            padded = torch.zeros(len(names), d_in, width, device=self.device, dtype=cfg.torch_stats_dtype)
+            for i, n in enumerate(names):
+                padded[i, :, : self.bases[n].shape[1]] = self.bases[n]
+            grads_t = torch.stack([grads[n].t() for n in names])
+            randomized = cfg.svd_method == "randomized" or (
+                cfg.svd_method == "auto" and 4 * (rank + cfg.svd_oversample) <= min(d_in, d_out))
+            if randomized:
+                u, _, _ = kk.rsvd(grads_t, rank, oversample=cfg.svd_oversample, power_iters=cfg.svd_power_iters,
+                                  project_out=padded, seed=cfg.seed + self.tasks_done)
+            else:
+                u = torch.linalg.svd(kk.residual_project(grads_t, padded), full_matrices=False)[0][..., :rank]
+            for i, n in enumerate(names):
+                out[n] = u[i].to(cfg.torch_stats_dtype)
+        return out
+
+    def _task_statistics(self, dataloader, loss_fn) -> tuple[Optional[dict[str, torch.Tensor]], dict[str, int]]:
+        """Second moments for the memory update (features or post-task gradients); None when ε_f = 0."""
+        cfg = self.config
+        if cfg.feature_energy == 0:
+            _require_nonempty(dataloader)
+            return None, {}
+        if cfg.memory_source == "features":
+            return collect_second_moments(self.model, self.layers, dataloader, loss_fn, device=self.device,
+                                          dtype=cfg.torch_stats_dtype, progress=cfg.progress)
+        grads = estimate_gradients(self.model, self.layers, dataloader, loss_fn, device=self.device,
+                                   dtype=cfg.torch_stats_dtype, progress=cfg.progress,
+                                   desc=f"task {self.tasks_done + 1} memory gradient")
+        return {name: g.t() @ g for name, g in grads.items()}, {}
+
+
+def _add_to_weight(weight: torch.Tensor, delta: torch.Tensor) -> None:
+    """``weight += delta`` computed in fp32 and rounded once to the weight's dtype."""
+    weight.copy_((weight.float() + delta.float()).to(weight.dtype))
+
+
+def _require_nonempty(dataloader: Iterable[Any]) -> None:
+    from .statistics import EmptyDataError
+
+    for _ in dataloader:
+        return
+    raise EmptyDataError("the dataloader yielded no batch")
