@@ -162,30 +162,26 @@ def estimate_gradients(model: nn.Module, layers: Mapping[str, nn.Module], datalo
                        ) -> dict[str, torch.Tensor]:
     """Mean over batches of ``∂L/∂W_l`` (``d_out × d_in``) for every target, and nothing else.
 
-    The gradient of a linear layer's weight is ``dYᵀ·X``: a forward hook keeps X and makes the layer's output a
-    graph leaf that requires grad; a tensor hook on that output receives dY and accumulates ``dYᵀ·X`` in ``dtype``.
-    No parameter requires grad during the pass, so no ``.grad`` is ever written and no other gradient is formed.
-    The model runs in eval mode (no dropout). Raises ``EmptyDataError`` for an empty dataloader and
-    ``FloatingPointError`` for a non-finite loss or gradient (checked once at the end, no per-batch sync).
+    The gradient of a linear layer's weight is ``dYᵀ·X``. A forward hook records each target call's input X and
+    output Y (making Y a graph leaf that requires grad when nothing upstream does); ``torch.autograd.grad`` then
+    returns the ``dY`` of exactly those outputs, and ``dYᵀ·X`` is accumulated in ``dtype`` on ``device``. No
+    ``.grad`` is ever written (not even of parameters outside the model that the loss uses) and no parameter
+    gradient is formed: model parameters are frozen during the pass. The model runs in eval mode (no dropout).
+    Raises ``EmptyDataError`` for an empty dataloader and ``FloatingPointError`` for a non-finite loss or gradient
+    (checked once at the end: no per-batch host sync).
     """
     loss_fn = loss_fn or model_loss
     sums = {name: torch.zeros(layer.base_layer.weight.shape, device=device, dtype=dtype)
             for name, layer in layers.items()}
+    calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []
 
     def make_hook(name: str):
-        acc = sums[name]
-
         def forward_hook(_module, args, output):
             if not torch.is_grad_enabled():
                 return None
-            x = args[0].detach()
             if not output.requires_grad:
                 output = output.detach().requires_grad_()
-
-            def grad_hook(dy):
-                acc.addmm_(dy.reshape(-1, dy.shape[-1]).t().to(dtype), x.reshape(-1, x.shape[-1]).to(dtype))
-
-            output.register_hook(grad_hook)
+            calls.append((name, args[0].detach(), output))
             return output
 
         return forward_hook
@@ -196,18 +192,28 @@ def estimate_gradients(model: nn.Module, layers: Mapping[str, nn.Module], datalo
     try:
         with _frozen_parameters(model), _eval_mode(model), torch.enable_grad():
             for index, batch in _progress(evenly_spaced(dataloader, fraction), f"keeplora: {desc}", progress):
+                calls.clear()
                 loss = loss_fn(model, move_to_device(batch, device))
                 if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                     raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
                                     f"{tuple(getattr(loss, 'shape', ()))}")
-                if not loss.requires_grad:
+                if not calls or not loss.requires_grad:
                     raise ValueError("the loss does not depend on any adapted module's output; check "
                                      "target_modules and loss_fn")
                 bad = ~torch.isfinite(loss.detach())
                 first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, index), first_bad)
-                loss.backward()
+                dys = torch.autograd.grad(loss, [out for _, _, out in calls], allow_unused=True)
+                if all(dy is None for dy in dys):
+                    raise ValueError("the loss does not depend on any adapted module's output; check "
+                                     "target_modules and loss_fn")
+                for (name, x, _), dy in zip(calls, dys):
+                    if dy is not None:
+                        sums[name].addmm_(dy.reshape(-1, dy.shape[-1]).t().to(dtype),
+                                          x.reshape(-1, x.shape[-1]).to(dtype))
+                calls.clear()
                 count += 1
     finally:
+        calls.clear()
         for h in handles:
             h.remove()
     all_reduce_sum([*sums.values(), count])
