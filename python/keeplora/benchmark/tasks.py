@@ -1,0 +1,318 @@
+"""Task builders: raw sources -> balanced, deterministic train/test splits with natural-language label prompts.
+
+A task is a classification problem with its own label set (task identity is given by the label set, as in MTIL).
+Each builder turns the unpacked sources into a pool ``{class key: [text, ...]}`` plus one prompt per class; the
+split is drawn from the pool by :func:`balanced_split`, deterministically from the seed:
+
+* texts that occur under two classes are dropped, duplicates within a class are merged;
+* per class the (sorted) texts are shuffled by a generator seeded from ``(seed, task, class)``; the first
+  ``test_per_class`` go to test, the next ``train_per_class`` to train — so a smaller training budget (e.g.
+  ``--quick``) draws a subset of the same test set's complement and the test set of a given size never depends
+  on the training size.
+
+Processed splits are cached as JSONL under ``<cache>/processed/<task>-<key>/`` (the key hashes everything the
+split depends on), so later runs need neither the registries nor the raw sources.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from . import readers as R
+from .sources import MANIFEST, cache_dir, source_root
+
+BUILDER_VERSION = 1  # bump when a builder's output changes: it invalidates the processed cache
+
+
+@dataclass
+class Task:
+    """One task of the sequence: ``train``/``test`` are lists of ``(text, label index)``."""
+
+    name: str
+    classes: list[str]
+    prompts: list[str]
+    train: list[tuple[str, int]]
+    test: list[tuple[str, int]]
+    meta: dict = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(json.dumps([self.name, self.classes, self.prompts, self.train, self.test],
+                                      ensure_ascii=False).encode())
+        return h.hexdigest()[:16]
+
+
+@dataclass
+class Pool:
+    """What a builder returns: texts per class key, the default prompt and display name per class key."""
+
+    texts: dict[str, list[str]]
+    prompts: dict[str, str]
+    sources: list[str]
+    default_classes: Optional[list[str]] = None  # None: every key of ``texts``
+    notes: dict = field(default_factory=dict)  # e.g. files that were not UTF-8
+
+
+Builder = Callable[..., Pool]
+BUILDERS: dict[str, Builder] = {}
+
+
+def builder(name: str):
+    def register(fn: Builder) -> Builder:
+        BUILDERS[name] = fn
+        return fn
+    return register
+
+
+# ---------------------------------------------------------------- builders
+WORDNET_NOUN_PROMPTS = {
+    "animal": "A definition of an animal.",
+    "plant": "A definition of a plant.",
+    "food": "A definition of a food or a drink.",
+    "body": "A definition of a part of the body.",
+    "artifact": "A definition of a man-made object.",
+    "person": "A definition of a kind of person.",
+    "location": "A definition of a place.",
+    "state": "A definition of a state or condition.",
+    "act": "A definition of an act or action.",
+    "feeling": "A definition of a feeling or emotion.",
+    "time": "A definition of a period or point in time.",
+    "substance": "A definition of a substance or material.",
+}
+
+WORDNET_NOUN_DEFAULT = ["animal", "plant", "food", "body", "artifact", "person", "location", "state"]
+
+WORDNET_VERB_PROMPTS = {
+    "motion": "A definition of a verb of motion.",
+    "communication": "A definition of a verb of speaking or communicating.",
+    "consumption": "A definition of a verb of eating or drinking.",
+    "emotion": "A definition of a verb of feeling.",
+    "weather": "A definition of a verb about the weather.",
+    "creation": "A definition of a verb of making or creating.",
+    "competition": "A definition of a verb of fighting or competing.",
+    "perception": "A definition of a verb of seeing, hearing or sensing.",
+}
+
+
+@builder("wordnet_supersense")
+def build_wordnet(cache: Optional[Path] = None, pos: str = "noun") -> Pool:
+    """WordNet 3.0 glosses labelled by their lexicographer file (supersense), nouns or verbs."""
+    if pos not in ("noun", "verb"):
+        raise ValueError(f"wordnet_supersense: pos must be 'noun' or 'verb', got {pos!r}")
+    prompts = WORDNET_NOUN_PROMPTS if pos == "noun" else WORDNET_VERB_PROMPTS
+    texts: dict[str, list[str]] = {k: [] for k in prompts}
+    for definition, lexname in R.read_wordnet(source_root("wordnet-base", cache), pos):
+        key = lexname.split(".", 1)[1]
+        if key in texts:
+            texts[key].append(definition)
+    default = WORDNET_NOUN_DEFAULT if pos == "noun" else list(WORDNET_VERB_PROMPTS)
+    return Pool(texts, dict(prompts), ["wordnet-base"], default)
+
+
+FORTUNE_TOPIC_DEFAULT = ["computers", "politics", "science", "work", "art", "food", "law", "startrek"]
+
+FORTUNE_TOPIC_PROMPTS = {
+    "computers": "A quote about computers.",
+    "politics": "A quote about politics.",
+    "science": "A quote about science.",
+    "work": "A quote about work.",
+    "art": "A quote about art.",
+    "food": "A quote about food.",
+    "law": "A quote about the law.",
+    "startrek": "A quote from Star Trek.",
+    "education": "A quote about education.",
+    "medicine": "A quote about medicine.",
+    "sports": "A quote about sports.",
+    "love": "A quote about love.",
+}
+
+
+@builder("fortune_topic")
+def build_fortune_topic(cache: Optional[Path] = None) -> Pool:
+    """English fortune cookies labelled by the topic file they come from."""
+    folder = source_root("fortunes", cache) / R.FORTUNES_DIR
+    texts = {}
+    for key in FORTUNE_TOPIC_PROMPTS:
+        path = folder / key
+        if path.is_file():
+            entries, _ = R.read_fortune_file(path, "en")
+            texts[key] = [e for e in entries if R.is_prose(e)]
+    default = [k for k in FORTUNE_TOPIC_DEFAULT if k in texts]
+    return Pool(texts, dict(FORTUNE_TOPIC_PROMPTS), ["fortunes"], default)
+
+
+FORTUNE_LANGUAGE_PROMPTS = {
+    "en": "A quote in English.",
+    "de": "A quote in German.",
+    "es": "A quote in Spanish.",
+    "it": "A quote in Italian.",
+    "ru": "A quote in Russian.",
+    "pl": "A quote in Polish.",
+}
+
+
+@builder("fortune_language")
+def build_fortune_language(cache: Optional[Path] = None) -> Pool:
+    """Fortune cookies labelled by language: every non-offensive file of fortunes(-de/-es/-it/-ru/-pl)."""
+    texts: dict[str, list[str]] = {}
+    encodings: dict[str, list[str]] = {}
+    for lang in FORTUNE_LANGUAGE_PROMPTS:
+        package = "fortunes" if lang == "en" else f"fortunes-{lang}"
+        folder = source_root(package, cache) / R.FORTUNES_DIR
+        if lang != "en":
+            folder = folder / lang
+        texts[lang] = []
+        for path in R.fortune_files(folder):
+            entries, enc = R.read_fortune_file(path, lang)
+            if enc != "utf-8":
+                encodings.setdefault(lang, []).append(f"{path.name}:{enc}")
+            texts[lang] += [e for e in entries if R.is_prose(e)]
+    return Pool(texts, dict(FORTUNE_LANGUAGE_PROMPTS),
+                ["fortunes"] + [f"fortunes-{lang}" for lang in FORTUNE_LANGUAGE_PROMPTS if lang != "en"],
+                notes={"legacy_encodings": encodings} if encodings else {})
+
+
+VADER_PROMPTS = {
+    "tweets": "This tweet is {}.",
+    "movies": "This movie review is {}.",
+    "amazon": "This product review is {}.",
+    "nyt": "This newspaper editorial is {}.",
+}
+
+
+@builder("vader_sentiment")
+def build_vader(cache: Optional[Path] = None, domain: str = "tweets", min_abs_rating: float = 0.5) -> Pool:
+    """VADER ground truth of one domain: positive / negative by the sign of the mean human rating, |r| >= 0.5."""
+    if domain not in R.VADER_DOMAINS:
+        raise ValueError(f"vader_sentiment: domain must be one of {sorted(R.VADER_DOMAINS)}, got {domain!r}")
+    rows = R.read_vader(source_root("vaderSentiment", cache), MANIFEST["vaderSentiment"].version)[domain]
+    texts = {"negative": [t for t, r in rows if r <= -min_abs_rating],
+             "positive": [t for t, r in rows if r >= min_abs_rating]}
+    prompts = {k: VADER_PROMPTS[domain].format(k) for k in texts}
+    return Pool(texts, prompts, ["vaderSentiment"])
+
+
+@builder("austen_novel")
+def build_austen(cache: Optional[Path] = None) -> Pool:
+    """Paragraphs of Jane Austen's six novels labelled by novel."""
+    paragraphs = R.read_austen(source_root("r-cran-janeaustenr", cache))
+    prompts = {k: f"A passage from {title}." for k, title in R.AUSTEN_NOVELS.items()}
+    return Pool(paragraphs, prompts, ["r-cran-janeaustenr"])
+
+
+# ---------------------------------------------------------------- splits and cache
+def _rng(*parts) -> random.Random:
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def balanced_split(texts: dict[str, list[str]], classes: list[str], train_per_class: int, test_per_class: int,
+                   seed: int, task: str) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """Deterministic balanced split (see module docstring); raises if a class has too few distinct texts."""
+    owners: dict[str, set[str]] = {}
+    for c in classes:
+        for t in texts.get(c, []):
+            owners.setdefault(t, set()).add(c)
+    train, test = [], []
+    for label, c in enumerate(classes):
+        unique = sorted({t for t in texts.get(c, []) if len(owners[t]) == 1})
+        need = train_per_class + test_per_class
+        if len(unique) < need:
+            raise ValueError(f"task {task!r}: class {c!r} has {len(unique)} distinct texts, {need} needed "
+                             f"({train_per_class} train + {test_per_class} test per class)")
+        _rng(seed, task, c).shuffle(unique)
+        test += [(t, label) for t in unique[:test_per_class]]
+        train += [(t, label) for t in unique[test_per_class:need]]
+    _rng(seed, task, "train-order").shuffle(train)
+    return train, test
+
+
+@dataclass
+class TaskSpec:
+    """A task as named in a config: ``*_per_class`` default to the config's ``data`` values times ``size_factor``."""
+
+    name: str
+    builder: str
+    params: dict = field(default_factory=dict)
+    classes: Optional[list[str]] = None  # default: every class of the builder's pool
+    prompts: Optional[dict[str, str]] = None  # overrides per class key
+    train_per_class: int = 80
+    test_per_class: int = 40
+
+    @classmethod
+    def from_dict(cls, d: dict, defaults: Optional[dict] = None) -> "TaskSpec":
+        d = dict(d)
+        known = {"name", "builder", "classes", "prompts", "train_per_class", "test_per_class"}
+        factor = float(d.pop("size_factor", 1))
+        merged = {k: int(round(factor * v)) for k, v in (defaults or {}).items()
+                  if k in ("train_per_class", "test_per_class")}
+        merged.update({k: d.pop(k) for k in list(d) if k in known})
+        if "name" not in merged or "builder" not in merged:
+            raise ValueError(f"a task needs 'name' and 'builder', got {d | merged}")
+        if merged["builder"] not in BUILDERS:
+            raise ValueError(f"task {merged['name']!r}: unknown builder {merged['builder']!r}; "
+                             f"known: {', '.join(sorted(BUILDERS))}")
+        return cls(params=d, **merged)
+
+    def key(self, seed: int) -> str:
+        sources = sorted({s for s in _SOURCES_OF.get(self.builder, [])})
+        payload = {"builder": self.builder, "params": self.params, "classes": self.classes,
+                   "prompts": self.prompts, "train": self.train_per_class, "test": self.test_per_class,
+                   "seed": seed, "version": BUILDER_VERSION,
+                   "sources": {s: MANIFEST[s].sha256 for s in sources}}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_SOURCES_OF = {
+    "wordnet_supersense": ["wordnet-base"], "fortune_topic": ["fortunes"],
+    "fortune_language": ["fortunes", "fortunes-de", "fortunes-es", "fortunes-it", "fortunes-ru", "fortunes-pl"],
+    "vader_sentiment": ["vaderSentiment"], "austen_novel": ["r-cran-janeaustenr"],
+}
+
+
+def _write_jsonl(path: Path, rows: list[tuple[str, int]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for text, label in rows:
+            f.write(json.dumps({"text": text, "label": label}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, int]]:
+    with open(path, encoding="utf-8") as f:
+        return [(r["text"], int(r["label"])) for r in map(json.loads, f)]
+
+
+def load_task(spec: TaskSpec, seed: int, cache: Optional[os.PathLike | str] = None) -> Task:
+    """The task's splits: from the processed cache if present, else built from the raw sources and cached."""
+    folder = cache_dir(cache) / "processed" / f"{spec.name}-{spec.key(seed)}"
+    meta_path = folder / "meta.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        return Task(spec.name, meta["classes"], meta["prompts"], _read_jsonl(folder / "train.jsonl"),
+                    _read_jsonl(folder / "test.jsonl"), meta)
+    pool = BUILDERS[spec.builder](cache=cache_dir(cache), **spec.params)
+    classes = list(spec.classes or pool.default_classes or pool.texts)
+    unknown = [c for c in classes if c not in pool.texts]
+    if unknown:
+        raise ValueError(f"task {spec.name!r}: unknown classes {unknown}; builder {spec.builder!r} has "
+                         f"{sorted(pool.texts)}")
+    prompts = [(spec.prompts or {}).get(c, pool.prompts[c]) for c in classes]
+    train, test = balanced_split(pool.texts, classes, spec.train_per_class, spec.test_per_class, seed, spec.name)
+    meta = {"name": spec.name, "builder": spec.builder, "params": spec.params, "classes": classes,
+            "prompts": prompts, "train_per_class": spec.train_per_class, "test_per_class": spec.test_per_class,
+            "seed": seed, "pool_sizes": {c: len(pool.texts[c]) for c in classes},
+            "sources": {s: {"version": MANIFEST[s].version, "sha256": MANIFEST[s].sha256} for s in pool.sources},
+            "builder_version": BUILDER_VERSION, **({"notes": pool.notes} if pool.notes else {})}
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(folder / "train.jsonl", train)
+    _write_jsonl(folder / "test.jsonl", test)
+    tmp = meta_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=1, ensure_ascii=False))
+    os.replace(tmp, meta_path)
+    return Task(spec.name, classes, prompts, train, test, meta)
