@@ -240,7 +240,7 @@ def plan_shrink(x2: torch.Tensor, a: torch.Tensor, out: torch.Tensor, *, split_k
         split_k = 1
         target = target_programs(device)
         if t_blocks * r_blocks < target:
-            split_k = min(triton.cdiv(target, t_blocks * r_blocks), k_blocks)
+            split_k = min(triton.cdiv(target, max(1, t_blocks * r_blocks)), k_blocks)
     split_k = max(1, min(split_k, k_blocks))
     k_per_split = triton.cdiv(k_blocks, split_k) * block_k
     split_k = triton.cdiv(K, k_per_split)
@@ -301,7 +301,7 @@ def plan_backward_dy(dy2, s, lora_b, *, need_dbias: bool, blocks_per_prog: Optio
     block_r = _rank_block(R)
     t_blocks, n_blocks = triton.cdiv(T, block_t), triton.cdiv(N, block_n)
     if blocks_per_prog is None:
-        programs_t = max(1, min(t_blocks, triton.cdiv(target_programs(device), n_blocks)))
+        programs_t = max(1, min(t_blocks, triton.cdiv(target_programs(device), max(1, n_blocks))))
         blocks_per_prog = triton.cdiv(t_blocks, programs_t)
     blocks_per_prog = max(1, min(blocks_per_prog, t_blocks))
     programs_t = triton.cdiv(t_blocks, blocks_per_prog)

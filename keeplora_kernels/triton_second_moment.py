@@ -5,7 +5,8 @@ Layout (style.md): kernel, launcher, entry point. The reference and the public f
 
 Only the tiles on and above the diagonal are computed (d_t·(d_t+1)/2 of d_t² tiles, so ≈ half the FLOPs of
 ``addmm``); each program adds its tile C_ij and, off the diagonal, its transpose into C_ji in the same epilogue:
-the result is symmetric after this one pass, no separate symmetrisation. Masked rows are loaded as zeros
+the result is symmetric after this one pass, no separate symmetrisation (a diagonal tile is averaged with its
+transpose in registers, so the whole update is exactly symmetric). Masked rows are loaded as zeros
 (``mask`` is read per row block; nothing is gathered, nothing syncs with the host). When there are fewer tile
 pairs than the GPU has room for (small d), the rows are split into chunks whose fp32 partial d×d results are
 summed on the device (deterministic, no atomics).
@@ -57,10 +58,11 @@ def _second_moment_kernel(X, MASK, C, PAIRS, N, D, rows_per_split,
     base = C + pid_s * stride_cs
     upper = base + offs_i[:, None] * stride_ci + offs_j[None, :] * stride_cj
     lower = base + offs_j[:, None] * stride_ci + offs_i[None, :] * stride_cj
-    m_upper = in_i[:, None] & in_j[None, :]
     off_diagonal = (offs_j[:, None] // BLOCK_D) != (offs_i[None, :] // BLOCK_D)  # all true iff ti != tj
-    m_lower = in_j[:, None] & in_i[None, :] & off_diagonal
+    m_upper = in_i[:, None] & in_j[None, :]
+    m_lower = in_j[:, None] & in_i[None, :] & off_diagonal  # the mirror tile, off the diagonal only
     acc_t = tl.trans(acc)
+    acc = tl.where(off_diagonal, acc, 0.5 * (acc + acc_t))  # a diagonal tile becomes exactly symmetric
     if ACCUMULATE:
         acc += tl.load(upper, mask=m_upper, other=0.0).to(ACC)
         acc_t += tl.load(lower, mask=m_lower, other=0.0).to(ACC)
