@@ -10,8 +10,8 @@ A_cat = [A_1; …; A_p] (ΣR_i × K), s_cat = X·A_catᵀ.
 
 Kernels:
 * ``_shrink_kernel``     s = X·Aᵀ, split over K (fp32 partials, summed on the host) when there are few tokens.
-* ``_fwd_kernel``        Y = [X | s]·[Wᵀ ; scale·Bᵀ] + b: the K loop over X·Wᵀ, then the r-wide step s·Bᵀ added
-                         with its scale in fp32, then the bias, in one output tile.
+* ``_fwd_kernel``        Y = [X | s]·[Wᵀ ; scale·Bᵀ] + b in one output tile: the r-wide step s·Bᵀ (times scale,
+                         in fp32) initialises the accumulator, the K loop adds X·Wᵀ, the epilogue adds the bias.
 * ``_bwd_dy_kernel``     one pass over dY giving ds = dY·B (partials per d_out block), dB = dYᵀ·s and db = Σ_T dY
                          (partials per token chunk); the host sums the partials and applies the scale.
 * ``_bwd_dx_kernel``     dX = [dY_1 | … | dY_p | scale·ds_cat]·[W_1; …; W_p; A_cat] (up to four dY/W segments).
@@ -55,7 +55,7 @@ def _shrink_kernel(X, A, S, T, K, R, k_per_split,
     pid_t = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_s = tl.program_id(2)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # int64: T·stride may pass 2³¹
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     k_start = pid_s * k_per_split
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=ACC)
@@ -80,14 +80,23 @@ def _fwd_kernel(X, W, BIAS, S, B, Y, T, N, K, R, scale,
                 BLOCK_R: tl.constexpr, GROUP_T: tl.constexpr):
     """Y = X·Wᵀ + scale·(s·Bᵀ) + bias for one BLOCK_T×BLOCK_N tile (fp32 accumulation, one rounding at the end)."""
     pid_t, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(T, BLOCK_T), tl.cdiv(N, BLOCK_N), GROUP_T)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # int64: T·stride may pass 2³¹
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = offs_t % T  # wrapped indices keep loads in bounds; the store is masked
     cols = offs_n % N
+    # the r-wide step of the K-concatenated GEMM [x | s]·[Wᵀ ; scale·Bᵀ] goes first, so that one accumulator
+    # (initialised to scale·s·Bᵀ in fp32) serves both parts and no second BLOCK_T×BLOCK_N tile is live
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=ACC)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        in_r = offs_r < R
+        s = load(S + rows[:, None] * stride_st + offs_r[None, :] * stride_sr, in_r[None, :], UPCAST, ACC)
+        b = load(B + offs_r[:, None] * stride_br + cols[None, :] * stride_bn, in_r[:, None], UPCAST, ACC)
+        acc = mma(s, b, acc, UPCAST, PREC)
+    acc = acc * scale
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = X + rows[:, None] * stride_xt + offs_k[None, :] * stride_xk
     w_ptrs = W + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
-    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             x = load_all(x_ptrs, UPCAST, ACC)
@@ -99,15 +108,6 @@ def _fwd_kernel(X, W, BIAS, S, B, Y, T, N, K, R, scale,
         acc = mma(x, w, acc, UPCAST, PREC)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
-    # the K-concatenated adapter step: [x | s]·[Wᵀ ; scale·Bᵀ]
-    acc_lora = tl.zeros((BLOCK_T, BLOCK_N), dtype=ACC)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        in_r = offs_r < R
-        s = load(S + rows[:, None] * stride_st + offs_r[None, :] * stride_sr, in_r[None, :], UPCAST, ACC)
-        b = load(B + offs_r[:, None] * stride_br + cols[None, :] * stride_bn, in_r[:, None], UPCAST, ACC)
-        acc_lora = mma(s, b, acc_lora, UPCAST, PREC)
-    acc += acc_lora * scale
     if HAS_BIAS:
         acc += tl.load(BIAS + cols).to(ACC)[None, :]
     mask = (offs_t[:, None] < T) & (offs_n[None, :] < N)
@@ -134,7 +134,7 @@ def _bwd_dy_kernel(DY, S, B, DS_PART, DB_PART, DBIAS_PART, T, N, R, blocks_per_p
     db_acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC)
     dbias_acc = tl.zeros((BLOCK_N,), dtype=ACC)
     for i in range(0, blocks_per_prog):
-        offs_t = (pid_t * blocks_per_prog + i) * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_t = (pid_t * blocks_per_prog + i).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
         in_t = offs_t < T
         dy = load(DY + offs_t[:, None] * stride_dyt + offs_n[None, :] * stride_dyn, in_t[:, None] & in_n[None, :],
                   UPCAST, ACC)
@@ -181,7 +181,7 @@ def _bwd_dx_kernel(DY0, W0, N0, s_dy0t, s_dy0n, s_w0n, s_w0k,
                    GROUP_T: tl.constexpr):
     """dX tile = Σ_seg dY_seg·W_seg + ds·A (ds already holds the scales), one rounding at the end."""
     pid_t, pid_k = _grouped_pid(tl.program_id(0), tl.cdiv(T, BLOCK_T), tl.cdiv(K, BLOCK_K), GROUP_T)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # int64: T·stride may pass 2³¹
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     rows = offs_t % T
     cols = offs_k % K
@@ -215,7 +215,7 @@ def _gemm_blocks(dtype: torch.dtype, on_gpu: bool) -> dict:
     if not on_gpu:
         return dict(BLOCK_T=32, BLOCK_N=32, BLOCK_K=32, GROUP_T=4, num_warps=4, num_stages=1)
     if dtype in (torch.float32, torch.float64):
-        return dict(BLOCK_T=64, BLOCK_N=64, BLOCK_K=32, GROUP_T=8, num_warps=4, num_stages=3)
+        return dict(BLOCK_T=64, BLOCK_N=64, BLOCK_K=32, GROUP_T=8, num_warps=8, num_stages=3)
     return dict(BLOCK_T=128, BLOCK_N=256, BLOCK_K=64, GROUP_T=8, num_warps=8, num_stages=3)
 
 
@@ -296,8 +296,9 @@ def plan_backward_dy(dy2, s, lora_b, *, need_dbias: bool, blocks_per_prog: Optio
     device = dy2.device
     on_gpu = device.type == "cuda" if on_gpu is None else on_gpu
     upcast, prec = dot_mode(dy2.dtype)
-    block_t = 64 if on_gpu else 32
-    block_n = 128 if on_gpu else 32
+    low = dy2.dtype in (torch.float16, torch.bfloat16)
+    block_t = (64 if low else 32) if on_gpu else 32
+    block_n = (128 if low else 64) if on_gpu else 32
     block_r = _rank_block(R)
     t_blocks, n_blocks = triton.cdiv(T, block_t), triton.cdiv(N, block_n)
     if blocks_per_prog is None:

@@ -43,7 +43,7 @@ def _second_moment_kernel(X, MASK, C, PAIRS, N, D, rows_per_split,
     in_i = offs_i < D
     in_j = offs_j < D
     offs_r = tl.arange(0, BLOCK_N)
-    row0 = pid_s * rows_per_split
+    row0 = pid_s.to(tl.int64) * rows_per_split  # int64: N·stride may pass 2³¹
     acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=ACC)
     for n0 in range(0, rows_per_split, BLOCK_N):
         rows = row0 + n0 + offs_r
@@ -61,13 +61,16 @@ def _second_moment_kernel(X, MASK, C, PAIRS, N, D, rows_per_split,
     off_diagonal = (offs_j[:, None] // BLOCK_D) != (offs_i[None, :] // BLOCK_D)  # all true iff ti != tj
     m_upper = in_i[:, None] & in_j[None, :]
     m_lower = in_j[:, None] & in_i[None, :] & off_diagonal  # the mirror tile, off the diagonal only
-    acc_t = tl.trans(acc)
-    acc = tl.where(off_diagonal, acc, 0.5 * (acc + acc_t))  # a diagonal tile becomes exactly symmetric
+    acc = tl.where(off_diagonal, acc, 0.5 * (acc + tl.trans(acc)))  # a diagonal tile becomes exactly symmetric
+    # upper tile, then its mirror: one C tile live at a time (keeps the epilogue within the register budget)
     if ACCUMULATE:
-        acc += tl.load(upper, mask=m_upper, other=0.0).to(ACC)
-        acc_t += tl.load(lower, mask=m_lower, other=0.0).to(ACC)
-    tl.store(upper, acc.to(C.dtype.element_ty), mask=m_upper)
-    tl.store(lower, acc_t.to(C.dtype.element_ty), mask=m_lower)
+        tl.store(upper, (acc + tl.load(upper, mask=m_upper, other=0.0).to(ACC)).to(C.dtype.element_ty),
+                 mask=m_upper)
+        tl.store(lower, (tl.trans(acc) + tl.load(lower, mask=m_lower, other=0.0).to(ACC)).to(C.dtype.element_ty),
+                 mask=m_lower)
+    else:
+        tl.store(upper, acc.to(C.dtype.element_ty), mask=m_upper)
+        tl.store(lower, tl.trans(acc).to(C.dtype.element_ty), mask=m_lower)
 
 
 @functools.lru_cache(maxsize=64)
