@@ -84,6 +84,26 @@ def test_low_precision_within_twice_torch_error(dtype, r, adapter_dtype):
         assert_within_torch_error(g, t, e, dtype)
 
 
+@pytest.mark.parametrize("adapter_dtype", [None, torch.float32])
+def test_fp16_native_dot_path(monkeypatch, adapter_dtype):
+    """The GPU's arithmetic path on the CPU: fp16 tiles go to ``tl.dot`` unconverted (fp32 accumulation), mixed
+    operands are cast to x's dtype in the kernel. The interpreter runs fp16 dots natively (not bf16: it stores
+    bf16 as integers), so pretending not to interpret exercises those branches here."""
+    from keeplora_kernels import _triton_utils
+
+    if DEVICE.type == "cpu":
+        monkeypatch.setattr(_triton_utils, "interpreted", lambda: False)
+    assert _triton_utils.dot_mode(torch.float16)[0] is False
+    lead, d_in, d_out, r = (37,), 70, 45, 8
+    x, w, b, a, lb = _inputs(lead, d_in, d_out, r, dtype=torch.float16, adapter_dtype=adapter_dtype)
+    dy = torch.randn(*lead, d_out, device=DEVICE).to(torch.float16)
+    got = _run(kk.lora_linear, x, w, b, a, lb, 0.25, dy)
+    low = _run(LoRALinearFunction.apply, x, w, b, a, lb, 0.25, dy)
+    exact = _run(kk.lora_linear_ref, x, w, b, a, lb, 0.25, dy, cast=lambda t: t.double())
+    for g, t, e in zip(got, low, exact):
+        assert_within_torch_error(g, t, e, torch.float16)
+
+
 def test_fp32_adapters_under_bf16_input_return_fp32_grad():
     x, w, b, a, lb = _inputs((10,), 32, 24, 4, dtype=torch.bfloat16, adapter_dtype=torch.float32)
     lb.requires_grad_()

@@ -63,6 +63,21 @@ def test_non_contiguous_features_and_int_mask():
     assert_close(acc.double(), _exact(torch.zeros(48, 48), x.cpu(), mask.cpu()).to(DEVICE), torch.float32)
 
 
+def test_fp16_native_dot_path(monkeypatch):
+    """fp16 tiles straight into ``tl.dot`` as on a GPU (see test_triton_lora_linear.test_fp16_native_dot_path)."""
+    from keeplora_kernels import _triton_utils
+
+    if DEVICE.type == "cpu":
+        monkeypatch.setattr(_triton_utils, "interpreted", lambda: False)
+    x = torch.randn(3, 23, 40, device=DEVICE).half()
+    mask = torch.rand(3, 23, device=DEVICE) > 0.3
+    acc = _symmetric_start(40)
+    expected = _exact(acc, x, mask)
+    kk.second_moment_update(acc, x, mask)
+    assert_close(acc.double(), expected, torch.float32)
+    assert torch.equal(acc, acc.T)
+
+
 def test_all_rows_masked_leaves_acc_unchanged():
     x = torch.randn(2, 8, 20, device=DEVICE)
     acc = _symmetric_start(20)
