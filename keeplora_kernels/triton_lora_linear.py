@@ -12,8 +12,8 @@ Kernels:
 * ``_shrink_kernel``     s = X·Aᵀ, split over K (fp32 partials, summed on the host) when there are few tokens.
 * ``_fwd_kernel``        Y = [X | s]·[Wᵀ ; scale·Bᵀ] + b in one output tile: the r-wide step s·Bᵀ (times scale,
                          in fp32) initialises the accumulator, the K loop adds X·Wᵀ, the epilogue adds the bias.
-* ``_bwd_dy_kernel``     one pass over dY giving ds = dY·B (partials per d_out block), dB = dYᵀ·s and db = Σ_T dY
-                         (partials per token chunk); the host sums the partials and applies the scale.
+* ``_bwd_dy_kernel``     one pass over dY giving scale·ds = scale·dY·B (partials per d_out block), dB = scale·dYᵀ·s
+                         and db = Σ_T dY (partials per token chunk), summed on the device (no kernel if one).
 * ``_bwd_dx_kernel``     dX = [dY_1 | … | dY_p | scale·ds_cat]·[W_1; …; W_p; A_cat] (up to four dY/W segments).
 """
 
@@ -115,14 +115,14 @@ def _fwd_kernel(X, W, BIAS, S, B, Y, T, N, K, R, scale,
 
 
 @triton.jit
-def _bwd_dy_kernel(DY, S, B, DS_PART, DB_PART, DBIAS_PART, T, N, R, blocks_per_prog,
+def _bwd_dy_kernel(DY, S, B, DS_PART, DB_PART, DBIAS_PART, T, N, R, blocks_per_prog, scale,
                    stride_dyt, stride_dyn, stride_st, stride_sr, stride_bn, stride_br,
                    stride_dsp, stride_dst, stride_dsr, stride_dbp, stride_dbn, stride_dbr, stride_dbiasp,
                    HAS_DBIAS: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """One read of the dY tiles of d_out block ``pid_n`` over token chunk ``pid_t``:
-    DS_PART[pid_n] = dY[:, n-block]·B[n-block] (exact sum over this n-block), DB_PART[pid_t] = Σ_chunk dYᵀ·s,
-    DBIAS_PART[pid_t] = Σ_chunk dY."""
+    DS_PART[pid_n] = scale·dY[:, n-block]·B[n-block], DB_PART[pid_t] = scale·Σ_chunk dYᵀ·s,
+    DBIAS_PART[pid_t] = Σ_chunk dY (the scale is applied in fp32 to the fp32 sums)."""
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -142,12 +142,12 @@ def _bwd_dy_kernel(DY, S, B, DS_PART, DB_PART, DBIAS_PART, T, N, R, blocks_per_p
                  UPCAST, ACC)
         ds = mma(dy, b, tl.zeros((BLOCK_T, BLOCK_R), dtype=ACC), UPCAST, PREC)
         tl.store(DS_PART + pid_n * stride_dsp + offs_t[:, None] * stride_dst + offs_r[None, :] * stride_dsr,
-                 ds.to(DS_PART.dtype.element_ty), mask=in_t[:, None] & in_r[None, :])
+                 (ds * scale).to(DS_PART.dtype.element_ty), mask=in_t[:, None] & in_r[None, :])
         db_acc = mma(tl.trans(dy), s, db_acc, UPCAST, PREC)
         if HAS_DBIAS:
             dbias_acc += tl.sum(dy.to(ACC), axis=0)
     tl.store(DB_PART + pid_t * stride_dbp + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
-             db_acc.to(DB_PART.dtype.element_ty), mask=in_n[:, None] & in_r[None, :])
+             (db_acc * scale).to(DB_PART.dtype.element_ty), mask=in_n[:, None] & in_r[None, :])
     if HAS_DBIAS:
         tl.store(DBIAS_PART + pid_t * stride_dbiasp + offs_n, dbias_acc.to(DBIAS_PART.dtype.element_ty), mask=in_n)
 
@@ -287,10 +287,10 @@ def plan_forward(x2, weight, bias, s, lora_b, scale, y, *, on_gpu: Optional[bool
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])]
 
 
-def plan_backward_dy(dy2, s, lora_b, *, need_dbias: bool, blocks_per_prog: Optional[int] = None,
+def plan_backward_dy(dy2, s, lora_b, scale, *, need_dbias: bool, blocks_per_prog: Optional[int] = None,
                      on_gpu: Optional[bool] = None):
     """Launch of the one pass over dY. Returns ``(launches, (ds_part, db_part, dbias_part))`` with
-    ``ds = ds_part.sum(0)`` (T×R), ``dB/scale = db_part.sum(0)`` (N×R), ``dbias = dbias_part.sum(0)``."""
+    ``scale·ds = ds_part.sum(0)`` (T×R), ``dB = db_part.sum(0)`` (N×R), ``dbias = dbias_part.sum(0)``."""
     T, N = dy2.shape
     R = s.shape[1]
     device = dy2.device
@@ -313,7 +313,7 @@ def plan_backward_dy(dy2, s, lora_b, *, need_dbias: bool, blocks_per_prog: Optio
     launch = Launch(
         _bwd_dy_kernel, (programs_t, n_blocks),
         dict(DY=dy2, S=s, B=lora_b, DS_PART=ds_part, DB_PART=db_part, DBIAS_PART=dbias_part, T=T, N=N, R=R,
-             blocks_per_prog=blocks_per_prog, stride_dyt=dy2.stride(0), stride_dyn=dy2.stride(1),
+             blocks_per_prog=blocks_per_prog, scale=float(scale), stride_dyt=dy2.stride(0), stride_dyn=dy2.stride(1),
              stride_st=s.stride(0), stride_sr=s.stride(1), stride_bn=lora_b.stride(0), stride_br=lora_b.stride(1),
              stride_dsp=ds_part.stride(0), stride_dst=ds_part.stride(1), stride_dsr=ds_part.stride(2),
              stride_dbp=db_part.stride(0), stride_dbn=db_part.stride(1), stride_dbr=db_part.stride(2),
@@ -350,6 +350,11 @@ def plan_backward_dx(segments: Sequence[tuple[torch.Tensor, torch.Tensor]], ds, 
              BLOCK_K=cfg["BLOCK_N"], BLOCK_N=cfg["BLOCK_K"], BLOCK_R=min(_rank_block(R), 64),
              GROUP_T=cfg["GROUP_T"]),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])]
+
+
+def _sum_parts(part: torch.Tensor) -> torch.Tensor:
+    """Sum of the partials over dim 0 (no kernel when there is one partial)."""
+    return part[0] if part.shape[0] == 1 else part.sum(0)
 
 
 def _run(launches: Sequence[Launch]) -> None:
@@ -421,11 +426,11 @@ def shared_backward(dys, s_cat, weights, lora_as, lora_bs, scales, *, need_dx: b
             dbiases.append(None)
             ds_blocks.append(torch.zeros((T, r), device=device, dtype=torch.float32))
             continue
-        launches, (ds_part, db_part, dbias_part) = plan_backward_dy(dy2, s, lb, need_dbias=need_dbias[i])
+        launches, (ds_part, db_part, dbias_part) = plan_backward_dy(dy2, s, lb, scale, need_dbias=need_dbias[i])
         _run(launches)
-        dlora_bs.append((db_part.sum(0) * scale).to(lb.dtype) if need_dlora_b[i] else None)
-        dbiases.append(dbias_part.sum(0) if need_dbias[i] else None)
-        ds_blocks.append(ds_part.sum(0).mul_(scale))
+        dlora_bs.append(_sum_parts(db_part).to(lb.dtype) if need_dlora_b[i] else None)
+        dbiases.append(_sum_parts(dbias_part) if need_dbias[i] else None)
+        ds_blocks.append(_sum_parts(ds_part))
         segments.append((dy2, weights[i]))
     dx2 = None
     if need_dx:
@@ -508,7 +513,8 @@ def planned_launches(x2, weight, bias, lora_a, lora_b, scale, dy2, *, on_gpu: bo
     launches = plan_shrink(x2, lora_a, s, split_k=1, on_gpu=on_gpu)[0]
     launches += plan_shrink(x2, lora_a, s, split_k=2, on_gpu=on_gpu)[0]
     launches += plan_forward(x2, weight, bias, s, lora_b, scale, y, on_gpu=on_gpu)
-    dy_launches, (ds_part, _, _) = plan_backward_dy(dy2, s, lora_b, need_dbias=bias is not None, on_gpu=on_gpu)
+    dy_launches, (ds_part, _, _) = plan_backward_dy(dy2, s, lora_b, scale, need_dbias=bias is not None,
+                                                    on_gpu=on_gpu)
     launches += dy_launches
     dx = torch.empty_like(x2)
     launches += plan_backward_dx([(dy2, weight)], ds_part[0], lora_a, dx, on_gpu=on_gpu)
