@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -214,7 +213,6 @@ def bench_lora(bench: _Bench, shapes, dtype) -> None:
                           vs_unfused=t / unfused_times[mode] if mode in unfused_times else None,
                           peak_MB=round(peak, 2), saved_MB=saved,
                           max_rel_err=None if err is None else float(f"{err:.3g}"))
-            del y
 
 
 def bench_qkv(bench: _Bench, shape, dtype) -> None:
@@ -262,7 +260,6 @@ def bench_qkv(bench: _Bench, shape, dtype) -> None:
                       vs_base=t / base_times[mode] if mode in base_times else None,
                       vs_unfused=t / unfused_times[mode] if mode in unfused_times else None,
                       peak_MB=round(peak, 2), saved_MB=saved)
-        del ys
 
 
 def bench_project(bench: _Bench, shapes) -> None:

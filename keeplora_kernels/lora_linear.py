@@ -34,7 +34,8 @@ def lora_linear_unfused(x, weight, bias, lora_a, lora_b, scale):
 
 def lora_linear_shared_ref(x, weights, biases, lora_as, lora_bs, scales):
     """Plain-autograd reference of :func:`lora_linear_shared`: one :func:`lora_linear_ref` per projection."""
-    return tuple(lora_linear_ref(x, w, b, a, lb, s) for w, b, a, lb, s in zip(weights, biases, lora_as, lora_bs, scales))
+    return tuple(lora_linear_ref(x, w, b, a, lb, s)
+                 for w, b, a, lb, s in zip(weights, biases, lora_as, lora_bs, scales))
 
 
 def _flatten_tokens(t: torch.Tensor) -> torch.Tensor:

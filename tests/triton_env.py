@@ -1,8 +1,9 @@
 """Imported first by the ``test_triton_*`` modules.
 
 Skips the importing module when triton is not installed. Without a CUDA device the kernels run under the Triton
-interpreter (``TRITON_INTERPRET=1``, which must be set before triton is imported: ``conftest.py`` does it first thing); with one they run compiled on it. Asking CUDA here is fine: this is test
-code, imported at collection, never library code.
+interpreter (``TRITON_INTERPRET=1``, which must be set before triton is imported: ``conftest.py`` does it first
+thing); with one they run compiled on it. Asking CUDA here is fine: this is test code, imported at collection,
+never library code.
 """
 
 import os
