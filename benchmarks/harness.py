@@ -78,13 +78,14 @@ class Timing:
 
 
 def time_fn(fn: Callable[[], Any], *, device: torch.device | str = "cpu", warmup: int = 2, repeats: int = 7,
-            min_seconds: float = 0.0) -> Timing:
-    """Median time of ``fn()``: do_bench on CUDA, wall clock medians on CPU."""
+            min_seconds: float = 0.0, cuda_warmup_ms: float = 25, cuda_rep_ms: float = 100) -> Timing:
+    """Median time of ``fn()``: do_bench on CUDA (``cuda_warmup_ms``/``cuda_rep_ms`` of warm-up and measured
+    runs), wall clock medians on CPU."""
     device = torch.device(device)
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        return Timing(float(do_bench(fn, warmup=25, rep=100, return_mode="median")), repeats=0)
+        return Timing(float(do_bench(fn, warmup=cuda_warmup_ms, rep=cuda_rep_ms, return_mode="median")), repeats=0)
     for _ in range(warmup):
         fn()
     samples = []

@@ -22,6 +22,10 @@ _ENV = "KEEPLORA_BACKEND"
 # op -> {backend: "module:function"} for every non-reference implementation. The reference lives next to each
 # op's public function and is always available. Modules are imported on first use (importing triton is slow).
 _TABLE: dict[str, dict[str, str]] = {
+    "lora_linear": {"triton": ".triton_lora_linear:lora_linear_triton"},
+    "lora_linear_shared": {"triton": ".triton_lora_linear:lora_linear_shared_triton"},
+    "residual_project": {"triton": ".triton_residual_project:residual_project_triton"},
+    "second_moment_update": {"triton": ".triton_second_moment:second_moment_update_triton"},
 }
 
 
