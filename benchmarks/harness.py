@@ -3,8 +3,9 @@
 * GPU: ``triton.testing.do_bench`` medians (it flushes L2 between runs); peak memory from
   ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
 * CPU: median of repeated wall-clock runs after warm-up; peak memory is the process's resident-set high-water mark
-  (``VmHWM``, reset through ``/proc/self/clear_refs``) minus the resident set before the call. glibc returns large
-  blocks to the OS on free (mmap threshold), so torch tensors show up; small cached blocks may hide a few MB.
+  (``VmHWM``, reset through ``/proc/self/clear_refs``) minus the resident set before the call. So that the resident
+  set follows live tensors, glibc is told (``mallopt``) to serve every block above 64 KiB by mmap and to return
+  freed memory at once; otherwise memory freed by an earlier measurement would be reused invisibly.
 Rows are appended to ``benchmarks/results/<name>.csv`` (one CSV per benchmark); ``benchmarks/plot.py`` reads them.
 """
 
@@ -56,6 +57,7 @@ def environment() -> dict[str, str]:
         "python": platform.python_version(),
         "git_sha": sha,
         "host_cpus": str(os.cpu_count()),
+        "torch_threads": str(torch.get_num_threads()),
     }
 
 
@@ -76,13 +78,14 @@ class Timing:
 
 
 def time_fn(fn: Callable[[], Any], *, device: torch.device | str = "cpu", warmup: int = 2, repeats: int = 7,
-            min_seconds: float = 0.0) -> Timing:
-    """Median time of ``fn()``: do_bench on CUDA, wall clock medians on CPU."""
+            min_seconds: float = 0.0, cuda_warmup_ms: float = 25, cuda_rep_ms: float = 100) -> Timing:
+    """Median time of ``fn()``: do_bench on CUDA (``cuda_warmup_ms``/``cuda_rep_ms`` of warm-up and measured
+    runs), wall clock medians on CPU."""
     device = torch.device(device)
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        return Timing(float(do_bench(fn, warmup=25, rep=100, return_mode="median")), repeats=0)
+        return Timing(float(do_bench(fn, warmup=cuda_warmup_ms, rep=cuda_rep_ms, return_mode="median")), repeats=0)
     for _ in range(warmup):
         fn()
     samples = []
@@ -92,6 +95,21 @@ def time_fn(fn: Callable[[], Any], *, device: torch.device | str = "cpu", warmup
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
     return Timing(statistics.median(samples), repeats=len(samples))
+
+
+@functools.lru_cache(maxsize=None)
+def _configure_glibc_malloc() -> bool:
+    """Large blocks via mmap (returned to the OS on free), no trim hysteresis; False where not glibc."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 64 * 1024) == 1 and libc.mallopt(m_trim_threshold, 0) == 1
+        libc.malloc_trim(0)
+        return ok
+    except (OSError, AttributeError):
+        return False
 
 
 def _proc_status_kb(field: str) -> int:
@@ -111,11 +129,30 @@ def measure_memory(fn: Callable[[], Any], *, device: torch.device | str = "cpu")
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
+    _configure_glibc_malloc()
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
     before = _proc_status_kb("VmRSS")
     fn()
     return max(0, _proc_status_kb("VmHWM") - before) * 1024
+
+
+def time_and_memory(fn: Callable[[], Any], *, device: torch.device | str = "cpu") -> tuple[float, int]:
+    """One call of a one-shot phase (e.g. ``begin_task``): wall milliseconds and peak bytes beyond the start."""
+    device = torch.device(device)
+    box = {}
+
+    def timed():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        box["ms"] = (time.perf_counter() - t0) * 1e3
+
+    peak = measure_memory(timed, device=device)
+    return box["ms"], peak
 
 
 def append_rows(name: str, rows: Iterable[dict[str, Any]], results_dir: Optional[Path] = None) -> Path:

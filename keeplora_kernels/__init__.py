@@ -5,7 +5,7 @@ Importing this package never needs a GPU or the compiled extension.
 """
 
 from ._extension import status as extension_status
-from .lora_linear import lora_linear, lora_linear_ref
+from .lora_linear import lora_linear, lora_linear_ref, lora_linear_shared, lora_linear_shared_ref, lora_linear_unfused
 from .principal_subspace import energy_rank, principal_subspace
 from .residual_project import residual_project
 from .rsvd import rsvd
@@ -14,6 +14,9 @@ from .second_moment import second_moment_update
 __all__ = [
     "lora_linear",
     "lora_linear_ref",
+    "lora_linear_shared",
+    "lora_linear_shared_ref",
+    "lora_linear_unfused",
     "residual_project",
     "second_moment_update",
     "rsvd",

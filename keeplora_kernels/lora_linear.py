@@ -8,19 +8,34 @@ general LoRA layer.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from . import _dispatch
 
-__all__ = ["lora_linear", "lora_linear_ref", "LoRALinearFunction"]
+__all__ = ["lora_linear", "lora_linear_ref", "lora_linear_unfused", "lora_linear_shared", "lora_linear_shared_ref",
+           "LoRALinearFunction"]
 
 
 def lora_linear_ref(x, weight, bias, lora_a, lora_b, scale):
     """Plain-autograd reference (differentiable in every argument); the tests compare against it."""
     y = torch.nn.functional.linear(x, weight, bias)
     return y + scale * torch.nn.functional.linear(torch.nn.functional.linear(x, lora_a), lora_b)
+
+
+def lora_linear_unfused(x, weight, bias, lora_a, lora_b, scale):
+    """The KeepLoRA authors' LoRA path, kept as a benchmark baseline: ``y = x·Wᵀ + b`` then
+    ``y + (x @ Aᵀ) @ Bᵀ · scale`` as separate kernels (base GEMM, shrink, expand, scale, add) under plain autograd,
+    which saves x for the adapter branch. The adapters are used in x's dtype, as the authors' code holds them."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    return y + (x @ lora_a.to(x.dtype).t()) @ lora_b.to(x.dtype).t() * scale
+
+
+def lora_linear_shared_ref(x, weights, biases, lora_as, lora_bs, scales):
+    """Plain-autograd reference of :func:`lora_linear_shared`: one :func:`lora_linear_ref` per projection."""
+    return tuple(lora_linear_ref(x, w, b, a, lb, s)
+                 for w, b, a, lb, s in zip(weights, biases, lora_as, lora_bs, scales))
 
 
 def _flatten_tokens(t: torch.Tensor) -> torch.Tensor:
@@ -95,3 +110,32 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if backend == "reference":
         return LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, float(scale))
     return _dispatch.implementation("lora_linear", backend)(x, weight, bias, lora_a, lora_b, float(scale))
+
+
+def lora_linear_shared(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
+                       lora_as: Sequence[torch.Tensor], lora_bs: Sequence[torch.Tensor],
+                       scales: Sequence[float]) -> tuple[torch.Tensor, ...]:
+    """Several frozen-A LoRA linears of one input (e.g. q, k, v): ``tuple(lora_linear(x, W_i, b_i, A_i, B_i, s_i))``.
+
+    The Triton path shrinks x once with the concatenated ``[A_1; …; A_p]`` (x is read once for all adapters, and
+    backward keeps one ``T×ΣR_i`` activation) and computes ``dX`` in one GEMM over all projections.
+
+    Args:
+        x: ``(..., d_in)`` as in :func:`lora_linear`.
+        weights, biases, lora_as, lora_bs, scales: one entry per projection, each as in :func:`lora_linear`
+            (biases may hold None; every ``lora_as[i]`` is ``(r_i, d_in)`` with 1 ≤ r_i ≤ 128).
+
+    Returns a tuple of ``(..., d_out_i)`` tensors in x's dtype.
+    """
+    n = len(weights)
+    if not (len(biases) == len(lora_as) == len(lora_bs) == len(scales) == n) or n == 0:
+        raise ValueError("lora_linear_shared: weights, biases, lora_as, lora_bs and scales need one entry per "
+                         f"projection (got {len(weights)}, {len(biases)}, {len(lora_as)}, {len(lora_bs)}, "
+                         f"{len(scales)})")
+    backend = _dispatch.select("lora_linear_shared", x.device)
+    if backend == "reference":
+        return tuple(LoRALinearFunction.apply(x, w, b, a, lb, float(s))
+                     for w, b, a, lb, s in zip(weights, biases, lora_as, lora_bs, scales))
+    return tuple(_dispatch.implementation("lora_linear_shared", backend)(x, list(weights), list(biases),
+                                                                         list(lora_as), list(lora_bs),
+                                                                         [float(s) for s in scales]))

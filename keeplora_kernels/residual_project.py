@@ -9,7 +9,7 @@ import torch
 
 from . import _dispatch
 
-__all__ = ["residual_project", "residual_project_ref"]
+__all__ = ["residual_project", "residual_project_ref", "residual_project_dense"]
 
 
 def residual_project_ref(g: torch.Tensor, basis: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
@@ -26,6 +26,15 @@ def residual_project_ref(g: torch.Tensor, basis: torch.Tensor, *, inplace: bool 
     if inplace:
         return g.copy_(out)
     return out.to(g.dtype)
+
+
+def residual_project_dense(g: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """The KeepLoRA authors' form, kept as a benchmark baseline only: the dense projector ``(I − P·Pᵀ)`` (d×d) is
+    formed and applied, 2·d²·n FLOP plus d² memory, computed in fp32 (fp64 if an input is). 2-D inputs only."""
+    acc = torch.float64 if torch.float64 in (g.dtype, basis.dtype) else torch.float32
+    p = basis.to(acc)
+    projector = torch.eye(p.shape[0], device=p.device, dtype=acc) - p @ p.T
+    return (projector @ g.to(acc)).to(g.dtype)
 
 
 def _check(g: torch.Tensor, basis: torch.Tensor) -> None:

@@ -124,3 +124,44 @@ def test_trainer_callback_runs_one_task_per_train_call(tmp_path):
             delta = (kl.layers[n].base_layer.weight - before[n]).double()
             assert (delta @ bases[n].double()).abs().max() < 1e-5
         assert all(p.grad is None or ".lora_B." in n for n, p in model.named_parameters())
+
+
+def _train_once(case, backend, monkeypatch):
+    monkeypatch.setenv("KEEPLORA_BACKEND", backend)
+    model = case.model()
+    kl = KeepLoRA(model, KeepLoRAConfig(target_modules=case.targets, r=4, alpha=4, feature_energy=0.9,
+                                        progress=False))
+    data = case.batches(n=2)
+    kl.begin_task(data, case.loss)
+    opt = torch.optim.SGD(kl.trainable_parameters(), lr=0.1)
+    model.train()
+    for b in data:
+        case.loss(model, b).backward()
+        opt.step()
+        opt.zero_grad()
+    kl.end_task(data, case.loss)
+    return kl
+
+
+def test_engine_through_the_triton_kernels_matches_the_reference(monkeypatch):
+    """The whole lifecycle with every Triton op (interpreter on CPU) gives the reference path's result."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        import os
+
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 before triton is imported")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny shapes: a 2-thread pool only spins
+    try:
+        case = CASES["bert"]
+        ref = _train_once(case, "reference", monkeypatch)
+        tri = _train_once(case, "triton", monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+    for name in ref.layers:
+        torch.testing.assert_close(tri.layers[name].base_layer.weight, ref.layers[name].base_layer.weight,
+                                   rtol=1e-4, atol=1e-5)
+        assert tri.bases[name].shape == ref.bases[name].shape
+        torch.testing.assert_close(tri.bases[name] @ tri.bases[name].t(), ref.bases[name] @ ref.bases[name].t(),
+                                   rtol=0, atol=1e-4)

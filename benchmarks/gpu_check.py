@@ -1,0 +1,177 @@
+"""The one GPU script: everything a lent H200 session should measure, in one prepared run (< 8 minutes).
+
+    python benchmarks/gpu_check.py --out "$OUT"            # on the GPU machine (see benchmarks/gpu_check.sh)
+    python benchmarks/gpu_check.py --dry --out /tmp/x      # CPU rehearsal with tiny shapes (tested in CI)
+
+Steps, each time-boxed and independent (a failing step is recorded, the others still run):
+  1. environment: GPU, driver, torch/triton/transformers/peft versions, git sha;
+  2. build the C++/CUDA extension for sm_90 in place (skipped in dry mode unless a compiler is there);
+  3. the GPU-marked tests (pytest -m gpu) — the whole suite's CUDA paths;
+  4. kernel microbenchmarks (benchmarks/bench_kernels.py, benchmarks/bench_rsvd.py when present);
+  5. the end-to-end profile (benchmarks/profile_lifecycle.py) on a Llama-like random model, bf16, T=8192 tokens.
+Everything goes under --out (logs, CSVs, summary.json); a short table (op, time, % of floor, ratio) prints last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "python"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+# (step name, seconds allowed): the budget adds up to under 8 minutes with the start-up.
+BUDGET = {"environment": 20, "build_extension": 150, "gpu_tests": 90, "bench_kernels": 90, "bench_rsvd": 60,
+          "profile": 90}
+
+
+def _run(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> int:
+    with log.open("w") as f:
+        try:
+            return subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
+                                  env={**os.environ, **(env or {})}).returncode
+        except subprocess.TimeoutExpired:
+            f.write(f"\n[gpu_check] timed out after {timeout:.0f} s\n")
+            return 124
+
+
+def step_environment(out: Path, dry: bool) -> list[dict[str, Any]]:
+    import torch
+
+    from benchmarks.harness import environment
+
+    info = dict(environment())
+    for module in ("transformers", "peft", "triton"):
+        try:
+            info[module] = importlib.import_module(module).__version__
+        except ImportError:
+            info[module] = "missing"
+    info["cuda_available"] = torch.cuda.is_available()
+    if torch.cuda.is_available():
+        info["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+    (out / "environment.json").write_text(json.dumps(info, indent=1))
+    return []
+
+
+def step_build_extension(out: Path, dry: bool) -> list[dict[str, Any]]:
+    import torch
+
+    if dry and not torch.cuda.is_available():
+        return [dict(op="build_extension", note="dry run: CPU build only")] if _build(out, cuda=False) == 0 else []
+    rc = _build(out, cuda=True)
+    if rc != 0:
+        raise RuntimeError(f"extension build failed (rc={rc}); see build_extension.log")
+    return []
+
+
+def _build(out: Path, cuda: bool) -> int:
+    env = {"MAX_JOBS": str(os.cpu_count() or 4), "TORCH_CUDA_ARCH_LIST": "9.0"}
+    if not cuda:
+        env["CUDA_HOME"] = ""
+    return _run([sys.executable, "setup.py", "build_ext", "--inplace"], out / "build_extension.log",
+                BUDGET["build_extension"], env)
+
+
+def step_gpu_tests(out: Path, dry: bool) -> list[dict[str, Any]]:
+    import torch
+
+    if not torch.cuda.is_available() and not dry:
+        raise RuntimeError("no CUDA device")
+    marker = "gpu" if torch.cuda.is_available() else "gpu or not gpu"
+    args = [sys.executable, "-m", "pytest", "-q", "-m", marker, "-x", "--no-header", "-p", "no:cacheprovider"]
+    if dry and not torch.cuda.is_available():
+        args += ["tests/test_reference_ops.py"]  # rehearsal: the mechanics only
+    rc = _run(args, out / "gpu_tests.log", BUDGET["gpu_tests"],
+              {"PYTHONPATH": f"{ROOT}:{ROOT / 'python'}", "JUNIT": ""})
+    tail = (out / "gpu_tests.log").read_text().strip().splitlines()[-1:] or [""]
+    return [dict(op="gpu tests", note=tail[0], rc=rc)]
+
+
+def _bench_step(module: str) -> Callable[[Path, bool], list[dict[str, Any]]]:
+    def step(out: Path, dry: bool) -> list[dict[str, Any]]:
+        try:
+            mod = importlib.import_module(f"benchmarks.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"benchmarks.{module}":
+                return [dict(op=module, note="not in this checkout")]
+            raise
+        return mod.run(out, quick=True)  # the GPU script's subset; on a CPU (dry run) the benchmarks shrink further
+
+    return step
+
+
+def step_profile(out: Path, dry: bool) -> list[dict[str, Any]]:
+    import torch
+
+    from benchmarks import profile_lifecycle
+
+    if dry or not torch.cuda.is_available():
+        kwargs = dict(model_spec="llama:d=64,layers=1,heads=4,ff=128,vocab=128", device="cpu", dtype="float32",
+                      batch=2, seq=16, steps=2, tasks=1, batches_per_task=2, r=4)
+    else:  # Llama-7B-like width, two layers, bf16, 8192 tokens per step
+        kwargs = dict(model_spec="llama:d=4096,layers=2,heads=32,ff=11008,vocab=1024,max_pos=8192",
+                      device="cuda", dtype="bfloat16", batch=1, seq=8192, steps=5, tasks=1, batches_per_task=4, r=16)
+    rows = profile_lifecycle.run(out, **kwargs)
+    return [dict(op=f"{r['method']} {r['phase']}", time_ms=r["time_ms"], peak_mb=r["peak_mb"],
+                 ratio=r.get("time_vs_keeplora", "")) for r in rows]
+
+
+STEPS: dict[str, Callable[[Path, bool], list[dict[str, Any]]]] = {
+    "environment": step_environment,
+    "build_extension": step_build_extension,
+    "gpu_tests": step_gpu_tests,
+    "bench_kernels": _bench_step("bench_kernels"),
+    "bench_rsvd": _bench_step("bench_rsvd"),
+    "profile": step_profile,
+}
+
+SUMMARY_COLUMNS = ["op", "time_ms", "pct_of_floor", "ratio", "peak_mb", "note"]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_check_out")))
+    parser.add_argument("--dry", action="store_true", help="CPU rehearsal with tiny shapes")
+    parser.add_argument("--steps", default=",".join(STEPS), help=f"subset of {list(STEPS)}")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    chosen = [s.strip() for s in args.steps.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in STEPS]
+    if unknown:
+        parser.error(f"--steps: unknown {unknown}; accepted: {list(STEPS)}")
+    from benchmarks.harness import print_table
+
+    summary, status = [], {}
+    for name in chosen:
+        t0 = time.perf_counter()
+        try:
+            rows = STEPS[name](args.out, args.dry)
+            status[name] = "ok"
+        except Exception as exc:  # a failing step must not cost the others their device time
+            rows = [dict(op=name, note=f"FAILED: {type(exc).__name__}: {str(exc)[:120]}")]
+            status[name] = "failed"
+            (args.out / f"{name}.error.txt").write_text(traceback.format_exc())
+        seconds = time.perf_counter() - t0
+        status[name] += f" ({seconds:.0f} s)"
+        summary += rows
+        print(f"[gpu_check] {name}: {status[name]}", flush=True)
+        # written after every step: a run killed by its time limit keeps what it measured
+        (args.out / "summary.json").write_text(json.dumps({"status": status, "rows": summary}, indent=1,
+                                                          default=str))
+    print()
+    print_table(summary, SUMMARY_COLUMNS)
+    return 0 if all(v.startswith("ok") for v in status.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
