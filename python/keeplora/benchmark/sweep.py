@@ -108,7 +108,7 @@ def write_sweep(out: Path, results: list[dict], base: dict, params: dict[str, li
             last = r["basis_sizes"][-1] if r["basis_sizes"] else {}
             row["mean_basis_after_last"] = round(sum(last.values()) / len(last), 1) if last else ""
             w.writerow(row)
-    rows = [{**{p: r.get(p, base[p]) for p in params}, **r} for r in results]
+    rows = [{**r, **{p: str(r.get(p, base[p])) for p in params}} for r in results]  # parameters verbatim
     table = M.markdown_table(rows, [("label", "point")] + [(p, p) for p in params] +
                              [("transfer", "Transfer"), ("average", "Average"), ("last", "Last")])
     (out / "sweep.md").write_text(f"# Sweep of {base['name']}\n\n{table}\n")
