@@ -1,0 +1,218 @@
+"""Batched randomized SVD (``keeplora_kernels.rsvd``) against the authors' per-matrix ``torch.svd_lowrank`` loop
+(q = 4r, niter = 4) and ``torch.linalg.svd``: time, peak memory and accuracy on the shape groups of KeepLoRA's
+targets (CLIP ViT-B/16 48×768², CLIP text 96×512², MiniLM 24×384², Llama-7B 4096² and 11008×4096).
+
+Accuracy: ``resid_excess = ‖A − A_r‖_F / ‖A − A_r^opt‖_F − 1`` (0 = as good as the full SVD; slightly negative
+values come from the input's rounding to its dtype), on batches with a known power-law spectrum
+(``A = U·diag(s)·Vᵀ``, so the optimal residual is exact). ``linalg_svd`` is timed on ``matrices_timed`` matrices
+and scaled to the batch (``batch_time_ms``).
+
+    python -m benchmarks.bench_rsvd --quick      # CPU: smaller batches, < 1 min; rows -> benchmarks/results/rsvd.csv
+    python -m benchmarks.bench_rsvd              # the full shape groups (GPU: ~2 min)
+
+``run(out_dir, quick)`` returns the summary rows for the GPU script. On CUDA the Llama rows also report the
+bandwidth floor ``(2q+2)·Σ m·n·2 B / 4.3 TB/s`` (performance.md) and the time as a multiple of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+import keeplora_kernels as kk
+from keeplora_kernels import _dispatch
+from keeplora_kernels.rsvd import rsvd_torch
+
+from .harness import append_rows, measure_memory, print_table, time_fn
+
+H200_BANDWIDTH = 4.3e12  # bytes/s, measured device-to-device copy (performance.md)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    batch: int
+    m: int
+    n: int
+    rank: int
+    dtype: torch.dtype
+    svd_subset: int  # matrices timed for torch.linalg.svd (the per-matrix time is scaled to the batch)
+
+
+def cases(device: torch.device, quick: bool, smoke: bool = False) -> list[Case]:
+    if smoke:
+        return [Case("smoke", 2, 96, 64, 4, torch.float32, 2)]
+    clip = dict(rank=16, dtype=torch.float32)  # the authors' CLIP rank; fp32 gradients
+    llama = dict(rank=24, dtype=torch.bfloat16)  # with oversample 8: l = 32 (performance.md), bf16 weights
+    if device.type == "cuda":
+        full = [Case("clip_vision", 48, 768, 768, svd_subset=48, **clip),
+                Case("clip_text", 96, 512, 512, svd_subset=96, **clip),
+                Case("minilm", 24, 384, 384, svd_subset=24, **clip),
+                Case("llama_4096x4096", 32, 4096, 4096, svd_subset=1, **llama),
+                Case("llama_11008x4096", 16, 11008, 4096, svd_subset=1, **llama)]
+        if quick:
+            full = [Case(c.name, max(1, c.batch // 4), c.m, c.n, c.rank, c.dtype,
+                         min(c.svd_subset, max(1, c.batch // 4))) for c in full]
+        return full
+    if quick:  # CPU, < 1 min: the per-layer shapes with smaller batches; Llama scaled down by 4 per side
+        return [Case("clip_vision", 6, 768, 768, svd_subset=2, **clip),
+                Case("clip_text", 8, 512, 512, svd_subset=3, **clip),
+                Case("minilm", 8, 384, 384, svd_subset=4, **clip),
+                Case("llama_scaled_1024x1024", 2, 1024, 1024, svd_subset=1, **llama),
+                Case("llama_scaled_2752x1024", 1, 2752, 1024, svd_subset=1, **llama)]
+    return [Case("clip_vision", 48, 768, 768, svd_subset=4, **clip),
+            Case("clip_text", 96, 512, 512, svd_subset=8, **clip),
+            Case("minilm", 24, 384, 384, svd_subset=8, **clip),
+            Case("llama_4096x4096", 4, 4096, 4096, svd_subset=1, **llama),
+            Case("llama_11008x4096", 2, 11008, 4096, svd_subset=1, **llama)]
+
+
+def make_batch(case: Case, device: torch.device, seed: int = 0):
+    """``A_b = U·diag(s_b)·Vᵀ`` with one random U, V for the batch and power-law spectra s_b,i ∝ (i+1)^-α_b."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    k = min(case.m, case.n)
+    u = torch.linalg.qr(torch.randn(case.m, k, generator=gen).to(device)).Q
+    v = torch.linalg.qr(torch.randn(case.n, k, generator=gen).to(device)).Q
+    alpha = 0.6 + 0.8 * torch.rand(case.batch, 1, generator=gen, dtype=torch.float64)
+    spectra = (torch.arange(1, k + 1, dtype=torch.float64).unsqueeze(0) ** -alpha).to(device)
+    a = torch.stack([(u * spectra[i].float()) @ v.T for i in range(case.batch)]).to(case.dtype)
+    optimal = spectra[:, case.rank:].square().sum(-1).sqrt()  # ‖A − A_r‖_F of the exact spectrum
+    return a.contiguous(), optimal
+
+
+def residual_ratio(a: torch.Tensor, u, s, v, optimal: torch.Tensor) -> torch.Tensor:
+    approx = (u.float() * s.float().unsqueeze(-2)) @ v.float().mT
+    return torch.linalg.matrix_norm(a.float() - approx).double() / optimal
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn: Callable, device: torch.device, expensive: bool, quick: bool) -> float:
+    """Median ms. Expensive baselines (a host sync per matrix, seconds per call) use wall-clock medians around a
+    synchronised call; cheap GPU calls use do_bench (harness.time_fn)."""
+    if device.type == "cuda" and not expensive:
+        return time_fn(fn, device=device).median_ms
+    repeats = 1 if expensive and device.type == "cuda" else (3 if quick else 5)
+
+    def synced():
+        fn()
+        _sync(device)
+
+    return time_fn(synced, device="cpu", warmup=1, repeats=repeats).median_ms
+
+
+# Our two settings: "fast" is performance.md's (sketch r + 8, q = 2); "matched" (sketch 2r, q = 4, the authors'
+# niter) reaches the accuracy of the authors' loop (sketch 4r) on these spectra (see the resid_excess columns).
+CONFIGS = {"keeplora_rsvd": lambda r: (8, 2), "keeplora_rsvd_matched": lambda r: (r, 4)}
+
+
+def run_case(case: Case, device: torch.device, quick: bool) -> list[dict]:
+    a, optimal = make_batch(case, device)
+    r = case.rank
+    methods: list[tuple[str, str, Callable, bool, tuple]] = []
+    backend = _dispatch.select("rsvd", device)
+    for name, config in CONFIGS.items():
+        over, q = config(r)
+        methods.append((name, backend, functools.partial(kk.rsvd, a, r, oversample=over, power_iters=q, seed=0),
+                        False, (over, q)))
+        if backend != "reference" and name == "keeplora_rsvd":  # the PyTorch fallback of the same algorithm
+            def fallback(over=over, q=q):
+                return rsvd_torch(a, r, oversample=over, power_iters=q, seed=0)[:3]
+
+            methods.append((name, "reference", fallback, False, (over, q)))
+
+    def lowrank_loop():  # the authors' pipeline: one call per matrix, q = 4r, niter = 4, in float32
+        outs = [torch.svd_lowrank(a[i].float(), q=min(4 * r, case.m, case.n), niter=4) for i in range(case.batch)]
+        return (torch.stack([o[0][:, :r] for o in outs]), torch.stack([o[1][:r] for o in outs]),
+                torch.stack([o[2][:, :r] for o in outs]))
+
+    methods.append(("svd_lowrank_loop", "torch", lowrank_loop, True, (min(4 * r, case.m, case.n) - r, 4)))
+    subset = a[: case.svd_subset]
+
+    def full_svd():
+        uu, ss, vh = torch.linalg.svd(subset.float(), full_matrices=False)
+        return uu[..., :r], ss[..., :r], vh[..., :r, :].mT
+
+    methods.append(("linalg_svd", "torch", full_svd, True, ("", "")))
+
+    rows = []
+    for method, impl, fn, expensive, (over, q) in methods:
+        u, s, v = fn()
+        rows_a, rows_opt = (subset, optimal[: case.svd_subset]) if method == "linalg_svd" else (a, optimal)
+        excess = residual_ratio(rows_a, u, s, v, rows_opt) - 1
+        ms = _time(fn, device, expensive, quick)
+        matrices = case.svd_subset if method == "linalg_svd" else case.batch
+        batch_ms = ms * case.batch / matrices
+        peak = measure_memory(fn, device=device)
+        row = {"case": case.name, "batch": case.batch, "m": case.m, "n": case.n, "rank": r,
+               "sketch": r + over if over != "" else "", "power_iters": q,
+               "dtype": str(case.dtype).replace("torch.", ""), "method": method, "impl": impl,
+               "device_type": device.type, "matrices_timed": matrices, "time_ms": ms, "batch_time_ms": batch_ms,
+               "peak_mem_mb": peak / 2**20, "resid_excess_mean": excess.mean().item(),
+               "resid_excess_max": excess.max().item()}
+        if device.type == "cuda" and method.startswith("keeplora"):
+            floor_ms = (2 * q + 2) * case.batch * case.m * case.n * a.element_size() / H200_BANDWIDTH * 1e3
+            row.update(floor_ms=floor_ms, x_floor=batch_ms / floor_ms)
+        rows.append(row)
+    base = next(x for x in rows if x["method"] == "svd_lowrank_loop")
+    full = next(x for x in rows if x["method"] == "linalg_svd")
+    for row in rows:
+        row["speedup_vs_lowrank_loop"] = base["batch_time_ms"] / row["batch_time_ms"]
+        row["speedup_vs_linalg_svd"] = full["batch_time_ms"] / row["batch_time_ms"]
+    return rows
+
+
+def run(out_dir: Optional[Path] = None, quick: bool = False, *, smoke: bool = False,
+        device: Optional[torch.device] = None, cpu_threads: Optional[int] = 1,
+        only: Optional[list[str]] = None) -> list[dict]:
+    """Run every case on ``device`` (CUDA when available); append the rows to ``<out_dir>/rsvd.csv`` (default
+    benchmarks/results/) and return them. ``only``: case names to run (default all).
+
+    On CPU the torch thread count is set to ``cpu_threads`` for the run (default 1: on shared machines OpenMP
+    regions of several threads stall on descheduled threads and timings swing by 10×; None keeps torch's).
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    threads_before = torch.get_num_threads()
+    if device.type == "cpu" and cpu_threads:
+        torch.set_num_threads(cpu_threads)
+    rows = []
+    try:
+        with torch.no_grad():
+            for case in cases(device, quick, smoke):
+                if only is None or case.name in only:
+                    rows += run_case(case, device, quick)
+    finally:
+        torch.set_num_threads(threads_before)
+    for row in rows:
+        row["torch_threads"] = cpu_threads if device.type == "cpu" and cpu_threads else threads_before
+    append_rows("rsvd" if not smoke else "rsvd-smoke", rows, results_dir=out_dir)
+    return rows
+
+
+COLUMNS = ["case", "batch", "m", "n", "rank", "dtype", "method", "impl", "sketch", "power_iters", "batch_time_ms",
+           "speedup_vs_lowrank_loop", "speedup_vs_linalg_svd", "resid_excess_mean", "resid_excess_max"]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller batches (CPU: < 1 min)")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--cpu-threads", type=int, default=1, help="torch threads on CPU (0: torch's default)")
+    parser.add_argument("--cases", nargs="*", default=None, help="case names to run (default: all)")
+    args = parser.parse_args(argv)
+    rows = run(args.out, args.quick, device=args.device, cpu_threads=args.cpu_threads or None, only=args.cases)
+    columns = COLUMNS + (["floor_ms", "x_floor"] if any("floor_ms" in r for r in rows) else [])
+    print_table(rows, columns)
+
+
+if __name__ == "__main__":
+    main()
