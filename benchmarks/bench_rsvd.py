@@ -100,7 +100,7 @@ def _time(fn: Callable, device: torch.device, expensive: bool, quick: bool) -> f
     synchronised call; cheap GPU calls use do_bench (harness.time_fn)."""
     if device.type == "cuda" and not expensive:
         return time_fn(fn, device=device).median_ms
-    repeats = 1 if expensive and device.type == "cuda" else (3 if quick else 5)
+    repeats = 1 if expensive and device.type == "cuda" else (5 if quick else 7)
 
     def synced():
         fn()
