@@ -145,7 +145,8 @@ bool needs_workspace(int l) {
   if (cudaGetDevice(&device) != cudaSuccess) return true;
   int optin = 0;
   if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) return true;
-  return shared_bytes<T>(l, true) > static_cast<size_t>(optin);
+  // keep room for the kernel's static shared memory (the `rotated` flag) and alignment
+  return shared_bytes<T>(l, true) + 256 > static_cast<size_t>(optin);
 }
 
 template <typename T>
