@@ -10,14 +10,17 @@ and scaled to the batch (``batch_time_ms``).
     python -m benchmarks.bench_rsvd --quick      # CPU: smaller batches, < 1 min; rows -> benchmarks/results/rsvd.csv
     python -m benchmarks.bench_rsvd              # the full shape groups (GPU: ~2 min)
 
-``run(out_dir, quick)`` returns the summary rows for the GPU script. On CUDA the Llama rows also report the
-bandwidth floor ``(2q+2)·Σ m·n·2 B / 4.3 TB/s`` (performance.md) and the time as a multiple of it.
+``run(out_dir, quick)`` writes the detailed rows to ``<out_dir>/rsvd.csv`` and returns summary rows (op, time_ms,
+pct_of_floor, ratio, peak_mb, note) for benchmarks/gpu_check.py; on CUDA the full mode is sized for about a
+minute. On CUDA every keeplora row also reports the bandwidth floor ``(2q+2)·Σ m·n·bytes / 4.3 TB/s``
+(performance.md) and the time as a multiple of it (``x_floor``; the target is ≤ 1.5 on the Llama shapes).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -50,9 +53,9 @@ def cases(device: torch.device, quick: bool, smoke: bool = False) -> list[Case]:
     clip = dict(rank=16, dtype=torch.float32)  # the authors' CLIP rank; fp32 gradients
     llama = dict(rank=24, dtype=torch.bfloat16)  # with oversample 8: l = 32 (performance.md), bf16 weights
     if device.type == "cuda":
-        full = [Case("clip_vision", 48, 768, 768, svd_subset=48, **clip),
-                Case("clip_text", 96, 512, 512, svd_subset=96, **clip),
-                Case("minilm", 24, 384, 384, svd_subset=24, **clip),
+        full = [Case("clip_vision", 48, 768, 768, svd_subset=8, **clip),
+                Case("clip_text", 96, 512, 512, svd_subset=8, **clip),
+                Case("minilm", 24, 384, 384, svd_subset=8, **clip),
                 Case("llama_4096x4096", 32, 4096, 4096, svd_subset=1, **llama),
                 Case("llama_11008x4096", 16, 11008, 4096, svd_subset=1, **llama)]
         if quick:
@@ -95,18 +98,31 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _time(fn: Callable, device: torch.device, expensive: bool, quick: bool) -> float:
-    """Median ms. Expensive baselines (a host sync per matrix, seconds per call) use wall-clock medians around a
-    synchronised call; cheap GPU calls use do_bench (harness.time_fn)."""
-    if device.type == "cuda" and not expensive:
-        return time_fn(fn, device=device).median_ms
-    repeats = 1 if expensive and device.type == "cuda" else (5 if quick else 7)
+def _measure(fn: Callable, device: torch.device, expensive: bool, quick: bool):
+    """Outputs of one call, median ms and peak bytes.
 
-    def synced():
-        fn()
-        _sync(device)
+    Cheap calls: do_bench on CUDA / wall-clock medians on CPU (harness.time_fn), peak memory from one more call.
+    Expensive CUDA baselines (a host sync per matrix, up to seconds per call) run once: that call gives the outputs,
+    its synchronised wall time and its peak memory (the GPU script has about a minute for this benchmark).
+    """
+    if device.type == "cuda" and expensive:
+        box = {}
 
-    return time_fn(synced, device="cpu", warmup=1, repeats=repeats).median_ms
+        def once():
+            _sync(device)
+            t0 = time.perf_counter()
+            box["out"] = fn()
+            _sync(device)
+            box["ms"] = (time.perf_counter() - t0) * 1e3
+
+        peak = measure_memory(once, device=device)
+        return box["out"], box["ms"], peak
+    out = fn()
+    if device.type == "cuda":
+        ms = time_fn(fn, device=device).median_ms
+    else:
+        ms = time_fn(fn, device="cpu", warmup=1, repeats=5 if quick else 7).median_ms
+    return out, ms, measure_memory(fn, device=device)
 
 
 # Our two settings: "fast" is performance.md's (sketch r + 8, q = 2); "matched" (sketch 2r, q = 4, the authors'
@@ -145,13 +161,12 @@ def run_case(case: Case, device: torch.device, quick: bool) -> list[dict]:
 
     rows = []
     for method, impl, fn, expensive, (over, q) in methods:
-        u, s, v = fn()
+        (u, s, v), ms, peak = _measure(fn, device, expensive, quick)
         rows_a, rows_opt = (subset, optimal[: case.svd_subset]) if method == "linalg_svd" else (a, optimal)
         excess = residual_ratio(rows_a, u, s, v, rows_opt) - 1
-        ms = _time(fn, device, expensive, quick)
+        del u, s, v
         matrices = case.svd_subset if method == "linalg_svd" else case.batch
         batch_ms = ms * case.batch / matrices
-        peak = measure_memory(fn, device=device)
         row = {"case": case.name, "batch": case.batch, "m": case.m, "n": case.n, "rank": r,
                "sketch": r + over if over != "" else "", "power_iters": q,
                "dtype": str(case.dtype).replace("torch.", ""), "method": method, "impl": impl,
@@ -170,9 +185,9 @@ def run_case(case: Case, device: torch.device, quick: bool) -> list[dict]:
     return rows
 
 
-def run(out_dir: Optional[Path] = None, quick: bool = False, *, smoke: bool = False,
-        device: Optional[torch.device] = None, cpu_threads: Optional[int] = 1,
-        only: Optional[list[str]] = None) -> list[dict]:
+def run_detailed(out_dir: Optional[Path] = None, quick: bool = False, *, smoke: bool = False,
+                 device: Optional[torch.device] = None, cpu_threads: Optional[int] = 1,
+                 only: Optional[list[str]] = None) -> list[dict]:
     """Run every case on ``device`` (CUDA when available); append the rows to ``<out_dir>/rsvd.csv`` (default
     benchmarks/results/) and return them. ``only``: case names to run (default all).
 
@@ -192,9 +207,28 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, *, smoke: bool = Fa
     finally:
         torch.set_num_threads(threads_before)
     for row in rows:
-        row["torch_threads"] = cpu_threads if device.type == "cpu" and cpu_threads else threads_before
+        row["run_threads"] = cpu_threads if device.type == "cpu" and cpu_threads else threads_before
     append_rows("rsvd" if not smoke else "rsvd-smoke", rows, results_dir=out_dir)
     return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """The GPU script's summary rows: op, time_ms (whole batch), pct_of_floor (CUDA, ours), ratio (speed-up over
+    the authors' svd_lowrank loop), peak_mb, note (accuracy)."""
+    out = []
+    for row in rows:
+        op = f"rsvd {row['case']} b={row['batch']} {row['method']}" + (
+            f" [{row['impl']}]" if row["method"].startswith("keeplora") else "")
+        pct = 100 * row["floor_ms"] / row["batch_time_ms"] if "floor_ms" in row else ""
+        out.append(dict(op=op, time_ms=row["batch_time_ms"], pct_of_floor=pct, ratio=row["speedup_vs_lowrank_loop"],
+                        peak_mb=row["peak_mem_mb"],
+                        note=f"resid_excess {row['resid_excess_mean']:.1e}, {row['matrices_timed']} timed"))
+    return out
+
+
+def run(out_dir: Optional[Path] = None, quick: bool = False, **kwargs) -> list[dict]:
+    """Entry point of benchmarks/gpu_check.py: detailed rows to ``<out_dir>/rsvd.csv``, summary rows returned."""
+    return summarize(run_detailed(out_dir, quick, **kwargs))
 
 
 COLUMNS = ["case", "batch", "m", "n", "rank", "dtype", "method", "impl", "sketch", "power_iters", "batch_time_ms",
@@ -209,7 +243,8 @@ def main(argv=None) -> None:
     parser.add_argument("--cpu-threads", type=int, default=1, help="torch threads on CPU (0: torch's default)")
     parser.add_argument("--cases", nargs="*", default=None, help="case names to run (default: all)")
     args = parser.parse_args(argv)
-    rows = run(args.out, args.quick, device=args.device, cpu_threads=args.cpu_threads or None, only=args.cases)
+    rows = run_detailed(args.out, args.quick, device=args.device, cpu_threads=args.cpu_threads or None,
+                        only=args.cases)
     columns = COLUMNS + (["floor_ms", "x_floor"] if any("floor_ms" in r for r in rows) else [])
     print_table(rows, columns)
 

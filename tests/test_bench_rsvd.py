@@ -13,7 +13,7 @@ from benchmarks import bench_rsvd  # noqa: E402
 
 
 def test_bench_rsvd_smoke(tmp_path):
-    rows = bench_rsvd.run(tmp_path, quick=True, smoke=True, device=torch.device("cpu"))
+    rows = bench_rsvd.run_detailed(tmp_path, quick=True, smoke=True, device=torch.device("cpu"))
     methods = {row["method"] for row in rows}
     assert {"keeplora_rsvd", "keeplora_rsvd_matched", "svd_lowrank_loop", "linalg_svd"} <= methods
     for row in rows:
@@ -23,3 +23,6 @@ def test_bench_rsvd_smoke(tmp_path):
     with (tmp_path / "rsvd-smoke.csv").open() as f:
         written = list(csv.DictReader(f))
     assert len(written) == len(rows) and {"git_sha", "device", "torch"} <= set(written[0])
+    summary = bench_rsvd.summarize(rows)  # what benchmarks/gpu_check.py prints
+    assert len(summary) == len(rows)
+    assert all({"op", "time_ms", "pct_of_floor", "ratio", "peak_mb", "note"} <= set(r) for r in summary)
