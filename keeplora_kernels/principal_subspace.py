@@ -4,8 +4,9 @@ The batched algorithm (extension ``torch.ops.keeplora.principal_subspace``, and 
 in PyTorch when the extension is not built): group the weights by shape; per group, ``‖W‖_F²`` per matrix, then a
 randomized SVD of rank r (sketch width ``r + max(10, r/2)``, 4 power iterations) whose Ritz values give the
 captured energy; matrices whose top-r directions reach ε are done (p from the energy rule on the Ritz values),
-the others grow r to ``max(2r, 1.25·(r + (ε·total − captured)/σ_r²))`` — every further direction holds at most
-σ_r², so fewer cannot suffice. When the sketch would exceed 0.3·min(m, n) the exact path takes over: the
+the others grow r to ``max(2r, 1.2·p̂)`` with p̂ the rank at which the energy is predicted to reach ε (tail
+extrapolated from the Ritz values by a power law and by a geometric decay; never below the rigorous bound
+``r + (ε·total − captured)/σ_r²``). When the sketch would exceed 0.3·min(m, n) the exact path takes over: the
 eigendecomposition of the smaller float64 Gram matrix. The Ritz subspace of the returned basis captures exactly the
 Ritz energy, so the basis always holds at least ε of ‖W‖_F²; p equals the brute-force value when the Ritz values
 around p are resolved (a gap), and may exceed it by a direction or two on a flat spectrum.
@@ -87,6 +88,24 @@ def _exact_subspace(mat: torch.Tensor, total: torch.Tensor, energy: float, stric
     return bases
 
 
+def _predicted_rank(sq: list, r: int, total: float, energy: float, mn: int) -> int:
+    """Where to grow the sketch (speed only): the rank at which the energy is predicted to reach ``energy``, the
+    tail beyond the r Ritz values extrapolated by a power law and by a geometric decay fitted at i = r/4 and r;
+    the first model to reach wins. A flat fit gives the rigorous lower bound ``r + deficit / σ_r²``."""
+    deficit = energy * total - sum(sq)
+    if deficit <= 0:
+        return r
+    i1 = max(1, r // 4)
+    s1, s2 = sq[i1 - 1], sq[r - 1]
+    if not (s2 > 0 and s1 >= s2):
+        return mn
+    beta = math.log(s1 / s2) / math.log(r / i1) if r > i1 else 0.0
+    g = (s2 / s1) ** (1.0 / (r - i1)) if r > i1 else 1.0
+    i = torch.arange(r + 1, mn + 1, dtype=torch.float64)
+    hit = ((s2 * (i / r) ** -beta).cumsum(0) >= deficit) | ((s2 * g ** (i - r)).cumsum(0) >= deficit)
+    return int(i[hit][0]) if bool(hit.any()) else mn
+
+
 def principal_subspace_torch(weights: Sequence[torch.Tensor], energy: float, *, side: str = "input",
                              strict: bool = False) -> list:
     """The extension's grouped, sketch-growing algorithm in PyTorch (see the module docstring)."""
@@ -123,16 +142,16 @@ def principal_subspace_torch(weights: Sequence[torch.Tensor], energy: float, *, 
             last = cum[:, r - 1]
             reached = (last >= energy).tolist()
             counts = _energy_counts(cum, energy, strict).tolist()
-            needed = ((energy - last) * total[idx] / sq[:, r - 1]).tolist()
+            sq_rows, totals = sq.cpu().tolist(), total[idx].tolist()
             nxt, most = [], 0.0
-            for j, done, p, extra in zip(remaining, reached, counts, needed):
+            for k, (j, done, p) in enumerate(zip(remaining, reached, counts)):
                 if done:
-                    out[members[j]] = u[remaining.index(j), :, :p].to(out_dtype).contiguous()
+                    out[members[j]] = u[k, :, :p].to(out_dtype).contiguous()
                 else:
                     nxt.append(j)
-                    most = max(most, r + extra if math.isfinite(extra) else float("inf"))
+                    most = max(most, _predicted_rank(sq_rows[k], r, totals[k], energy, mn))
             remaining = nxt
-            r = max(2 * r, math.ceil(min(1.25 * most, mn)))
+            r = max(2 * r, math.ceil(min(1.2 * most, mn)))
         if remaining:
             idx = torch.tensor(remaining, device=device)
             for j, basis in zip(remaining, _exact_subspace(mat[idx], total[idx], energy, strict, out_dtype)):
