@@ -1,6 +1,8 @@
 """Batched randomized SVD (``keeplora_kernels.rsvd``) against the authors' per-matrix ``torch.svd_lowrank`` loop
 (q = 4r, niter = 4) and ``torch.linalg.svd``: time, peak memory and accuracy on the shape groups of KeepLoRA's
-targets (CLIP ViT-B/16 48×768², CLIP text 96×512², MiniLM 24×384², Llama-7B 4096² and 11008×4096).
+targets (CLIP ViT-B/16 48×768², CLIP text 96×512², MiniLM 24×384², Llama-7B 4096² and 11008×4096). Also
+``principal_subspace`` on all adapted weights of a few layers at once against the per-weight full-SVD reference
+(rows in ``principal_subspace.csv``: time, ranks equal to the reference's, projector distance).
 
 Accuracy: ``resid_excess = ‖A − A_r‖_F / ‖A − A_r^opt‖_F − 1`` (0 = as good as the full SVD; slightly negative
 values come from the input's rounding to its dtype), on batches with a known power-law spectrum
@@ -29,6 +31,7 @@ import torch
 
 import keeplora_kernels as kk
 from keeplora_kernels import _dispatch
+from keeplora_kernels.principal_subspace import principal_subspace_ref
 from keeplora_kernels.rsvd import rsvd_torch
 
 from .harness import append_rows, measure_memory, print_table, time_fn
@@ -98,7 +101,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _measure(fn: Callable, device: torch.device, expensive: bool, quick: bool):
+def _measure(fn: Callable, device: torch.device, expensive: bool, quick: bool, cpu_repeats: Optional[int] = None):
     """Outputs of one call, median ms and peak bytes.
 
     Cheap calls: do_bench on CUDA / wall-clock medians on CPU (harness.time_fn), peak memory from one more call.
@@ -121,7 +124,8 @@ def _measure(fn: Callable, device: torch.device, expensive: bool, quick: bool):
     if device.type == "cuda":
         ms = time_fn(fn, device=device).median_ms
     else:
-        ms = time_fn(fn, device="cpu", warmup=1, repeats=5 if quick else 7).median_ms
+        repeats = cpu_repeats or (5 if quick else 7)
+        ms = time_fn(fn, device="cpu", warmup=0 if cpu_repeats else 1, repeats=repeats).median_ms
     return out, ms, measure_memory(fn, device=device)
 
 
@@ -185,6 +189,62 @@ def run_case(case: Case, device: torch.device, quick: bool) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# principal_subspace: the engine's one call for all targets, against the reference (full SVD per weight).
+
+
+def subspace_cases(device: torch.device, quick: bool, smoke: bool = False):
+    """(name, [(d_out, d_in, count)], energies): the adapted weights of a few transformer layers."""
+    if smoke:
+        return [("smoke", [(96, 64, 2), (64, 96, 1)], (0.5,))]
+    if device.type == "cuda":
+        return [("clip_vision_12_layers", [(768, 768, 48), (3072, 768, 12), (768, 3072, 12)], (0.85,)),
+                ("clip_text_12_layers", [(512, 512, 48), (2048, 512, 12), (512, 2048, 12)], (0.2,))]
+    layers = 1 if quick else 12
+    return [("clip_text_%d_layers" % layers, [(512, 512, 4 * layers), (2048, 512, layers), (512, 2048, layers)],
+             (0.2, 0.85))]
+
+
+def make_weights(groups, device, seed=0):
+    """Weights with power-law spectra s_i = i^-alpha (alpha in [0.3, 0.7], like trained layers: no gap)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    weights = []
+    for d_out, d_in, count in groups:
+        k = min(d_out, d_in)
+        u = torch.linalg.qr(torch.randn(d_out, k, generator=gen)).Q.to(device)
+        v = torch.linalg.qr(torch.randn(d_in, k, generator=gen)).Q.to(device)
+        for _ in range(count):
+            alpha = 0.3 + 0.4 * torch.rand(1, generator=gen).item()
+            s = (torch.arange(1, k + 1, dtype=torch.float32) ** -alpha).to(device)
+            weights.append((u * s) @ v.T)
+    return weights
+
+
+def run_subspace_case(name, groups, energies, device, quick) -> list[dict]:
+    weights = make_weights(groups, device)
+    rows = []
+    for energy in energies:
+        methods = [("principal_subspace", _dispatch.select("principal_subspace", device),
+                    lambda: kk.principal_subspace(weights, energy)),
+                   ("principal_subspace_ref_loop", "torch",
+                    lambda: [principal_subspace_ref(w, energy) for w in weights])]
+        results = {}
+        for method, impl, fn in methods:
+            out, ms, peak = _measure(fn, device, expensive=True, quick=quick, cpu_repeats=3)
+            results[method] = (out, ms, peak, impl)
+        ref = results["principal_subspace_ref_loop"][0]
+        for method, (out, ms, peak, impl) in results.items():
+            same_p = sum(int(a.shape == b.shape) for a, b in zip(out, ref))
+            dist = max((torch.linalg.matrix_norm(a.double() @ a.double().T - b.double() @ b.double().T, ord=2).item()
+                        for a, b in zip(out, ref) if a.shape == b.shape and a.shape[1]), default=0.0)
+            rows.append({"case": name, "weights": len(weights), "energy": energy, "method": method, "impl": impl,
+                         "device_type": device.type, "time_ms": ms, "peak_mem_mb": peak / 2**20,
+                         "speedup_vs_ref_loop": results["principal_subspace_ref_loop"][1] / ms,
+                         "ranks_equal_ref": f"{same_p}/{len(weights)}", "max_projector_dist": dist,
+                         "mean_rank": sum(a.shape[1] for a in out) / len(out)})
+    return rows
+
+
 def run_detailed(out_dir: Optional[Path] = None, quick: bool = False, *, smoke: bool = False,
                  device: Optional[torch.device] = None, cpu_threads: Optional[int] = 1,
                  only: Optional[list[str]] = None) -> list[dict]:
@@ -204,19 +264,35 @@ def run_detailed(out_dir: Optional[Path] = None, quick: bool = False, *, smoke: 
             for case in cases(device, quick, smoke):
                 if only is None or case.name in only:
                     rows += run_case(case, device, quick)
+            subspace_rows = []
+            for name, groups, energies in subspace_cases(device, quick, smoke):
+                if only is None or name in only:
+                    subspace_rows += run_subspace_case(name, groups, energies, device, quick)
     finally:
         torch.set_num_threads(threads_before)
-    for row in rows:
-        row["run_threads"] = cpu_threads if device.type == "cpu" and cpu_threads else threads_before
-    append_rows("rsvd" if not smoke else "rsvd-smoke", rows, results_dir=out_dir)
-    return rows
+    threads = cpu_threads if device.type == "cpu" and cpu_threads else threads_before
+    for row in rows + subspace_rows:
+        row["run_threads"] = threads
+    suffix = "-smoke" if smoke else ""
+    if rows:
+        append_rows("rsvd" + suffix, rows, results_dir=out_dir)
+    if subspace_rows:
+        append_rows("principal_subspace" + suffix, subspace_rows, results_dir=out_dir)
+    return rows + subspace_rows
 
 
 def summarize(rows: list[dict]) -> list[dict]:
     """The GPU script's summary rows: op, time_ms (whole batch), pct_of_floor (CUDA, ours), ratio (speed-up over
-    the authors' svd_lowrank loop), peak_mb, note (accuracy)."""
+    the authors' svd_lowrank loop, or over the per-weight full-SVD reference for principal_subspace), peak_mb,
+    note (accuracy)."""
     out = []
     for row in rows:
+        if "energy" in row:  # principal_subspace rows
+            out.append(dict(op=f"principal_subspace {row['case']} eps={row['energy']} {row['method']} [{row['impl']}]",
+                            time_ms=row["time_ms"], pct_of_floor="", ratio=row["speedup_vs_ref_loop"],
+                            peak_mb=row["peak_mem_mb"],
+                            note=f"ranks = ref {row['ranks_equal_ref']}, projector dist {row['max_projector_dist']:.1e}"))
+            continue
         op = f"rsvd {row['case']} b={row['batch']} {row['method']}" + (
             f" [{row['impl']}]" if row["method"].startswith("keeplora") else "")
         pct = 100 * row["floor_ms"] / row["batch_time_ms"] if "floor_ms" in row else ""
@@ -235,6 +311,10 @@ COLUMNS = ["case", "batch", "m", "n", "rank", "dtype", "method", "impl", "sketch
            "speedup_vs_lowrank_loop", "speedup_vs_linalg_svd", "resid_excess_mean", "resid_excess_max"]
 
 
+SUBSPACE_COLUMNS = ["case", "weights", "energy", "method", "impl", "time_ms", "speedup_vs_ref_loop", "ranks_equal_ref",
+                    "max_projector_dist", "mean_rank"]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller batches (CPU: < 1 min)")
@@ -245,8 +325,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     rows = run_detailed(args.out, args.quick, device=args.device, cpu_threads=args.cpu_threads or None,
                         only=args.cases)
-    columns = COLUMNS + (["floor_ms", "x_floor"] if any("floor_ms" in r for r in rows) else [])
-    print_table(rows, columns)
+    rsvd_rows = [r for r in rows if "energy" not in r]
+    columns = COLUMNS + (["floor_ms", "x_floor"] if any("floor_ms" in r for r in rsvd_rows) else [])
+    print_table(rsvd_rows, columns)
+    print()
+    print_table([r for r in rows if "energy" in r], SUBSPACE_COLUMNS)
 
 
 if __name__ == "__main__":
