@@ -25,7 +25,7 @@ import keeplora_kernels as kk
 
 from . import checkpoint
 from .adapters import attach_adapters, check_shapes, freeze_adapters, resolve_targets
-from .basis import expand_basis, orthonormalize_against, random_residual_directions
+from .basis import expand_bases, orthonormalize_against, random_residual_directions
 from .config import KeepLoRAConfig
 from .statistics import LossFn, collect_second_moments, estimate_gradients
 
@@ -150,12 +150,10 @@ class KeepLoRA:
                 _add_to_weight(layer.base_layer.weight, self.config.scale * (lora_b.float() @ lora_a.float()))
                 lora_a.zero_()
                 lora_b.zero_()
-        added = {}
-        for name in self.layers:
-            before = self.bases[name].shape[1]
-            if moments is not None:
-                self.bases[name] = expand_basis(self.bases[name], moments[name], self.config.feature_energy)
-            added[name] = self.bases[name].shape[1] - before
+        before = self.basis_sizes()
+        if moments is not None:
+            self.bases = expand_bases(self.bases, moments, self.config.feature_energy)
+        added = {name: self.bases[name].shape[1] - before[name] for name in self.layers}
         self._b_start.clear()
         self.tasks_done += 1
         self.in_task = False
