@@ -25,7 +25,7 @@ import keeplora_kernels as kk
 
 from . import checkpoint, distributed
 from .adapters import attach_adapters, check_shapes, freeze_adapters, resolve_targets, unwrap_model
-from .basis import expand_basis, orthonormalize_against, random_residual_directions
+from .basis import expand_bases, orthonormalize_against, random_residual_directions
 from .config import KeepLoRAConfig
 from .statistics import EmptyDataError, LossFn, collect_second_moments, estimate_gradients
 
@@ -161,8 +161,8 @@ class KeepLoRA:
         bases = dict(self.bases)
         if moments is not None:
             with distributed.failures_shared(f"task {self.tasks_done + 1} memory update"):
-                grown = [expand_basis(self.bases[n], moments[n], self.config.feature_energy) for n in self.layers]
-            bases = dict(zip(self.layers, distributed.sync_from_rank0(grown)))
+                grown = expand_bases(self.bases, moments, self.config.feature_energy)
+            bases = dict(zip(self.layers, distributed.sync_from_rank0([grown[n] for n in self.layers])))
         with torch.no_grad():
             for layer in self.layers.values():
                 lora_a, lora_b = layer.lora_A[self.adapter_name].weight, layer.lora_B[self.adapter_name].weight
@@ -212,17 +212,21 @@ class KeepLoRA:
 
     # ------------------------------------------------------------------ internals
     def _pretrained_bases(self) -> dict[str, torch.Tensor]:
-        """Principal input subspace of every target's pre-trained weight (a sharded weight is gathered, one at a
-        time), computed on every rank and then taken from rank 0."""
+        """Principal input subspace of every target's pre-trained weight, one batched call per ε_w value, computed
+        on every rank and then taken from rank 0 (a sharded weight is gathered first)."""
         official = self.config.weight_subspace == "official-clip"
-        found = []
+        by_energy: dict[float, list[str]] = defaultdict(list)
+        for name in self.layers:
+            by_energy[self.config.weight_energy_for(name)].append(name)
+        bases = {}
         with distributed.failures_shared("principal subspaces of the pre-trained weights"):
-            for name, layer in self.layers.items():
-                weight = distributed.full_tensor(layer.base_layer.weight.detach())
-                basis = kk.principal_subspace(weight, self.config.weight_energy_for(name),
-                                              side="output" if official else "input", strict=official)
-                found.append(basis.to(device=self.device, dtype=self.config.torch_stats_dtype).contiguous())
-        return dict(zip(self.layers, distributed.sync_from_rank0(found)))
+            for energy, names in by_energy.items():
+                weights = [distributed.full_tensor(self.layers[n].base_layer.weight.detach()) for n in names]
+                found = kk.principal_subspace(weights, energy, side="output" if official else "input",
+                                              strict=official)
+                for name, basis in zip(names, found):
+                    bases[name] = basis.to(device=self.device, dtype=self.config.torch_stats_dtype).contiguous()
+        return dict(zip(self.layers, distributed.sync_from_rank0([bases[n] for n in self.layers])))
 
     def _adapter_factors(self, grads: Optional[dict[str, torch.Tensor]]
                          ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
