@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 import keeplora_kernels as kk
 
-from .distributed import all_reduce_sum, failures_shared, world_size  # noqa: F401 - world_size re-exported
+from .distributed import all_reduce_sum, failures_shared
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
