@@ -5,7 +5,8 @@
 
 Scenarios: ``ddp``, ``fsdp`` (FSDP2 ``fully_shard``), ``accelerate`` (DDP by ``Accelerator.prepare``): two tasks
 of :func:`continual_run` over this rank's shard of the data; ``trainer``: two tasks through ``transformers.Trainer``
-with ``KeepLoRACallback``; ``fail`` / ``fail-fsdp``: rank 1's loss raises during the gradient pass. Each rank writes
+with ``KeepLoRACallback``; ``collectives``: the helpers of keeplora.distributed on small tensors; ``fail`` /
+``fail-fsdp``: rank 1's loss raises during the gradient pass. Each rank writes
 ``OUT_DIR/rank{r}.pt`` (tensors) and ``OUT_DIR/rank{r}.json`` (outcome). :func:`continual_run` is also the
 single-process reference (all shards in one process).
 """
@@ -183,6 +184,27 @@ def scenario_trainer(out: Path) -> None:
                                "world": torch.distributed.get_world_size()})
 
 
+def scenario_collectives(out: Path) -> None:
+    """The helpers themselves, with tiny buckets so that every packing path runs."""
+    rank = _init()
+    record: dict = {}
+    # all_reduce_sum: mixed dtypes, a non-contiguous tensor, buckets of one and of several tensors
+    f32 = torch.full((3, 2), float(rank + 1))
+    f64 = torch.arange(4, dtype=torch.float64) * (rank + 1)
+    i64 = torch.tensor(rank + 5)
+    wide = torch.ones(4, 3)[:, ::2] * (rank + 1)  # non-contiguous view
+    kd.all_reduce_sum([f32, i64, f64, wide], bucket_bytes=24)
+    record.update(sum_f32=f32, sum_f64=f64, sum_i64=i64, sum_wide=wide)
+    # sync_from_rank0: rank-dependent shapes and values; a matching contiguous input receives in place
+    same = torch.full((2, 2), float(rank))
+    other = torch.full((2, 1 + rank), float(10 + rank))
+    counts = torch.tensor([rank, rank], dtype=torch.int64)
+    synced = kd.sync_from_rank0([same, other, counts], bucket_bytes=24)  # same + other share a buffer
+    record.update(sync_same=synced[0], sync_other=synced[1], sync_counts=synced[2])
+    outcome = {"in_place": synced[0] is same, "objects": kd.all_gather_objects({"rank": rank})}
+    _write(out, rank, record, outcome)
+
+
 def scenario_fail(out: Path, fsdp: bool = False) -> None:
     rank = _init()
     model = build_model()
@@ -235,7 +257,7 @@ def main() -> None:
     torch.set_num_threads(1)
     scenario, out = sys.argv[1], Path(sys.argv[2])
     run = {"ddp": scenario_ddp, "fsdp": scenario_fsdp, "accelerate": scenario_accelerate,
-           "trainer": scenario_trainer, "fail": scenario_fail,
+           "trainer": scenario_trainer, "collectives": scenario_collectives, "fail": scenario_fail,
            "fail-fsdp": lambda o: scenario_fail(o, fsdp=True)}[scenario]
     run(out)
     if torch.distributed.is_initialized():

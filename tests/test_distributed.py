@@ -157,6 +157,21 @@ def test_trainer_callback_under_accelerate_launch(tmp_path):
         assert set(record["tokens"].values()) == {real_tokens}
 
 
+def test_collective_helpers_sum_and_sync_across_ranks(tmp_path):
+    ranks = launch("torchrun", "collectives", tmp_path)
+    for r in (0, 1):
+        got, outcome = ranks[r]
+        assert torch.equal(got["sum_f32"], torch.full((3, 2), 3.0))
+        assert torch.equal(got["sum_f64"], torch.arange(4, dtype=torch.float64) * 3)
+        assert int(got["sum_i64"]) == 11
+        assert torch.equal(got["sum_wide"], torch.full((4, 2), 3.0))
+        assert torch.equal(got["sync_same"], torch.zeros(2, 2))
+        assert torch.equal(got["sync_other"], torch.full((2, 1), 10.0))  # rank 0's shape and values
+        assert torch.equal(got["sync_counts"], torch.zeros(2, dtype=torch.int64))
+        assert outcome["in_place"]
+        assert outcome["objects"] == [{"rank": 0}, {"rank": 1}]
+
+
 def test_failing_rank_raises_on_every_rank_and_leaves_them_in_step(tmp_path):
     ranks = launch("torchrun", "fail", tmp_path)
     (_, o0), (_, o1) = ranks[0], ranks[1]

@@ -9,7 +9,7 @@ a pass ends with
    afterwards, never averages of averages).
 
 Everything derived from the reduced sums (the principal subspaces, A, B, the grown bases) is computed on every rank
-and then replaced by rank 0's copy (:func:`sync_from_rank0`, one broadcast per dtype), so all ranks hold
+and then replaced by rank 0's copy (:func:`sync_from_rank0`, one broadcast per bucket), so all ranks hold
 bit-identical state even where linear-algebra libraries round differently on different machines.
 
 Data parallelism with DDP: KeepLoRA works on the bare module (``DistributedDataParallel.module``); its passes never
@@ -179,37 +179,41 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor], *, bucket_bytes: int = BUCKE
             offset += t.numel()
 
 
-def sync_from_rank0(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Rank 0's tensors on every rank: one broadcast of the shapes, one per dtype of the packed values.
+def sync_from_rank0(tensors: Sequence[torch.Tensor], *, bucket_bytes: int = BUCKET_BYTES) -> list[torch.Tensor]:
+    """Rank 0's tensors on every rank: one broadcast of the shapes, then one per bucket of values.
 
     Every rank passes the same number of tensors with the same dtypes and numbers of dimensions; shapes may differ
-    (rank 0's win). Returns new tensors (the inputs themselves in one process and on rank 0).
+    (rank 0's win). Returns the tensors in order: on rank 0 (and in one process) the inputs themselves; on the other
+    ranks an input whose shape is rank 0's and that is contiguous receives rank 0's values in place, any other is
+    replaced by a new tensor. Values are packed like :func:`all_reduce_sum`'s (one dtype and device per buffer of
+    at most ``bucket_bytes``; a larger tensor is broadcast on its own).
     """
     tensors = list(tensors)
     if not is_distributed() or not tensors:
         return tensors
-    device = tensors[0].device
-    shapes = torch.tensor([s for t in tensors for s in t.shape], dtype=torch.int64, device=device)
+    me = dist.get_rank()
+    shapes = torch.tensor([s for t in tensors for s in t.shape], dtype=torch.int64, device=tensors[0].device)
     dist.broadcast(shapes, src=0)
-    shapes_list, offset = [], 0
+    dims = shapes.tolist()
+    out, offset = [], 0
     for t in tensors:
-        shapes_list.append(tuple(int(s) for s in shapes[offset: offset + t.dim()].tolist()))
+        shape = tuple(dims[offset: offset + t.dim()])
         offset += t.dim()
-    out = [t if dist.get_rank() == 0 else t.new_empty(shape) for t, shape in zip(tensors, shapes_list)]
-    by_dtype: dict[tuple[torch.dtype, torch.device], list[int]] = {}
-    for i, t in enumerate(out):
-        by_dtype.setdefault((t.dtype, t.device), []).append(i)
-    for indices in by_dtype.values():
-        if dist.get_rank() == 0:
-            flat = torch.cat([out[i].reshape(-1) for i in indices])
+        out.append(t if me == 0 or (tuple(t.shape) == shape and t.is_contiguous()) else t.new_empty(shape))
+    for bucket in _buckets(out, bucket_bytes):
+        if len(bucket) == 1:
+            dist.broadcast(bucket[0], src=0)
+            continue
+        if me == 0:
+            flat = torch.cat([t.reshape(-1) for t in bucket])
         else:
-            flat = out[indices[0]].new_empty(sum(out[i].numel() for i in indices))
+            flat = bucket[0].new_empty(sum(t.numel() for t in bucket))
         dist.broadcast(flat, src=0)
-        if dist.get_rank() != 0:
+        if me != 0:
             offset = 0
-            for i in indices:
-                out[i] = flat[offset: offset + out[i].numel()].view(out[i].shape).clone()
-                offset += out[i].numel()
+            for t in bucket:
+                t.copy_(flat[offset: offset + t.numel()].view_as(t))
+                offset += t.numel()
     return out
 
 
@@ -275,16 +279,16 @@ def unwrap_data_parallel(model: nn.Module) -> nn.Module:
 
 
 def check_wrapping(model: nn.Module, bare: nn.Module, targets: dict[str, nn.Module], adapter: str) -> None:
-    """Refuse a model wrapped or sharded before KeepLoRA put its adapters on it.
+    """Refuse a model wrapped in DDP or sharded by FSDP2 before KeepLoRA put its adapters on it.
 
-    DDP registers the parameters it averages when it is built, and FSDP2 shards the parameters that exist when
+    (``DataParallel`` replicates the module at every forward, so adapters added later are included.) DDP registers the parameters it averages when it is built, and FSDP2 shards the parameters that exist when
     ``fully_shard`` runs: adapters added afterwards would silently train per rank. A wrapped model is accepted when
     its targets already carry the adapter (e.g. :meth:`KeepLoRA.load` into a wrapped model).
     ``targets`` maps target names to their modules in ``bare``.
     """
     from peft.tuners.lora.layer import LoraLayer
 
-    wrapper = type(model).__name__ if model is not bare else None
+    wrapper = type(model).__name__ if isinstance(model, nn.parallel.DistributedDataParallel) else None
     for name, module in targets.items():
         has_adapter = isinstance(module, LoraLayer) and adapter in module.lora_A
         base = module.get_base_layer() if isinstance(module, LoraLayer) else module
