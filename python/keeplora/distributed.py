@@ -34,7 +34,7 @@ import torch
 from torch import distributed as dist
 from torch import nn
 
-# Largest flat buffer (bytes) packed for one all-reduce; a single larger accumulator is reduced in place.
+# Largest flat buffer (bytes) packed for one all-reduce or broadcast; a single larger tensor goes on its own.
 BUCKET_BYTES = 256 << 20
 
 
@@ -281,10 +281,11 @@ def unwrap_data_parallel(model: nn.Module) -> nn.Module:
 def check_wrapping(model: nn.Module, bare: nn.Module, targets: dict[str, nn.Module], adapter: str) -> None:
     """Refuse a model wrapped in DDP or sharded by FSDP2 before KeepLoRA put its adapters on it.
 
-    (``DataParallel`` replicates the module at every forward, so adapters added later are included.) DDP registers the parameters it averages when it is built, and FSDP2 shards the parameters that exist when
+    DDP registers the parameters it averages when it is built, and FSDP2 shards the parameters that exist when
     ``fully_shard`` runs: adapters added afterwards would silently train per rank. A wrapped model is accepted when
-    its targets already carry the adapter (e.g. :meth:`KeepLoRA.load` into a wrapped model).
-    ``targets`` maps target names to their modules in ``bare``.
+    its targets already carry the adapter (e.g. :meth:`KeepLoRA.load` into a wrapped model). ``DataParallel``
+    replicates the module at every forward, so adapters added later are included. ``targets`` maps target names to
+    their modules in ``bare``.
     """
     from peft.tuners.lora.layer import LoraLayer
 
