@@ -105,7 +105,7 @@ def _bench_step(module: str) -> Callable[[Path, bool], list[dict[str, Any]]]:
             if exc.name == f"benchmarks.{module}":
                 return [dict(op=module, note="not in this checkout")]
             raise
-        return mod.run(out, quick=True)  # the GPU script's subset; on a CPU (dry run) the benchmarks shrink further
+        return mod.run(out, quick=True, smoke=dry)  # the GPU script's subset; dry: tiny shapes
 
     return step
 

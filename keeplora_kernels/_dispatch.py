@@ -13,7 +13,7 @@ import functools
 import importlib
 import importlib.util
 import os
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -27,6 +27,8 @@ _TABLE: dict[str, dict[str, str]] = {
     "lora_linear_shared": {"triton": ".triton_lora_linear:lora_linear_shared_triton"},
     "residual_project": {"triton": ".triton_residual_project:residual_project_triton"},
     "second_moment_update": {"triton": ".triton_second_moment:second_moment_update_triton"},
+    "rsvd": {"extension": ".rsvd:rsvd_extension"},
+    "principal_subspace": {"extension": ".principal_subspace:principal_subspace_extension"},
 }
 
 
@@ -49,11 +51,14 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def extension_ops() -> frozenset[str]:
-    """Ops the compiled extension registered (empty when it is not built or failed to load)."""
+def extension_ops(device_type: Optional[str] = None) -> frozenset[str]:
+    """Ops the compiled extension registered (empty when it is not built or failed to load).
+
+    With ``device_type`` ("cpu", "cuda"): only the ops that have a kernel for that device.
+    """
     from . import _extension  # local import: loading the library is lazy
 
-    return _extension.registered_ops()
+    return _extension.registered_ops(device_type)
 
 
 def requested_backend() -> str:
@@ -70,11 +75,12 @@ def select(op: str, device: torch.device) -> str:
     if requested != "auto" and requested in impl:
         if requested == "triton" and not (triton_available() and (device.type == "cuda" or triton_interpreted())):
             raise RuntimeError(f"{_ENV}=triton needs triton and a CUDA tensor, or TRITON_INTERPRET=1 on CPU")
-        if requested == "extension" and op not in extension_ops():
-            raise RuntimeError(f"{_ENV}=extension but the compiled extension does not provide {op!r} "
-                               "(not built, or failed to load: see keeplora_kernels.extension_status())")
+        if requested == "extension" and op not in extension_ops(device.type):
+            raise RuntimeError(f"{_ENV}=extension but the compiled extension does not provide {op!r} for "
+                               f"{device.type} tensors (not built, built without CUDA, or failed to load: see "
+                               "keeplora_kernels.extension_status())")
         return requested
-    if "extension" in impl and op in extension_ops():
+    if "extension" in impl and op in extension_ops(device.type):
         return "extension"
     if "triton" in impl and device.type == "cuda" and triton_available():
         return "triton"

@@ -2,17 +2,27 @@
 
 Halko–Martinsson–Tropp range finder with power iterations. The projection is folded into every product
 (``Â·X = a·X − P·(Pᵀ·a·X)``, ``Âᵀ·Y = aᵀ·(Y − P·(Pᵀ·Y))``) so ``Â`` is never materialised.
+
+Three implementations, one algorithm contract:
+
+* :func:`rsvd_ref`: the textbook version (Householder QR, LAPACK SVD); the tests compare against it.
+* :func:`rsvd_torch`: the batched algorithm of the C++/CUDA extension written in PyTorch: a counter-based Gaussian
+  sketch shared by the batch (:func:`gaussian_sketch`, the same numbers as the extension's), shifted CholeskyQR in
+  float64 through batched GEMMs (:func:`cholesky_qr`), Rayleigh–Ritz through a second CholeskyQR of ``Bᵀ`` and an
+  ``l × l`` SVD. It runs when the extension is not built (or with ``KEEPLORA_BACKEND=reference``).
+* :func:`rsvd_extension`: ``torch.ops.keeplora.rsvd`` from ``csrc/`` (CPU and CUDA kernels; see csrc/README.md).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
 from . import _dispatch
 
-__all__ = ["rsvd", "rsvd_ref"]
+__all__ = ["rsvd", "rsvd_ref", "rsvd_torch", "rsvd_extension", "gaussian_sketch", "cholesky_qr"]
 
 
 def _as_batch(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -62,6 +72,167 @@ def rsvd_ref(a: torch.Tensor, rank: int, *, oversample: int = 8, power_iters: in
     return u, s, v
 
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# The extension's algorithm in PyTorch (the fallback when the library is not built).
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_MUL = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_WEYL = (0x9E3779B9, 0xBB67AE85)
+_PHILOX_STREAM = (0x6B6C7261, 0x72737664)
+_UNIT_ROUNDOFF_64 = 2.0**-53
+_TINY_SHIFT = 1e-290
+
+
+def _mulhilo(a: int, c: torch.Tensor):
+    """High and low 32-bit words of ``a·c`` (a < 2³², c an int64 tensor of values < 2³²) without overflow."""
+    x = a * (c >> 16)  # < 2^48
+    y = a * (c & 0xFFFF)  # < 2^48
+    lo = (y + ((x & 0xFFFF) << 16)) & _MASK32
+    hi = (x + (y >> 16)) >> 16
+    return hi, lo
+
+
+def gaussian_sketch(seed: int, rows: int, cols: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The counter-based Gaussian sketch Ω (rows × cols) of ``csrc/kernels/philox.h`` in PyTorch.
+
+    Philox4x32-10 on the counter ``(group, 0, stream)`` keyed by ``seed``, Box–Muller in float64 rounded to float32;
+    element ``(i, j)`` is normal ``e % 4`` of group ``e // 4`` with ``e = j·rows + i``. Column j depends only on
+    ``(seed, rows, j)``, so a wider sketch extends a narrower one. Equals ``torch.ops.keeplora.gaussian_sketch``
+    up to the last bit of the devices' ``log``/``sin``/``cos``.
+    """
+    total = rows * cols
+    groups = (total + 3) // 4
+    seed &= (1 << 64) - 1
+    g = torch.arange(groups, dtype=torch.int64, device=device)
+    c0, c1 = g & _MASK32, g >> 32
+    c2 = torch.full_like(g, _PHILOX_STREAM[0])
+    c3 = torch.full_like(g, _PHILOX_STREAM[1])
+    k0, k1 = seed & _MASK32, seed >> 32
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(_PHILOX_MUL[0], c0)
+        hi1, lo1 = _mulhilo(_PHILOX_MUL[1], c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + _PHILOX_WEYL[0]) & _MASK32
+        k1 = (k1 + _PHILOX_WEYL[1]) & _MASK32
+    u = (torch.stack([c0, c1, c2, c3], -1).to(torch.float64) + 0.5) * 2.0**-32
+    radius = torch.sqrt(-2.0 * torch.log(u[:, 0::2]))
+    angle = (2.0 * math.pi) * u[:, 1::2]
+    z = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], -1).reshape(-1)[:total]
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    return z.to(torch.float32).to(out_dtype).reshape(cols, rows).mT
+
+
+def cholesky_qr(y: torch.Tensor, shifted_passes: int = 1, plain_passes: int = 1, *, want_r: bool = True):
+    """Shifted CholeskyQR in float64: ``y (b, m, l) = Q·R``; returns ``(Q, R, info)`` like the extension's op.
+
+    Each pass forms ``G = QᵀQ``, adds ``s·I``, factors ``G = RᵀR`` and sets ``Q ← Q·R⁻¹``. The first
+    ``shifted_passes`` use ``s = 11(ml + l(l+1))·u·tr(G)`` (with which the factorisation provably succeeds for any
+    finite input; Fukaya et al. 2020), the others ``s = u·tr(G)``. ``info``: bit 1 a factorisation failed, bit 2 a
+    column of Q has norm² < 0.5 (y numerically rank-deficient).
+    """
+    q = y.to(torch.float64)
+    b, m, l = q.shape
+    info = torch.zeros(b, dtype=torch.int32, device=y.device)
+    r_total = None
+    c_shift = 11.0 * (m * l + l * (l + 1)) * _UNIT_ROUNDOFF_64
+    for index in range(shifted_passes + plain_passes):
+        g = q.mT @ q
+        diag = g.diagonal(0, -2, -1)
+        factor = c_shift if index < shifted_passes else _UNIT_ROUNDOFF_64
+        diag.add_(diag.sum(-1, keepdim=True) * factor + _TINY_SHIFT)
+        r, failed = torch.linalg.cholesky_ex(g, upper=True)
+        info |= (failed != 0).to(torch.int32)
+        eye = torch.eye(l, dtype=r.dtype, device=r.device).expand(b, l, l)
+        q = q @ torch.linalg.solve_triangular(r, eye, upper=True)  # Q·R⁻¹ as a GEMM (see csrc/rsvd.cpp)
+        if want_r:
+            r_total = r if r_total is None else r @ r_total
+    info |= 2 * (q.square().sum(-2) < 0.5).any(-1).to(torch.int32)
+    return q, r_total, info
+
+
+def _orthonormalize(y: torch.Tensor, compute: torch.dtype, householder: bool, want_r: bool):
+    passes = 2 if compute == torch.float64 else 1
+    if householder:
+        q, r = torch.linalg.qr(y.to(torch.float64), mode="reduced")
+        return q, r, torch.zeros(y.shape[0], dtype=torch.int32, device=y.device)
+    q, r, info = cholesky_qr(y, passes, passes, want_r=want_r)
+    if y.device.type != "cuda":  # reading the flag would synchronise a GPU; on the host it is free
+        bad = info.nonzero().flatten()
+        if bad.numel():
+            q_h, r_h = torch.linalg.qr(y[bad].to(torch.float64), mode="reduced")
+            q = q.index_copy(0, bad, q_h)
+            if want_r:
+                r = r.index_copy(0, bad, r_h)
+    return q, r, info
+
+
+def rsvd_torch(a: torch.Tensor, rank: int, *, oversample: int = 8, power_iters: int = 4,
+               project_out: Optional[torch.Tensor] = None, seed: int = 0, orthonormalize: str = "cholqr"):
+    """The extension's batched algorithm in PyTorch; ``a`` is ``(b, m, n)``. Returns ``(U, S, V, info)``."""
+    compute = torch.float64 if a.dtype == torch.float64 else torch.float32
+    householder = orthonormalize == "householder"
+    mat = a.detach().to(compute)
+    basis = None if project_out is None or project_out.shape[-1] == 0 else project_out.detach().to(compute)
+    b, m, n = mat.shape
+    mn = min(m, n)
+    width = min(rank + oversample, mn)
+    info = torch.zeros(b, dtype=torch.int32, device=a.device)
+
+    def project(y):
+        return y if basis is None else torch.baddbmm(y, basis, basis.mT @ y, alpha=-1)
+
+    def times(x):  # Â·x
+        return project(mat @ x.to(compute))
+
+    def t_times(y):  # Âᵀ·y
+        return mat.mT @ project(y.to(compute))
+
+    def orth(y, want_r=False):
+        nonlocal info
+        q, r, flags = _orthonormalize(y, compute, householder, want_r)
+        info |= flags
+        return q, r
+
+    if width < mn:
+        omega = gaussian_sketch(seed, n, width, device=a.device, dtype=compute)
+        q = orth(project(mat @ omega.to(compute)))[0]
+        for _ in range(power_iters):
+            z = orth(t_times(q))[0]
+            q = orth(times(z))[0]
+    elif n <= m:
+        q = orth(project(mat))[0]
+    else:
+        q = torch.eye(m, dtype=torch.float64, device=a.device).expand(b, m, m)
+    q2, r = orth(t_times(q), want_r=True)
+    u_small, s, vh_small = torch.linalg.svd(r.mT, full_matrices=False)
+    u = (q @ u_small[..., :rank]).to(compute)
+    v = (q2 @ vh_small.mT[..., :rank]).to(compute)
+    return u, s[..., :rank].to(compute), v, info
+
+
+def rsvd_extension(a: torch.Tensor, rank: int, *, oversample: int = 8, power_iters: int = 4,
+                   project_out: Optional[torch.Tensor] = None, seed: int = 0):
+    """``torch.ops.keeplora.rsvd`` (C++/CUDA); same arguments and results as :func:`rsvd`."""
+    squeeze = a.dim() == 2
+    mat = _as_batch(a).detach()
+    basis = _as_batch(project_out)
+    basis = None if basis is None else basis.detach()
+    u, s, v, _info = torch.ops.keeplora.rsvd(mat, rank, oversample, power_iters, basis, int(seed))
+    if squeeze:
+        u, s, v = u[0], s[0], v[0]
+    return u, s, v
+
+
+def _rsvd_fallback(a, rank, *, oversample, power_iters, project_out, seed):
+    squeeze = a.dim() == 2
+    u, s, v, _info = rsvd_torch(_as_batch(a), rank, oversample=oversample, power_iters=power_iters,
+                                project_out=_as_batch(project_out), seed=seed)
+    if squeeze:
+        u, s, v = u[0], s[0], v[0]
+    return u, s, v
+
+
 def rsvd(a: torch.Tensor, rank: int, *, oversample: int = 8, power_iters: int = 4,
          project_out: Optional[torch.Tensor] = None, seed: int = 0):
     """Top-``rank`` SVD ``a ≈ U·diag(S)·Vᵀ`` of ``a`` or, with ``project_out=P``, of ``(I − P·Pᵀ)·a``.
@@ -76,6 +247,12 @@ def rsvd(a: torch.Tensor, rank: int, *, oversample: int = 8, power_iters: int = 
         seed: the Gaussian sketch's seed; equal seeds give equal results.
 
     Returns ``U (…, m, rank)``, ``S (…, rank)`` descending, ``V (…, n, rank)`` in the compute dtype.
+
+    All matrices of a batch share one Gaussian sketch (a pure function of ``seed``, the same on CPU and CUDA).
+    Zero columns in ``project_out`` (padding to a common k) do not change the result. Singular directions of an
+    exactly rank-deficient ``Â`` may come back as zero columns of U with S = 0 on CUDA (never arbitrary
+    directions); on the CPU such blocks are redone with Householder QR (see csrc/README.md).
+    Backends: the C++/CUDA extension when built, else :func:`rsvd_torch` (same algorithm in PyTorch).
     """
     if a.dim() not in (2, 3):
         raise ValueError(f"rsvd: a must be (m, n) or (b, m, n), got shape {tuple(a.shape)}")
@@ -89,6 +266,7 @@ def rsvd(a: torch.Tensor, rank: int, *, oversample: int = 8, power_iters: int = 
                          f"got {tuple(project_out.shape)} for a of shape {tuple(a.shape)}")
     backend = _dispatch.select("rsvd", a.device)
     if backend == "reference":
-        return rsvd_ref(a, rank, oversample=oversample, power_iters=power_iters, project_out=project_out, seed=seed)
+        return _rsvd_fallback(a, rank, oversample=oversample, power_iters=power_iters, project_out=project_out,
+                              seed=seed)
     return _dispatch.implementation("rsvd", backend)(a, rank, oversample=oversample, power_iters=power_iters,
                                                      project_out=project_out, seed=seed)

@@ -68,25 +68,45 @@ def expand_basis(basis: torch.Tensor, second_moment: torch.Tensor, energy: float
     ``captured = (total − trace(C_r)) / total``; append ``u_1, u_2, …`` while ``captured < energy``
     (``captured += λ_i / total`` after each). Equals the SVD rule on the stacked feature matrix.
     """
-    d, k = basis.shape
-    total = torch.trace(second_moment)
-    if energy <= 0 or k >= d or not bool(total > 0):
-        return basis
-    c = second_moment.to(basis.dtype)
-    left = kk.residual_project(c, basis)  # (I − PPᵀ)·C
-    c_res = kk.residual_project(left.t().contiguous(), basis)  # (I − PPᵀ)·C·(I − PPᵀ) (C symmetric)
-    c_res = 0.5 * (c_res + c_res.t())
-    eigenvalues, eigenvectors = torch.linalg.eigh(c_res)
-    eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.flip(1)
-    captured = (total - torch.trace(c_res)) / total
-    # captured before appending u_i; the rule stops at the first i where it already reached the energy
-    before = captured + torch.cumsum(eigenvalues / total, 0) - eigenvalues / total
-    reached = torch.nonzero(before >= energy)
-    added = min(int(reached[0]) if len(reached) else d, d - k)
-    if added == 0:
-        return basis
-    new = orthonormalize_against(eigenvectors[:, :added], basis)
-    return torch.cat([basis, new], 1)
+    return expand_bases({"": basis}, {"": second_moment}, energy)[""]
+
+
+def expand_bases(bases: dict[str, torch.Tensor], moments: dict[str, torch.Tensor],
+                 energy: float) -> dict[str, torch.Tensor]:
+    """:func:`expand_basis` for many modules: one batched projection and eigendecomposition per input size
+    (bases of one size are zero-padded to a common width; zero columns do not change ``P·Pᵀ``)."""
+    out = dict(bases)
+    if energy <= 0:
+        return out
+    by_size: dict[int, list[str]] = {}
+    for name, basis in bases.items():
+        d, k = basis.shape
+        if k < d and bool(torch.trace(moments[name]) > 0):
+            by_size.setdefault(d, []).append(name)
+    for d, names in by_size.items():
+        dtype, device = bases[names[0]].dtype, bases[names[0]].device
+        width = max(bases[n].shape[1] for n in names)
+        padded = torch.zeros(len(names), d, width, dtype=dtype, device=device)
+        for i, n in enumerate(names):
+            padded[i, :, : bases[n].shape[1]] = bases[n]
+        c = torch.stack([moments[n].to(dtype) for n in names])
+        left = kk.residual_project(c, padded)  # (I − PPᵀ)·C
+        c_res = kk.residual_project(left.mT.contiguous(), padded)  # (I − PPᵀ)·C·(I − PPᵀ), C symmetric
+        c_res = 0.5 * (c_res + c_res.mT)
+        eigenvalues, eigenvectors = torch.linalg.eigh(c_res)
+        eigenvalues, eigenvectors = eigenvalues.flip(-1), eigenvectors.flip(-1)
+        totals = torch.stack([torch.trace(moments[n].to(dtype)) for n in names])
+        captured = (totals - torch.diagonal(c_res, dim1=-2, dim2=-1).sum(-1)) / totals
+        fractions = eigenvalues / totals[:, None]
+        # captured before appending u_i; the rule stops at the first i where it already reached the energy
+        before = captured[:, None] + torch.cumsum(fractions, -1) - fractions
+        for i, n in enumerate(names):
+            k = bases[n].shape[1]
+            reached = torch.nonzero(before[i] >= energy)
+            added = min(int(reached[0]) if len(reached) else d, d - k)
+            if added:
+                out[n] = torch.cat([bases[n], orthonormalize_against(eigenvectors[i, :, :added], bases[n])], 1)
+    return out
 
 
 def random_residual_directions(basis: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:

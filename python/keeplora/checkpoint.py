@@ -4,6 +4,9 @@ A state folder holds ``keeplora_state.json`` (format version, config, task count
 weight fingerprints), ``bases.safetensors`` (the protected bases), ``weights.safetensors`` (the current target
 weights, which carry every merged task) and, mid-task, ``adapter.safetensors`` (A, B and B at task start). It is
 written to a temporary folder and renamed into place, so a crash never leaves a half-written state.
+
+Under ``torch.distributed`` every rank calls save/export (sharded tensors are gathered with collectives) and rank 0
+alone writes; every rank returns once the folder is in place (or raises if writing failed). Every rank loads.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import distributed
+
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import KeepLoRA
 
@@ -27,11 +32,13 @@ STATE_FILE = "keeplora_state.json"
 
 
 def fingerprint(weights: dict[str, torch.Tensor]) -> dict[str, list[float]]:
-    """Per target ``[Σw, Σw²]`` of the weight in fp64: identifies a model's weights without storing them."""
+    """Per target ``[Σw, Σw²]`` of the weight in fp64: identifies a model's weights without storing them.
+
+    A sharded (FSDP2) weight is summed over its shards without being gathered."""
     out = {}
     for name, weight in weights.items():
         w = weight.detach().double()
-        out[name] = [float(w.sum()), float(w.square().sum())]
+        out[name] = [float(distributed.full_tensor(w.sum())), float(distributed.full_tensor(w.square().sum()))]
     return out
 
 
@@ -63,35 +70,44 @@ def _replace_folder(tmp: Path, target: Path) -> None:
         shutil.rmtree(old)
 
 
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """A whole (gathered when sharded), contiguous CPU copy of ``t``."""
+    return distributed.full_tensor(t.detach()).contiguous().cpu()
+
+
 def save_state(kl: "KeepLoRA", directory: str | os.PathLike) -> None:
-    target, tmp = _atomic_folder(directory)
-    try:
-        meta: dict[str, Any] = {
-            "format_version": FORMAT_VERSION,
-            "config": kl.config.to_dict(),
-            "tasks_done": kl.tasks_done,
-            "in_task": kl.in_task,
-            "history": kl.history,
-            "task_record": kl._task_record,
-            "targets": {n: [layer.out_features, layer.in_features] for n, layer in kl.layers.items()},
-            "initial_fingerprint": kl.initial_fingerprint,
-            "current_fingerprint": fingerprint(target_weights(kl)),
-        }
-        (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))
-        save_file({n: p.contiguous().cpu() for n, p in kl.bases.items()}, str(tmp / "bases.safetensors"))
-        save_file({n: layer.base_layer.weight.detach().contiguous().cpu() for n, layer in kl.layers.items()},
-                  str(tmp / "weights.safetensors"))
-        if kl.in_task:
-            tensors = {}
-            for n, layer in kl.layers.items():
-                tensors[f"{n}.lora_A"] = layer.lora_A[kl.adapter_name].weight.detach().contiguous().cpu()
-                tensors[f"{n}.lora_B"] = layer.lora_B[kl.adapter_name].weight.detach().contiguous().cpu()
-                tensors[f"{n}.lora_B_start"] = kl._b_start[n].contiguous().cpu()
-            save_file(tensors, str(tmp / "adapter.safetensors"))
-        _replace_folder(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    meta: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "config": kl.config.to_dict(),
+        "tasks_done": kl.tasks_done,
+        "in_task": kl.in_task,
+        "history": kl.history,
+        "task_record": kl._task_record,
+        "targets": {n: [layer.out_features, layer.in_features] for n, layer in kl.layers.items()},
+        "initial_fingerprint": kl.initial_fingerprint,
+        "current_fingerprint": fingerprint(target_weights(kl)),
+    }
+    files = {"bases.safetensors": {n: p.contiguous().cpu() for n, p in kl.bases.items()},
+             "weights.safetensors": {n: _host(layer.base_layer.weight) for n, layer in kl.layers.items()}}
+    if kl.in_task:
+        tensors = {}
+        for n, layer in kl.layers.items():
+            tensors[f"{n}.lora_A"] = _host(layer.lora_A[kl.adapter_name].weight)
+            tensors[f"{n}.lora_B"] = _host(layer.lora_B[kl.adapter_name].weight)
+            tensors[f"{n}.lora_B_start"] = kl._b_start[n].contiguous().cpu()
+        files["adapter.safetensors"] = tensors
+    with distributed.failures_shared(f"save to {directory}"):
+        if distributed.rank() != 0:
+            return
+        target, tmp = _atomic_folder(directory)
+        try:
+            (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))
+            for file, tensors in files.items():
+                save_file(tensors, str(tmp / file))
+            _replace_folder(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def load_state(cls, directory: str | os.PathLike, model: torch.nn.Module) -> "KeepLoRA":
@@ -111,14 +127,15 @@ def load_state(cls, directory: str | os.PathLike, model: torch.nn.Module) -> "Ke
     weights = load_file(str(folder / "weights.safetensors"))
     with torch.no_grad():
         for name, layer in kl.layers.items():
-            layer.base_layer.weight.copy_(weights[name].to(layer.base_layer.weight))
+            distributed.copy_full_(layer.base_layer.weight, weights[name])
         kl.bases = {n: bases[n].to(device=kl.device, dtype=config.torch_stats_dtype) for n in kl.layers}
         if meta["in_task"]:
             adapter = load_file(str(folder / "adapter.safetensors"))
             for name, layer in kl.layers.items():
-                layer.lora_A[kl.adapter_name].weight.copy_(adapter[f"{name}.lora_A"])
-                layer.lora_B[kl.adapter_name].weight.copy_(adapter[f"{name}.lora_B"])
-                kl._b_start[name] = adapter[f"{name}.lora_B_start"].to(layer.lora_B[kl.adapter_name].weight)
+                lora_b = layer.lora_B[kl.adapter_name].weight
+                distributed.copy_full_(layer.lora_A[kl.adapter_name].weight, adapter[f"{name}.lora_A"])
+                distributed.copy_full_(lora_b, adapter[f"{name}.lora_B"])
+                kl._b_start[name] = adapter[f"{name}.lora_B_start"].to(device=kl.device, dtype=lora_b.dtype)
     kl.initial_fingerprint = meta["initial_fingerprint"]
     kl.tasks_done = int(meta["tasks_done"])
     kl.in_task = bool(meta["in_task"])
@@ -131,6 +148,7 @@ def _check_model_matches(model, config, meta, folder) -> None:
     """Before touching the model: the targets and their shapes must be the saved ones."""
     from .adapters import resolve_targets, unwrap_model
 
+    model = distributed.unwrap_data_parallel(model)
     names = resolve_targets(model, config)
     saved = meta["targets"]
     if sorted(names) != sorted(saved):
@@ -158,19 +176,22 @@ def export_peft_adapter(kl: "KeepLoRA", directory: str | os.PathLike) -> None:
 
     from .adapters import unwrap_model
 
-    target, tmp = _atomic_folder(directory)
-    try:
-        root = unwrap_model(kl.model)
-        base_name = getattr(getattr(root, "config", None), "_name_or_path", None) or None
-        LoraConfig(r=kl.config.r, lora_alpha=kl.config.alpha, target_modules=list(kl.layers), bias="none",
-                   base_model_name_or_path=base_name).save_pretrained(str(tmp))
-        tensors = {}
-        for name, layer in kl.layers.items():
-            b = layer.lora_B[kl.adapter_name].weight.detach()
-            tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A[kl.adapter_name].weight.detach().cpu()
-            tensors[f"base_model.model.{name}.lora_B.weight"] = (b - kl._b_start[name]).contiguous().cpu()
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        _replace_folder(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    tensors = {}
+    for name, layer in kl.layers.items():
+        b = distributed.full_tensor(layer.lora_B[kl.adapter_name].weight.detach())
+        tensors[f"base_model.model.{name}.lora_A.weight"] = _host(layer.lora_A[kl.adapter_name].weight)
+        tensors[f"base_model.model.{name}.lora_B.weight"] = (b - kl._b_start[name]).contiguous().cpu()
+    with distributed.failures_shared(f"adapter export to {directory}"):
+        if distributed.rank() != 0:
+            return
+        target, tmp = _atomic_folder(directory)
+        try:
+            root = unwrap_model(kl.model)
+            base_name = getattr(getattr(root, "config", None), "_name_or_path", None) or None
+            LoraConfig(r=kl.config.r, lora_alpha=kl.config.alpha, target_modules=list(kl.layers), bias="none",
+                       base_model_name_or_path=base_name).save_pretrained(str(tmp))
+            save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+            _replace_folder(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise

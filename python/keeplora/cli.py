@@ -7,9 +7,7 @@ import sys
 from typing import Callable, Optional, Sequence
 
 # subcommand -> (help, issue that builds it) for those not built yet: they say so and exit non-zero.
-_NOT_BUILT = {
-    "bench": ("kernel microbenchmarks", 3),
-}
+_NOT_BUILT: dict[str, tuple[str, int]] = {}
 
 
 def _benchmarks_module(name: str):
@@ -30,8 +28,22 @@ def cmd_profile(argv: list[str]) -> int:
     return int(_benchmarks_module("profile_lifecycle").main(argv))
 
 
+_BENCHES = {"kernels": "bench_kernels", "rsvd": "bench_rsvd"}
+
+
+def cmd_bench(argv: list[str]) -> int:
+    if not argv or argv[0] not in _BENCHES:
+        print(f"usage: keeplora bench {{{','.join(_BENCHES)}}} [options]   (keeplora bench kernels -h for options)\n"
+              "  kernels: frozen-A LoRA linear, residual projection, second moment vs their baselines\n"
+              "  rsvd:    batched randomized SVD and principal subspace vs svd_lowrank loops and linalg.svd",
+              file=sys.stderr)
+        return 2
+    result = _benchmarks_module(_BENCHES[argv[0]]).main(argv[1:])
+    return int(result or 0)
+
+
 # subcommands that parse their own arguments (everything after the name is passed through)
-_PASSTHROUGH = {"profile": cmd_profile}
+_PASSTHROUGH = {"profile": cmd_profile, "bench": cmd_bench}
 
 
 def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
@@ -63,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .benchmark.cli import add_subcommands  # run, sweep, data (issue 6)
 
     add_subcommands(sub)
+    sub.add_parser("bench", help="kernel microbenchmarks: keeplora bench {kernels,rsvd} [options]", add_help=False)
     sub.add_parser("profile", help="time and peak memory of a task lifecycle and training steps vs the authors' "
                                    "pipeline and PEFT LoRA (options: keeplora profile -h)", add_help=False)
     for name, (help_text, _issue) in _NOT_BUILT.items():

@@ -23,11 +23,11 @@ from torch import nn
 
 import keeplora_kernels as kk
 
-from . import checkpoint
-from .adapters import attach_adapters, check_shapes, freeze_adapters, resolve_targets
-from .basis import expand_basis, orthonormalize_against, random_residual_directions
+from . import checkpoint, distributed
+from .adapters import attach_adapters, check_shapes, freeze_adapters, resolve_targets, unwrap_model
+from .basis import expand_bases, orthonormalize_against, random_residual_directions
 from .config import KeepLoRAConfig
-from .statistics import LossFn, collect_second_moments, estimate_gradients
+from .statistics import EmptyDataError, LossFn, collect_second_moments, estimate_gradients
 
 
 class KeepLoRAWarning(UserWarning):
@@ -41,13 +41,19 @@ class KeepLoRA:
     frozen) and computes every target's pre-trained principal subspace; it raises before touching the model when
     the config does not fit it.
 
+    Under ``torch.distributed`` (DDP, FSDP2 ``fully_shard``; see ``docs/distributed.md``) every rank constructs
+    KeepLoRA on the bare model before wrapping or sharding it, and calls every method at the same step with its own
+    shard of the data: the statistics are summed over the ranks, and bases, A, B and the merged weights are
+    bit-identical on all ranks. A model given inside a ``DistributedDataParallel`` wrapper is unwrapped.
+
     Attributes:
         model: the model, adapted in place.
         config: the :class:`KeepLoRAConfig`.
         layers: ``{module name: PEFT LoRA layer}`` of the targets (names relative to the unwrapped model).
         bases: ``{module name: P}``, the unified protected basis (``d_in × k``, orthonormal, stats dtype).
         tasks_done: number of finished tasks. ``in_task``: between begin_task and end_task.
-        history: one dict per finished task (basis sizes, adapter ranks, token counts, timings).
+        history: one dict per finished task (basis sizes, adapter ranks, token counts, timings, and ``memory``: per
+            rank the parameter bytes it holds and, on CUDA, its peak allocated bytes).
     """
 
     def __init__(self, model: nn.Module, config: Optional[KeepLoRAConfig] = None, *,
@@ -55,8 +61,12 @@ class KeepLoRA:
         config = config if config is not None else KeepLoRAConfig()
         if not isinstance(config, KeepLoRAConfig):
             raise TypeError(f"config must be a KeepLoRAConfig, got {type(config).__name__}")
-        names = resolve_targets(model, config)
-        check_shapes(model, names, config)
+        bare = distributed.unwrap_data_parallel(model)
+        names = resolve_targets(bare, config)
+        check_shapes(bare, names, config)
+        modules = dict(unwrap_model(bare).named_modules())
+        distributed.check_wrapping(model, bare, {n: modules[n] for n in names}, config.adapter_name)
+        model = bare
         self.model = model
         self.config = config
         self.layers = attach_adapters(model, names, config)
@@ -105,17 +115,20 @@ class KeepLoRA:
                                        progress=self.config.progress, desc=f"task {self.tasks_done + 1} gradient")
         else:
             _require_nonempty(dataloader)
-        factors = self._adapter_factors(grads)
+        with distributed.failures_shared(f"task {self.tasks_done + 1} adapter initialisation"):
+            factors = self._adapter_factors(grads)
+        synced = distributed.sync_from_rank0([t for pair in factors.values() for t in pair])
+        factors = {name: (synced[2 * i], synced[2 * i + 1]) for i, name in enumerate(factors)}
         ranks = {}
         with torch.no_grad():
             for name, (a, b) in factors.items():
                 layer = self.layers[name]
                 lora_a, lora_b = layer.lora_A[self.adapter_name].weight, layer.lora_B[self.adapter_name].weight
-                lora_a.copy_(a.t())
-                lora_b.copy_(b.t())
-                self._b_start[name] = lora_b.detach().clone()
+                distributed.copy_full_(lora_a, a.t())
+                distributed.copy_full_(lora_b, b.t())
+                self._b_start[name] = b.t().contiguous().to(device=self.device, dtype=lora_b.dtype)
                 if self.config.b_init == "gradient":
-                    _add_to_weight(layer.base_layer.weight, -self.config.scale * (b.t() @ a.t()))
+                    distributed.add_full_(layer.base_layer.weight, -self.config.scale * (b.t() @ a.t()))
                 ranks[name] = int((a.abs().sum(0) > 0).sum())
         freeze_adapters(self.layers, self.adapter_name)
         self.in_task = True
@@ -134,9 +147,10 @@ class KeepLoRA:
             export_adapter_to: optional folder; the task's adapter is written there first in PEFT's format
                 (see :meth:`export_adapter`).
 
-        The feature pass runs with the adapter still active (the same function as the merged model), so that an
-        error leaves the state unchanged; then ``W ← W + scale·(A·B)ᵀ``, the adapter is reset to zero and each
-        basis grows by the energy rule, capped at ``d_in``. Returns ``{module name: columns added}``.
+        The feature pass runs with the adapter still active (the same function as the merged model) and each basis
+        grows by the energy rule, capped at ``d_in``, before anything is written, so that an error leaves the state
+        unchanged; then ``W ← W + scale·(A·B)ᵀ`` and the adapter is reset to zero. Returns
+        ``{module name: columns added}``.
         """
         if not self.in_task:
             raise RuntimeError("end_task called without begin_task: there is no task to end")
@@ -144,24 +158,27 @@ class KeepLoRA:
         if export_adapter_to is not None:
             self.export_adapter(export_adapter_to)
         moments, tokens = self._task_statistics(dataloader, loss_fn)
+        bases = dict(self.bases)
+        if moments is not None:
+            with distributed.failures_shared(f"task {self.tasks_done + 1} memory update"):
+                grown = expand_bases(self.bases, moments, self.config.feature_energy)
+            bases = dict(zip(self.layers, distributed.sync_from_rank0([grown[n] for n in self.layers])))
         with torch.no_grad():
             for layer in self.layers.values():
                 lora_a, lora_b = layer.lora_A[self.adapter_name].weight, layer.lora_B[self.adapter_name].weight
-                _add_to_weight(layer.base_layer.weight, self.config.scale * (lora_b.float() @ lora_a.float()))
-                lora_a.zero_()
-                lora_b.zero_()
-        added = {}
-        for name in self.layers:
-            before = self.bases[name].shape[1]
-            if moments is not None:
-                self.bases[name] = expand_basis(self.bases[name], moments[name], self.config.feature_energy)
-            added[name] = self.bases[name].shape[1] - before
+                a, b = distributed.full_tensor(lora_a.detach()), distributed.full_tensor(lora_b.detach())
+                distributed.add_full_(layer.base_layer.weight, self.config.scale * (b.float() @ a.float()))
+                distributed.local_tensor(lora_a).zero_()
+                distributed.local_tensor(lora_b).zero_()
+        added = {name: int(bases[name].shape[1] - self.bases[name].shape[1]) for name in self.layers}
+        self.bases = bases
         self._b_start.clear()
         self.tasks_done += 1
         self.in_task = False
+        memory = distributed.all_gather_objects(distributed.memory_report(self.model, self.device))
         self.history.append({**self._task_record, "added": added, "tokens": tokens,
                              "basis_size": {n: int(p.shape[1]) for n, p in self.bases.items()},
-                             "seconds_end": time.perf_counter() - start})
+                             "memory": memory, "seconds_end": time.perf_counter() - start})
         return added
 
     def export_adapter(self, directory: str) -> None:
@@ -195,18 +212,21 @@ class KeepLoRA:
 
     # ------------------------------------------------------------------ internals
     def _pretrained_bases(self) -> dict[str, torch.Tensor]:
-        """Principal input subspace of every target's pre-trained weight, one batched call per ε_w value."""
+        """Principal input subspace of every target's pre-trained weight, one batched call per ε_w value, computed
+        on every rank and then taken from rank 0 (a sharded weight is gathered first)."""
         official = self.config.weight_subspace == "official-clip"
         by_energy: dict[float, list[str]] = defaultdict(list)
         for name in self.layers:
             by_energy[self.config.weight_energy_for(name)].append(name)
         bases = {}
-        for energy, names in by_energy.items():
-            weights = [self.layers[n].base_layer.weight.detach() for n in names]
-            found = kk.principal_subspace(weights, energy, side="output" if official else "input", strict=official)
-            for name, basis in zip(names, found):
-                bases[name] = basis.to(device=self.device, dtype=self.config.torch_stats_dtype).contiguous()
-        return {name: bases[name] for name in self.layers}
+        with distributed.failures_shared("principal subspaces of the pre-trained weights"):
+            for energy, names in by_energy.items():
+                weights = [distributed.full_tensor(self.layers[n].base_layer.weight.detach()) for n in names]
+                found = kk.principal_subspace(weights, energy, side="output" if official else "input",
+                                              strict=official)
+                for name, basis in zip(names, found):
+                    bases[name] = basis.to(device=self.device, dtype=self.config.torch_stats_dtype).contiguous()
+        return dict(zip(self.layers, distributed.sync_from_rank0([bases[n] for n in self.layers])))
 
     def _adapter_factors(self, grads: Optional[dict[str, torch.Tensor]]
                          ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -283,14 +303,12 @@ class KeepLoRA:
         return {name: g.t() @ g for name, g in grads.items()}, {}
 
 
-def _add_to_weight(weight: torch.Tensor, delta: torch.Tensor) -> None:
-    """``weight += delta`` computed in fp32 and rounded once to the weight's dtype."""
-    weight.copy_((weight.float() + delta.float()).to(weight.dtype))
-
-
 def _require_nonempty(dataloader: Iterable[Any]) -> None:
-    from .statistics import EmptyDataError
-
-    for _ in dataloader:
-        return
-    raise EmptyDataError("the dataloader yielded no batch")
+    """Raise ``EmptyDataError`` when the dataloader (of every rank, under ``torch.distributed``) yields nothing."""
+    found = False
+    with distributed.failures_shared("dataloader check"):
+        for _ in dataloader:
+            found = True
+            break
+    if not any(distributed.all_gather_objects(found)):
+        raise EmptyDataError("the dataloader yielded no batch")

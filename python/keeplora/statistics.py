@@ -2,8 +2,9 @@
 
 Both passes observe the targets through forward hooks on the KeepLoRA layers, so they work for any model and any
 user forward/loss function. Accumulators live on the model's device in fp32 (or fp64) and are only read back once
-per task; under ``torch.distributed`` they are summed over ranks with one all-reduce each (sums and counts, never
-averages of averages).
+per task; under ``torch.distributed`` each pass ends with one status exchange (a rank that failed makes every rank
+raise) and then sums its accumulators over the ranks (sums and counts, never averages of averages; see
+:mod:`keeplora.distributed`).
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 import keeplora_kernels as kk
+
+from .distributed import all_reduce_sum, failures_shared
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -66,20 +69,6 @@ def _progress(iterable: Iterable, desc: str, enabled: bool, total: Optional[int]
         except TypeError:
             total = None
     return tqdm(iterable, desc=desc, total=total, disable=not enabled, leave=False, dynamic_ncols=True)
-
-
-# ----------------------------------------------------------------------------------------------- distributed
-def world_size() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
-
-
-def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
-    """Sum each accumulator over data-parallel ranks in place (no-op in a single process)."""
-    if world_size() > 1:
-        for t in tensors:
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
 
 
 # ----------------------------------------------------------------------------------------------- attention masks
@@ -168,7 +157,8 @@ def estimate_gradients(model: nn.Module, layers: Mapping[str, nn.Module], datalo
     ``.grad`` is ever written (not even of parameters outside the model that the loss uses) and no parameter
     gradient is formed: model parameters are frozen during the pass. The model runs in eval mode (no dropout).
     Raises ``EmptyDataError`` for an empty dataloader and ``FloatingPointError`` for a non-finite loss or gradient
-    (checked once at the end: no per-batch host sync).
+    (checked once at the end: no per-batch host sync). Under ``torch.distributed`` the mean is over the batches of
+    all ranks (the sums and the batch count are summed over the ranks) and every rank raises when one failed.
     """
     loss_fn = loss_fn or model_loss
     sums = {name: torch.zeros(layer.base_layer.weight.shape, device=device, dtype=dtype)
@@ -189,39 +179,40 @@ def estimate_gradients(model: nn.Module, layers: Mapping[str, nn.Module], datalo
     handles = [layer.register_forward_hook(make_hook(name)) for name, layer in layers.items()]
     count = torch.zeros((), device=device, dtype=dtype)
     first_bad = torch.full((), -1, device=device, dtype=torch.int64)
-    try:
-        with _frozen_parameters(model), _eval_mode(model), torch.enable_grad():
-            for index, batch in _progress(evenly_spaced(dataloader, fraction), f"keeplora: {desc}", progress):
-                calls.clear()
-                loss = loss_fn(model, move_to_device(batch, device))
-                if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                    raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
-                                    f"{tuple(getattr(loss, 'shape', ()))}")
-                if not calls or not loss.requires_grad:
-                    raise ValueError("the loss does not depend on any adapted module's output; check "
-                                     "target_modules and loss_fn")
-                bad = ~torch.isfinite(loss.detach())
-                first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, index), first_bad)
-                dys = torch.autograd.grad(loss, [out for _, _, out in calls], allow_unused=True)
-                if all(dy is None for dy in dys):
-                    raise ValueError("the loss does not depend on any adapted module's output; check "
-                                     "target_modules and loss_fn")
-                for (name, x, _), dy in zip(calls, dys):
-                    if dy is not None:
-                        sums[name].addmm_(dy.reshape(-1, dy.shape[-1]).t().to(dtype),
-                                          x.reshape(-1, x.shape[-1]).to(dtype))
-                calls.clear()
-                count += 1
-    finally:
-        calls.clear()
-        for h in handles:
-            h.remove()
+    with failures_shared(f"{desc} pass"):
+        try:
+            with _frozen_parameters(model), _eval_mode(model), torch.enable_grad():
+                for index, batch in _progress(evenly_spaced(dataloader, fraction), f"keeplora: {desc}", progress):
+                    calls.clear()
+                    loss = loss_fn(model, move_to_device(batch, device))
+                    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                        raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
+                                        f"{tuple(getattr(loss, 'shape', ()))}")
+                    if not calls or not loss.requires_grad:
+                        raise ValueError("the loss does not depend on any adapted module's output; check "
+                                         "target_modules and loss_fn")
+                    bad = ~torch.isfinite(loss.detach())
+                    first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, index), first_bad)
+                    dys = torch.autograd.grad(loss, [out for _, _, out in calls], allow_unused=True)
+                    if all(dy is None for dy in dys):
+                        raise ValueError("the loss does not depend on any adapted module's output; check "
+                                         "target_modules and loss_fn")
+                    for (name, x, _), dy in zip(calls, dys):
+                        if dy is not None:
+                            sums[name].addmm_(dy.reshape(-1, dy.shape[-1]).t().to(dtype),
+                                              x.reshape(-1, x.shape[-1]).to(dtype))
+                    calls.clear()
+                    count += 1
+        finally:
+            calls.clear()
+            for h in handles:
+                h.remove()
+        if int(first_bad.item()) >= 0:
+            raise FloatingPointError(f"non-finite loss in batch {int(first_bad.item())} of the {desc} pass; "
+                                     "nothing was changed")
     all_reduce_sum([*sums.values(), count])
     if int(count.item()) == 0:
         raise EmptyDataError(f"the dataloader yielded no batch for the {desc} pass")
-    if int(first_bad.item()) >= 0:
-        raise FloatingPointError(f"non-finite loss in batch {int(first_bad.item())} of the {desc} pass; "
-                                 "nothing was changed")
     nonfinite = [name for name, s in sums.items() if not bool(torch.isfinite(s).all())]
     if nonfinite:
         raise FloatingPointError(f"non-finite gradient of {nonfinite[:4]} in the {desc} pass; nothing was changed")
@@ -235,7 +226,8 @@ def collect_second_moments(model: nn.Module, layers: Mapping[str, nn.Module], da
 
     ``forward_fn(model, batch)`` runs the forward pass (its return value is ignored; the loss function of the task
     works); None calls ``model(**batch)``. Padding is excluded with the attention masks the model's modules are
-    called with (see :class:`AttentionMaskTracker`). Eval mode, no grad.
+    called with (see :class:`AttentionMaskTracker`). Eval mode, no grad. Under ``torch.distributed`` moments and
+    token counts are summed over the ranks; a rank with no batch contributes zero.
     """
     forward_fn = forward_fn or (lambda m, b: m(**b) if isinstance(b, Mapping) else m(b))
     moments = {name: torch.zeros(layer.in_features, layer.in_features, device=device, dtype=dtype)
@@ -253,19 +245,20 @@ def collect_second_moments(model: nn.Module, layers: Mapping[str, nn.Module], da
         return hook
 
     handles = [layer.register_forward_hook(make_hook(name)) for name, layer in layers.items()]
-    batches = 0
-    try:
-        with _eval_mode(model), torch.no_grad():
-            for batch in _progress(dataloader, "keeplora: features", progress):
-                forward_fn(model, move_to_device(batch, device))
-                batches += 1
-    finally:
-        for h in handles:
-            h.remove()
-        tracker.close()
-    if batches == 0:
+    batches = torch.zeros((), device=device, dtype=torch.int64)
+    with failures_shared("feature pass"):
+        try:
+            with _eval_mode(model), torch.no_grad():
+                for batch in _progress(dataloader, "keeplora: features", progress):
+                    forward_fn(model, move_to_device(batch, device))
+                    batches += 1
+        finally:
+            for h in handles:
+                h.remove()
+            tracker.close()
+    all_reduce_sum([*moments.values(), *tokens.values(), batches])
+    if int(batches.item()) == 0:
         raise EmptyDataError("the dataloader yielded no batch for the feature pass")
-    all_reduce_sum([*moments.values(), *tokens.values()])
     return moments, {name: int(t.item()) for name, t in tokens.items()}
 
 

@@ -1,0 +1,336 @@
+"""Batched randomized SVD (``keeplora_kernels.rsvd``) against the authors' per-matrix ``torch.svd_lowrank`` loop
+(q = 4r, niter = 4) and ``torch.linalg.svd``: time, peak memory and accuracy on the shape groups of KeepLoRA's
+targets (CLIP ViT-B/16 48×768², CLIP text 96×512², MiniLM 24×384², Llama-7B 4096² and 11008×4096). Also
+``principal_subspace`` on all adapted weights of a few layers at once against the per-weight full-SVD reference
+(rows in ``principal_subspace.csv``: time, ranks equal to the reference's, projector distance).
+
+Accuracy: ``resid_excess = ‖A − A_r‖_F / ‖A − A_r^opt‖_F − 1`` (0 = as good as the full SVD; slightly negative
+values come from the input's rounding to its dtype), on batches with a known power-law spectrum
+(``A = U·diag(s)·Vᵀ``, so the optimal residual is exact). ``linalg_svd`` is timed on ``matrices_timed`` matrices
+and scaled to the batch (``batch_time_ms``).
+
+    python -m benchmarks.bench_rsvd --quick      # CPU: smaller batches, < 1 min; rows -> benchmarks/results/rsvd.csv
+    python -m benchmarks.bench_rsvd              # the full shape groups (GPU: ~2 min)
+
+``run(out_dir, quick)`` writes the detailed rows to ``<out_dir>/rsvd.csv`` and returns summary rows (op, time_ms,
+pct_of_floor, ratio, peak_mb, note) for benchmarks/gpu_check.py; on CUDA the full mode is sized for about a
+minute. On CUDA every keeplora row also reports the bandwidth floor ``(2q+2)·Σ m·n·bytes / 4.3 TB/s``
+(performance.md) and the time as a multiple of it (``x_floor``; the target is ≤ 1.5 on the Llama shapes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+import keeplora_kernels as kk
+from keeplora_kernels import _dispatch
+from keeplora_kernels.principal_subspace import principal_subspace_ref
+from keeplora_kernels.rsvd import rsvd_torch
+
+from .harness import append_rows, measure_memory, print_table, time_fn
+
+H200_BANDWIDTH = 4.3e12  # bytes/s, measured device-to-device copy (performance.md)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    batch: int
+    m: int
+    n: int
+    rank: int
+    dtype: torch.dtype
+    svd_subset: int  # matrices timed for torch.linalg.svd (the per-matrix time is scaled to the batch)
+
+
+def cases(device: torch.device, quick: bool, smoke: bool = False) -> list[Case]:
+    if smoke:
+        return [Case("smoke", 2, 96, 64, 4, torch.float32, 2)]
+    clip = dict(rank=16, dtype=torch.float32)  # the authors' CLIP rank; fp32 gradients
+    llama = dict(rank=24, dtype=torch.bfloat16)  # with oversample 8: l = 32 (performance.md), bf16 weights
+    if device.type == "cuda":
+        full = [Case("clip_vision", 48, 768, 768, svd_subset=8, **clip),
+                Case("clip_text", 96, 512, 512, svd_subset=8, **clip),
+                Case("minilm", 24, 384, 384, svd_subset=8, **clip),
+                Case("llama_4096x4096", 32, 4096, 4096, svd_subset=1, **llama),
+                Case("llama_11008x4096", 16, 11008, 4096, svd_subset=1, **llama)]
+        if quick:
+            full = [Case(c.name, max(1, c.batch // 4), c.m, c.n, c.rank, c.dtype,
+                         min(c.svd_subset, max(1, c.batch // 4))) for c in full]
+        return full
+    if quick:  # CPU, < 1 min: the per-layer shapes with smaller batches; Llama scaled down by 4 per side
+        return [Case("clip_vision", 6, 768, 768, svd_subset=2, **clip),
+                Case("clip_text", 8, 512, 512, svd_subset=3, **clip),
+                Case("minilm", 8, 384, 384, svd_subset=4, **clip),
+                Case("llama_scaled_1024x1024", 2, 1024, 1024, svd_subset=1, **llama),
+                Case("llama_scaled_2752x1024", 1, 2752, 1024, svd_subset=1, **llama)]
+    return [Case("clip_vision", 48, 768, 768, svd_subset=4, **clip),
+            Case("clip_text", 96, 512, 512, svd_subset=8, **clip),
+            Case("minilm", 24, 384, 384, svd_subset=8, **clip),
+            Case("llama_4096x4096", 4, 4096, 4096, svd_subset=1, **llama),
+            Case("llama_11008x4096", 2, 11008, 4096, svd_subset=1, **llama)]
+
+
+def make_batch(case: Case, device: torch.device, seed: int = 0):
+    """``A_b = U·diag(s_b)·Vᵀ`` with one random U, V for the batch and power-law spectra s_b,i ∝ (i+1)^-α_b."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    k = min(case.m, case.n)
+    u = torch.linalg.qr(torch.randn(case.m, k, generator=gen).to(device)).Q
+    v = torch.linalg.qr(torch.randn(case.n, k, generator=gen).to(device)).Q
+    alpha = 0.6 + 0.8 * torch.rand(case.batch, 1, generator=gen, dtype=torch.float64)
+    spectra = (torch.arange(1, k + 1, dtype=torch.float64).unsqueeze(0) ** -alpha).to(device)
+    a = torch.stack([(u * spectra[i].float()) @ v.T for i in range(case.batch)]).to(case.dtype)
+    optimal = spectra[:, case.rank:].square().sum(-1).sqrt()  # ‖A − A_r‖_F of the exact spectrum
+    return a.contiguous(), optimal
+
+
+def residual_ratio(a: torch.Tensor, u, s, v, optimal: torch.Tensor) -> torch.Tensor:
+    approx = (u.float() * s.float().unsqueeze(-2)) @ v.float().mT
+    return torch.linalg.matrix_norm(a.float() - approx).double() / optimal
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _measure(fn: Callable, device: torch.device, expensive: bool, quick: bool, cpu_repeats: Optional[int] = None):
+    """Outputs of one call, median ms and peak bytes.
+
+    Cheap calls: do_bench on CUDA / wall-clock medians on CPU (harness.time_fn), peak memory from one more call.
+    Expensive CUDA baselines (a host sync per matrix, up to seconds per call) run once: that call gives the outputs,
+    its synchronised wall time and its peak memory (the GPU script has about a minute for this benchmark).
+    """
+    if device.type == "cuda" and expensive:
+        box = {}
+
+        def once():
+            _sync(device)
+            t0 = time.perf_counter()
+            box["out"] = fn()
+            _sync(device)
+            box["ms"] = (time.perf_counter() - t0) * 1e3
+
+        peak = measure_memory(once, device=device)
+        return box["out"], box["ms"], peak
+    out = fn()
+    if device.type == "cuda":
+        ms = time_fn(fn, device=device).median_ms
+    else:
+        repeats = cpu_repeats or (5 if quick else 7)
+        ms = time_fn(fn, device="cpu", warmup=0 if cpu_repeats else 1, repeats=repeats).median_ms
+    return out, ms, measure_memory(fn, device=device)
+
+
+# Our two settings: "fast" is performance.md's (sketch r + 8, q = 2); "matched" (sketch 2r, q = 4, the authors'
+# niter) reaches the accuracy of the authors' loop (sketch 4r) on these spectra (see the resid_excess columns).
+CONFIGS = {"keeplora_rsvd": lambda r: (8, 2), "keeplora_rsvd_matched": lambda r: (r, 4)}
+
+
+def run_case(case: Case, device: torch.device, quick: bool) -> list[dict]:
+    a, optimal = make_batch(case, device)
+    r = case.rank
+    methods: list[tuple[str, str, Callable, bool, tuple]] = []
+    backend = _dispatch.select("rsvd", device)
+    for name, config in CONFIGS.items():
+        over, q = config(r)
+        methods.append((name, backend, functools.partial(kk.rsvd, a, r, oversample=over, power_iters=q, seed=0),
+                        False, (over, q)))
+        if backend != "reference" and name == "keeplora_rsvd":  # the PyTorch fallback of the same algorithm
+            def fallback(over=over, q=q):
+                return rsvd_torch(a, r, oversample=over, power_iters=q, seed=0)[:3]
+
+            methods.append((name, "reference", fallback, False, (over, q)))
+
+    def lowrank_loop():  # the authors' pipeline: one call per matrix, q = 4r, niter = 4, in float32
+        outs = [torch.svd_lowrank(a[i].float(), q=min(4 * r, case.m, case.n), niter=4) for i in range(case.batch)]
+        return (torch.stack([o[0][:, :r] for o in outs]), torch.stack([o[1][:r] for o in outs]),
+                torch.stack([o[2][:, :r] for o in outs]))
+
+    methods.append(("svd_lowrank_loop", "torch", lowrank_loop, True, (min(4 * r, case.m, case.n) - r, 4)))
+    subset = a[: case.svd_subset]
+
+    def full_svd():
+        uu, ss, vh = torch.linalg.svd(subset.float(), full_matrices=False)
+        return uu[..., :r], ss[..., :r], vh[..., :r, :].mT
+
+    methods.append(("linalg_svd", "torch", full_svd, True, ("", "")))
+
+    rows = []
+    for method, impl, fn, expensive, (over, q) in methods:
+        (u, s, v), ms, peak = _measure(fn, device, expensive, quick)
+        rows_a, rows_opt = (subset, optimal[: case.svd_subset]) if method == "linalg_svd" else (a, optimal)
+        excess = residual_ratio(rows_a, u, s, v, rows_opt) - 1
+        del u, s, v
+        matrices = case.svd_subset if method == "linalg_svd" else case.batch
+        batch_ms = ms * case.batch / matrices
+        row = {"case": case.name, "batch": case.batch, "m": case.m, "n": case.n, "rank": r,
+               "sketch": r + over if over != "" else "", "power_iters": q,
+               "dtype": str(case.dtype).replace("torch.", ""), "method": method, "impl": impl,
+               "device_type": device.type, "matrices_timed": matrices, "time_ms": ms, "batch_time_ms": batch_ms,
+               "peak_mem_mb": peak / 2**20, "resid_excess_mean": excess.mean().item(),
+               "resid_excess_max": excess.max().item()}
+        if device.type == "cuda" and method.startswith("keeplora"):
+            floor_ms = (2 * q + 2) * case.batch * case.m * case.n * a.element_size() / H200_BANDWIDTH * 1e3
+            row.update(floor_ms=floor_ms, x_floor=batch_ms / floor_ms)
+        rows.append(row)
+    base = next(x for x in rows if x["method"] == "svd_lowrank_loop")
+    full = next(x for x in rows if x["method"] == "linalg_svd")
+    for row in rows:
+        row["speedup_vs_lowrank_loop"] = base["batch_time_ms"] / row["batch_time_ms"]
+        row["speedup_vs_linalg_svd"] = full["batch_time_ms"] / row["batch_time_ms"]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# principal_subspace: the engine's one call for all targets, against the reference (full SVD per weight).
+
+
+def subspace_cases(device: torch.device, quick: bool, smoke: bool = False):
+    """(name, [(d_out, d_in, count)], energies): the adapted weights of a few transformer layers."""
+    if smoke:
+        return [("smoke", [(96, 64, 2), (64, 96, 1)], (0.5,))]
+    if device.type == "cuda":
+        return [("clip_vision_12_layers", [(768, 768, 48), (3072, 768, 12), (768, 3072, 12)], (0.85,)),
+                ("clip_text_12_layers", [(512, 512, 48), (2048, 512, 12), (512, 2048, 12)], (0.2,))]
+    layers = 1 if quick else 12
+    return [("clip_text_%d_layers" % layers, [(512, 512, 4 * layers), (2048, 512, layers), (512, 2048, layers)],
+             (0.2, 0.85))]
+
+
+def make_weights(groups, device, seed=0):
+    """Weights with power-law spectra s_i = i^-alpha (alpha in [0.3, 0.7], like trained layers: no gap)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    weights = []
+    for d_out, d_in, count in groups:
+        k = min(d_out, d_in)
+        u = torch.linalg.qr(torch.randn(d_out, k, generator=gen)).Q.to(device)
+        v = torch.linalg.qr(torch.randn(d_in, k, generator=gen)).Q.to(device)
+        for _ in range(count):
+            alpha = 0.3 + 0.4 * torch.rand(1, generator=gen).item()
+            s = (torch.arange(1, k + 1, dtype=torch.float32) ** -alpha).to(device)
+            weights.append((u * s) @ v.T)
+    return weights
+
+
+def run_subspace_case(name, groups, energies, device, quick) -> list[dict]:
+    weights = make_weights(groups, device)
+    rows = []
+    for energy in energies:
+        methods = [("principal_subspace", _dispatch.select("principal_subspace", device),
+                    lambda: kk.principal_subspace(weights, energy)),
+                   ("principal_subspace_ref_loop", "torch",
+                    lambda: [principal_subspace_ref(w, energy) for w in weights])]
+        results = {}
+        for method, impl, fn in methods:
+            out, ms, peak = _measure(fn, device, expensive=True, quick=quick, cpu_repeats=3)
+            results[method] = (out, ms, peak, impl)
+        ref = results["principal_subspace_ref_loop"][0]
+        for method, (out, ms, peak, impl) in results.items():
+            same_p = sum(int(a.shape == b.shape) for a, b in zip(out, ref))
+            dist = max((torch.linalg.matrix_norm(a.double() @ a.double().T - b.double() @ b.double().T, ord=2).item()
+                        for a, b in zip(out, ref) if a.shape == b.shape and a.shape[1]), default=0.0)
+            rows.append({"case": name, "weights": len(weights), "energy": energy, "method": method, "impl": impl,
+                         "device_type": device.type, "time_ms": ms, "peak_mem_mb": peak / 2**20,
+                         "speedup_vs_ref_loop": results["principal_subspace_ref_loop"][1] / ms,
+                         "ranks_equal_ref": f"{same_p}/{len(weights)}", "max_projector_dist": dist,
+                         "mean_rank": sum(a.shape[1] for a in out) / len(out)})
+    return rows
+
+
+def run_detailed(out_dir: Optional[Path] = None, quick: bool = False, *, smoke: bool = False,
+                 device: Optional[torch.device] = None, cpu_threads: Optional[int] = 1,
+                 only: Optional[list[str]] = None) -> list[dict]:
+    """Run every case on ``device`` (CUDA when available); append the rows to ``<out_dir>/rsvd.csv`` (default
+    benchmarks/results/) and return them. ``only``: case names to run (default all).
+
+    On CPU the torch thread count is set to ``cpu_threads`` for the run (default 1: on shared machines OpenMP
+    regions of several threads stall on descheduled threads and timings swing by 10×; None keeps torch's).
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    threads_before = torch.get_num_threads()
+    if device.type == "cpu" and cpu_threads:
+        torch.set_num_threads(cpu_threads)
+    rows = []
+    try:
+        with torch.no_grad():
+            for case in cases(device, quick, smoke):
+                if only is None or case.name in only:
+                    rows += run_case(case, device, quick)
+            subspace_rows = []
+            for name, groups, energies in subspace_cases(device, quick, smoke):
+                if only is None or name in only:
+                    subspace_rows += run_subspace_case(name, groups, energies, device, quick)
+    finally:
+        torch.set_num_threads(threads_before)
+    threads = cpu_threads if device.type == "cpu" and cpu_threads else threads_before
+    for row in rows + subspace_rows:
+        row["run_threads"] = threads
+    suffix = "-smoke" if smoke else ""
+    if rows:
+        append_rows("rsvd" + suffix, rows, results_dir=out_dir)
+    if subspace_rows:
+        append_rows("principal_subspace" + suffix, subspace_rows, results_dir=out_dir)
+    return rows + subspace_rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """The GPU script's summary rows: op, time_ms (whole batch), pct_of_floor (CUDA, ours), ratio (speed-up over
+    the authors' svd_lowrank loop, or over the per-weight full-SVD reference for principal_subspace), peak_mb,
+    note (accuracy)."""
+    out = []
+    for row in rows:
+        if "energy" in row:  # principal_subspace rows
+            out.append(dict(op=f"principal_subspace {row['case']} eps={row['energy']} {row['method']} [{row['impl']}]",
+                            time_ms=row["time_ms"], pct_of_floor="", ratio=row["speedup_vs_ref_loop"],
+                            peak_mb=row["peak_mem_mb"],
+                            note=f"ranks = ref {row['ranks_equal_ref']}, projector dist {row['max_projector_dist']:.1e}"))
+            continue
+        op = f"rsvd {row['case']} b={row['batch']} {row['method']}" + (
+            f" [{row['impl']}]" if row["method"].startswith("keeplora") else "")
+        pct = 100 * row["floor_ms"] / row["batch_time_ms"] if "floor_ms" in row else ""
+        out.append(dict(op=op, time_ms=row["batch_time_ms"], pct_of_floor=pct, ratio=row["speedup_vs_lowrank_loop"],
+                        peak_mb=row["peak_mem_mb"],
+                        note=f"resid_excess {row['resid_excess_mean']:.1e}, {row['matrices_timed']} timed"))
+    return out
+
+
+def run(out_dir: Optional[Path] = None, quick: bool = False, **kwargs) -> list[dict]:
+    """Entry point of benchmarks/gpu_check.py: detailed rows to ``<out_dir>/rsvd.csv``, summary rows returned."""
+    return summarize(run_detailed(out_dir, quick, **kwargs))
+
+
+COLUMNS = ["case", "batch", "m", "n", "rank", "dtype", "method", "impl", "sketch", "power_iters", "batch_time_ms",
+           "speedup_vs_lowrank_loop", "speedup_vs_linalg_svd", "resid_excess_mean", "resid_excess_max"]
+
+
+SUBSPACE_COLUMNS = ["case", "weights", "energy", "method", "impl", "time_ms", "speedup_vs_ref_loop", "ranks_equal_ref",
+                    "max_projector_dist", "mean_rank"]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller batches (CPU: < 1 min)")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--cpu-threads", type=int, default=1, help="torch threads on CPU (0: torch's default)")
+    parser.add_argument("--cases", nargs="*", default=None, help="case names to run (default: all)")
+    args = parser.parse_args(argv)
+    rows = run_detailed(args.out, args.quick, device=args.device, cpu_threads=args.cpu_threads or None,
+                        only=args.cases)
+    rsvd_rows = [r for r in rows if "energy" not in r]
+    columns = COLUMNS + (["floor_ms", "x_floor"] if any("floor_ms" in r for r in rsvd_rows) else [])
+    print_table(rsvd_rows, columns)
+    print()
+    print_table([r for r in rows if "energy" in r], SUBSPACE_COLUMNS)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+// CPU twins of the hand-written CUDA kernels: the same per-element (sketch) and per-matrix (Jacobi) code from
+// csrc/kernels/, run by a loop (at::parallel_for) instead of a grid.
+#include <ATen/Parallel.h>
+
+#include "kernels/jacobi.h"
+#include "kernels/philox.h"
+#include "ops.h"
+
+namespace keeplora {
+
+at::Tensor gaussian_sketch_cpu(const at::Tensor& like, int64_t seed, int64_t rows, int64_t cols) {
+  TORCH_CHECK(rows >= 0 && cols >= 0, "keeplora::gaussian_sketch: rows and cols must be >= 0, got ", rows, ", ",
+              cols);
+  const auto dtype = like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({rows, cols}, like.options().dtype(dtype));
+  const int64_t total = rows * cols;
+  const int64_t groups = (total + 3) / 4;
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "gaussian_sketch_cpu", [&] {
+    scalar_t* data = out.data_ptr<scalar_t>();
+    at::parallel_for(0, groups, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) {
+        double z[4];
+        philox::normal4(useed, static_cast<uint64_t>(g), z);
+        for (int lane = 0; lane < 4; ++lane) {
+          const int64_t e = 4 * g + lane;  // column-major flat index e = j * rows + i
+          if (e >= total) break;
+          const int64_t j = e / rows;
+          const int64_t i = e - j * rows;
+          data[i * cols + j] = static_cast<scalar_t>(static_cast<float>(z[lane]));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+void check_jacobi_input(const at::Tensor& a) {
+  TORCH_CHECK(a.dim() == 3 && a.size(1) == a.size(2), "keeplora::jacobi_svd expects (b, l, l), got ", a.sizes());
+  TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble,
+              "keeplora::jacobi_svd expects float32 or float64, got ", a.scalar_type());
+  TORCH_CHECK(a.size(1) <= (1 << 20), "keeplora::jacobi_svd: l too large");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_svd_cpu(const at::Tensor& a) {
+  check_jacobi_input(a);
+  const int64_t batch = a.size(0);
+  const int l = static_cast<int>(a.size(1));
+  // Column-major per matrix: the row-major buffer of a^T.
+  const at::Tensor a_cm = a.mT().contiguous();
+  at::Tensor u_cm = at::empty_like(a_cm);
+  at::Tensor v_cm = at::empty_like(a_cm);
+  at::Tensor sigma = at::empty({batch, l}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "jacobi_svd_cpu", [&] {
+    const scalar_t* src = a_cm.data_ptr<scalar_t>();
+    scalar_t* u = u_cm.data_ptr<scalar_t>();
+    scalar_t* v = v_cm.data_ptr<scalar_t>();
+    scalar_t* s = sigma.data_ptr<scalar_t>();
+    const int64_t ll = static_cast<int64_t>(l) * l;
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> w(ll), vv(ll), sig(l);
+      std::vector<int> pos(l);
+      for (int64_t k = begin; k < end; ++k) {
+        jacobi::svd_serial<scalar_t>(src + k * ll, l, w.data(), vv.data(), sig.data(), pos.data(), u + k * ll,
+                                     s + k * l, v + k * ll);
+      }
+    });
+  });
+  return {u_cm.mT(), sigma, v_cm.mT()};
+}
+
+}  // namespace keeplora

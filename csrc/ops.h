@@ -1,0 +1,45 @@
+// ATen-level entry points of the keeplora library (declared once; schemas in registration.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace keeplora {
+
+// Names of every op this library defines in the `keeplora` namespace (what Python sees as torch.ops.keeplora.*).
+const std::vector<std::string>& op_names();
+
+// Per-device kernels.
+at::Tensor gaussian_sketch_cpu(const at::Tensor& like, int64_t seed, int64_t rows, int64_t cols);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_svd_cpu(const at::Tensor& a);
+
+// Device-generic implementations (ATen calls only): registered for CPU here and for CUDA in cuda_glue.cpp.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cholesky_qr(const at::Tensor& y, int64_t shifted_passes,
+                                                           int64_t plain_passes);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rsvd(const at::Tensor& a, int64_t rank,
+                                                                int64_t oversample, int64_t power_iters,
+                                                                const std::optional<at::Tensor>& project_out,
+                                                                int64_t seed, c10::string_view orthonormalize);
+std::vector<at::Tensor> principal_subspace(at::TensorList weights, double energy, bool input_side, bool strict);
+
+// Shape-only (Meta) versions.
+at::Tensor gaussian_sketch_meta(const at::Tensor& like, int64_t seed, int64_t rows, int64_t cols);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_svd_meta(const at::Tensor& a);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cholesky_qr_meta(const at::Tensor& y, int64_t shifted_passes,
+                                                                int64_t plain_passes);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rsvd_meta(const at::Tensor& a, int64_t rank,
+                                                                     int64_t oversample, int64_t power_iters,
+                                                                     const std::optional<at::Tensor>& project_out,
+                                                                     int64_t seed, c10::string_view orthonormalize);
+
+// Checks shared by every kernel of an op.
+void check_jacobi_input(const at::Tensor& a);
+void check_rsvd_input(const at::Tensor& a, int64_t rank, int64_t oversample, int64_t power_iters,
+                      const std::optional<at::Tensor>& project_out, c10::string_view orthonormalize);
+
+}  // namespace keeplora

@@ -1,0 +1,48 @@
+// The op schemas of the `keeplora` namespace (declared once) and their CPU and Meta kernels. CUDA kernels are
+// registered in cuda_glue.cpp when the library is built with CUDA.
+#include <torch/library.h>
+
+#include "ops.h"
+
+namespace keeplora {
+
+const std::vector<std::string>& op_names() {
+  static const std::vector<std::string> names = {"gaussian_sketch", "jacobi_svd", "cholesky_qr", "rsvd",
+                                                 "principal_subspace"};
+  return names;
+}
+
+}  // namespace keeplora
+
+TORCH_LIBRARY(keeplora, m) {
+  // Omega (rows x cols, float32, or float64 when `like` is float64) on like's device: the counter-based Gaussian
+  // sketch of csrc/kernels/philox.h. Identical on CPU and CUDA for the same seed.
+  m.def("gaussian_sketch(Tensor like, int seed, int rows, int cols) -> Tensor");
+  // a (b, l, l) float32/float64 = U diag(S) V^T by one-sided Jacobi, S descending.
+  m.def("jacobi_svd(Tensor a) -> (Tensor U, Tensor S, Tensor V)");
+  // y (b, m, l) = Q R (float64) by shifted CholeskyQR: `shifted_passes` passes with the provably safe shift,
+  // then `plain_passes` with a shift at the rounding level. info: bit 1 a Cholesky failed, bit 2 a column of Q
+  // came out with norm < 1/sqrt(2) (numerically rank-deficient y).
+  m.def("cholesky_qr(Tensor y, int shifted_passes=1, int plain_passes=1) -> (Tensor Q, Tensor R, Tensor info)");
+  // Batched randomized SVD of (I - P P^T) a, a (b, m, n): U (b, m, rank), S (b, rank), V (b, n, rank), info (b,).
+  m.def("rsvd(Tensor a, int rank, int oversample, int power_iters, Tensor? project_out, int seed, "
+        "str orthonormalize=\"cholqr\") -> (Tensor U, Tensor S, Tensor V, Tensor info)");
+  // Energy-rule principal subspace of each weight (d_out, d_in): input side -> (d_in, p), output -> (d_out, p).
+  m.def("principal_subspace(Tensor[] weights, float energy, bool input_side=True, bool strict=False) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(keeplora, CPU, m) {
+  m.impl("gaussian_sketch", &keeplora::gaussian_sketch_cpu);
+  m.impl("jacobi_svd", &keeplora::jacobi_svd_cpu);
+  m.impl("cholesky_qr", &keeplora::cholesky_qr);
+  m.impl("rsvd", &keeplora::rsvd);
+  m.impl("principal_subspace", &keeplora::principal_subspace);
+}
+
+// principal_subspace has no Meta kernel: its output shapes depend on the data (the energy rule).
+TORCH_LIBRARY_IMPL(keeplora, Meta, m) {
+  m.impl("gaussian_sketch", &keeplora::gaussian_sketch_meta);
+  m.impl("jacobi_svd", &keeplora::jacobi_svd_meta);
+  m.impl("cholesky_qr", &keeplora::cholesky_qr_meta);
+  m.impl("rsvd", &keeplora::rsvd_meta);
+}

@@ -1,0 +1,495 @@
+// Batched randomized SVD with an implicit residual projection, and the energy-rule principal subspace.
+//
+// Device-generic: only ATen calls plus two ops reached through the dispatcher (keeplora::gaussian_sketch and,
+// on CUDA, keeplora::jacobi_svd), so the same code is the CPU kernel and the CUDA kernel of `rsvd`. On CUDA it
+// never reads a device value on the host (see csrc/README.md, "Host synchronisation").
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/version.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <map>
+#include <tuple>
+
+#include "ops.h"
+
+namespace keeplora {
+namespace {
+
+using at::Tensor;
+
+constexpr double kUnitRoundoff64 = 1.1102230246251565e-16;  // 2^-53
+constexpr double kTinyShift = 1e-290;                       // lets an all-zero block factor (its Q is zero)
+// Largest core size for which CUDA uses the Jacobi kernel (one block per matrix); larger ones use linalg_svd.
+constexpr int64_t kJacobiMaxCuda = 256;
+// principal_subspace: switch to the exact (Gram eigendecomposition) path when the sketch width would exceed
+// this fraction of min(m, n), where a sketch costs about as much as the exact path and is less accurate.
+constexpr double kExactFraction = 0.3;
+constexpr int64_t kSubspacePowerIters = 4;
+
+// ---------------------------------------------------------------------------------------------------------------
+// Ops reached through the dispatcher so the device-specific kernel runs.
+
+Tensor gaussian_sketch(const Tensor& like, int64_t seed, int64_t rows, int64_t cols) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("keeplora::gaussian_sketch", "")
+                       .typed<Tensor(const Tensor&, int64_t, int64_t, int64_t)>();
+  return op.call(like, seed, rows, cols);
+}
+
+std::tuple<Tensor, Tensor, Tensor> jacobi_svd(const Tensor& a) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("keeplora::jacobi_svd", "")
+                       .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&)>();
+  return op.call(a);
+}
+
+// SVD of the small fp64 cores m (b, l, l) = U diag(S) V^T. CPU: LAPACK (no synchronisation concern on the host).
+// CUDA: the batched Jacobi kernel, which needs no host round trip (torch.linalg.svd checks its info on the host).
+std::tuple<Tensor, Tensor, Tensor> small_svd(const Tensor& m) {
+  if (m.is_cuda() && m.size(-1) <= kJacobiMaxCuda) return jacobi_svd(m);
+  auto [u, s, vh] = at::linalg_svd(m, /*full_matrices=*/false);
+  return {u, s, vh.mT()};
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Orthonormalisation.
+
+struct Factor {
+  Tensor q;     // (b, m, l) float64
+  Tensor r;     // (b, l, l) float64 upper triangular, y = q r (only when requested)
+  Tensor info;  // (b,) int32: bit 1 a Cholesky factorisation failed, bit 2 q lost rank
+};
+
+// Shifted CholeskyQR in float64 on batched GEMMs. Each pass: G = Q^T Q, G += s I, R = chol(G), Q <- Q R^-1.
+// The first `shifted` passes use s = 11 (m l + l (l + 1)) u tr(G), the shift with which the factorisation
+// provably succeeds for any finite input (Fukaya, Kannan, Nakatsukasa, Yamamoto, Yanagisawa 2020); the remaining
+// passes use s = u tr(G), which only keeps an exactly zero column from failing. The shift changes how orthonormal
+// a pass leaves Q, never the identity y = Q R; the later passes restore orthonormality (CholeskyQR2).
+Factor cholesky_qr_fp64(const Tensor& y, int64_t shifted, int64_t plain, bool want_r) {
+  Tensor q = y.to(at::kDouble);
+  const int64_t b = y.size(0), m = y.size(1), l = y.size(2);
+  Tensor info = at::zeros({b}, y.options().dtype(at::kInt));
+  Tensor r_total;
+  if (l == 0) return {q, at::zeros({b, 0, 0}, q.options()), info};
+  const double c_shift = 11.0 * (static_cast<double>(m) * l + static_cast<double>(l) * (l + 1)) * kUnitRoundoff64;
+  for (int64_t pass = 0; pass < shifted + plain; ++pass) {
+    Tensor g = at::matmul(q.mT(), q);
+    Tensor diag = g.diagonal(0, -2, -1);
+    const double factor = pass < shifted ? c_shift : kUnitRoundoff64;
+    diag.add_(diag.sum(-1, /*keepdim=*/true).mul(factor).add(kTinyShift));
+    auto [r, failed] = at::linalg_cholesky_ex(g, /*upper=*/true, /*check_errors=*/false);
+    info.bitwise_or_(failed.ne(0).to(at::kInt));
+    // Q R^-1 as a GEMM with the explicit l x l inverse: batched GEMMs run near peak on both devices, batched
+    // triangular solves do not. R is well conditioned after the shifted pass, so the explicit inverse costs no
+    // accuracy that the next pass does not restore.
+    const Tensor eye = at::eye(l, r.options()).expand({b, l, l});
+    q = at::matmul(q, at::linalg_solve_triangular(r, eye, /*upper=*/true, /*left=*/true));
+    if (want_r) r_total = r_total.defined() ? at::matmul(r, r_total) : r;
+  }
+  info.bitwise_or_(q.square().sum(-2).lt(0.5).any(-1).to(at::kInt).mul(2));
+  return {q, r_total, info};
+}
+
+Factor householder_qr_fp64(const Tensor& y, bool want_r) {
+  auto [q, r] = at::linalg_qr(y.to(at::kDouble), "reduced");
+  return {q, want_r ? r : Tensor(), at::zeros({y.size(0)}, y.options().dtype(at::kInt))};
+}
+
+int64_t shifted_passes(at::ScalarType compute) { return compute == at::kDouble ? 2 : 1; }
+int64_t plain_passes(at::ScalarType compute) { return compute == at::kDouble ? 2 : 1; }
+
+// Orthonormal basis of the columns of y (b, m, l), m >= l. "cholqr": shifted CholeskyQR2 (fp32 data) or
+// CholeskyQR4 (fp64 data); on CPU the matrices it flags are redone by Householder QR (the flag costs nothing to
+// read there); on CUDA reading it would synchronise, so the flag is only accumulated into `info`.
+Factor orthonormalize(const Tensor& y, at::ScalarType compute, bool householder, bool want_r) {
+  if (householder) return householder_qr_fp64(y, want_r);
+  Factor f = cholesky_qr_fp64(y, shifted_passes(compute), plain_passes(compute), want_r);
+  if (!y.is_cuda()) {
+    const Tensor bad = f.info.nonzero().flatten();
+    if (bad.numel() > 0) {
+      Factor redo = householder_qr_fp64(y.index_select(0, bad), want_r);
+      f.q = f.q.index_copy(0, bad, redo.q);
+      if (want_r) f.r = f.r.index_copy(0, bad, redo.r);
+    }
+  }
+  return f;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The operator A_hat = (I - P P^T) a, applied without forming it.
+
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+#define KEEPLORA_HAVE_BMM_OUT_DTYPE 1
+#else
+#define KEEPLORA_HAVE_BMM_OUT_DTYPE 0
+#endif
+
+// Whether bf16/fp16 x bf16/fp16 -> fp32 batched GEMMs (aten::bmm.dtype) work here; set to false on first failure.
+std::atomic<bool> g_out_dtype_gemm_ok{true};
+
+struct Residual {
+  Tensor a;          // (b, m, n): compute dtype, or bf16/fp16 when `split` (CUDA)
+  Tensor p;          // (b, m, k) compute dtype, or undefined (no projection)
+  at::ScalarType cd;  // compute dtype (float32 or float64)
+  bool split = false;
+
+  // mat (b, r, c) times x (b, c, w), result in the compute dtype.
+  Tensor gemm(const Tensor& mat, const Tensor& x) const {
+    if (!split) return at::matmul(mat, x.to(cd));
+#if KEEPLORA_HAVE_BMM_OUT_DTYPE
+    // Low-precision matrix, float32 operand: x = hi + lo / scale with hi, lo in the matrix's dtype; one GEMM on
+    // [hi | lo] with float32 accumulation and output reads the matrix once and keeps ~16 mantissa bits of x.
+    const auto lowp = mat.scalar_type();
+    const double scale = lowp == at::kHalf ? 2048.0 : 256.0;
+    const Tensor xf = x.to(at::kFloat);
+    const Tensor hi = xf.to(lowp);
+    const Tensor lo = xf.sub(hi.to(at::kFloat)).mul_(scale).to(lowp);
+    const int64_t w = x.size(-1);
+    const Tensor y = at::bmm(mat, at::cat({hi, lo}, -1), at::kFloat);
+    return y.narrow(-1, 0, w).add(y.narrow(-1, w, w), 1.0 / scale);
+#else
+    TORCH_CHECK(false, "keeplora::rsvd: internal error, split GEMM without aten::bmm.dtype");
+#endif
+  }
+
+  Tensor project(const Tensor& y) const {  // y - P (P^T y)
+    if (!p.defined()) return y;
+    return at::baddbmm(y, p, at::bmm(p.mT(), y), /*beta=*/1, /*alpha=*/-1);
+  }
+
+  Tensor times(const Tensor& x) const { return project(gemm(a, x)); }           // A_hat x
+  Tensor t_times(const Tensor& y) const { return gemm(a.mT(), project(y.to(cd))); }  // A_hat^T y
+
+  // A_hat Omega for the sketch omega (n, w), shared by every matrix of the batch.
+  Tensor sketch(const Tensor& omega) const {
+    if (!split) return project(at::matmul(a, omega.to(cd)));
+#if KEEPLORA_HAVE_BMM_OUT_DTYPE
+    // A Gaussian sketch needs no extra precision: use it in the matrix's dtype directly.
+    const Tensor om = omega.to(a.scalar_type()).unsqueeze(0).expand({a.size(0), omega.size(0), omega.size(1)});
+    return project(at::bmm(a, om.contiguous(), at::kFloat));
+#else
+    return Tensor();
+#endif
+  }
+
+  Tensor dense() const { return project(a.to(cd)); }  // A_hat itself (exact path only)
+};
+
+Residual make_residual(const Tensor& a, const std::optional<Tensor>& project_out, at::ScalarType cd) {
+  Residual op;
+  op.cd = cd;
+  if (project_out.has_value() && project_out->defined() && project_out->size(-1) > 0) {
+    op.p = project_out->to(cd);
+  }
+  const bool low = a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf;
+  op.split = low && a.is_cuda() && KEEPLORA_HAVE_BMM_OUT_DTYPE && g_out_dtype_gemm_ok.load();
+  op.a = op.split ? a : a.to(cd);
+  return op;
+}
+
+using RsvdResult = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+
+RsvdResult rsvd_impl(const Residual& op, int64_t rank, int64_t oversample, int64_t power_iters, int64_t seed,
+                     bool householder) {
+  const Tensor& a = op.a;
+  const int64_t b = a.size(0), m = a.size(1), n = a.size(2);
+  const int64_t mn = std::min(m, n);
+  const int64_t l = std::min(rank + oversample, mn);
+  Tensor info = at::zeros({b}, a.options().dtype(at::kInt));
+  auto orth = [&](const Tensor& y, bool want_r) {
+    Factor f = orthonormalize(y, op.cd, householder, want_r);
+    info.bitwise_or_(f.info);
+    return f;
+  };
+
+  // 1. Range finder: Q (b, m, l) float64 with orthonormal columns spanning (approximately) the top of range(A_hat).
+  Tensor q64;
+  if (l < mn) {
+    const Tensor omega = gaussian_sketch(a, seed, n, l);  // (n, l), identical on every device
+    q64 = orth(op.sketch(omega), false).q;
+    for (int64_t it = 0; it < power_iters; ++it) {
+      const Tensor z = orth(op.t_times(q64), false).q;
+      q64 = orth(op.times(z), false).q;
+    }
+  } else if (n <= m) {  // the sketch would span R^n: orthonormalise A_hat itself (exact)
+    q64 = orth(op.dense(), false).q;
+  } else {  // l = m: R^m itself is the range
+    q64 = at::eye(m, a.options().dtype(at::kDouble)).expand({b, m, m});
+  }
+
+  // 2. Rayleigh-Ritz: B = Q^T A_hat (l x n). Factor B^T = Q2 R (n x l), then B = R^T Q2^T and the small SVD of
+  //    R^T (l x l) = Us diag(S) Ws^T gives A_hat ~ (Q Us) diag(S) (Q2 Ws)^T with both factors orthonormal.
+  const Tensor bt = op.t_times(q64);
+  const Factor f2 = orth(bt, true);
+  auto [us, s, ws] = small_svd(f2.r.mT());
+  const Tensor u = at::matmul(q64, us.narrow(-1, 0, rank)).to(op.cd);
+  const Tensor v = at::matmul(f2.q, ws.narrow(-1, 0, rank)).to(op.cd);
+  return {u, s.narrow(-1, 0, rank).to(op.cd), v, info};
+}
+
+at::ScalarType compute_dtype(const Tensor& a) { return a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// rsvd_impl on A_hat = (I - P P^T) a; a low-precision CUDA matrix is read as is through the split GEMM, and if
+// aten::bmm.dtype turns out to be unavailable there, the matrix is converted to float32 once instead.
+RsvdResult run_rsvd(const Tensor& a, const std::optional<Tensor>& p, at::ScalarType cd, int64_t rank,
+                    int64_t oversample, int64_t power_iters, int64_t seed, bool householder) {
+  Residual op = make_residual(a, p, cd);
+  if (op.split) {
+    try {
+      return rsvd_impl(op, rank, oversample, power_iters, seed, householder);
+    } catch (const c10::Error&) {
+      g_out_dtype_gemm_ok.store(false);
+      op = make_residual(a, p, cd);
+    }
+  }
+  return rsvd_impl(op, rank, oversample, power_iters, seed, householder);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------------
+// Ops.
+
+void check_rsvd_input(const Tensor& a, int64_t rank, int64_t oversample, int64_t power_iters,
+                      const std::optional<Tensor>& project_out, c10::string_view orthonormalize) {
+  TORCH_CHECK(a.dim() == 3, "keeplora::rsvd expects a of shape (b, m, n), got ", a.sizes());
+  TORCH_CHECK(at::isFloatingType(a.scalar_type()), "keeplora::rsvd expects a floating dtype, got ",
+              a.scalar_type());
+  const int64_t mn = std::min(a.size(1), a.size(2));
+  TORCH_CHECK(rank >= 1 && rank <= mn, "keeplora::rsvd: rank must be in [1, min(m, n)] = [1, ", mn, "], got ",
+              rank);
+  TORCH_CHECK(oversample >= 0 && power_iters >= 0, "keeplora::rsvd: oversample and power_iters must be >= 0");
+  TORCH_CHECK(orthonormalize == "cholqr" || orthonormalize == "householder",
+              "keeplora::rsvd: orthonormalize must be 'cholqr' or 'householder', got '", std::string(orthonormalize),
+              "'");
+  if (project_out.has_value() && project_out->defined()) {
+    const Tensor& p = *project_out;
+    TORCH_CHECK(p.dim() == 3 && p.size(0) == a.size(0) && p.size(1) == a.size(1),
+                "keeplora::rsvd: project_out must be (b, m, k) = (", a.size(0), ", ", a.size(1), ", k), got ",
+                p.sizes());
+    TORCH_CHECK(p.device() == a.device(), "keeplora::rsvd: project_out is on ", p.device(), " but a is on ",
+                a.device());
+    TORCH_CHECK(at::isFloatingType(p.scalar_type()), "keeplora::rsvd: project_out must be floating");
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> cholesky_qr(const Tensor& y, int64_t shifted_passes, int64_t plain_passes) {
+  TORCH_CHECK(y.dim() == 3 && y.size(1) >= y.size(2), "keeplora::cholesky_qr expects y of shape (b, m, l) with ",
+              "m >= l, got ", y.sizes());
+  TORCH_CHECK(at::isFloatingType(y.scalar_type()), "keeplora::cholesky_qr expects a floating dtype");
+  TORCH_CHECK(shifted_passes >= 0 && plain_passes >= 0 && shifted_passes + plain_passes >= 1,
+              "keeplora::cholesky_qr needs at least one pass");
+  at::NoGradGuard no_grad;
+  Factor f = cholesky_qr_fp64(y.detach(), shifted_passes, plain_passes, true);
+  return {f.q, f.r, f.info};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> rsvd(const Tensor& a, int64_t rank, int64_t oversample,
+                                                int64_t power_iters, const std::optional<Tensor>& project_out,
+                                                int64_t seed, c10::string_view orthonormalize) {
+  check_rsvd_input(a, rank, oversample, power_iters, project_out, orthonormalize);
+  at::NoGradGuard no_grad;
+  const bool householder = orthonormalize == "householder";
+  const at::ScalarType cd = compute_dtype(a);
+  std::optional<Tensor> p;
+  if (project_out.has_value() && project_out->defined()) p = project_out->detach();
+  return run_rsvd(a.detach(), p, cd, rank, oversample, power_iters, seed, householder);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// principal_subspace
+
+namespace {
+
+// Number of leading directions the energy rule keeps, given the cumulative energy fractions `cum` (b, r) of the
+// first r directions: paper rule p = #{i : cum_{i-1} < energy} (smallest p >= 1 with cum_p >= energy);
+// strict (authors' CLIP code) p = #{i : cum_i < energy}.
+Tensor energy_counts(const Tensor& cum, double energy, bool strict) {
+  if (strict) return cum.lt(energy).sum(-1);
+  const Tensor before = at::cat({at::zeros_like(cum.narrow(-1, 0, 1)), cum.narrow(-1, 0, cum.size(-1) - 1)}, -1);
+  return before.lt(energy).sum(-1);
+}
+
+// Where to grow the sketch: the rank at which the energy is predicted to reach `energy`, extrapolating the tail
+// beyond the r Ritz values (squared: sq) by a power law and by a geometric decay, both fitted at i = r/4 and r;
+// the first model to reach wins (each is exact on its own family of spectra). A flat fit gives the rigorous lower
+// bound r + deficit / sigma_r^2 (no further direction holds more than sigma_r^2). Affects only speed.
+double predicted_rank(const double* sq, int64_t r, double total, double energy, int64_t mn) {
+  double captured = 0.0;
+  for (int64_t i = 0; i < r; ++i) captured += sq[i];
+  const double deficit = energy * total - captured;
+  if (deficit <= 0.0) return static_cast<double>(r);
+  const int64_t i1 = std::max<int64_t>(1, r / 4);
+  const double s1 = sq[i1 - 1], s2 = sq[r - 1];
+  if (!(s2 > 0.0) || !(s1 >= s2)) return static_cast<double>(mn);
+  const double beta = r > i1 ? std::log(s1 / s2) / std::log(static_cast<double>(r) / i1) : 0.0;
+  const double g = r > i1 ? std::pow(s2 / s1, 1.0 / static_cast<double>(r - i1)) : 1.0;
+  double power_sum = 0.0, geometric_sum = 0.0, gk = 1.0;
+  for (int64_t i = r + 1; i <= mn; ++i) {
+    gk *= g;
+    power_sum += s2 * std::pow(static_cast<double>(i) / r, -beta);
+    geometric_sum += s2 * gk;
+    if (power_sum >= deficit || geometric_sum >= deficit) return static_cast<double>(i);
+  }
+  return static_cast<double>(mn);
+}
+
+// Exact path for a batch x (b, s, o) in float64 (we want its left singular vectors): eigendecomposition of the
+// smaller Gram matrix. Writes the bases of the matrices into out[targets[j]].
+void exact_subspace(const Tensor& mat, const Tensor& total, double energy, bool strict, at::ScalarType rd,
+                    const std::vector<int64_t>& targets, std::vector<Tensor>& out) {
+  const Tensor x = mat.to(at::kDouble);
+  const int64_t s = x.size(1), o = x.size(2);
+  const bool left_gram = s <= o;
+  const Tensor gram = left_gram ? at::matmul(x, x.mT()) : at::matmul(x.mT(), x);
+  auto [evals, evecs] = at::linalg_eigh(gram);
+  evals = evals.flip(-1).clamp_min(0);
+  evecs = evecs.flip(-1);
+  const Tensor cum = evals.cumsum(-1).div(total.unsqueeze(-1));
+  const Tensor counts = energy_counts(cum, energy, strict).cpu();
+  const int64_t* cnt = counts.data_ptr<int64_t>();
+  for (size_t j = 0; j < targets.size(); ++j) {
+    const int64_t p = cnt[j];
+    Tensor basis;
+    if (left_gram || p == 0) {
+      basis = evecs[j].narrow(-1, 0, p);
+    } else {
+      // left vectors u_i = x v_i / sigma_i, re-orthonormalised (they are orthonormal up to rounding already,
+      // so Q keeps their directions; R ~ I)
+      const Tensor sigma = evals[j].narrow(0, 0, p).sqrt();
+      const Tensor inv = at::where(sigma.gt(0), sigma.reciprocal(), at::zeros_like(sigma));
+      const Tensor u = at::matmul(x[j], evecs[j].narrow(-1, 0, p)).mul(inv);
+      basis = cholesky_qr_fp64(u.unsqueeze(0), 2, 2, false).q[0];
+    }
+    out[targets[j]] = basis.to(rd).contiguous();
+  }
+}
+
+}  // namespace
+
+std::vector<Tensor> principal_subspace(at::TensorList weights, double energy, bool input_side, bool strict) {
+  TORCH_CHECK(energy >= 0.0 && energy <= 1.0, "keeplora::principal_subspace: energy must be in [0, 1], got ",
+              energy);
+  at::NoGradGuard no_grad;
+  std::vector<Tensor> out(weights.size());
+  // Group same-shaped weights (same dtype and device) so that each group is one batched computation.
+  std::map<std::tuple<int64_t, int64_t, int, std::string>, std::vector<int64_t>> groups;
+  std::vector<std::tuple<int64_t, int64_t, int, std::string>> order;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const Tensor& w = weights[i];
+    TORCH_CHECK(w.dim() == 2, "keeplora::principal_subspace: each weight must be 2-D (d_out, d_in), got ",
+                w.sizes());
+    TORCH_CHECK(at::isFloatingType(w.scalar_type()), "keeplora::principal_subspace: weights must be floating");
+    auto key = std::make_tuple(w.size(0), w.size(1), static_cast<int>(w.scalar_type()), w.device().str());
+    auto it = groups.find(key);
+    if (it == groups.end()) {
+      order.push_back(key);
+      groups[key] = {static_cast<int64_t>(i)};
+    } else {
+      it->second.push_back(static_cast<int64_t>(i));
+    }
+  }
+  for (const auto& key : order) {
+    const std::vector<int64_t>& members = groups[key];
+    const Tensor& first = weights[members[0]];
+    const at::ScalarType rd = compute_dtype(first);
+    const int64_t side = input_side ? first.size(1) : first.size(0);
+    const int64_t other = input_side ? first.size(0) : first.size(1);
+    const int64_t mn = std::min(side, other);
+    if (energy <= 0.0 || mn == 0) {
+      for (int64_t i : members) out[i] = at::zeros({side, 0}, first.options().dtype(rd));
+      continue;
+    }
+    std::vector<Tensor> ws;
+    for (int64_t i : members) ws.push_back(weights[i].detach());
+    const Tensor w = at::stack(ws);                // (b, d_out, d_in)
+    const Tensor mat = input_side ? w.mT() : w;    // (b, side, other): we want its left singular vectors
+    std::vector<Tensor> totals;
+    for (const Tensor& wi : ws) totals.push_back(at::sum(wi.to(at::kFloat).square(), at::kDouble));
+    const Tensor total = at::stack(totals);      // ||W||_F^2 per matrix, float64
+    const Tensor total_host = total.cpu();
+
+    std::vector<int64_t> remaining;  // positions within the group still to do
+    for (size_t j = 0; j < members.size(); ++j) {
+      if (total_host.data_ptr<double>()[j] > 0) {
+        remaining.push_back(static_cast<int64_t>(j));
+      } else {  // zero weight: nothing to protect (as energy_rank)
+        out[members[j]] = at::zeros({side, 0}, first.options().dtype(rd));
+      }
+    }
+    int64_t r = std::min<int64_t>(std::max<int64_t>(8, mn / 32), mn);
+    while (!remaining.empty()) {
+      const int64_t over = std::max<int64_t>(10, r / 2);
+      if (static_cast<double>(r + over) > kExactFraction * static_cast<double>(mn)) break;
+      const Tensor idx = at::tensor(remaining, at::TensorOptions().dtype(at::kLong)).to(w.device());
+      const bool all = remaining.size() == members.size();
+      const Tensor sub = all ? mat : mat.index_select(0, idx);
+      const Tensor sub_total = all ? total : total.index_select(0, idx);
+      auto [u, s, v, info] = run_rsvd(sub, std::nullopt, rd, r, over, kSubspacePowerIters, /*seed=*/0,
+                                      /*householder=*/false);
+      const Tensor sq = s.to(at::kDouble).square();
+      const Tensor cum = sq.cumsum(-1).div(sub_total.unsqueeze(-1));
+      const Tensor last = cum.select(-1, r - 1);
+      const Tensor reached = last.ge(energy).cpu();
+      const Tensor counts = energy_counts(cum, energy, strict).cpu();
+      const Tensor sq_host = sq.cpu().contiguous();
+      const Tensor total_sub_host = sub_total.cpu();
+      std::vector<int64_t> next;
+      double most_needed = 0.0;
+      for (size_t j = 0; j < remaining.size(); ++j) {
+        if (reached.data_ptr<bool>()[j]) {
+          out[members[remaining[j]]] = u[j].narrow(-1, 0, counts.data_ptr<int64_t>()[j]).to(rd).contiguous();
+        } else {
+          next.push_back(remaining[j]);
+          most_needed = std::max(most_needed, predicted_rank(sq_host.data_ptr<double>() + j * r, r,
+                                                             total_sub_host.data_ptr<double>()[j], energy, mn));
+        }
+      }
+      remaining = next;
+      r = std::max<int64_t>(2 * r, static_cast<int64_t>(std::ceil(std::min(1.2 * most_needed, double(mn)))));
+    }
+    if (!remaining.empty()) {
+      const Tensor idx = at::tensor(remaining, at::TensorOptions().dtype(at::kLong)).to(w.device());
+      std::vector<int64_t> targets;
+      for (int64_t j : remaining) targets.push_back(members[j]);
+      exact_subspace(mat.index_select(0, idx), total.index_select(0, idx), energy, strict, rd, targets, out);
+    }
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Meta (shape-only) kernels.
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> rsvd_meta(const Tensor& a, int64_t rank, int64_t oversample,
+                                                     int64_t power_iters, const std::optional<Tensor>& project_out,
+                                                     int64_t seed, c10::string_view orthonormalize) {
+  check_rsvd_input(a, rank, oversample, power_iters, project_out, orthonormalize);
+  const auto opts = a.options().dtype(compute_dtype(a));
+  const int64_t b = a.size(0), m = a.size(1), n = a.size(2);
+  return {at::empty({b, m, rank}, opts), at::empty({b, rank}, opts), at::empty({b, n, rank}, opts),
+          at::empty({b}, a.options().dtype(at::kInt))};
+}
+
+std::tuple<Tensor, Tensor, Tensor> cholesky_qr_meta(const Tensor& y, int64_t, int64_t) {
+  TORCH_CHECK(y.dim() == 3 && y.size(1) >= y.size(2), "keeplora::cholesky_qr expects (b, m, l) with m >= l");
+  const auto opts = y.options().dtype(at::kDouble);
+  return {at::empty(y.sizes(), opts), at::empty({y.size(0), y.size(2), y.size(2)}, opts),
+          at::empty({y.size(0)}, y.options().dtype(at::kInt))};
+}
+
+Tensor gaussian_sketch_meta(const Tensor& like, int64_t, int64_t rows, int64_t cols) {
+  const auto dtype = like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return at::empty({rows, cols}, like.options().dtype(dtype));
+}
+
+std::tuple<Tensor, Tensor, Tensor> jacobi_svd_meta(const Tensor& a) {
+  check_jacobi_input(a);
+  return {at::empty(a.sizes(), a.options()), at::empty({a.size(0), a.size(1)}, a.options()),
+          at::empty(a.sizes(), a.options())};
+}
+
+}  // namespace keeplora

@@ -1,0 +1,250 @@
+"""The ``torch.ops.keeplora`` building blocks of the randomized SVD (C++ extension), the CUDA kernels' CPU twins,
+the GPU path (marked ``gpu``) and the compile-only CI check of every ``csrc/**/*.cu`` for sm_90.
+
+Tests skip on whether an op is *registered* for a device, never on guesses about hardware.
+"""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from keeplora_kernels import _dispatch, _extension
+from keeplora_kernels.rsvd import cholesky_qr, gaussian_sketch, rsvd_torch
+from tolerances import assert_close
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _needs(op, device="cpu"):
+    return pytest.mark.skipif(op not in _dispatch.extension_ops(device),
+                              reason=f"keeplora::{op} is not registered for {device}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure-PyTorch twins (always run).
+
+
+def test_gaussian_sketch_statistics_and_prefix_property():
+    omega = gaussian_sketch(123, 4001, 9)
+    assert omega.shape == (4001, 9) and omega.dtype == torch.float32
+    assert abs(omega.mean().item()) < 0.03 and abs(omega.std().item() - 1) < 0.03
+    # column j depends only on (seed, rows, j): a wider sketch extends a narrower one
+    assert torch.equal(gaussian_sketch(123, 4001, 13)[:, :9], omega)
+    assert not torch.equal(gaussian_sketch(124, 4001, 9), omega)
+
+
+@pytest.mark.parametrize("cond", [1e2, 1e6])
+def test_cholesky_qr_on_ill_conditioned_blocks(cond):
+    """Shifted CholeskyQR2 in float64 orthonormalises float32 data up to cond ~ 1/eps32 (plain CholeskyQR fails)."""
+    m, l = 500, 24
+    u = torch.linalg.qr(torch.randn(m, l, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(l, l, dtype=torch.float64)).Q
+    y = ((u * torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), l, dtype=torch.float64)) @ v.T).float()
+    q, r, info = cholesky_qr(y.unsqueeze(0))
+    assert info.item() == 0
+    assert (q[0].T @ q[0] - torch.eye(l, dtype=torch.float64)).abs().max() < 1e-12
+    assert (q[0] @ r[0] - y.double()).abs().max() < 1e-12 * y.abs().max()
+    assert torch.equal(r[0], r[0].triu())
+
+
+def test_cholesky_qr_flags_an_exactly_rank_deficient_block():
+    y = torch.randn(1, 50, 6, dtype=torch.float64)
+    y[0, :, 3] = 0.0  # an exactly zero column stays zero (no arbitrary direction) and is flagged
+    q, r, info = cholesky_qr(y, 2, 2)
+    assert info.item() == 2 and torch.isfinite(q).all()
+    assert q[0, :, 3].abs().max() == 0
+    assert (q @ r - y).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("impl", ["torch", "extension"])
+def test_rsvd_repairs_flagged_blocks_on_the_host(impl):
+    """On CPU a flagged block is redone by Householder QR, so U stays orthonormal even for an exactly rank-1 A."""
+    if impl == "extension" and "rsvd" not in _dispatch.extension_ops("cpu"):
+        pytest.skip("extension not built")
+    a = torch.zeros(1, 40, 30, dtype=torch.float64)
+    a[0, 0, :] = torch.randn(30, dtype=torch.float64)  # e_1·vᵀ: the sketch is exactly rank 1
+    if impl == "torch":
+        u, s, v, info = rsvd_torch(a, 3, oversample=3, power_iters=1, seed=0)
+    else:
+        u, s, v, info = torch.ops.keeplora.rsvd(a, 3, 3, 1, None, 0)
+    assert int(info.item()) & 2
+    assert_close(u[0].T @ u[0], torch.eye(3, dtype=torch.float64), torch.float64)
+    assert_close(s[0], torch.tensor([torch.linalg.vector_norm(a).item(), 0.0, 0.0], dtype=torch.float64),
+                 torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Extension ops on CPU.
+
+
+def test_extension_reports_its_ops():
+    ops = _extension.registered_ops()
+    if not ops:
+        pytest.skip(f"extension not loaded: {_extension.status()}")
+    assert {"rsvd", "principal_subspace", "gaussian_sketch", "jacobi_svd", "cholesky_qr"} <= set(ops)
+    assert _extension.registered_ops("cpu") == ops  # every op has a CPU kernel
+    if not _extension.library().built_with_cuda():
+        assert _extension.registered_ops("cuda") == frozenset()
+    assert _extension.registered_ops("mps") == frozenset()
+
+
+@_needs("gaussian_sketch")
+@pytest.mark.parametrize("seed,rows,cols", [(0, 1, 1), (5, 777, 13), (-3, 64, 7), (2**40 + 7, 33, 5)])
+def test_extension_sketch_equals_pytorch_twin(seed, rows, cols):
+    omega = torch.ops.keeplora.gaussian_sketch(torch.empty(0), seed, rows, cols)
+    assert torch.equal(omega, gaussian_sketch(seed, rows, cols))
+    omega64 = torch.ops.keeplora.gaussian_sketch(torch.empty(0, dtype=torch.float64), seed, rows, cols)
+    assert omega64.dtype == torch.float64 and torch.equal(omega64, omega.double())
+
+
+@_needs("jacobi_svd")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("l", [1, 2, 7, 24, 33])
+def test_jacobi_svd_cpu_twin(dtype, l):
+    a = torch.randn(5, l, l, dtype=torch.float64)
+    a[1] = a[1] * torch.logspace(0, -8, l, dtype=torch.float64)  # graded columns: small σ to relative accuracy
+    if l > 2:
+        a[2, :, -1] = 0  # an exactly singular matrix
+    u, s, v = torch.ops.keeplora.jacobi_svd(a.to(dtype))
+    assert u.dtype == s.dtype == v.dtype == dtype
+    exact = torch.linalg.svdvals(a)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert (s.double() - exact).abs().max() <= tol * exact.max()
+    assert torch.all(s[:, :-1] >= s[:, 1:])
+    rebuilt = (u.double() * s.double().unsqueeze(-2)) @ v.double().mT
+    assert (rebuilt - a).abs().max() <= tol * a.abs().max() * l
+    eye = torch.eye(l, dtype=torch.float64)
+    assert (v.double().mT @ v.double() - eye).abs().max() <= tol * l
+    nonzero = s.double() > tol * exact.max() * l
+    for i in range(5):
+        k = int(nonzero[i].sum())
+        ui = u[i, :, :k].double()
+        assert (ui.T @ ui - eye[:k, :k]).abs().max() <= tol * l * 10
+    if dtype == torch.float64:  # one-sided Jacobi: relative accuracy of the small singular values
+        assert ((s[1] - exact[1]).abs() / exact[1]).max() < 1e-8
+
+
+@_needs("rsvd")
+def test_rsvd_meta_shapes():
+    a = torch.empty(4, 70, 50, device="meta", dtype=torch.bfloat16)
+    p = torch.empty(4, 70, 6, device="meta")
+    u, s, v, info = torch.ops.keeplora.rsvd(a, 5, 8, 2, p, 0)
+    assert (u.shape, s.shape, v.shape, info.shape) == ((4, 70, 5), (4, 5), (4, 50, 5), (4,))
+    assert u.dtype == torch.float32 and info.dtype == torch.int32
+    with pytest.raises(RuntimeError, match="rank"):
+        torch.ops.keeplora.rsvd(a, 51, 8, 2, None, 0)
+
+
+@_needs("rsvd")
+def test_rsvd_op_validates_inputs():
+    with pytest.raises(RuntimeError, match="project_out"):
+        torch.ops.keeplora.rsvd(torch.randn(2, 10, 8), 2, 2, 1, torch.randn(2, 9, 3), 0)
+    with pytest.raises(RuntimeError, match="orthonormalize"):
+        torch.ops.keeplora.rsvd(torch.randn(2, 10, 8), 2, 2, 1, None, 0, "gram-schmidt")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA (a device and a CUDA build of the extension are needed; marked gpu).
+
+
+@pytest.mark.gpu
+@_needs("rsvd", "cuda")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rsvd_cuda_matches_cpu_without_host_sync(dtype):
+    torch.manual_seed(0)
+    spectrum = torch.tensor([0.8**i for i in range(96)], dtype=torch.float64)
+    u0 = torch.linalg.qr(torch.randn(6, 256, 96, dtype=torch.float64)).Q
+    v0 = torch.linalg.qr(torch.randn(6, 192, 96, dtype=torch.float64)).Q
+    a = ((u0 * spectrum) @ v0.mT).to(dtype)
+    p = torch.zeros(6, 256, 10)
+    p[:, :, :7] = torch.linalg.qr(torch.randn(6, 256, 7)).Q
+    a_cuda, p_cuda = a.cuda(), p.cuda()
+    torch.ops.keeplora.rsvd(a_cuda, 8, 8, 2, p_cuda, 3)  # warm-up (cuBLAS/cuSOLVER handles, allocator)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        u, s, v, info = torch.ops.keeplora.rsvd(a_cuda, 8, 8, 2, p_cuda, 3)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    u_c, s_c, v_c, _ = torch.ops.keeplora.rsvd(a, 8, 8, 2, p, 3)
+    assert (info.cpu() & 1).sum() == 0
+    tol = 1e-5 if dtype == torch.float32 else 1e-3  # bf16: CPU converts to fp32, CUDA uses the split bf16 GEMM
+    assert (s.cpu() - s_c).abs().max() <= tol * s_c.max()
+    assert ((u.cpu() * s.cpu().unsqueeze(-2)) @ v.cpu().mT - (u_c * s_c.unsqueeze(-2)) @ v_c.mT).abs().max() \
+        <= tol * s_c.max() * 10
+
+
+@pytest.mark.gpu
+@_needs("gaussian_sketch", "cuda")
+def test_sketch_cuda_equals_cpu():
+    cpu = torch.ops.keeplora.gaussian_sketch(torch.empty(0), 9, 4099, 40)
+    gpu = torch.ops.keeplora.gaussian_sketch(torch.empty(0, device="cuda"), 9, 4099, 40).cpu()
+    assert (gpu - cpu).abs().max() <= 1e-6 * cpu.abs().max()  # libm last-bit differences only
+
+
+@pytest.mark.gpu
+@_needs("jacobi_svd", "cuda")
+@pytest.mark.parametrize("l", [3, 24, 64, 130])  # 130 (fp64) does not fit shared memory: global workspace path
+def test_jacobi_svd_cuda_matches_cpu_twin(l):
+    a = torch.randn(37, l, l, dtype=torch.float64)
+    u, s, v = torch.ops.keeplora.jacobi_svd(a.cuda())
+    u_c, s_c, v_c = torch.ops.keeplora.jacobi_svd(a)
+    assert (s.cpu() - s_c).abs().max() <= 1e-12 * s_c.max()
+    assert ((u.cpu() * s.cpu().unsqueeze(-2)) @ v.cpu().mT - a).abs().max() <= 1e-11 * a.abs().max() * l
+
+
+@pytest.mark.gpu
+@_needs("principal_subspace", "cuda")
+def test_principal_subspace_cuda_matches_cpu():
+    w = [torch.randn(192, 128) * torch.logspace(0, -3, 128), torch.randn(128, 192)]
+    cpu = torch.ops.keeplora.principal_subspace(w, 0.9, True, False)
+    gpu = torch.ops.keeplora.principal_subspace([x.cuda() for x in w], 0.9, True, False)
+    for c, g in zip(cpu, gpu):
+        assert c.shape == g.shape
+        diff = c.double() @ c.double().T - g.cpu().double() @ g.cpu().double().T
+        assert torch.linalg.matrix_norm(diff, ord=2) < 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CI compile check of the CUDA sources (the CUDA path cannot rot on CPU-only machines).
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_every_cuda_source_compiles_for_sm90(tmp_path):
+    sources = sorted((ROOT / "csrc").rglob("*.cu"))
+    assert sources, "no .cu sources under csrc/"
+    for src in sources:
+        obj = tmp_path / (src.stem + ".o")
+        cmd = ["nvcc", "-gencode=arch=compute_90,code=sm_90", "-std=c++17", "-O3", "-Xcompiler", "-Wall",
+               "-c", str(src), "-o", str(obj)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"{src.relative_to(ROOT)} failed to compile:\n{done.stderr}"
+        assert obj.stat().st_size > 0
+
+
+def _nvcc_include_dir():
+    probe = subprocess.run(["nvcc", "--dryrun", "-c", "probe.cu"], capture_output=True, text=True, timeout=60)
+    for line in (probe.stdout + probe.stderr).splitlines():
+        if "INCLUDES=" in line and "SYSTEM" not in line:
+            return line.split('"')[1].removeprefix("-I")
+    return None
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("c++") is None, reason="nvcc or c++ missing")
+def test_cuda_glue_compiles_against_installed_torch_headers():
+    """csrc/cuda_glue.cpp (the ATen side of the CUDA kernels) is only compiled by CUDA builds; check its syntax
+    here against the installed torch headers. It uses c10/cuda only (no cuBLAS headers); a CPU wheel lacks the
+    generated cuda_cmake_macros.h, which C10_USING_CUSTOM_GENERATED_MACROS skips."""
+    from torch.utils.cpp_extension import include_paths
+
+    cuda_include = _nvcc_include_dir()
+    if cuda_include is None or not (Path(cuda_include) / "cuda_runtime.h").exists():
+        pytest.skip("CUDA runtime headers not found next to nvcc")
+    cmd = ["c++", "-std=c++17", "-fsyntax-only", "-DKEEPLORA_WITH_CUDA", "-DC10_USING_CUSTOM_GENERATED_MACROS",
+           *(f"-I{p}" for p in include_paths()), f"-I{cuda_include}", f"-I{ROOT / 'csrc'}",
+           str(ROOT / "csrc" / "cuda_glue.cpp")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
