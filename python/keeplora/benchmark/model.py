@@ -130,7 +130,10 @@ def load_encoder(name_or_path: str = DEFAULT_MODEL, kind: str = "auto", max_leng
     """Load a pretrained encoder and its tokenizer from a local directory (never from the network)."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPModel
 
+    from transformers.utils import logging as hf_logging
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    hf_logging.disable_progress_bar()  # one model load per method: keep the run's own progress bars readable
     path = resolve_model_path(name_or_path)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if kind == "auto":
