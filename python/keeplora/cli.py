@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Optional, Sequence
-
-# subcommand -> (help, issue that builds it) for those not built yet: they say so and exit non-zero.
-_NOT_BUILT: dict[str, tuple[str, int]] = {}
-
+from typing import Optional, Sequence
 
 def _benchmarks_module(name: str):
     """Import ``benchmarks.<name>`` from the source checkout this package runs from (benchmarks are not installed)."""
@@ -46,15 +42,6 @@ def cmd_bench(argv: list[str]) -> int:
 _PASSTHROUGH = {"profile": cmd_profile, "bench": cmd_bench}
 
 
-def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
-    def cmd(_args: argparse.Namespace) -> int:
-        print(f"keeplora {name}: not built yet (tracked in issue {_NOT_BUILT[name][1]}); nothing was run.",
-              file=sys.stderr)
-        return 2
-
-    return cmd
-
-
 def cmd_info(_args: argparse.Namespace) -> int:
     import torch
 
@@ -78,10 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="kernel microbenchmarks: keeplora bench {kernels,rsvd} [options]", add_help=False)
     sub.add_parser("profile", help="time and peak memory of a task lifecycle and training steps vs the authors' "
                                    "pipeline and PEFT LoRA (options: keeplora profile -h)", add_help=False)
-    for name, (help_text, _issue) in _NOT_BUILT.items():
-        p = sub.add_parser(name, help=f"{help_text} (not built yet)")
-        p.add_argument("args", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_not_built(name))
     return parser
 
 
