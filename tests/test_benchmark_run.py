@@ -227,13 +227,7 @@ def test_cli_missing_source_names_the_command(world, tmp_path):
     assert f"keeplora data fetch fortunes --cache {tmp_path / 'empty-cache'}" in proc.stderr
 
 
-def test_cli_registers_run_sweep_data_and_unbuilt_ones_say_so():
-    from keeplora.cli import _NOT_BUILT
-
-    assert "run" not in _NOT_BUILT
-    for name in _NOT_BUILT:
-        proc = _cli(name)
-        assert proc.returncode != 0 and "not built yet" in proc.stderr
+def test_cli_registers_run_sweep_data():
     for name, option in (("run", "--resume"), ("sweep", "--param"), ("data", "fetch")):
         proc = _cli(name, "--help")
         assert proc.returncode == 0 and option in proc.stdout
