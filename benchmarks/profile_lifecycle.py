@@ -27,10 +27,6 @@ from keeplora.baselines import AuthorsKeepLoRA
 METHODS = ("keeplora", "authors", "peft-lora")
 
 
-def _lm_loss(model, batch):
-    return model(**batch).loss
-
-
 def _setup(method: str, model, pm: ProfileModel, r: int, alpha: float):
     if method == "keeplora":
         return KeepLoRA(model, KeepLoRAConfig(target_modules=pm.targets, r=r, alpha=alpha, weight_energy=0.85,
@@ -64,7 +60,6 @@ def profile(model_spec: str, *, device: str = "cpu", dtype: str = "float32", bat
     dev = torch.device(device)
     torch.manual_seed(seed)
     pristine = pm.build().to(dtype=torch_dtype)
-    tokens_per_batch = batch * seq
     rows: list[dict[str, Any]] = []
     subspaces = {}
     for method in methods:
@@ -78,14 +73,15 @@ def profile(model_spec: str, *, device: str = "cpu", dtype: str = "float32", bat
         begin, end, step_times, step_peaks = [], [], [], []
         for task in range(tasks):
             data = pm.batches(batches_per_task, batch, seq, dev, seed=seed + 100 * task)
+            tokens_per_batch = _tokens(data[0])
             if method != "peft-lora":
-                begin.append(time_and_memory(lambda: handle.begin_task(data, _lm_loss), device=dev))
+                begin.append(time_and_memory(lambda: handle.begin_task(data, pm.loss), device=dev))
                 if task == 0:
                     subspaces[method] = _adapter_subspaces(method, handle)
             model.train()
 
             def step(b=data[0]):
-                _lm_loss(model, b).backward()
+                pm.loss(model, b).backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
@@ -93,7 +89,7 @@ def profile(model_spec: str, *, device: str = "cpu", dtype: str = "float32", bat
             step_times.append(time_fn(step, device=dev, warmup=0, repeats=steps).median_ms)
             step_peaks.append(time_and_memory(step, device=dev)[1])
             if method != "peft-lora":
-                end.append(time_and_memory(lambda: handle.end_task(data, _lm_loss), device=dev))
+                end.append(time_and_memory(lambda: handle.end_task(data, pm.loss), device=dev))
         step_ms = statistics.median(step_times)
         rows.append(dict(method=method, phase="train_step", time_ms=step_ms, peak_mb=max(step_peaks) / 2**20,
                          tokens_per_s=tokens_per_batch / (step_ms / 1e3)))
@@ -117,7 +113,8 @@ def profile(model_spec: str, *, device: str = "cpu", dtype: str = "float32", bat
         if base and row["method"] != "keeplora":
             row["time_vs_keeplora"] = row["time_ms"] / base["time_ms"]
             row["memory_vs_keeplora"] = row["peak_mb"] / max(base["peak_mb"], 1e-9)
-        row.update(model=model_spec, device_kind=dev.type, dtype=dtype, batch=batch, seq=seq, r=r)
+        row.update(model=model_spec, device_kind=dev.type, dtype=dtype, batch=batch, tokens_per_batch=tokens_per_batch,
+                   r=r)
     if "keeplora" in subspaces and "authors" in subspaces:
         worst = 0.0
         for name, a in subspaces["keeplora"].items():
@@ -132,6 +129,11 @@ def profile(model_spec: str, *, device: str = "cpu", dtype: str = "float32", bat
 
 
 _holder: dict[int, Any] = {}
+
+
+def _tokens(batch) -> int:
+    ids = batch["input_ids"] if isinstance(batch, dict) else batch.input_ids
+    return int(ids.numel())
 
 COLUMNS = ["method", "phase", "time_ms", "peak_mb", "tokens_per_s", "time_vs_keeplora", "memory_vs_keeplora"]
 
@@ -166,7 +168,8 @@ def main(argv=None, prog: str = "keeplora profile") -> int:
                steps=args.steps, tasks=args.tasks, batches_per_task=args.batches_per_task, r=args.rank,
                methods=methods)
     env = environment()
-    print(f"\nprofile: {args.model}, {args.device} ({env['device']}), {dtype}, batch {args.batch}×{args.seq}, "
+    print(f"\nprofile: {args.model}, {args.device} ({env['device']}), {dtype}, batch {args.batch} "
+          f"({rows[0]['tokens_per_batch']} tokens), "
           f"r={args.rank}, torch {env['torch']}, git {env['git_sha']}")
     print_table(rows, COLUMNS)
     return 0

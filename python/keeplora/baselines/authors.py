@@ -9,7 +9,9 @@ It computes the same algorithm as :class:`keeplora.KeepLoRA` the way the researc
 * one ``torch.svd_lowrank(q=4r, niter=4)`` per matrix, in a Python loop;
 * LoRA layers computing ``base(x) + (x @ A @ B) * s`` (three kernels and an add; x is kept for backward);
 * memory update from the batch-summed feature sketch ``Σ_b X_bᵀ`` (``d_in × tokens per batch``; batches must have
-  equal token counts) with two full ``torch.linalg.svd`` per matrix and a Python loop over singular values.
+  equal token counts) with two full ``torch.linalg.svd`` per matrix and a Python loop over singular values. A module
+  that sees inputs of several token counts per batch (e.g. texts and label prompts through one encoder) keeps one
+  sketch per count, placed side by side.
 
 The pre-trained subspace uses the input side and the non-strict energy rule, like ours, so the two produce
 comparable bases; the departures of the research code listed in keeplora.md are *not* reproduced here.
@@ -119,19 +121,19 @@ class AuthorsKeepLoRA:
                 layer.base.weight += (self.scale * (layer.lora_A @ layer.lora_B).t()).to(layer.weight.dtype)
                 layer.lora_A.zero_()
                 layer.lora_B.zero_()
-        sketches: dict[str, torch.Tensor] = {}
+        sketches: dict[str, dict[int, torch.Tensor]] = {}  # module -> {tokens per call: d_in × tokens sketch}
         tokens = {"n": 0}
 
         def hook(name):
             def fn(_m, args, _o):
                 x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-                if name not in sketches:
-                    sketches[name] = torch.zeros(x.shape[1], x.shape[0], device=x.device)
-                width = sketches[name].shape[1]
-                if x.shape[0] != width:
-                    raise ValueError("the research code's feature sketch needs equal tokens per batch "
-                                     f"({x.shape[0]} vs {width})")
-                sketches[name] += x.t()
+                per_count = sketches.setdefault(name, {})
+                if x.shape[0] not in per_count:
+                    if per_count and tokens["n"] > 0:
+                        raise ValueError("the research code's feature sketch needs equal tokens per batch "
+                                         f"(a call with {x.shape[0]} tokens after {sorted(per_count)})")
+                    per_count[x.shape[0]] = torch.zeros(x.shape[1], x.shape[0], device=x.device)
+                per_count[x.shape[0]] += x.t()
             return fn
 
         handles = [layer.register_forward_hook(hook(n)) for n, layer in self.layers.items()]
@@ -142,7 +144,8 @@ class AuthorsKeepLoRA:
                 tokens["n"] += 1
         for h in handles:
             h.remove()
-        for name, sketch in sketches.items():  # two full SVDs per matrix and a Python loop, as in GPM
+        for name, per_count in sketches.items():  # two full SVDs per matrix and a Python loop, as in GPM
+            sketch = torch.cat([per_count[c] for c in sorted(per_count)], 1)
             basis = self.bases[name]
             activation = sketch / max(1, tokens["n"])
             _, s, _ = torch.linalg.svd(activation, full_matrices=False)
