@@ -107,3 +107,34 @@ def test_gradient_memory_source_grows_the_basis():
     for n in grew:
         p = kl.bases[n]
         torch.testing.assert_close(p.t() @ p, torch.eye(p.shape[1]), atol=1e-5, rtol=0)
+
+
+def test_memory_bounded_batches_give_the_same_lifecycle(monkeypatch):
+    """Cutting the batched SVD / eigen calls into one-matrix batches changes nothing but the peak memory."""
+    results = []
+    for budget in (None, "1"):
+        if budget is None:
+            monkeypatch.delenv("KEEPLORA_BATCH_BYTES", raising=False)
+        else:
+            monkeypatch.setenv("KEEPLORA_BATCH_BYTES", budget)
+        case, model, kl = make("llama", feature_energy=0.9, svd_method="randomized", svd_oversample=4)
+        data = case.batches()
+        kl.begin_task(data, case.loss)
+        a = {n: layer.lora_A[kl.adapter_name].weight.clone() for n, layer in kl.layers.items()}
+        kl.end_task(data, case.loss)
+        results.append((a, {n: p.clone() for n, p in kl.bases.items()}))
+    (a1, p1), (a2, p2) = results
+    for n in a1:
+        torch.testing.assert_close(a2[n], a1[n], rtol=1e-5, atol=1e-6)
+        assert p1[n].shape == p2[n].shape
+        torch.testing.assert_close(p2[n], p1[n], rtol=1e-5, atol=1e-5)
+
+
+def test_batch_budget_is_validated(monkeypatch):
+    from keeplora.batching import bounded_batches
+
+    monkeypatch.setenv("KEEPLORA_BATCH_BYTES", "lots")
+    with pytest.raises(ValueError, match="KEEPLORA_BATCH_BYTES must be a positive integer"):
+        list(bounded_batches([1, 2], 8))
+    monkeypatch.setenv("KEEPLORA_BATCH_BYTES", "16")
+    assert list(bounded_batches([1, 2, 3], 8)) == [[1, 2], [3]]

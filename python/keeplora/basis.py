@@ -8,6 +8,8 @@ import torch
 
 import keeplora_kernels as kk
 
+from .batching import bounded_batches
+
 
 def orthonormalize_against(block: torch.Tensor, basis: torch.Tensor, *, fill_to: Optional[int] = None,
                            generator: Optional[torch.Generator] = None, tol: float = 1e-6) -> torch.Tensor:
@@ -73,8 +75,9 @@ def expand_basis(basis: torch.Tensor, second_moment: torch.Tensor, energy: float
 
 def expand_bases(bases: dict[str, torch.Tensor], moments: dict[str, torch.Tensor],
                  energy: float) -> dict[str, torch.Tensor]:
-    """:func:`expand_basis` for many modules: one batched projection and eigendecomposition per input size
-    (bases of one size are zero-padded to a common width; zero columns do not change ``P·Pᵀ``)."""
+    """:func:`expand_basis` for many modules: one batched projection and eigendecomposition per input size, in
+    memory-bounded batches (bases of one size are zero-padded to a common width; zero columns do not change
+    ``P·Pᵀ``)."""
     out = dict(bases)
     if energy <= 0:
         return out
@@ -83,7 +86,9 @@ def expand_bases(bases: dict[str, torch.Tensor], moments: dict[str, torch.Tensor
         d, k = basis.shape
         if k < d and bool(torch.trace(moments[name]) > 0):
             by_size.setdefault(d, []).append(name)
-    for d, names in by_size.items():
+    batches = [(d, names) for d, group in by_size.items()
+               for names in bounded_batches(group, 4 * d * d * bases[group[0]].element_size())]  # ~4 d×d copies
+    for d, names in batches:
         dtype, device = bases[names[0]].dtype, bases[names[0]].device
         width = max(bases[n].shape[1] for n in names)
         padded = torch.zeros(len(names), d, width, dtype=dtype, device=device)

@@ -26,6 +26,7 @@ import keeplora_kernels as kk
 from . import checkpoint, distributed
 from .adapters import attach_adapters, check_shapes, freeze_adapters, resolve_targets, unwrap_model
 from .basis import expand_bases, orthonormalize_against, random_residual_directions
+from .batching import bounded_batches
 from .config import KeepLoRAConfig
 from .statistics import EmptyDataError, LossFn, collect_second_moments, estimate_gradients
 
@@ -212,7 +213,7 @@ class KeepLoRA:
 
     # ------------------------------------------------------------------ internals
     def _pretrained_bases(self) -> dict[str, torch.Tensor]:
-        """Principal input subspace of every target's pre-trained weight, one batched call per ε_w value, computed
+        """Principal input subspace of every target's pre-trained weight, batched per ε_w value, computed
         on every rank and then taken from rank 0 (a sharded weight is gathered first)."""
         official = self.config.weight_subspace == "official-clip"
         by_energy: dict[float, list[str]] = defaultdict(list)
@@ -220,12 +221,14 @@ class KeepLoRA:
             by_energy[self.config.weight_energy_for(name)].append(name)
         bases = {}
         with distributed.failures_shared("principal subspaces of the pre-trained weights"):
-            for energy, names in by_energy.items():
-                weights = [distributed.full_tensor(self.layers[n].base_layer.weight.detach()) for n in names]
-                found = kk.principal_subspace(weights, energy, side="output" if official else "input",
-                                              strict=official)
-                for name, basis in zip(names, found):
-                    bases[name] = basis.to(device=self.device, dtype=self.config.torch_stats_dtype).contiguous()
+            for energy, group in by_energy.items():
+                biggest = max(self.layers[n].base_layer.weight.numel() for n in group)
+                for names in bounded_batches(group, 8 * biggest):  # the fp64 work copies dominate
+                    weights = [distributed.full_tensor(self.layers[n].base_layer.weight.detach()) for n in names]
+                    found = kk.principal_subspace(weights, energy, side="output" if official else "input",
+                                                  strict=official)
+                    for name, basis in zip(names, found):
+                        bases[name] = basis.to(device=self.device, dtype=self.config.torch_stats_dtype).contiguous()
         return dict(zip(self.layers, distributed.sync_from_rank0([bases[n] for n in self.layers])))
 
     def _adapter_factors(self, grads: Optional[dict[str, torch.Tensor]]
@@ -261,7 +264,8 @@ class KeepLoRA:
         return factors
 
     def _residual_singular_vectors(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Top left singular vectors of ``Ĝ = (I − P·Pᵀ)·Gᵀ`` per target, batched over same-shaped targets.
+        """Top left singular vectors of ``Ĝ = (I − P·Pᵀ)·Gᵀ`` per target, batched over same-shaped targets (in
+        memory-bounded batches, see :mod:`keeplora.batching`).
 
         Bases of one shape group are zero-padded to a common width (zero columns do not change ``P·Pᵀ``).
         """
@@ -270,7 +274,10 @@ class KeepLoRA:
         for name, layer in self.layers.items():
             groups[(layer.in_features, layer.out_features)].append(name)
         out = {}
-        for (d_in, d_out), names in groups.items():
+        item_bytes = torch.finfo(cfg.torch_stats_dtype).bits // 8
+        batches = [(shape, names) for shape, group in groups.items()
+                   for names in bounded_batches(group, item_bytes * shape[0] * shape[1])]
+        for (d_in, d_out), names in batches:
             rank = min(cfg.r, d_in, d_out)
             width = max(self.bases[n].shape[1] for n in names)
             padded = torch.zeros(len(names), d_in, width, device=self.device, dtype=cfg.torch_stats_dtype)
