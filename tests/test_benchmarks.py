@@ -51,3 +51,14 @@ def test_gpu_script_dry_mode(tmp_path):
     assert set(summary["status"]) == {"environment", "bench_kernels", "bench_rsvd", "profile"}
     assert (out / "environment.json").is_file() and (out / "profile_lifecycle.csv").is_file()
     assert proc.stdout.strip().splitlines()[-1]  # the table prints last
+
+
+def test_plot_script_draws_the_result_csvs(tmp_path):
+    from benchmarks import plot
+    from benchmarks.profile_lifecycle import run
+
+    run(tmp_path, model_spec=TINY, batch=2, seq=16, steps=1, tasks=1, batches_per_task=2, r=4,
+        methods=("keeplora", "peft-lora"))
+    assert plot.main(["--results", str(tmp_path)]) == 0
+    pngs = list(tmp_path.glob("profile_*.png"))
+    assert len(pngs) == 1 and pngs[0].stat().st_size > 10_000
