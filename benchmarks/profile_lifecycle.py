@@ -65,9 +65,9 @@ def profile(model_spec: str, *, device: str = "cpu", dtype: str = "float32", bat
     for method in methods:
         model = copy.deepcopy(pristine).to(dev)
         gc.collect()
-        ms, peak = time_and_memory(lambda: _holder.__setitem__(0, _setup(method, model, pm, r, float(r))),
-                                   device=dev)
-        handle = _holder[0]
+        made = {}
+        ms, peak = time_and_memory(lambda: made.update(handle=_setup(method, model, pm, r, float(r))), device=dev)
+        handle = made.pop("handle")
         rows.append(dict(method=method, phase="setup", time_ms=ms, peak_mb=peak / 2**20))
         opt = torch.optim.AdamW(_trainable(method, handle), lr=1e-4)
         begin, end, step_times, step_peaks = [], [], [], []
@@ -103,7 +103,6 @@ def profile(model_spec: str, *, device: str = "cpu", dtype: str = "float32", bat
                              tokens_per_s=batches_per_task * tokens_per_batch / (statistics.median(
                                  t for t, _ in end) / 1e3)))
         del model, handle, opt
-        _holder.clear()
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -126,9 +125,6 @@ def profile(model_spec: str, *, device: str = "cpu", dtype: str = "float32", bat
             if row["method"] == "authors" and row["phase"] == "begin_task":
                 row["adapter_subspace_max_sine_vs_keeplora"] = worst
     return rows
-
-
-_holder: dict[int, Any] = {}
 
 
 def _tokens(batch) -> int:

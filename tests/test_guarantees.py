@@ -145,18 +145,25 @@ def _reference_gradients(case, model, kl, data):
     return {n: t / len(data) for n, t in total.items()}
 
 
+def _residual_gradients(case, model, kl, data):
+    """``Ĝ = (I − PPᵀ)·Gᵀ`` per target with the bases before begin_task, from the autograd gradients."""
+    grads = _reference_gradients(case, model, kl, data)
+    out = {}
+    for name, p in kl.bases.items():
+        p = p.double()
+        out[name] = grads[name].t() - p @ (p.t() @ grads[name].t())
+    return out
+
+
 @pytest.mark.parametrize("case_name", ["bert", "clip"])
 def test_adapter_maximises_the_projected_gradient(case_name):
     """Prop. 3.2: A spans the top-r left singular subspace of Ĝ = (I − PPᵀ)·Gᵀ, and B = Aᵀ·Ĝ."""
     case = CASES[case_name]
     model, kl = make(case, svd_method="exact")
     data = case.batches()
-    grads = _reference_gradients(case, model, kl, data)
-    bases = {n: p.double() for n, p in kl.bases.items()}
+    residuals = _residual_gradients(case, model, kl, data)
     kl.begin_task(data, case.loss)
-    for name in kl.layers:
-        p = bases[name]
-        residual = grads[name].t() - p @ (p.t() @ grads[name].t())
+    for name, residual in residuals.items():
         u, s, _ = torch.linalg.svd(residual)
         a, b = adapter(kl, name)
         r = a.shape[1]
@@ -172,12 +179,9 @@ def test_randomized_svd_init_captures_the_projected_gradient():
     case = CASES["bert"]
     model, kl = make(case, svd_method="randomized", svd_oversample=4, svd_power_iters=4)
     data = case.batches()
-    grads = _reference_gradients(case, model, kl, data)
-    bases = {n: p.double() for n, p in kl.bases.items()}
+    residuals = _residual_gradients(case, model, kl, data)
     kl.begin_task(data, case.loss)
-    for name in kl.layers:
-        p = bases[name]
-        residual = grads[name].t() - p @ (p.t() @ grads[name].t())
+    for name, residual in residuals.items():
         s = torch.linalg.svdvals(residual)
         a, _ = adapter(kl, name)
         captured = torch.linalg.matrix_norm(a.t() @ residual) ** 2

@@ -63,21 +63,16 @@ def _orthonormalize_columns(v: torch.Tensor, basis: torch.Tensor, want: int,
     return out[:, :n]
 
 
-def expand_basis(basis: torch.Tensor, second_moment: torch.Tensor, energy: float) -> torch.Tensor:
-    """Grow P by the GPM energy rule of the spec and return the new basis (``d × (k + added)``, ≤ d columns).
+def expand_bases(bases: dict[str, torch.Tensor], moments: dict[str, torch.Tensor],
+                 energy: float) -> dict[str, torch.Tensor]:
+    """Grow each P by the GPM energy rule of the spec; returns the new bases (``d × (k + added)``, ≤ d columns).
 
     ``total = trace(C)``; ``C_r = (I − P·Pᵀ)·C·(I − P·Pᵀ)``; eigenpairs ``(λ_i, u_i)`` of ``C_r``, descending;
     ``captured = (total − trace(C_r)) / total``; append ``u_1, u_2, …`` while ``captured < energy``
-    (``captured += λ_i / total`` after each). Equals the SVD rule on the stacked feature matrix.
+    (``captured += λ_i / total`` after each). Equals the SVD rule on the stacked feature matrix. One batched
+    projection and eigendecomposition per input size, in memory-bounded batches (bases of one size are zero-padded
+    to a common width; zero columns do not change ``P·Pᵀ``).
     """
-    return expand_bases({"": basis}, {"": second_moment}, energy)[""]
-
-
-def expand_bases(bases: dict[str, torch.Tensor], moments: dict[str, torch.Tensor],
-                 energy: float) -> dict[str, torch.Tensor]:
-    """:func:`expand_basis` for many modules: one batched projection and eigendecomposition per input size, in
-    memory-bounded batches (bases of one size are zero-padded to a common width; zero columns do not change
-    ``P·Pᵀ``)."""
     out = dict(bases)
     if energy <= 0:
         return out

@@ -258,8 +258,8 @@ class KeepLoRA:
             else:
                 a[:, :rank] = random_residual_directions(basis, rank, generator)
             if cfg.b_init == "gradient":
-                residual = kk.residual_project(grads[name].t().contiguous(), basis)  # Ĝ = (I − PPᵀ)·Gᵀ
-                b = a.t() @ residual
+                # Aᵀ·Ĝ = Aᵀ·Gᵀ − (Aᵀ·P)·(Pᵀ·Gᵀ) = Aᵀ·Gᵀ because A ⟂ P: Ĝ (d_in × d_out) is never formed
+                b = a.t() @ grads[name].t()
             factors[name] = (a, b)
         return factors
 
