@@ -1,10 +1,20 @@
 #!/usr/bin/env bash
 # Run on a lent GPU machine (device tool), from the repository root:
-#   bash benchmarks/gpu_check.sh            # writes everything under $OUT, prints the summary table last
+#   bash benchmarks/gpu_check.sh            # results under $OUT, the summary table printed last
 # Uses the machine's preinstalled torch/triton/transformers/peft; nothing is installed there.
+# Everything is written to a work folder first and bundled at the end: the device returns at most 8 files,
+# so $OUT gets gpu_check.tar.gz (all logs and CSVs) and summary.json (also inside the bundle).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-export OUT=${OUT:-$PWD/gpu_check_out} PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+OUT=${OUT:-$PWD/gpu_check_out}
+WORK=${GPU_CHECK_WORK:-$(mktemp -d)}
+PY=$(command -v python3 || command -v python)
+export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
-timeout 470 python benchmarks/gpu_check.py --out "$OUT" "$@"
+mkdir -p "$OUT" "$WORK"
+nvidia-smi > "$WORK/nvidia-smi.txt" 2>&1 || true
+timeout "${GPU_CHECK_TIMEOUT:-470}" "$PY" benchmarks/gpu_check.py --out "$WORK" "$@"
+rc=$?
+git rev-parse HEAD > "$WORK/git_sha.txt" 2>/dev/null || true
+tar czf "$OUT/gpu_check.tar.gz" -C "$WORK" . && cp "$WORK/summary.json" "$OUT/" 2>/dev/null
+exit $rc
