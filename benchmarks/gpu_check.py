@@ -106,7 +106,7 @@ def step_gpu_tests(out: Path, dry: bool) -> list[dict[str, Any]]:
     return [dict(op="gpu tests", note=tail[0], rc=rc)]
 
 
-def _bench_step(module: str) -> Callable[[Path, bool], list[dict[str, Any]]]:
+def _bench_step(module: str, **extra) -> Callable[[Path, bool], list[dict[str, Any]]]:
     def step(out: Path, dry: bool) -> list[dict[str, Any]]:
         try:
             mod = importlib.import_module(f"benchmarks.{module}")
@@ -114,7 +114,7 @@ def _bench_step(module: str) -> Callable[[Path, bool], list[dict[str, Any]]]:
             if exc.name == f"benchmarks.{module}":
                 return [dict(op=module, note="not in this checkout")]
             raise
-        return mod.run(out, quick=True, smoke=dry)  # the GPU script's subset; dry: tiny shapes
+        return mod.run(out, quick=True, smoke=dry, **extra)  # the GPU script's subset; dry: tiny shapes
 
     return step
 
@@ -126,11 +126,12 @@ def step_profile(out: Path, dry: bool) -> list[dict[str, Any]]:
 
     if dry or not torch.cuda.is_available():
         kwargs = dict(model_spec="llama:d=64,layers=1,heads=4,ff=128,vocab=128", device="cpu", dtype="float32",
-                      batch=2, seq=16, steps=2, tasks=1, batches_per_task=2, r=4)
+                      batch=2, seq=16, steps=2, tasks=1, batches_per_task=2, r=4, warmup_task=True)
     else:  # Llama-7B-like width, two layers, bf16, 8192 tokens per step
         kwargs = dict(model_spec="llama:d=4096,layers=2,heads=32,ff=11008,vocab=1024,max_pos=8192",
                       device="cuda", dtype="bfloat16", batch=1, seq=8192, steps=5, tasks=1, batches_per_task=4, r=16)
-    rows = profile_lifecycle.run(out, **kwargs)
+    # timed after one untimed warm-up task per method (JIT, library set-up); one traced keeplora task at the end
+    rows = profile_lifecycle.run(out, trace_dir=out, **kwargs)
     return [dict(op=f"{r['method']} {r['phase']}", time_ms=r["time_ms"], peak_mb=r["peak_mb"],
                  ratio=r.get("time_vs_keeplora", "")) for r in rows]
 
@@ -140,7 +141,7 @@ STEPS: dict[str, Callable[[Path, bool], list[dict[str, Any]]]] = {
     "build_extension": step_build_extension,
     "gpu_tests": step_gpu_tests,
     "bench_kernels": _bench_step("bench_kernels"),
-    "bench_rsvd": _bench_step("bench_rsvd"),
+    "bench_rsvd": _bench_step("bench_rsvd", trace=True),
     "profile": step_profile,
 }
 
