@@ -115,8 +115,24 @@ def lora_providers(w, b, a, lb, scale, low_dtype) -> dict[str, tuple[Callable, O
         layer, lb_peft = _peft_layer(w, b, a, lb, scale, adapter_dtype)
         providers[f"peft-{str(adapter_dtype).split('.')[-1]}"] = (layer, lb_peft)
     providers["unfused"] = (lambda x: kk.lora_linear_unfused(x, w, b, a, lb_unf, scale), lb_unf)
-    providers["ours"] = (lambda x: kk.lora_linear(x, w, b, a, lb_ours, scale), lb_ours)
+    providers["ours"] = (lambda x: kk.lora_linear(x, w, b, a, lb_ours, scale), lb_ours)  # the automatic choice
+    if _triton_forced_differs("lora_linear", w.device, w.dtype, w.dtype, a.dtype, lb.dtype):
+        lb_tri = lb.detach().clone().requires_grad_()
+        triton_fn = _dispatch.implementation("lora_linear", "triton")
+        providers["ours-triton"] = (lambda x: triton_fn(x, w, b, a, lb_tri, scale), lb_tri)
     return providers
+
+
+def _triton_forced_differs(op: str, device: torch.device, *dtypes: torch.dtype) -> bool:
+    """Whether a forced-Triton provider adds a row: Triton can run here and is not already the automatic choice."""
+    return ("triton" in _dispatch.implemented(op) and _dispatch.triton_runs(device, dtypes)
+            and _dispatch.select(op, device, *dtypes) != "triton")
+
+
+def _backend(name: str, op: str, device: torch.device, *dtypes: torch.dtype) -> str:
+    if name.endswith("-triton"):
+        return "triton"
+    return _dispatch.select(op, device, *dtypes) if name.startswith("ours") else "torch"
 
 
 def _saved_activation_bytes(fn: Callable[[], Any], weights: list[torch.Tensor]) -> int:
@@ -183,7 +199,7 @@ def bench_lora(bench: _Bench, shapes, dtype) -> None:
         for name, (fwd, lb_param) in lora_providers(w, b, a, lb, scale, dtype).items():
             xg = x.detach().clone().requires_grad_()
             params = (xg,) if lb_param is None else (xg, lb_param)
-            backend = _dispatch.select("lora_linear", dev) if name == "ours" else "torch"
+            backend = _backend(name, "lora_linear", dev, dtype, w.dtype, a.dtype, lb.dtype)
             y = fwd(xg)
             grads = torch.autograd.grad(y, params, dy)
             err = None
@@ -234,12 +250,15 @@ def bench_qkv(bench: _Bench, shape, dtype) -> None:
                                          for w, b, a, lb in zip(ws, bs, as_, lbs)),
         "ours-shared": lambda x_: kk.lora_linear_shared(x_, ws, bs, as_, lbs, [scale] * 3),
     }
+    if _triton_forced_differs("lora_linear_shared", dev, dtype, dtype, torch.float32, torch.float32):
+        shared_triton = _dispatch.implementation("lora_linear_shared", "triton")
+        providers["ours-shared-triton"] = lambda x_: shared_triton(x_, ws, bs, as_, lbs, [scale] * 3)
     base_times, unfused_times = {}, {}
     for name, fwd in providers.items():
         xg = x.detach().clone().requires_grad_()
         params = (xg,) if name == "base" else (xg, *lbs)
-        backend = "torch" if not name.startswith("ours") else \
-            _dispatch.select("lora_linear_shared" if name == "ours-shared" else "lora_linear", dev)
+        backend = _backend(name, "lora_linear_shared" if "shared" in name else "lora_linear", dev,
+                           dtype, dtype, torch.float32, torch.float32)
         ys = fwd(xg)
         fns = {
             "forward": lambda: fwd(xg),
@@ -278,11 +297,14 @@ def bench_project(bench: _Bench, shapes) -> None:
             "ours": lambda: kk.residual_project(g, basis),
             "ours-inplace": lambda: kk.residual_project(work, basis, inplace=True),
         }
+        if _triton_forced_differs("residual_project", dev, dtype, basis.dtype):
+            project_triton = _dispatch.implementation("residual_project", "triton")
+            providers["ours-triton"] = lambda: project_triton(g, basis, inplace=False)
         for name, fn in providers.items():
             err = _rel_err(fn() if name != "ours-inplace" else kk.residual_project(g.clone(), basis, inplace=True),
                            exact)
             t = bench.time(fn)
-            backend = _dispatch.select("residual_project", dev) if name.startswith("ours") else "torch"
+            backend = _backend(name, "residual_project", dev, dtype, basis.dtype)
             bench.add(op="residual_project", shape=f"d={d},n={n},k={k}", dtype=dt, provider=name, backend=backend,
                       mode="forward", time_ms=t, floor_ms=floor, peak_MB=round(bench.peak_mb(fn), 2),
                       max_rel_err=float(f"{err:.3g}"))
@@ -313,7 +335,7 @@ def bench_moment(bench: _Bench, shapes, dtype) -> None:
                 continue
             err = None if name == "addmm-out-dtype" else _rel_err(acc, exact)  # addmm ignores the mask
             t = bench.time(lambda: update(acc))
-            backend = _dispatch.select("second_moment_update", dev) if name == "ours" else "torch"
+            backend = _backend(name, "second_moment_update", dev, dtype, torch.float32)
             bench.add(op="second_moment", shape=f"N={n},d={d}", dtype=str(dtype).split(".")[-1], provider=name,
                       backend=backend, mode="forward", time_ms=t, floor_ms=floor,
                       peak_MB=round(bench.peak_mb(lambda: update(acc)), 2),

@@ -15,6 +15,11 @@ mkdir -p "$OUT" "$WORK"
 nvidia-smi > "$WORK/nvidia-smi.txt" 2>&1 || true
 timeout "${GPU_CHECK_TIMEOUT:-470}" "$PY" benchmarks/gpu_check.py --out "$WORK" "$@"
 rc=$?
-git rev-parse HEAD > "$WORK/git_sha.txt" 2>/dev/null || true
+# The device's .git is the session's starting commit plus the working tree as uncommitted changes, so the sha in the
+# rows reads "<start>-dirty". The tree hash of the files that ran identifies the commit: compare it with
+# `git rev-parse <commit>^{tree}` where the run was launched.
+{ git rev-parse HEAD; idx=$(mktemp); cp .git/index "$idx" 2>/dev/null
+  GIT_INDEX_FILE=$idx git add -A . 2>/dev/null && echo "tree $(GIT_INDEX_FILE=$idx git write-tree)"; rm -f "$idx"
+} > "$WORK/git_sha.txt" 2>/dev/null || true
 tar czf "$OUT/gpu_check.tar.gz" -C "$WORK" . && cp "$WORK/summary.json" "$OUT/" 2>/dev/null
 exit $rc

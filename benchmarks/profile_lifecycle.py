@@ -5,10 +5,12 @@ Per method and phase (setup, begin_task, train_step, end_task): wall time (media
 beyond the model (CUDA max allocated; CPU resident high-water mark), tokens per second, and the ratio of the
 baseline to KeepLoRA. A sanity column checks that KeepLoRA and the authors' pipeline chose the same adapter subspace.
 
-``warmup_task`` (default on CUDA) runs one short untimed task per method before the timed ones: otherwise the first
-begin_task/end_task pays Triton's JIT compiles and the CUDA libraries' first-use set-up, which the first method in
-the list absorbs for every other (the first H200 run measured keeplora's cold begin_task at 5.1 s). The timed tasks
-then start from one learned task, the steady state of a continual run. ``trace_dir`` writes torch.profiler tables
+``warmup_task`` (default on CUDA) runs one untimed one-batch task per method (batches of the timed shape, so that
+the same kernels are compiled) before the timed ones: otherwise the first begin_task/end_task pays Triton's JIT
+compiles and the CUDA libraries' first-use set-up, which the first method in the list absorbs for every other (the
+first H200 run measured keeplora's cold begin_task at 5.1 s; with a 512-token warm-up, 0.88 s timed against
+0.36 s for a later, profiled one). The timed tasks then start from one learned task, the steady state of a
+continual run. ``trace_dir`` writes torch.profiler tables
 of one more keeplora task (begin_task, end_task), untimed, to show where the time goes.
 
     python -m benchmarks.profile_lifecycle --model llama:d=256,layers=2 --batch 4 --seq 128
@@ -82,7 +84,7 @@ def profile(model_spec: str, *, device: str = "cpu", dtype: str = "float32", bat
         opt = torch.optim.AdamW(_trainable(method, handle), lr=1e-4)
         begin, end, step_times, step_peaks = [], [], [], []
         if warmup_task and method != "peft-lora":  # untimed: JIT compiles and first-use set-up (module docstring)
-            short = pm.batches(1, batch, min(seq, 512), dev, seed=seed + 99)
+            short = pm.batches(1, batch, seq, dev, seed=seed + 99)  # one batch of the timed shape: same JIT keys
             handle.begin_task(short, pm.loss)
             handle.end_task(short, pm.loss)
         for task in range(tasks):

@@ -1,10 +1,14 @@
 """The one place that decides which implementation runs each op.
 
 Order of preference for ``KEEPLORA_BACKEND=auto`` (the default): the compiled extension when it is loaded and
-implements the op for the tensor's device, then Triton for CUDA tensors, then the pure-PyTorch reference.
+implements the op for the tensor's device, then Triton for CUDA tensors where it measured faster than the
+PyTorch path (``TRITON_AUTO_ON_CUDA``), then the pure-PyTorch reference.
 ``KEEPLORA_BACKEND=reference|triton|extension`` forces that path for every op that has it (and raises if it cannot
 run, e.g. triton on a CPU tensor without ``TRITON_INTERPRET=1``); ops without it keep the automatic choice, so the
 whole engine runs under a forced backend. Tests use ``triton`` on CPU together with ``TRITON_INTERPRET=1``. Nothing here touches CUDA at import time.
+
+Triton compiles no float64 ``tl.dot`` for a GPU (triton 3.6 on an H200: an assertion in its dot lowering; the
+interpreter does run it), so on CUDA, ops whose operands include float64 take the reference path.
 """
 
 from __future__ import annotations
@@ -68,13 +72,40 @@ def requested_backend() -> str:
     return value
 
 
-def select(op: str, device: torch.device) -> str:
-    """Return the backend that runs ``op`` for tensors on ``device``."""
+TRITON_GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what Triton's dot compiles for a GPU
+
+# op -> data-operand dtypes for which the automatic choice on CUDA is Triton. Measured side by side on an H200
+# (benchmarks/results/h200/bench_kernels.csv, triton 3.6, torch 2.11); elsewhere the kernels stay available under
+# KEEPLORA_BACKEND=triton until tuned:
+#   second_moment_update, bf16 N=8192 d=4096: 0.45 ms vs 5.46 ms for the reference (fp32 upcast + masked addmm);
+#   residual_project, d=n=4096 k=64: bf16 0.27 vs 0.31 ms with no temporaries (chosen); fp32 0.38 vs 0.18 ms (not);
+#   lora_linear, bf16 train step: 1.23 vs 1.08 ms (unfused PyTorch) at T=8192 d=4096 r=16, 1.14 vs 0.38 ms at
+#   T=12608 d=768: slower than cuBLAS, so not chosen (the PyTorch path keeps only s = x·Aᵀ for backward too).
+TRITON_AUTO_ON_CUDA: dict[str, tuple[torch.dtype, ...]] = {
+    "second_moment_update": TRITON_GPU_DTYPES,
+    "residual_project": (torch.float16, torch.bfloat16),
+}
+
+
+def triton_runs(device: torch.device, dtypes: tuple[torch.dtype, ...] = ()) -> bool:
+    """Whether Triton kernels can run on tensors of ``dtypes`` on ``device`` (see the module docstring)."""
+    if not triton_available():
+        return False
+    if triton_interpreted():
+        return True
+    return device.type == "cuda" and all(dt in TRITON_GPU_DTYPES for dt in dtypes)
+
+
+def select(op: str, device: torch.device, *dtypes: torch.dtype) -> str:
+    """Return the backend that runs ``op`` for tensors on ``device`` whose operands have ``dtypes`` (the data
+    operand first: x, g; then the weights, bases or accumulators)."""
     requested = requested_backend()
     impl = implemented(op)
     if requested != "auto" and requested in impl:
-        if requested == "triton" and not (triton_available() and (device.type == "cuda" or triton_interpreted())):
-            raise RuntimeError(f"{_ENV}=triton needs triton and a CUDA tensor, or TRITON_INTERPRET=1 on CPU")
+        if requested == "triton" and not triton_runs(device, dtypes):
+            raise RuntimeError(f"{_ENV}=triton needs triton and CUDA tensors of dtype float16, bfloat16 or float32 "
+                               f"(Triton has no float64 dot on GPUs), or TRITON_INTERPRET=1 on CPU; got {device.type} "
+                               f"tensors of {sorted({str(d).replace('torch.', '') for d in dtypes})}")
         if requested == "extension" and op not in extension_ops(device.type):
             raise RuntimeError(f"{_ENV}=extension but the compiled extension does not provide {op!r} for "
                                f"{device.type} tensors (not built, built without CUDA, or failed to load: see "
@@ -82,6 +113,7 @@ def select(op: str, device: torch.device) -> str:
         return requested
     if "extension" in impl and op in extension_ops(device.type):
         return "extension"
-    if "triton" in impl and device.type == "cuda" and triton_available():
+    if ("triton" in impl and device.type == "cuda" and triton_runs(device, dtypes)
+            and dtypes and dtypes[0] in TRITON_AUTO_ON_CUDA.get(op, ())):
         return "triton"
     return "reference"

@@ -106,7 +106,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
     Returns ``(..., d_out)`` in x's dtype. Saved for backward: ``s = x·lora_aᵀ`` (T×r) and the (frozen) weights.
     """
-    backend = _dispatch.select("lora_linear", x.device)
+    backend = _dispatch.select("lora_linear", x.device, x.dtype, weight.dtype, lora_a.dtype, lora_b.dtype)
     if backend == "reference":
         return LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, float(scale))
     return _dispatch.implementation("lora_linear", backend)(x, weight, bias, lora_a, lora_b, float(scale))
@@ -132,7 +132,8 @@ def lora_linear_shared(x: torch.Tensor, weights: Sequence[torch.Tensor], biases:
         raise ValueError("lora_linear_shared: weights, biases, lora_as, lora_bs and scales need one entry per "
                          f"projection (got {len(weights)}, {len(biases)}, {len(lora_as)}, {len(lora_bs)}, "
                          f"{len(scales)})")
-    backend = _dispatch.select("lora_linear_shared", x.device)
+    backend = _dispatch.select("lora_linear_shared", x.device, x.dtype,
+                               *(t.dtype for group in (weights, lora_as, lora_bs) for t in group))
     if backend == "reference":
         return tuple(LoRALinearFunction.apply(x, w, b, a, lb, float(s))
                      for w, b, a, lb, s in zip(weights, biases, lora_as, lora_bs, scales))

@@ -57,7 +57,7 @@ def residual_project(g: torch.Tensor, basis: torch.Tensor, *, inplace: bool = Fa
     Returns ``g − basis·(basisᵀ·g)`` in g's dtype, accumulated in fp32.
     """
     _check(g, basis)
-    backend = _dispatch.select("residual_project", g.device)
+    backend = _dispatch.select("residual_project", g.device, g.dtype, basis.dtype)
     if backend == "reference":
         return residual_project_ref(g, basis, inplace=inplace)
     return _dispatch.implementation("residual_project", backend)(g, basis, inplace=inplace)

@@ -36,7 +36,7 @@ def second_moment_update(acc: torch.Tensor, x: torch.Tensor, mask: Optional[torc
     if mask is not None and tuple(mask.shape) != tuple(x.shape[:-1]):
         raise ValueError(f"second_moment_update: mask shape {tuple(mask.shape)} must equal x.shape[:-1] "
                          f"= {tuple(x.shape[:-1])}")
-    backend = _dispatch.select("second_moment_update", x.device)
+    backend = _dispatch.select("second_moment_update", x.device, x.dtype, acc.dtype)
     if backend == "reference":
         return second_moment_update_ref(acc, x, mask)
     return _dispatch.implementation("second_moment_update", backend)(acc, x, mask)

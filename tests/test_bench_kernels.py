@@ -3,7 +3,9 @@
 import csv
 
 import pytest
+import torch
 
+from tolerances import ATOL_FLOOR
 from triton_env import force_triton  # noqa: F401  (skips without triton; the fixture is used below)
 
 
@@ -23,12 +25,21 @@ def test_cpu_smoke_run_writes_complete_rows(tmp_path):
     assert all(r["time_ms"] > 0 and r["floor_ms"] > 0 for r in timed)
     ours = [r for r in timed if r["provider"].startswith("ours")]
     assert ours and all(r["backend"] == "triton" for r in ours)
-    # the fp32 reference check made in the same run: ours agrees to fp32 rounding
-    assert all(r["max_rel_err"] < 1e-5 for r in ours if r.get("max_rel_err") is not None)
+    # the smoke run is bf16, as on the GPU; the fp32 reference check made in the same run: ours is within the
+    # suite's low-precision rule (≤ 2× PyTorch's own bf16 error, the plain-autograd "reference" row, + floor)
+    torch_err = {r["op"]: r["max_rel_err"] for r in timed if r["provider"] == "reference" and r.get("max_rel_err")}
+    assert torch_err and {r["dtype"] for r in rows if r["op"] == "lora_linear"} == {"bfloat16"}
+    for r in ours:
+        if r.get("max_rel_err") is None:
+            continue
+        if r["dtype"] == "float32":  # the fp32 smoke shapes (projection): fp32 rounding
+            assert r["max_rel_err"] < 1e-5, r
+        else:
+            assert r["max_rel_err"] <= 2 * torch_err[r["op"]] + ATOL_FLOOR[torch.bfloat16], r
     lora_ours = [r for r in ours if r["op"] == "lora_linear"]
     assert {r["mode"] for r in lora_ours} == {"forward", "backward", "step"}
-    # the saved activation of the fused op is s alone: T×r fp32 = 64·8·4 bytes
-    assert all(round(r["saved_MB"] * 2**20) == 64 * 8 * 4 for r in lora_ours)
+    # the saved activation of the fused op is s alone: T×r bf16 = 64·8·2 bytes
+    assert all(round(r["saved_MB"] * 2**20) == 64 * 8 * 2 for r in lora_ours)
     files = list(tmp_path.glob("bench_kernels*.csv"))
     assert files
     with files[0].open() as f:

@@ -55,10 +55,13 @@ def test_cuda_run_equals_the_cpu_reference_in_fp64():
 A_PERP = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
 
 
+@pytest.mark.parametrize("backend", ["auto", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_run_keeps_the_guarantees(dtype):
+def test_cuda_run_keeps_the_guarantees(dtype, backend, monkeypatch):
     """A ⟂ the memory basis at every task start; in fp32 the merged update of task 2 leaves task 1's features
-    alone to the weights' own rounding (a bf16 weight's rounding, ~4e-3 relative, would hide the property)."""
+    alone to the weights' own rounding (a bf16 weight's rounding, ~4e-3 relative, would hide the property).
+    ``triton``: every op that has a Triton kernel runs it (auto takes Triton only where it measured faster)."""
+    monkeypatch.setenv("KEEPLORA_BACKEND", backend)
     model, kl, snaps = _continual_run("cuda", dtype)
     for name in kl.layers:
         for snap in snaps:

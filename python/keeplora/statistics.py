@@ -198,9 +198,9 @@ def estimate_gradients(model: nn.Module, layers: Mapping[str, nn.Module], datalo
                         raise ValueError("the loss does not depend on any adapted module's output; check "
                                          "target_modules and loss_fn")
                     for (name, x, _), dy in zip(calls, dys):
-                        if dy is not None:
-                            sums[name].addmm_(dy.reshape(-1, dy.shape[-1]).t().to(dtype),
-                                              x.reshape(-1, x.shape[-1]).to(dtype))
+                        if dy is not None:  # bf16/fp16 on CUDA: tensor cores, fp32 sums, no upcast copies
+                            sums[name] = kk.outer_sum(sums[name], dy.reshape(-1, dy.shape[-1]),
+                                                      x.reshape(-1, x.shape[-1]))
                     calls.clear()
                     count += 1
         finally:

@@ -1,0 +1,50 @@
+"""``acc + dyᵀ·x``: the sum over tokens of a linear layer's weight gradient, accumulated in fp32 (or fp64).
+
+The gradient pass adds one ``d_out × d_in`` product per target and batch. Upcasting bf16/fp16 ``dy`` and ``x`` to
+fp32 first costs two fp32 copies of the activations and runs the product on fp32 SIMT units: on an H200 that GEMM
+was half of a warm ``begin_task`` (the profiler trace in benchmarks/results/h200). On CUDA, PyTorch's mixed-dtype
+``addmm(..., out_dtype=float32)`` multiplies the 16-bit values on the tensor cores (products exact, sums in fp32)
+and writes fp32 with no copies; elsewhere (CPU, fp32/fp64 inputs, mixed input dtypes) the inputs are converted.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+__all__ = ["outer_sum", "outer_sum_ref"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def outer_sum_ref(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Reference: convert to ``acc``'s dtype, then one in-place ``addmm``."""
+    return acc.addmm_(dy.t().to(acc.dtype), x.to(acc.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _mixed_dtype_addmm(device_type: str) -> bool:
+    """Whether ``torch.addmm(..., out_dtype=...)`` has a kernel for this device type (CUDA builds of torch ≥ 2.8)."""
+    if device_type != "cuda" or not hasattr(torch.ops.aten.addmm, "dtype"):
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("aten::addmm.dtype", "CUDA")
+
+
+def outer_sum(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Return ``acc + dyᵀ·x`` in ``acc``'s dtype (``acc`` itself, updated in place, unless the mixed-dtype CUDA
+    path ran: then a new tensor, so callers rebind: ``acc = outer_sum(acc, dy, x)``).
+
+    Args:
+        acc: ``(d_out, d_in)`` float32 or float64 accumulator.
+        dy: ``(T, d_out)`` output gradients; x: ``(T, d_in)`` inputs; rows are tokens, any float dtype.
+    """
+    if dy.dim() != 2 or x.dim() != 2 or dy.shape[0] != x.shape[0] or acc.shape != (dy.shape[1], x.shape[1]):
+        raise ValueError(f"outer_sum: need acc (d_out, d_in), dy (T, d_out), x (T, d_in); got acc "
+                         f"{tuple(acc.shape)}, dy {tuple(dy.shape)}, x {tuple(x.shape)}")
+    if acc.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"outer_sum: acc must be float32 or float64, got {acc.dtype}")
+    if (acc.dtype == torch.float32 and dy.dtype == x.dtype and dy.dtype in _LOW_PRECISION
+            and _mixed_dtype_addmm(acc.device.type)):
+        return torch.addmm(acc, dy.t(), x, out_dtype=torch.float32)
+    return outer_sum_ref(acc, dy, x)

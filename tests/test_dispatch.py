@@ -1,0 +1,61 @@
+"""The one dispatch place: which backend runs an op, decided from the device and the operands' dtypes."""
+
+import pytest
+import torch
+
+from keeplora_kernels import _dispatch
+
+CUDA = torch.device("cuda")  # a device object only: nothing here touches CUDA
+
+
+@pytest.fixture
+def compiled_triton(monkeypatch):
+    """As on a GPU machine: triton installed, no interpreter."""
+    monkeypatch.setattr(_dispatch, "triton_available", lambda: True)
+    monkeypatch.setattr(_dispatch, "triton_interpreted", lambda: False)
+    monkeypatch.delenv("KEEPLORA_BACKEND", raising=False)
+
+
+@pytest.mark.parametrize("op", ["lora_linear", "lora_linear_shared", "residual_project", "second_moment_update"])
+def test_fp64_never_goes_to_triton_on_cuda(compiled_triton, op):
+    assert _dispatch.select(op, CUDA, torch.float64) == "reference"  # no fp64 dot on GPUs
+    assert _dispatch.select(op, CUDA, torch.bfloat16, torch.float64) == "reference"
+    assert _dispatch.select(op, torch.device("cpu"), torch.float32) == "reference"
+
+
+def test_cuda_auto_takes_triton_only_where_it_measured_faster(compiled_triton):
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        assert _dispatch.select("second_moment_update", CUDA, dtype, torch.float32) == "triton"
+        assert _dispatch.select("lora_linear", CUDA, dtype, dtype, torch.float32, torch.float32) == "reference"
+        assert _dispatch.select("lora_linear_shared", CUDA, dtype) == "reference"
+    assert _dispatch.select("residual_project", CUDA, torch.bfloat16, torch.float32) == "triton"
+    assert _dispatch.select("residual_project", CUDA, torch.float32, torch.float32) == "reference"
+
+
+@pytest.mark.parametrize("op", ["lora_linear", "lora_linear_shared", "residual_project", "second_moment_update"])
+def test_forcing_triton_reaches_every_kernel_on_cuda(compiled_triton, monkeypatch, op):
+    monkeypatch.setenv("KEEPLORA_BACKEND", "triton")
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        assert _dispatch.select(op, CUDA, dtype, torch.float32) == "triton"
+
+
+def test_forcing_triton_on_fp64_cuda_tensors_names_the_dtype(compiled_triton, monkeypatch):
+    monkeypatch.setenv("KEEPLORA_BACKEND", "triton")
+    assert _dispatch.select("residual_project", CUDA, torch.bfloat16) == "triton"
+    with pytest.raises(RuntimeError, match="float64"):
+        _dispatch.select("residual_project", CUDA, torch.float64)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        _dispatch.select("residual_project", torch.device("cpu"), torch.float32)
+
+
+def test_the_interpreter_runs_every_dtype(monkeypatch):
+    monkeypatch.setattr(_dispatch, "triton_available", lambda: True)
+    monkeypatch.setattr(_dispatch, "triton_interpreted", lambda: True)
+    monkeypatch.setenv("KEEPLORA_BACKEND", "triton")
+    assert _dispatch.select("lora_linear", torch.device("cpu"), torch.float64) == "triton"
+
+
+def test_a_bad_backend_name_lists_the_accepted_ones(monkeypatch):
+    monkeypatch.setenv("KEEPLORA_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="reference"):
+        _dispatch.select("lora_linear", CUDA, torch.float32)

@@ -1,0 +1,54 @@
+"""``outer_sum``: acc + dyᵀ·x for the gradient pass (reference on CPU, mixed-dtype addmm on CUDA)."""
+
+import importlib
+
+import pytest
+import torch
+
+import keeplora_kernels as kk
+from tolerances import assert_close
+
+outer_sum_module = importlib.import_module("keeplora_kernels.outer_sum")  # the package's name is the function
+
+
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_adds_the_transposed_product_in_the_accumulator_dtype(in_dtype):
+    dy, x = torch.randn(37, 11).to(in_dtype), torch.randn(37, 5).to(in_dtype)
+    acc = torch.randn(11, 5, dtype=torch.float64)
+    expected = acc + dy.double().t() @ x.double()
+    out = kk.outer_sum(acc, dy, x)
+    assert out.dtype == torch.float64
+    assert_close(out, expected)
+    acc32 = torch.zeros(11, 5)
+    out32 = kk.outer_sum(acc32, dy, x)
+    assert out32.data_ptr() == acc32.data_ptr()  # the reference path works in place
+    assert_close(out32, (dy.double().t() @ x.double()).float())
+
+
+def test_rejects_bad_shapes_and_accumulators():
+    with pytest.raises(ValueError, match="acc"):
+        kk.outer_sum(torch.zeros(3, 4), torch.randn(5, 3), torch.randn(6, 4))
+    with pytest.raises(ValueError, match="float32 or float64"):
+        kk.outer_sum(torch.zeros(3, 4, dtype=torch.bfloat16), torch.randn(5, 3), torch.randn(5, 4))
+
+
+def test_mixed_dtype_path_call_is_well_formed(monkeypatch):
+    """The CUDA path's call on meta tensors (its kernel exists only in CUDA builds): shape and dtype of the result."""
+    monkeypatch.setattr(outer_sum_module, "_mixed_dtype_addmm", lambda device_type: True)
+    acc = torch.empty(11, 5, device="meta")
+    out = kk.outer_sum(acc, torch.empty(37, 11, device="meta", dtype=torch.bfloat16),
+                       torch.empty(37, 5, device="meta", dtype=torch.bfloat16))
+    assert out.shape == (11, 5) and out.dtype == torch.float32
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_sum_is_far_more_accurate_than_a_bf16_weight_gradient():
+    """What the authors' pipeline reads (a bf16 model's autograd dW, rounded to bf16) vs ours, against fp64."""
+    dy = torch.randn(8192, 1024, device="cuda").bfloat16()
+    x = torch.randn(8192, 768, device="cuda").bfloat16()
+    exact = dy.double().t() @ x.double()
+    ours = kk.outer_sum(torch.zeros(1024, 768, device="cuda"), dy, x)
+    autograd_bf16 = dy.t() @ x
+    err = (ours.double() - exact).norm() / exact.norm()
+    err_bf16 = (autograd_bf16.double() - exact).norm() / exact.norm()
+    assert err <= 0.25 * err_bf16, (err.item(), err_bf16.item())
