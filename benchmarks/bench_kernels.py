@@ -342,9 +342,45 @@ def bench_moment(bench: _Bench, shapes, dtype) -> None:
                       max_rel_err=None if err is None else float(f"{err:.3g}"))
 
 
+# ----------------------------------------------------------------------------------------------------- trace
+def trace_lora_kernels(out_dir: Path, device: torch.device, shapes, dtype) -> Path:
+    """torch.profiler table of five Triton LoRA train steps per shape (forward + backward): the time of each kernel
+    (shrink, forward GEMM, the dY pass, dX GEMM, partial sums), to see which one misses its floor."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    triton_fn = _dispatch.implementation("lora_linear", "triton")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sections = []
+    for T, d, r in shapes:
+        x = torch.randn(T, d, device=device).to(dtype).requires_grad_()
+        w = (torch.randn(d, d, device=device) / math.sqrt(d)).to(dtype)
+        b = torch.randn(d, device=device).to(dtype)
+        a = torch.linalg.qr(torch.randn(d, r, device=device)).Q.T.contiguous()
+        lb = (torch.randn(d, r, device=device) * 0.1).requires_grad_()
+        dy = torch.randn(T, d, device=device).to(dtype)
+
+        def step():
+            return torch.autograd.grad(triton_fn(x, w, b, a, lb, 2.0 / r), (x, lb), dy)
+
+        step()  # compiled before the trace
+        with torch_profile(activities=activities) as prof:
+            for _ in range(5):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        sections.append(f"lora_linear Triton step x5, T={T} d={d} r={r} {str(dtype).split('.')[-1]}\n" +
+                        prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=60))
+    path = Path(out_dir) / "trace_kernels.txt"
+    path.write_text("\n\n".join(sections))
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------- entry
-def run(out_dir, quick: bool, *, device: Optional[str] = None, smoke: Optional[bool] = None) -> list[dict]:
-    """Run the kernel benchmarks, append the rows to ``<out_dir>/bench_kernels.csv`` and return them.
+def run(out_dir, quick: bool, *, device: Optional[str] = None, smoke: Optional[bool] = None,
+        trace: bool = False) -> list[dict]:
+    """Run the kernel benchmarks, append the rows to ``<out_dir>/bench_kernels.csv`` and return them; ``trace``
+    also writes ``<out_dir>/trace_kernels.txt`` (:func:`trace_lora_kernels`) where Triton can run.
 
     ``device`` defaults to CUDA when available. ``smoke`` (default: on CPU) uses tiny shapes so the whole run takes
     seconds; the GPU quick run (bf16, 3 LoRA shapes, q/k/v, 4 projections, 1 second moment) is sized for well under
@@ -367,6 +403,8 @@ def run(out_dir, quick: bool, *, device: Optional[str] = None, smoke: Optional[b
         bench_moment(bench, MOMENT_SMOKE if smoke else MOMENT_QUICK if quick else MOMENT_FULL, dtype)
     finally:
         torch.set_num_threads(threads)
+    if trace and out_dir and _dispatch.triton_runs(dev, (dtype,)):
+        trace_lora_kernels(Path(out_dir), dev, LORA_SHAPES_SMOKE if smoke else LORA_SHAPES_QUICK, dtype)
     rows = bench.rows
     for row in rows:
         row.update(device_type=dev.type, smoke=smoke, quick=quick)

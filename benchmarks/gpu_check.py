@@ -7,8 +7,10 @@ Steps, each time-boxed and independent (a failing step is recorded, the others s
   1. environment: GPU, driver, torch/triton/transformers/peft versions, git sha;
   2. build the C++/CUDA extension for sm_90 in place (skipped in dry mode unless a compiler is there);
   3. the GPU-marked tests (pytest -m gpu) — the whole suite's CUDA paths;
-  4. kernel microbenchmarks (benchmarks/bench_kernels.py, benchmarks/bench_rsvd.py when present);
-  5. the end-to-end profile (benchmarks/profile_lifecycle.py) on a Llama-like random model, bf16, T=8192 tokens.
+  4. kernel microbenchmarks (benchmarks/bench_kernels.py) with a per-kernel trace of the Triton LoRA step;
+  5. the end-to-end profile (benchmarks/profile_lifecycle.py) on a Llama-like random model, bf16, T=8192 tokens;
+  6. the tile sweep of the Triton LoRA kernels (benchmarks/tune_triton.py, time-boxed);
+  7. the batched rSVD and principal-subspace benchmarks (benchmarks/bench_rsvd.py) with a profiler trace.
 Everything goes under --out (logs, CSVs, summary.json); a short table (op, time, % of floor, ratio) prints last.
 """
 
@@ -32,8 +34,8 @@ for path in (ROOT, ROOT / "python"):
         sys.path.insert(0, str(path))
 
 # (step name, seconds allowed): the budget adds up to under 8 minutes with the start-up.
-BUDGET = {"environment": 20, "build_extension": 150, "gpu_tests": 100, "bench_kernels": 100, "bench_rsvd": 80,
-          "profile": 100}
+BUDGET = {"environment": 20, "build_extension": 150, "gpu_tests": 100, "bench_kernels": 100, "profile": 100,
+          "tune_triton": 110, "bench_rsvd": 80}
 
 
 class StepTimeout(Exception):
@@ -140,9 +142,10 @@ STEPS: dict[str, Callable[[Path, bool], list[dict[str, Any]]]] = {
     "environment": step_environment,
     "build_extension": step_build_extension,
     "gpu_tests": step_gpu_tests,
-    "bench_kernels": _bench_step("bench_kernels"),
-    "bench_rsvd": _bench_step("bench_rsvd", trace=True),
+    "bench_kernels": _bench_step("bench_kernels", trace=True),
     "profile": step_profile,
+    "tune_triton": _bench_step("tune_triton", time_box_s=BUDGET["tune_triton"] - 10),
+    "bench_rsvd": _bench_step("bench_rsvd", trace=True),
 }
 
 SUMMARY_COLUMNS = ["op", "time_ms", "pct_of_floor", "ratio", "peak_mb", "note"]

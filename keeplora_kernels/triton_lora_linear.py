@@ -209,14 +209,30 @@ def _bwd_dx_kernel(DY0, W0, N0, s_dy0t, s_dy0n, s_w0n, s_w0k,
 
 
 # --------------------------------------------------------------------------------------------------- launchers
-def _gemm_blocks(dtype: torch.dtype, on_gpu: bool) -> dict:
-    """Tile sizes of the two big GEMM kernels (forward, dX). Untuned heuristics for Hopper-class GPUs; small
-    tiles under the interpreter (fewer numpy ops per program)."""
+# Tile sizes on a GPU, per kernel and input width, in one place: benchmarks/tune_triton.py sweeps these entries
+# (untuned Hopper heuristics so far; the H200 numbers are in benchmarks/results/h200). Under the interpreter the
+# kernels use INTERPRETER_TILES (fewer numpy operations per program). Every entry here is compiled for sm_90 and
+# checked spill-free by tests/test_triton_compile.py.
+GPU_TILES: dict[str, dict[str, int]] = {
+    "gemm_16bit": dict(BLOCK_T=128, BLOCK_N=256, BLOCK_K=64, GROUP_T=8, num_warps=8, num_stages=3),
+    "gemm_32bit": dict(BLOCK_T=64, BLOCK_N=64, BLOCK_K=32, GROUP_T=8, num_warps=8, num_stages=3),
+    "shrink_16bit": dict(BLOCK_T=64, BLOCK_K=128, num_warps=4, num_stages=3),
+    "shrink_32bit": dict(BLOCK_T=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    "dy_pass_16bit": dict(BLOCK_T=64, BLOCK_N=128, num_warps=4, num_stages=2),
+    "dy_pass_32bit": dict(BLOCK_T=32, BLOCK_N=64, num_warps=4, num_stages=2),
+}
+INTERPRETER_TILES: dict[str, dict[str, int]] = {
+    "gemm": dict(BLOCK_T=32, BLOCK_N=32, BLOCK_K=32, GROUP_T=4, num_warps=4, num_stages=1),
+    "shrink": dict(BLOCK_T=32, BLOCK_K=32, num_warps=4, num_stages=1),
+    "dy_pass": dict(BLOCK_T=32, BLOCK_N=32, num_warps=4, num_stages=1),
+}
+
+
+def _tiles(kernel: str, dtype: torch.dtype, on_gpu: bool) -> dict[str, int]:
+    """Tile sizes of ``kernel`` ("gemm": forward and dX, "shrink", "dy_pass") for inputs of ``dtype``."""
     if not on_gpu:
-        return dict(BLOCK_T=32, BLOCK_N=32, BLOCK_K=32, GROUP_T=4, num_warps=4, num_stages=1)
-    if dtype in (torch.float32, torch.float64):
-        return dict(BLOCK_T=64, BLOCK_N=64, BLOCK_K=32, GROUP_T=8, num_warps=8, num_stages=3)
-    return dict(BLOCK_T=128, BLOCK_N=256, BLOCK_K=64, GROUP_T=8, num_warps=8, num_stages=3)
+        return INTERPRETER_TILES[kernel]
+    return GPU_TILES[f"{kernel}_{'16bit' if dtype in (torch.float16, torch.bfloat16) else '32bit'}"]
 
 
 def _rank_block(r: int) -> int:
@@ -232,8 +248,8 @@ def plan_shrink(x2: torch.Tensor, a: torch.Tensor, out: torch.Tensor, *, split_k
     device = x2.device
     upcast, prec = dot_mode(x2.dtype)
     on_gpu = device.type == "cuda" if on_gpu is None else on_gpu
-    block_t = 64 if on_gpu else 32
-    block_k = (128 if x2.dtype in (torch.float16, torch.bfloat16) else 64) if on_gpu else 32
+    tiles = _tiles("shrink", x2.dtype, on_gpu)
+    block_t, block_k = tiles["BLOCK_T"], tiles["BLOCK_K"]
     block_r = _rank_block(R)
     t_blocks, r_blocks, k_blocks = triton.cdiv(T, block_t), triton.cdiv(R, block_r), triton.cdiv(K, block_k)
     if split_k is None:
@@ -258,7 +274,7 @@ def plan_shrink(x2: torch.Tensor, a: torch.Tensor, out: torch.Tensor, *, split_k
              stride_st=strides[0], stride_sr=strides[1]),
         dict(ACC=acc_dtype(x2.dtype, a.dtype), UPCAST=upcast, PREC=prec, BLOCK_T=block_t, BLOCK_K=block_k,
              BLOCK_R=block_r),
-        num_warps=4, num_stages=3 if on_gpu else 1)
+        num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
 
     def finish():
         if part is not None:
@@ -271,7 +287,7 @@ def plan_forward(x2, weight, bias, s, lora_b, scale, y, *, on_gpu: Optional[bool
     T, K = x2.shape
     N = weight.shape[0]
     R = s.shape[1]
-    cfg = _gemm_blocks(x2.dtype, x2.device.type == "cuda" if on_gpu is None else on_gpu)
+    cfg = _tiles("gemm", x2.dtype, x2.device.type == "cuda" if on_gpu is None else on_gpu)
     upcast, prec = dot_mode(x2.dtype)
     grid = (triton.cdiv(T, cfg["BLOCK_T"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     return [Launch(
@@ -296,9 +312,8 @@ def plan_backward_dy(dy2, s, lora_b, scale, *, need_dbias: bool, blocks_per_prog
     device = dy2.device
     on_gpu = device.type == "cuda" if on_gpu is None else on_gpu
     upcast, prec = dot_mode(dy2.dtype)
-    low = dy2.dtype in (torch.float16, torch.bfloat16)
-    block_t = (64 if low else 32) if on_gpu else 32
-    block_n = (128 if low else 64) if on_gpu else 32
+    tiles = _tiles("dy_pass", dy2.dtype, on_gpu)
+    block_t, block_n = tiles["BLOCK_T"], tiles["BLOCK_N"]
     block_r = _rank_block(R)
     t_blocks, n_blocks = triton.cdiv(T, block_t), triton.cdiv(N, block_n)
     if blocks_per_prog is None:
@@ -320,7 +335,7 @@ def plan_backward_dy(dy2, s, lora_b, scale, *, need_dbias: bool, blocks_per_prog
              stride_dbiasp=dbias_part.stride(0)),
         dict(HAS_DBIAS=need_dbias, ACC=acc_dtype(dy2.dtype, s.dtype), UPCAST=upcast, PREC=prec, BLOCK_T=block_t,
              BLOCK_N=block_n, BLOCK_R=block_r),
-        num_warps=4, num_stages=2 if on_gpu else 1)
+        num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
     return [launch], (ds_part, db_part, dbias_part)
 
 
@@ -332,7 +347,7 @@ def plan_backward_dx(segments: Sequence[tuple[torch.Tensor, torch.Tensor]], ds, 
     T, K = dx.shape
     R = ds.shape[1]
     dy0 = segments[0][0]
-    cfg = _gemm_blocks(dy0.dtype, dx.device.type == "cuda" if on_gpu is None else on_gpu)
+    cfg = _tiles("gemm", dy0.dtype, dx.device.type == "cuda" if on_gpu is None else on_gpu)
     upcast, prec = dot_mode(dy0.dtype)
     args = {}
     for i in range(MAX_SEGMENTS):

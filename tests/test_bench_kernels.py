@@ -13,7 +13,9 @@ from triton_env import force_triton  # noqa: F401  (skips without triton; the fi
 def test_cpu_smoke_run_writes_complete_rows(tmp_path):
     from benchmarks import bench_kernels
 
-    rows = bench_kernels.run(tmp_path, quick=True, device="cpu", smoke=True)
+    rows = bench_kernels.run(tmp_path, quick=True, device="cpu", smoke=True, trace=True)
+    trace = (tmp_path / "trace_kernels.txt").read_text()  # the per-kernel profile of the Triton LoRA step
+    assert "lora_linear Triton step x5, T=64 d=48 r=8" in trace and "LoRALinearTritonFunction" in trace
     ops = {(r["op"], r["provider"]) for r in rows}
     for provider in ("base", "reference", "peft-float32", "unfused", "ours"):
         assert ("lora_linear", provider) in ops
@@ -45,3 +47,21 @@ def test_cpu_smoke_run_writes_complete_rows(tmp_path):
     with files[0].open() as f:
         written = list(csv.DictReader(f))
     assert len(written) >= len(timed) and {"git_sha", "device", "torch", "triton"} <= set(written[0])
+
+
+@pytest.mark.usefixtures("force_triton")
+def test_tile_sweep_checks_times_and_restores_the_tables(tmp_path, monkeypatch):
+    from benchmarks import tune_triton
+    from keeplora_kernels import triton_lora_linear as tll
+
+    before = {k: dict(v) for k, v in tll.INTERPRETER_TILES.items()}
+    bad = dict(BLOCK_T=24, BLOCK_N=32, BLOCK_K=32, GROUP_T=4, num_warps=4, num_stages=1)  # not a power of two
+    monkeypatch.setitem(tune_triton.SMOKE_CANDIDATES, "gemm", tune_triton.SMOKE_CANDIDATES["gemm"][:1] + [bad])
+    rows = tune_triton.tune(tmp_path, smoke=True, device="cpu")
+    assert tll.INTERPRETER_TILES == before
+    assert [r["entry"] for r in rows] == ["gemm", "gemm", "dy_pass", "dy_pass"]
+    assert rows[1]["status"].startswith("error") and rows[1]["step_ms"] is None
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == 3 and all(r["step_ms"] > 0 and r["err"] <= 2 * r["torch_err"] + 1e-2 for r in ok)
+    assert {w["entry"] for w in tune_triton.best(rows)} == {"gemm", "dy_pass"}
+    assert len((tmp_path / "tune_triton.csv").read_text().splitlines()) == 1 + len(rows)
