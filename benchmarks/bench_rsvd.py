@@ -246,6 +246,55 @@ def run_subspace_case(name, groups, energies, device, quick) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The memory update (keeplora.basis.expand_bases): eigh of every d×d feature moment vs the randomized Ritz path.
+
+
+def memory_update_cases(device: torch.device, quick: bool, smoke: bool = False):
+    """(name, d, count, old basis width, energies): feature second moments of one layer's targets."""
+    if smoke:
+        return [("smoke", 96, 2, 4, (0.5,))]
+    if device.type == "cuda":
+        return [("llama_attn_4096", 4096, 4, 64, (0.8, 0.99)), ("llama_down_11008", 11008, 1, 64, (0.8,))]
+    return [("scaled_1024", 1024, 2, 16, (0.8,))]
+
+
+def make_moments(d: int, count: int, device: torch.device, seed: int = 0) -> list[torch.Tensor]:
+    """PSD moments with power-law spectra λ_i ∝ i^-α, α in [1.0, 1.6] (feature covariances decay like this)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    out = []
+    for _ in range(count):
+        q = torch.linalg.qr(torch.randn(d, d, generator=gen).to(device)).Q  # QR on the device: d = 11008 on a GPU
+        alpha = 1.0 + 0.6 * torch.rand(1, generator=gen).item()
+        lam = (torch.arange(1, d + 1, dtype=torch.float32) ** -alpha).to(device)
+        out.append((q * lam) @ q.T)
+    return out
+
+
+def run_memory_update_case(name, d, count, width, energies, device, quick) -> list[dict]:
+    from keeplora.basis import expand_bases
+
+    moments = {f"m{i}": m for i, m in enumerate(make_moments(d, count, device))}
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    bases = {n: torch.linalg.qr(torch.randn(d, width, generator=gen)).Q.to(device) for n in moments}
+    rows = []
+    for energy in energies:
+        results = {}
+        for method in ("exact", "randomized"):
+            fn = functools.partial(expand_bases, bases, moments, energy, method=method, seed=0)
+            out, ms, peak = _measure(fn, device, expensive=True, quick=quick, cpu_repeats=2)
+            results[method] = (out, ms, peak)
+        exact_out, exact_ms = results["exact"][0], results["exact"][1]
+        for method, (out, ms, peak) in results.items():
+            added = [out[n].shape[1] - width for n in moments]
+            extra = [out[n].shape[1] - exact_out[n].shape[1] for n in moments]
+            rows.append({"case": name, "d": d, "moments": count, "old_width": width, "energy": energy,
+                         "method": method, "device_type": device.type, "time_ms": ms, "peak_mem_mb": peak / 2**20,
+                         "speedup_vs_exact": exact_ms / ms, "mean_added": sum(added) / len(added),
+                         "max_extra_vs_exact": max(extra)})
+    return rows
+
+
 def run_detailed(out_dir: Optional[Path] = None, quick: bool = False, *, smoke: bool = False,
                  device: Optional[torch.device] = None, cpu_threads: Optional[int] = 1,
                  only: Optional[list[str]] = None) -> list[dict]:
@@ -269,17 +318,23 @@ def run_detailed(out_dir: Optional[Path] = None, quick: bool = False, *, smoke: 
             for name, groups, energies in subspace_cases(device, quick, smoke):
                 if only is None or name in only:
                     subspace_rows += run_subspace_case(name, groups, energies, device, quick)
+            memory_rows = []
+            for name, d, count, width, energies in memory_update_cases(device, quick, smoke):
+                if only is None or name in only:
+                    memory_rows += run_memory_update_case(name, d, count, width, energies, device, quick)
     finally:
         torch.set_num_threads(threads_before)
     threads = cpu_threads if device.type == "cpu" and cpu_threads else threads_before
-    for row in rows + subspace_rows:
+    for row in rows + subspace_rows + memory_rows:
         row["run_threads"] = threads
     suffix = "-smoke" if smoke else ""
     if rows:
         append_rows("rsvd" + suffix, rows, results_dir=out_dir)
     if subspace_rows:
         append_rows("principal_subspace" + suffix, subspace_rows, results_dir=out_dir)
-    return rows + subspace_rows
+    if memory_rows:
+        append_rows("memory_update" + suffix, memory_rows, results_dir=out_dir)
+    return rows + subspace_rows + memory_rows
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -288,6 +343,12 @@ def summarize(rows: list[dict]) -> list[dict]:
     note (accuracy)."""
     out = []
     for row in rows:
+        if "old_width" in row:  # memory update rows
+            out.append(dict(op=f"memory_update {row['case']} eps={row['energy']} {row['method']}",
+                            time_ms=row["time_ms"], pct_of_floor="", ratio=row["speedup_vs_exact"],
+                            peak_mb=row["peak_mem_mb"],
+                            note=f"added {row['mean_added']:.1f}/matrix, {row['max_extra_vs_exact']} more than eigh"))
+            continue
         if "energy" in row:  # principal_subspace rows
             out.append(dict(op=f"principal_subspace {row['case']} eps={row['energy']} {row['method']} [{row['impl']}]",
                             time_ms=row["time_ms"], pct_of_floor="", ratio=row["speedup_vs_ref_loop"],

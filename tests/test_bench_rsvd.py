@@ -14,8 +14,12 @@ from benchmarks import bench_rsvd  # noqa: E402
 
 def test_bench_rsvd_smoke(tmp_path):
     rows = bench_rsvd.run_detailed(tmp_path, quick=True, smoke=True, device=torch.device("cpu"))
-    subspace = [row for row in rows if "energy" in row]
+    memory = [row for row in rows if "old_width" in row]
+    subspace = [row for row in rows if "energy" in row and "old_width" not in row]
     rows = [row for row in rows if "energy" not in row]
+    # the memory update: both paths ran, the randomized one added at least what eigh added (never fewer)
+    assert {r["method"] for r in memory} == {"exact", "randomized"} and (tmp_path / "memory_update-smoke.csv").is_file()
+    assert all(r["max_extra_vs_exact"] >= 0 and r["mean_added"] > 0 and r["time_ms"] > 0 for r in memory), memory
     assert {r["method"] for r in subspace} == {"principal_subspace", "principal_subspace_ref_loop"}
     # power-law spectra have no gap at p, so the directions near the cut are loosely determined: the smoke run
     # checks the ranks and that the subspaces are close (test_rsvd.py checks accuracy on spectra with a gap)
@@ -30,6 +34,6 @@ def test_bench_rsvd_smoke(tmp_path):
     with (tmp_path / "rsvd-smoke.csv").open() as f:
         written = list(csv.DictReader(f))
     assert len(written) == len(rows) and {"git_sha", "device", "torch"} <= set(written[0])
-    summary = bench_rsvd.summarize(rows + subspace)  # what benchmarks/gpu_check.py prints
-    assert len(summary) == len(rows) + len(subspace)
+    summary = bench_rsvd.summarize(rows + subspace + memory)  # what benchmarks/gpu_check.py prints
+    assert len(summary) == len(rows) + len(subspace) + len(memory)
     assert all({"op", "time_ms", "pct_of_floor", "ratio", "peak_mb", "note"} <= set(r) for r in summary)

@@ -63,8 +63,10 @@ class KeepLoRAConfig:
     stats_dtype: str = field(default="float32", metadata={"help": (
         "dtype of the gradient and feature accumulators and of the protected bases: 'float32' or 'float64'.")})
     svd_method: str = field(default="auto", metadata={"help": (
-        "SVD of the residual gradient: 'exact' (torch.linalg.svd), 'randomized' (batched randomized SVD with "
-        "svd_oversample and svd_power_iters), 'auto' (randomized when r + oversample ≤ min(d_in, d_out) / 4).")})
+        "Factorisations of the residual gradient (adapter init) and of the feature second moments (memory "
+        "update): 'exact' (torch.linalg.svd / eigh), 'randomized' (batched randomized SVD with svd_oversample and "
+        "svd_power_iters), 'auto' (adapter init: randomized when r + oversample ≤ min(d_in, d_out) / 4; memory "
+        "update: randomized for inputs of 2048 features or more).")})
     svd_oversample: int = field(default=8, metadata={"help": "Extra sketch columns of the randomized SVD."})
     svd_power_iters: int = field(default=4, metadata={"help": "Power iterations of the randomized SVD."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter branch's input (PEFT's)."})

@@ -162,7 +162,9 @@ class KeepLoRA:
         bases = dict(self.bases)
         if moments is not None:
             with distributed.failures_shared(f"task {self.tasks_done + 1} memory update"):
-                grown = expand_bases(self.bases, moments, self.config.feature_energy)
+                grown = expand_bases(self.bases, moments, self.config.feature_energy, method=self.config.svd_method,
+                                     oversample=self.config.svd_oversample, power_iters=self.config.svd_power_iters,
+                                     seed=self.config.seed + self.tasks_done)
             bases = dict(zip(self.layers, distributed.sync_from_rank0([grown[n] for n in self.layers])))
         with torch.no_grad():
             for layer in self.layers.values():
