@@ -9,7 +9,7 @@ import torch
 
 from keeplora import KeepLoRA, KeepLoRAConfig
 from keeplora.statistics import move_to_device
-from tiny_models import CASES
+from tiny_models import CASES, sgd_pass
 
 pytestmark = pytest.mark.gpu
 
@@ -27,13 +27,7 @@ def _continual_run(device: str, dtype: torch.dtype, tasks: int = 2, stats_dtype:
         start = {n: l.base_layer.weight.detach().clone() for n, l in kl.layers.items()}
         bases = {n: p.clone() for n, p in kl.bases.items()}
         adapters = {n: l.lora_A[kl.adapter_name].weight.detach().clone() for n, l in kl.layers.items()}
-        opt = torch.optim.SGD(kl.trainable_parameters(), lr=0.1)
-        model.train()
-        for batch in data:
-            case.loss(model, batch).backward()
-            opt.step()
-            opt.zero_grad()
-        model.eval()
+        sgd_pass(model, kl.trainable_parameters(), data, case.loss)
         kl.end_task(data, case.loss)
         snapshots.append(dict(start=start, bases=bases, adapters=adapters))
     return model, kl, snapshots

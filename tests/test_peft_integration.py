@@ -8,7 +8,7 @@ from peft.tuners.lora.layer import LoraLayer
 import keeplora_kernels
 from keeplora import KeepLoRA, KeepLoRAConfig
 from keeplora.adapters import KeepLoRALinear
-from tiny_models import CASES
+from tiny_models import CASES, sgd_pass
 
 
 def trainable_names(model):
@@ -133,12 +133,7 @@ def _train_once(case, backend, monkeypatch):
                                         progress=False))
     data = case.batches(n=2)
     kl.begin_task(data, case.loss)
-    opt = torch.optim.SGD(kl.trainable_parameters(), lr=0.1)
-    model.train()
-    for b in data:
-        case.loss(model, b).backward()
-        opt.step()
-        opt.zero_grad()
+    sgd_pass(model, kl.trainable_parameters(), data, case.loss)
     kl.end_task(data, case.loss)
     return kl
 

@@ -122,3 +122,14 @@ CASES = {
     "vit": Case("vit", _vit, ["q_proj", "v_proj"], _vit_batch, _vit_loss, has_text_mask=False),
     "llama": Case("llama", _llama, ["q_proj", "k_proj", "v_proj", "o_proj"], _llama_batch, _llama_loss),
 }
+
+
+def sgd_pass(model: torch.nn.Module, params, batches, loss, lr: float = 0.1) -> None:
+    """One SGD step per batch on ``params`` in train mode, then back to eval mode (the engine tests' training)."""
+    opt = torch.optim.SGD(params, lr=lr)
+    model.train()
+    for batch in batches:
+        loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
