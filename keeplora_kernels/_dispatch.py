@@ -117,3 +117,18 @@ def select(op: str, device: torch.device, *dtypes: torch.dtype) -> str:
             and dtypes and dtypes[0] in TRITON_AUTO_ON_CUDA.get(op, ())):
         return "triton"
     return "reference"
+
+
+def choices(device: torch.device) -> dict[str, dict[str, str]]:
+    """What ``select`` picks on ``device`` for each op and data dtype (``keeplora info`` prints it); "unavailable"
+    where a forced backend cannot run (the call would raise)."""
+    out: dict[str, dict[str, str]] = {}
+    for op in _TABLE:
+        row = {}
+        for dtype in (torch.bfloat16, torch.float32, torch.float64):
+            try:
+                row[str(dtype).replace("torch.", "")] = select(op, device, dtype)
+            except RuntimeError:
+                row[str(dtype).replace("torch.", "")] = "unavailable"
+        out[op] = row
+    return out

@@ -59,3 +59,12 @@ def test_a_bad_backend_name_lists_the_accepted_ones(monkeypatch):
     monkeypatch.setenv("KEEPLORA_BACKEND", "cuda")
     with pytest.raises(ValueError, match="reference"):
         _dispatch.select("lora_linear", CUDA, torch.float32)
+
+
+def test_choices_table_lists_every_op_and_marks_what_cannot_run(compiled_triton, monkeypatch):
+    table = _dispatch.choices(CUDA)
+    assert set(table) == set(_dispatch._TABLE)
+    assert table["second_moment_update"]["bfloat16"] == "triton"
+    assert table["lora_linear"] == {"bfloat16": "reference", "float32": "reference", "float64": "reference"}
+    monkeypatch.setenv("KEEPLORA_BACKEND", "triton")
+    assert _dispatch.choices(CUDA)["lora_linear"]["float64"] == "unavailable"

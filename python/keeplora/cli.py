@@ -51,6 +51,13 @@ def cmd_info(_args: argparse.Namespace) -> int:
     print(f"keeplora {keeplora.__version__}, torch {torch.__version__}")
     print(f"compiled extension: {keeplora_kernels.extension_status()}")
     print(f"CUDA available: {torch.cuda.is_available()}")
+    from keeplora_kernels import _dispatch
+
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for device in devices:
+        print(f"backends on {device.type} (KEEPLORA_BACKEND={_dispatch.requested_backend()}), per data dtype:")
+        for op, row in _dispatch.choices(device).items():
+            print(f"  {op:22s} " + ", ".join(f"{dtype} → {backend}" for dtype, backend in row.items()))
     return 0
 
 
