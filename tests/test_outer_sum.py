@@ -44,6 +44,7 @@ def test_mixed_dtype_path_call_is_well_formed(monkeypatch):
 @pytest.mark.gpu
 def test_cuda_bf16_sum_is_far_more_accurate_than_a_bf16_weight_gradient():
     """What the authors' pipeline reads (a bf16 model's autograd dW, rounded to bf16) vs ours, against fp64."""
+    assert outer_sum_module._mixed_dtype_addmm("cuda")  # the tensor-core path is really the one taken here
     dy = torch.randn(8192, 1024, device="cuda").bfloat16()
     x = torch.randn(8192, 768, device="cuda").bfloat16()
     exact = dy.double().t() @ x.double()
