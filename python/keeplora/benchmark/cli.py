@@ -72,6 +72,20 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    from .aggregate import aggregate, to_markdown, write_csv
+
+    try:
+        rows = aggregate(args.runs, baseline=args.baseline)
+    except (FileNotFoundError, ValueError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(to_markdown(rows, args.baseline))
+    if args.output:
+        write_csv(rows, args.output)
+    return 0
+
+
 def add_subcommands(sub) -> None:
     p = sub.add_parser("run", help="run a continual-learning config: every method, T x T accuracies, metrics, plots")
     p.add_argument("config", help="YAML config, e.g. configs/default.yaml")
@@ -92,6 +106,12 @@ def add_subcommands(sub) -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("aggregate", help="mean ± std of Transfer/Average/Last over runs (seeds) of one config")
+    p.add_argument("runs", nargs="+", help="run folders written by `keeplora run`")
+    p.add_argument("--baseline", help="a method name: also report each method's per-run difference to it")
+    p.add_argument("--output", "-o", help="also write the rows to this CSV file")
+    p.set_defaults(func=cmd_aggregate)
 
     p = sub.add_parser("data", help="the benchmark's data sources: fetch, status, build processed splits")
     dsub = p.add_subparsers(dest="action", required=True)
