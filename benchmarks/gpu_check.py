@@ -33,9 +33,11 @@ for path in (ROOT, ROOT / "python"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-# (step name, seconds allowed): the budget adds up to under 8 minutes with the start-up.
-BUDGET = {"environment": 20, "build_extension": 150, "gpu_tests": 100, "bench_kernels": 100, "profile": 100,
-          "tune_triton": 110, "bench_rsvd": 100}
+# (step name, seconds allowed), each a hard box; the run itself was 238 s on the H200 before the tile sweep
+# and the memory-update bench were added (expected ≈ 380 s now; gpu_check.sh stops everything at 470 s, so the
+# script ends inside 8 minutes; steps are ordered by value: tests, kernels, lifecycle, tile sweep, rSVD).
+BUDGET = {"environment": 20, "build_extension": 150, "gpu_tests": 120, "bench_kernels": 100, "profile": 100,
+          "tune_triton": 80, "bench_rsvd": 100}
 
 
 class StepTimeout(Exception):

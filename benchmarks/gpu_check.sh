@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run on a lent GPU machine (device tool), from the repository root:
 #   bash benchmarks/gpu_check.sh            # results under $OUT, the summary table printed last
+# (device tool: timeout_s 540; the Python part stops at GPU_CHECK_TIMEOUT, default 470 s, then the bundle is made)
 # Uses the machine's preinstalled torch/triton/transformers/peft; nothing is installed there.
 # Everything is written to a work folder first and bundled at the end: the device returns at most 8 files,
 # so $OUT gets gpu_check.tar.gz (all logs and CSVs) and summary.json (also inside the bundle).
