@@ -135,6 +135,15 @@ def _backend(name: str, op: str, device: torch.device, *dtypes: torch.dtype) -> 
     return _dispatch.select(op, device, *dtypes) if name.startswith("ours") else "torch"
 
 
+def _grad_modes(fwd: Callable, x: torch.Tensor, params, dy) -> dict[str, Callable]:
+    """The three timed modes of a provider at input ``x``: forward, backward through one retained graph, and the
+    full step; gradients with respect to ``params`` (x and the trainable B's)."""
+    y = fwd(x)
+    return {"forward": lambda: fwd(x),
+            "backward": lambda: torch.autograd.grad(y, params, dy, retain_graph=True),
+            "step": lambda: torch.autograd.grad(fwd(x), params, dy)}
+
+
 def _saved_activation_bytes(fn: Callable[[], Any], weights: list[torch.Tensor]) -> int:
     """Bytes autograd keeps for backward during ``fn()``, not counting (views of) the weights."""
     weight_storages = {t.untyped_storage().data_ptr() for t in weights}
@@ -170,6 +179,16 @@ class _Bench:
             return harness.time_fn(fn, device=self.device, cuda_warmup_ms=warm, cuda_rep_ms=rep).median_ms
         return harness.time_fn(fn, device=self.device, warmup=1, repeats=2 if self.smoke else 5).median_ms
 
+    def time_modes(self, name: str, fns: dict[str, Callable], anchors: dict[str, dict[str, float]]):
+        """Time each mode; yields ``(mode, ms, {vs_base, vs_unfused})``. The "base" and "unfused" providers (run
+        first) record their times in ``anchors`` for the ratios of the providers after them."""
+        for mode, fn in fns.items():
+            t = self.time(fn)
+            if name in ("base", "unfused"):
+                anchors.setdefault(name, {})[mode] = t
+            yield mode, t, {f"vs_{ref}": t / anchors[ref][mode] if mode in anchors.get(ref, {}) else None
+                            for ref in ("base", "unfused")}
+
     def peak_mb(self, fn) -> float:
         return harness.measure_memory(fn, device=self.device) / 2**20
 
@@ -195,7 +214,7 @@ def bench_lora(bench: _Bench, shapes, dtype) -> None:
         y32 = kk.lora_linear_ref(x32, w.float(), b.float(), a, lb32, scale)
         ref = (y32.detach(),) + torch.autograd.grad(y32, (x32, lb32), dy.float())
         del x32, y32
-        base_times, unfused_times = {}, {}
+        anchors: dict[str, dict[str, float]] = {}
         for name, (fwd, lb_param) in lora_providers(w, b, a, lb, scale, dtype).items():
             xg = x.detach().clone().requires_grad_()
             params = (xg,) if lb_param is None else (xg, lb_param)
@@ -209,24 +228,12 @@ def bench_lora(bench: _Bench, shapes, dtype) -> None:
             if isinstance(fwd, torch.nn.Module):
                 weights += list(fwd.parameters())
             saved = _saved_activation_bytes(lambda: fwd(xg), weights) / 2**20
-            y = fwd(xg)
-            fns = {
-                "forward": lambda: fwd(xg),
-                "backward": lambda: torch.autograd.grad(y, params, dy, retain_graph=True),
-                "step": lambda: torch.autograd.grad(fwd(xg), params, dy),
-            }
+            fns = _grad_modes(fwd, xg, params, dy)
             peak = bench.peak_mb(fns["step"])
-            for mode, fn in fns.items():
-                t = bench.time(fn)
-                if name == "base":
-                    base_times[mode] = t
-                if name == "unfused":
-                    unfused_times[mode] = t
+            for mode, t, ratios in bench.time_modes(name, fns, anchors):
                 bench.add(op="lora_linear", shape=f"T={T},d={d},r={r}", dtype=str(dtype).split(".")[-1],
                           provider=name, backend=backend, mode=mode, time_ms=t,
-                          floor_ms=floor_ms(*lora_counts(T, d, d, r, mode, x.element_size())),
-                          vs_base=t / base_times[mode] if mode in base_times else None,
-                          vs_unfused=t / unfused_times[mode] if mode in unfused_times else None,
+                          floor_ms=floor_ms(*lora_counts(T, d, d, r, mode, x.element_size())), **ratios,
                           peak_MB=round(peak, 2), saved_MB=saved,
                           max_rel_err=None if err is None else float(f"{err:.3g}"))
 
@@ -253,31 +260,19 @@ def bench_qkv(bench: _Bench, shape, dtype) -> None:
     if _triton_forced_differs("lora_linear_shared", dev, dtype, dtype, torch.float32, torch.float32):
         shared_triton = _dispatch.implementation("lora_linear_shared", "triton")
         providers["ours-shared-triton"] = lambda x_: shared_triton(x_, ws, bs, as_, lbs, [scale] * 3)
-    base_times, unfused_times = {}, {}
+    anchors: dict[str, dict[str, float]] = {}
     for name, fwd in providers.items():
         xg = x.detach().clone().requires_grad_()
         params = (xg,) if name == "base" else (xg, *lbs)
         backend = _backend(name, "lora_linear_shared" if "shared" in name else "lora_linear", dev,
                            dtype, dtype, torch.float32, torch.float32)
-        ys = fwd(xg)
-        fns = {
-            "forward": lambda: fwd(xg),
-            "backward": lambda: torch.autograd.grad(ys, params, dys, retain_graph=True),
-            "step": lambda: torch.autograd.grad(fwd(xg), params, dys),
-        }
+        fns = _grad_modes(fwd, xg, params, dys)
         saved = _saved_activation_bytes(lambda: fwd(xg), ws + bs + as_ + lbs) / 2**20
         peak = bench.peak_mb(fns["step"])
-        for mode, fn in fns.items():
-            t = bench.time(fn)
-            if name == "base":
-                base_times[mode] = t
-            if name == "unfused":
-                unfused_times[mode] = t
+        for mode, t, ratios in bench.time_modes(name, fns, anchors):
             f, nb = lora_counts(T, d, d, r, mode, x.element_size())  # per projection; the floor counts three
             bench.add(op="lora_qkv", shape=f"T={T},d={d},r={r}", dtype=str(dtype).split(".")[-1], provider=name,
-                      backend=backend, mode=mode, time_ms=t, floor_ms=floor_ms(3 * f, 3 * nb),
-                      vs_base=t / base_times[mode] if mode in base_times else None,
-                      vs_unfused=t / unfused_times[mode] if mode in unfused_times else None,
+                      backend=backend, mode=mode, time_ms=t, floor_ms=floor_ms(3 * f, 3 * nb), **ratios,
                       peak_MB=round(peak, 2), saved_MB=saved)
 
 
@@ -346,11 +341,7 @@ def bench_moment(bench: _Bench, shapes, dtype) -> None:
 def trace_lora_kernels(out_dir: Path, device: torch.device, shapes, dtype) -> Path:
     """torch.profiler table of five Triton LoRA train steps per shape (forward + backward): the time of each kernel
     (shrink, forward GEMM, the dY pass, dX GEMM, partial sums), to see which one misses its floor."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-
     triton_fn = _dispatch.implementation("lora_linear", "triton")
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     sections = []
     for T, d, r in shapes:
         x = torch.randn(T, d, device=device).to(dtype).requires_grad_()
@@ -363,14 +354,13 @@ def trace_lora_kernels(out_dir: Path, device: torch.device, shapes, dtype) -> Pa
         def step():
             return torch.autograd.grad(triton_fn(x, w, b, a, lb, 2.0 / r), (x, lb), dy)
 
-        step()  # compiled before the trace
-        with torch_profile(activities=activities) as prof:
+        def five_steps():
             for _ in range(5):
                 step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+
+        step()  # compiled before the trace
         sections.append(f"lora_linear Triton step x5, T={T} d={d} r={r} {str(dtype).split('.')[-1]}\n" +
-                        prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=60))
+                        harness.profile_table(five_steps, device=device, row_limit=15))
     path = Path(out_dir) / "trace_kernels.txt"
     path.write_text("\n\n".join(sections))
     return path

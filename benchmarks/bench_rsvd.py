@@ -34,7 +34,7 @@ from keeplora_kernels import _dispatch
 from keeplora_kernels.principal_subspace import principal_subspace_ref
 from keeplora_kernels.rsvd import rsvd_torch
 
-from .harness import append_rows, measure_memory, print_table, time_fn
+from .harness import append_rows, measure_memory, print_table, profile_table, time_fn
 
 H200_BANDWIDTH = 4.3e12  # bytes/s, measured device-to-device copy (performance.md)
 
@@ -365,8 +365,6 @@ def summarize(rows: list[dict]) -> list[dict]:
 def trace_rsvd(out_dir: Path, device: torch.device, smoke: bool = False) -> Path:
     """torch.profiler table (by self device time; CPU time without a GPU) of one warm batched ``kk.rsvd`` call on
     the Llama 4096² case at a quarter batch (tiny in smoke mode): where the gap to the bandwidth floor goes."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-
     case = Case("smoke", 2, 96, 64, 4, torch.float32, 1) if smoke else \
         Case("llama_4096x4096", 8, 4096, 4096, 24, torch.bfloat16, 1)
     a, _ = make_batch(case, device)
@@ -374,15 +372,10 @@ def trace_rsvd(out_dir: Path, device: torch.device, smoke: bool = False) -> Path
     with torch.no_grad():
         call()
         _sync(device)
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with torch_profile(activities=activities) as prof:
-            call()
-            _sync(device)
-    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        table = profile_table(call, device=device)
     path = Path(out_dir) / "trace_rsvd.txt"
     path.write_text(f"kk.rsvd {case.name} b={case.batch} r={case.rank} oversample=8 power_iters=2 "
-                    f"[{_dispatch.select('rsvd', device)}]\n" +
-                    prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
+                    f"[{_dispatch.select('rsvd', device)}]\n" + table)
     return path
 
 

@@ -137,6 +137,21 @@ def measure_memory(fn: Callable[[], Any], *, device: torch.device | str = "cpu")
     return max(0, _proc_status_kb("VmHWM") - before) * 1024
 
 
+def profile_table(fn: Callable[[], Any], *, device: torch.device | str = "cpu", row_limit: int = 40) -> str:
+    """torch.profiler table of one ``fn()`` (synchronised on CUDA), ops sorted by their own device time on CUDA
+    and by their own CPU time elsewhere: where a phase's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(device)
+    on_cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])) as prof:
+        fn()
+        if on_cuda:
+            torch.cuda.synchronize(device)
+    sort = "self_device_time_total" if on_cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=row_limit, max_name_column_width=70)
+
+
 def time_and_memory(fn: Callable[[], Any], *, device: torch.device | str = "cpu") -> tuple[float, int]:
     """One call of a one-shot phase (e.g. ``begin_task``): wall milliseconds and peak bytes beyond the start."""
     device = torch.device(device)

@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks.harness import RESULTS_DIR  # noqa: E402
+from keeplora.benchmark.plots import save_figure  # noqa: E402
 
 
 def _rows(results: Path, prefix: str) -> list[dict[str, str]]:
@@ -65,11 +66,7 @@ def plot_profile(results: Path, out: Path) -> list[Path]:
         axes[0].legend(fontsize=8)
         sha = group[0].get("git_sha", "")
         fig.suptitle(f"task lifecycle: {model} on {device} (git {sha})", fontsize=10)
-        fig.tight_layout()
-        path = out / f"profile_{_slug(model)}_{_slug(device)}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, out / f"profile_{_slug(model)}_{_slug(device)}.png"))
     return written
 
 
@@ -90,11 +87,7 @@ def plot_rsvd(results: Path, out: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"batched randomized SVD ({rows[0].get('device', '')})", fontsize=10)
-    fig.tight_layout()
-    path = out / "rsvd.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, out / "rsvd.png")]
 
 
 def plot_kernels(results: Path, out: Path) -> list[Path]:
@@ -115,11 +108,7 @@ def plot_kernels(results: Path, out: Path) -> list[Path]:
     ax.set_xscale("log")
     ax.set_xlabel(f"{time_column} (red: ours)")
     ax.set_title(f"kernels ({rows[0].get('device', '')}, git {rows[0].get('git_sha', '')})", fontsize=10)
-    fig.tight_layout()
-    path = out / "bench_kernels.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, out / "bench_kernels.png")]
 
 
 def _group(rows, key: tuple[str, ...]) -> dict[tuple[str, ...], list[dict[str, str]]]:

@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 import torch
 
-from benchmarks.harness import append_rows, environment, print_table, time_and_memory, time_fn
+from benchmarks.harness import append_rows, environment, print_table, profile_table, time_and_memory, time_fn
 from benchmarks.models import ProfileModel, profile_model
 from keeplora import KeepLoRA, KeepLoRAConfig
 from keeplora.baselines import AuthorsKeepLoRA
@@ -157,19 +157,10 @@ def _warm_cuda_libraries(dev: torch.device) -> None:
 
 def _trace_task(handle, data, loss, trace_dir: Path, dev: torch.device) -> None:
     """torch.profiler tables (by self device time, or CPU time without a GPU) of one begin_task and one end_task."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-
     trace_dir.mkdir(parents=True, exist_ok=True)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    sort = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     for phase, call in (("begin_task", lambda: handle.begin_task(data, loss)),
                         ("end_task", lambda: handle.end_task(data, loss))):
-        with torch_profile(activities=activities) as prof:
-            call()
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-        table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70)
-        (trace_dir / f"trace_{phase}.txt").write_text(table)
+        (trace_dir / f"trace_{phase}.txt").write_text(profile_table(call, device=dev))
 
 
 def _tokens(batch) -> int:

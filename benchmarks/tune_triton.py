@@ -23,8 +23,10 @@ import torch
 
 try:
     from . import harness
+    from .bench_kernels import _grad_modes
 except ImportError:  # pragma: no cover - run as a plain script
     import harness  # type: ignore
+    from bench_kernels import _grad_modes  # type: ignore
 
 import keeplora_kernels as kk
 from keeplora_kernels import _dispatch
@@ -132,11 +134,7 @@ def tune(out_dir: Optional[Path] = None, *, smoke: bool = False, device: Optiona
                         if not err <= 2 * torch_err + FLOOR[dtype]:
                             row["status"] = "mismatch"
                         else:
-                            y = triton_fn(xg, w, b, a, lb, scale)
-                            fns = {"forward": lambda: triton_fn(xg, w, b, a, lb, scale),
-                                   "backward": lambda: torch.autograd.grad(y, (xg, lb), dy, retain_graph=True),
-                                   "step": lambda: torch.autograd.grad(triton_fn(xg, w, b, a, lb, scale),
-                                                                        (xg, lb), dy)}
+                            fns = _grad_modes(lambda x_: triton_fn(x_, w, b, a, lb, scale), xg, (xg, lb), dy)
                             for mode, fn in fns.items():
                                 row[f"{mode}_ms"] = (harness.time_fn(fn, device=dev, cuda_warmup_ms=10,
                                                                      cuda_rep_ms=30) if on_gpu else

@@ -72,6 +72,29 @@ def _shrink_kernel(X, A, S, T, K, R, k_per_split,
 
 
 @triton.jit
+def _accumulate_product(acc, A, B, K, stride_ar, stride_ak, stride_bk, stride_bc, rows, cols,
+                        EVEN_K: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    """acc += A[rows, :K]·B[:K, cols], BLOCK_K at a time; unmasked loads when K is a multiple of BLOCK_K (the
+    main loop of the forward GEMM and of each dX segment)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = A + rows[:, None] * stride_ar + offs_k[None, :] * stride_ak
+    b_ptrs = B + offs_k[:, None] * stride_bk + cols[None, :] * stride_bc
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = load_all(a_ptrs, UPCAST, ACC)
+            b = load_all(b_ptrs, UPCAST, ACC)
+        else:
+            in_k = (k0 + offs_k) < K
+            a = load(a_ptrs, in_k[None, :], UPCAST, ACC)
+            b = load(b_ptrs, in_k[:, None], UPCAST, ACC)
+        acc = mma(a, b, acc, UPCAST, PREC)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
 def _fwd_kernel(X, W, BIAS, S, B, Y, T, N, K, R, scale,
                 stride_xt, stride_xk, stride_wn, stride_wk, stride_st, stride_sr, stride_bn, stride_br,
                 stride_yt, stride_yn,
@@ -94,20 +117,8 @@ def _fwd_kernel(X, W, BIAS, S, B, Y, T, N, K, R, scale,
         b = load(B + offs_r[:, None] * stride_br + cols[None, :] * stride_bn, in_r[:, None], UPCAST, ACC)
         acc = mma(s, b, acc, UPCAST, PREC)
     acc = acc * scale
-    offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = X + rows[:, None] * stride_xt + offs_k[None, :] * stride_xk
-    w_ptrs = W + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            x = load_all(x_ptrs, UPCAST, ACC)
-            w = load_all(w_ptrs, UPCAST, ACC)
-        else:
-            in_k = (k0 + offs_k) < K
-            x = load(x_ptrs, in_k[None, :], UPCAST, ACC)
-            w = load(w_ptrs, in_k[:, None], UPCAST, ACC)
-        acc = mma(x, w, acc, UPCAST, PREC)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+    acc = _accumulate_product(acc, X, W, K, stride_xt, stride_xk, stride_wk, stride_wn, rows, cols,
+                              EVEN_K, ACC, UPCAST, PREC, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(BIAS + cols).to(ACC)[None, :]
     mask = (offs_t[:, None] < T) & (offs_n[None, :] < N)
@@ -153,23 +164,6 @@ def _bwd_dy_kernel(DY, S, B, DS_PART, DB_PART, DBIAS_PART, T, N, R, blocks_per_p
 
 
 @triton.jit
-def _dx_segment(acc, DY, W, N, stride_dyt, stride_dyn, stride_wn, stride_wk, rows, cols,
-                ACC: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
-    """acc += dY·W over all N for the (rows, cols) tile."""
-    offs_n = tl.arange(0, BLOCK_N)
-    dy_ptrs = DY + rows[:, None] * stride_dyt + offs_n[None, :] * stride_dyn
-    w_ptrs = W + offs_n[:, None] * stride_wn + cols[None, :] * stride_wk
-    for n0 in range(0, N, BLOCK_N):
-        in_n = (n0 + offs_n) < N
-        dy = load(dy_ptrs, in_n[None, :], UPCAST, ACC)
-        w = load(w_ptrs, in_n[:, None], UPCAST, ACC)
-        acc = mma(dy, w, acc, UPCAST, PREC)
-        dy_ptrs += BLOCK_N * stride_dyn
-        w_ptrs += BLOCK_N * stride_wn
-    return acc
-
-
-@triton.jit
 def _bwd_dx_kernel(DY0, W0, N0, s_dy0t, s_dy0n, s_w0n, s_w0k,
                    DY1, W1, N1, s_dy1t, s_dy1n, s_w1n, s_w1k,
                    DY2, W2, N2, s_dy2t, s_dy2n, s_w2n, s_w2k,
@@ -186,13 +180,17 @@ def _bwd_dx_kernel(DY0, W0, N0, s_dy0t, s_dy0n, s_w0n, s_w0k,
     rows = offs_t % T
     cols = offs_k % K
     acc = tl.zeros((BLOCK_T, BLOCK_K), dtype=ACC)
-    acc = _dx_segment(acc, DY0, W0, N0, s_dy0t, s_dy0n, s_w0n, s_w0k, rows, cols, ACC, UPCAST, PREC, BLOCK_N)
+    acc = _accumulate_product(acc, DY0, W0, N0, s_dy0t, s_dy0n, s_w0n, s_w0k, rows, cols, False, ACC, UPCAST,
+                              PREC, BLOCK_N)
     if NUM_SEG > 1:
-        acc = _dx_segment(acc, DY1, W1, N1, s_dy1t, s_dy1n, s_w1n, s_w1k, rows, cols, ACC, UPCAST, PREC, BLOCK_N)
+        acc = _accumulate_product(acc, DY1, W1, N1, s_dy1t, s_dy1n, s_w1n, s_w1k, rows, cols, False, ACC, UPCAST,
+                                  PREC, BLOCK_N)
     if NUM_SEG > 2:
-        acc = _dx_segment(acc, DY2, W2, N2, s_dy2t, s_dy2n, s_w2n, s_w2k, rows, cols, ACC, UPCAST, PREC, BLOCK_N)
+        acc = _accumulate_product(acc, DY2, W2, N2, s_dy2t, s_dy2n, s_w2n, s_w2k, rows, cols, False, ACC, UPCAST,
+                                  PREC, BLOCK_N)
     if NUM_SEG > 3:
-        acc = _dx_segment(acc, DY3, W3, N3, s_dy3t, s_dy3n, s_w3n, s_w3k, rows, cols, ACC, UPCAST, PREC, BLOCK_N)
+        acc = _accumulate_product(acc, DY3, W3, N3, s_dy3t, s_dy3n, s_w3n, s_w3k, rows, cols, False, ACC, UPCAST,
+                                  PREC, BLOCK_N)
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         in_r = offs_r < R

@@ -1,5 +1,6 @@
 """Bad input: each a clear exception naming the problem, with the model and the continual state unchanged."""
 
+import contextlib
 import math
 
 import pytest
@@ -39,6 +40,18 @@ def assert_state(kl, before):
     assert all(torch.equal(kl.bases[n], p) for n, p in bases.items())
 
 
+@contextlib.contextmanager
+def refused(model, kl=None, *, raises, match=None):
+    """The block raises ``raises`` (message matching ``match``) and leaves the model's weights and, with ``kl``,
+    KeepLoRA's continual state exactly as they were."""
+    before, st = snapshot(model), (state(kl) if kl is not None else None)
+    with pytest.raises(raises, match=match):
+        yield
+    assert_unchanged(model, before)
+    if kl is not None:
+        assert_state(kl, st)
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("r", 0, "KeepLoRAConfig.r must be a positive integer"),
     ("alpha", -1.0, "KeepLoRAConfig.alpha"),
@@ -70,34 +83,26 @@ def test_config_round_trips_through_a_dict():
 
 def test_unknown_target_module():
     model = CASE.model()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=r"no module matches \['qkv'\].*query"):
+    with refused(model, raises=ValueError, match=r"no module matches \['qkv'\].*query"):
         KeepLoRA(model, KeepLoRAConfig(target_modules=["query", "qkv"], progress=False))
-    assert_unchanged(model, before)
 
 
 def test_non_linear_target():
     model = CASE.model()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="not torch.nn.Linear"):
+    with refused(model, raises=ValueError, match="not torch.nn.Linear"):
         KeepLoRA(model, KeepLoRAConfig(target_modules=["query", "LayerNorm"], progress=False))
-    assert_unchanged(model, before)
 
 
 def test_rank_larger_than_input_size():
     model = CASE.model()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=r"r = 33 exceeds d_in = 32"):
+    with refused(model, raises=ValueError, match=r"r = 33 exceeds d_in = 32"):
         KeepLoRA(model, KeepLoRAConfig(target_modules=CASE.targets, r=33, progress=False))
-    assert_unchanged(model, before)
 
 
 def test_group_energy_without_a_pattern_for_a_target():
     model = CASE.model()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="no pattern matching target"):
+    with refused(model, raises=ValueError, match="no pattern matching target"):
         KeepLoRA(model, KeepLoRAConfig(target_modules=CASE.targets, weight_energy={"layer.0": 0.5}, progress=False))
-    assert_unchanged(model, before)
 
 
 def test_official_clip_subspace_refuses_non_square_weights():
@@ -109,60 +114,45 @@ def test_official_clip_subspace_refuses_non_square_weights():
 
 def test_empty_dataloader():
     model, kl = make()
-    before, st = snapshot(model), state(kl)
-    with pytest.raises(EmptyDataError, match="no batch"):
+    with refused(model, kl, raises=EmptyDataError, match="no batch"):
         kl.begin_task([], CASE.loss)
-    assert_unchanged(model, before)
-    assert_state(kl, st)
 
 
 def test_nan_loss_during_the_gradient_estimate():
     model, kl = make()
-    before, st = snapshot(model), state(kl)
     data = CASE.batches(n=3)
 
     def loss_with_nan(m, b):
         loss = CASE.loss(m, b)
         return loss * float("nan") if torch.equal(b["input_ids"], data[1]["input_ids"]) else loss
 
-    with pytest.raises(FloatingPointError, match="non-finite loss in batch 1"):
+    with refused(model, kl, raises=FloatingPointError, match="non-finite loss in batch 1"):
         kl.begin_task(data, loss_with_nan)
-    assert_unchanged(model, before)
-    assert_state(kl, st)
 
 
 def test_end_task_without_begin_task():
     model, kl = make()
-    before, st = snapshot(model), state(kl)
-    with pytest.raises(RuntimeError, match="without begin_task"):
+    with refused(model, kl, raises=RuntimeError, match="without begin_task"):
         kl.end_task(CASE.batches(), CASE.loss)
-    assert_unchanged(model, before)
-    assert_state(kl, st)
 
 
 def test_begin_task_twice():
     model, kl = make()
     kl.begin_task(CASE.batches(), CASE.loss)
-    before, st = snapshot(model), state(kl)
-    with pytest.raises(RuntimeError, match="call end_task first"):
+    with refused(model, kl, raises=RuntimeError, match="call end_task first"):
         kl.begin_task(CASE.batches(), CASE.loss)
-    assert_unchanged(model, before)
-    assert_state(kl, st)
 
 
 def test_end_task_with_an_empty_dataloader_keeps_the_task_open():
     model, kl = make()
     kl.begin_task(CASE.batches(), CASE.loss)
-    before, st = snapshot(model), state(kl)
-    with pytest.raises(EmptyDataError):
+    with refused(model, kl, raises=EmptyDataError):
         kl.end_task([], CASE.loss)
-    assert_unchanged(model, before)
-    assert_state(kl, st)
 
 
 def test_loss_that_ignores_the_adapted_modules():
     model, kl = make()
-    with pytest.raises(ValueError, match="does not depend on any adapted module"):
+    with refused(model, kl, raises=ValueError, match="does not depend on any adapted module"):
         kl.begin_task(CASE.batches(), lambda m, b: m.embeddings(input_ids=b["input_ids"]).sum())
 
 
@@ -172,12 +162,8 @@ def test_loading_a_state_into_a_different_model(tmp_path):
     kl.end_task(CASE.batches(), CASE.loss)
     kl.save(tmp_path / "state")
     other = CASE.model(seed=1)  # same architecture, other weights
-    before = snapshot(other)
-    with pytest.raises(ValueError, match="other weights"):
+    with refused(other, raises=ValueError, match="other weights"):
         KeepLoRA.load(tmp_path / "state", other)
-    assert_unchanged(other, before)
     llama = CASES["llama"].model()  # other architecture
-    before = snapshot(llama)
-    with pytest.raises(ValueError):
+    with refused(llama, raises=ValueError):
         KeepLoRA.load(tmp_path / "state", llama)
-    assert_unchanged(llama, before)

@@ -5,6 +5,7 @@ import torch
 
 import keeplora_kernels as kk
 from keeplora_kernels.lora_linear import LoRALinearFunction
+from lora_checks import assert_saves_only_s
 from tolerances import assert_close
 
 SHAPES = [((37,), 70, 45), ((3, 11), 64, 33), ((1,), 16, 16)]  # (leading dims, d_in, d_out)
@@ -48,17 +49,7 @@ def test_lora_linear_matches_autograd(lead, d_in, d_out, r, bias, transpose_x):
 
 def test_lora_linear_saves_only_the_shrunk_activation():
     lead, d_in, d_out, r = (5, 7), 48, 40, 4
-    x, w, b, a, lb = _lora_inputs(lead, d_in, d_out, r)
-    x.requires_grad_()
-    lb.requires_grad_()
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        kk.lora_linear(x, w, b, a, lb, 1.0)
-    tokens = 5 * 7
-    activations = [t for t in saved if t.shape[0] == tokens]
-    assert [tuple(t.shape) for t in activations] == [(tokens, r)]
-    assert all(t.numel() <= max(w.numel(), tokens * r) for t in saved)
-    assert not any(t.shape == x.reshape(-1, d_in).shape or t.shape == x.shape for t in saved)
+    assert_saves_only_s(*_lora_inputs(lead, d_in, d_out, r))
 
 
 def test_lora_linear_refuses_trainable_frozen_operands():

@@ -13,7 +13,7 @@ import keeplora_kernels as kk
 from keeplora_kernels import _dispatch
 from keeplora_kernels.principal_subspace import principal_subspace_ref
 from keeplora_kernels.rsvd import rsvd_ref, rsvd_torch
-from tolerances import RTOL_ATOL, assert_close, assert_within_torch_error
+from tolerances import assert_close, assert_within_torch_error
 
 
 @pytest.fixture(params=["extension", "reference"])

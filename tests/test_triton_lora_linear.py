@@ -12,6 +12,7 @@ from triton_env import DEVICE, force_triton  # noqa: F401  (skips without triton
 import keeplora_kernels as kk
 from keeplora_kernels import _dispatch
 from keeplora_kernels.lora_linear import LoRALinearFunction, lora_linear_shared_ref
+from lora_checks import assert_saves_only_s
 from tolerances import assert_close, assert_within_torch_error
 
 pytestmark = pytest.mark.usefixtures("force_triton")
@@ -125,16 +126,7 @@ def test_gradcheck_fp64():
 def test_saves_only_the_shrunk_activation():
     lead, d_in, d_out, r = (5, 7), 48, 40, 4
     x, w, b, a, lb = _inputs(lead, d_in, d_out, r)
-    x.requires_grad_()
-    lb.requires_grad_()
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = kk.lora_linear(x, w, b, a, lb, 1.0)
-    tokens = 35
-    activations = [t for t in saved if t.shape[0] == tokens]
-    assert [tuple(t.shape) for t in activations] == [(tokens, r)]
-    assert all(t.numel() <= max(w.numel(), tokens * r) for t in saved)
-    assert not any(t.shape in (x.shape, (tokens, d_in)) for t in saved)
+    y = assert_saves_only_s(x, w, b, a, lb)
     y.sum().backward()  # backward runs from s alone
     assert x.grad is not None and lb.grad is not None
 

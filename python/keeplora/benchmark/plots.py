@@ -12,6 +12,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def save_figure(fig, path: Path, **layout) -> Path:
+    """Lay out, write (110 dpi) and close ``fig``; ``layout`` goes to ``tight_layout``. Returns ``path``."""
+    fig.tight_layout(**layout)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def heatmap(acc: np.ndarray, tasks: Sequence[str], title: str, path: Path) -> None:
     """T x T accuracy heatmap: row j = after training task j, column i = evaluated on task i."""
     a = np.asarray(acc) * 100
@@ -27,9 +35,7 @@ def heatmap(acc: np.ndarray, tasks: Sequence[str], title: str, path: Path) -> No
     ax.set_xlabel("evaluated on")
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def accuracy_over_steps(matrices: Mapping[str, np.ndarray], zero_shot: Sequence[float], tasks: Sequence[str],
@@ -56,9 +62,7 @@ def accuracy_over_steps(matrices: Mapping[str, np.ndarray], zero_shot: Sequence[
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
     fig.suptitle("Accuracy (%) on each task after each training step (dotted: the step that trains it)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.06 + 0.02 * ((len(labels) - 1) // 4), 1, 0.96))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, rect=(0, 0.06 + 0.02 * ((len(labels) - 1) // 4), 1, 0.96))
 
 
 def sweep_metrics(points: Sequence[dict], path: Path) -> None:
@@ -74,9 +78,7 @@ def sweep_metrics(points: Sequence[dict], path: Path) -> None:
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def basis_sizes(points: Sequence[dict], tasks: Sequence[str], path: Path) -> None:
@@ -100,9 +102,7 @@ def basis_sizes(points: Sequence[dict], tasks: Sequence[str], path: Path) -> Non
     for k in range(len(pts), rows * cols):
         axes[k // cols][k % cols].axis("off")
     fig.suptitle("Protected basis size per module after each task", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _module_order(name: str):

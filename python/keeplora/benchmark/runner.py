@@ -287,7 +287,7 @@ class Runner:
         t0 = time.perf_counter()
         zero_row, zero_seconds = self.zero_shot_row()
         result.zero_shot = zero_row
-        self.log(f"[keeplora] zero-shot: " + ", ".join(f"{n} {a * 100:.1f}" for n, a in zip(self.names, zero_row)))
+        self.log("[keeplora] zero-shot: " + ", ".join(f"{n} {a * 100:.1f}" for n, a in zip(self.names, zero_row)))
         outer = self._bar(T * len(methods), "methods x tasks")
         for spec in methods:
             out = self.run_method(spec, zero_row, zero_seconds, outer)
