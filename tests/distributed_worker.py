@@ -261,6 +261,7 @@ def main() -> None:
            "fail-fsdp": lambda o: scenario_fail(o, fsdp=True)}[scenario]
     run(out)
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no rank tears down while its peer finishes the last collective (gloo abort)
         torch.distributed.destroy_process_group()
 
 
