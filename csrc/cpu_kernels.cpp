@@ -1,7 +1,8 @@
-// CPU twins of the hand-written CUDA kernels: the same per-element (sketch) and per-matrix (Jacobi) code from
+// CPU twins of the hand-written CUDA kernels: the same per-element (sketch) and per-matrix (Jacobi, Cholesky) code from
 // csrc/kernels/, run by a loop (at::parallel_for) instead of a grid.
 #include <ATen/Parallel.h>
 
+#include "kernels/cholesky.h"
 #include "kernels/jacobi.h"
 #include "kernels/philox.h"
 #include "ops.h"
@@ -67,6 +68,65 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_svd_cpu(const at::Tensor& 
     });
   });
   return {u_cm.mT(), sigma, v_cm.mT()};
+}
+
+void check_split_operand_input(const at::Tensor& x, at::ScalarType dtype) {
+  TORCH_CHECK(x.dim() == 3, "keeplora::split_operand expects x of shape (b, c, w), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "keeplora::split_operand expects float32 or float64 x, got ", x.scalar_type());
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf,
+              "keeplora::split_operand: dtype must be bfloat16 or float16, got ", dtype);
+}
+
+// The element-wise formula in library calls (the CUDA kernel does it in one pass with the same rounding).
+at::Tensor split_operand_cpu(const at::Tensor& x, at::ScalarType dtype, double scale) {
+  check_split_operand_input(x, dtype);
+  const at::Tensor xf = x.to(at::kFloat);
+  const at::Tensor hi = xf.to(dtype);
+  const at::Tensor lo = xf.sub(hi.to(at::kFloat)).mul_(scale).to(dtype);
+  return at::cat({hi, lo}, -1);
+}
+
+double cholesky_tiny_shift(at::ScalarType dtype) { return dtype == at::kDouble ? 1e-290 : 1e-30; }
+
+void check_shifted_cholesky_input(const at::Tensor& gram, const at::Tensor& info) {
+  TORCH_CHECK(gram.dim() == 3 && gram.size(1) == gram.size(2), "keeplora::shifted_cholesky expects gram of shape ",
+              "(b, l, l), got ", gram.sizes());
+  TORCH_CHECK(gram.scalar_type() == at::kFloat || gram.scalar_type() == at::kDouble,
+              "keeplora::shifted_cholesky expects float32 or float64, got ", gram.scalar_type());
+  TORCH_CHECK(gram.size(1) <= (1 << 15), "keeplora::shifted_cholesky: l too large");
+  TORCH_CHECK(info.dim() == 1 && info.size(0) == gram.size(0) && info.scalar_type() == at::kInt &&
+                  info.is_contiguous(),
+              "keeplora::shifted_cholesky expects info to be a contiguous int32 tensor of shape (", gram.size(0),
+              ",), got ", info.scalar_type(), " ", info.sizes());
+  TORCH_CHECK(info.device() == gram.device(), "keeplora::shifted_cholesky: info is on ", info.device(),
+              " but gram on ", gram.device());
+}
+
+std::tuple<at::Tensor, at::Tensor> shifted_cholesky_cpu(const at::Tensor& gram, double shift_factor,
+                                                        bool check_rank, const at::Tensor& info) {
+  check_shifted_cholesky_input(gram, info);
+  const at::Tensor g = gram.contiguous();
+  at::Tensor r = at::empty_like(g);
+  at::Tensor x = at::empty_like(g);
+  const int64_t batch = g.size(0);
+  const int l = static_cast<int>(g.size(1));
+  const int64_t ll = static_cast<int64_t>(l) * l;
+  int* flags = info.data_ptr<int>();
+  const double tiny = cholesky_tiny_shift(g.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "shifted_cholesky_cpu", [&] {
+    const scalar_t* src = g.data_ptr<scalar_t>();
+    scalar_t* rp = r.data_ptr<scalar_t>();
+    scalar_t* xp = x.data_ptr<scalar_t>();
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        flags[k] |= cholesky::factor_serial<scalar_t>(src + k * ll, l, static_cast<scalar_t>(shift_factor),
+                                                      static_cast<scalar_t>(tiny), check_rank, rp + k * ll,
+                                                      xp + k * ll);
+      }
+    });
+  });
+  return {r, x};
 }
 
 }  // namespace keeplora

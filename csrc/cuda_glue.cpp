@@ -63,12 +63,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_svd_cuda(const at::Tensor&
   return {u_cm.mT(), sigma, v_cm.mT()};
 }
 
+at::Tensor split_operand_cuda(const at::Tensor& x, at::ScalarType dtype, double scale) {
+  check_split_operand_input(x, dtype);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty({x.size(0), x.size(1), 2 * x.size(2)}, x.options().dtype(dtype));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  check_launch(cuda::launch_split_operand(xc.data_ptr(), xc.scalar_type() == at::kDouble, out.data_ptr(),
+                                          dtype == at::kBFloat16, x.size(0) * x.size(1), x.size(2),
+                                          static_cast<float>(scale), stream),
+               "split_operand");
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> shifted_cholesky_cuda(const at::Tensor& gram, double shift_factor,
+                                                         bool check_rank, const at::Tensor& info) {
+  check_shifted_cholesky_input(gram, info);
+  const c10::cuda::CUDAGuard guard(gram.device());
+  const at::Tensor g = gram.contiguous();
+  at::Tensor r = at::empty_like(g);
+  at::Tensor x = at::empty_like(g);
+  const int64_t batch = g.size(0);
+  const int l = static_cast<int>(g.size(1));
+  const double tiny = cholesky_tiny_shift(g.scalar_type());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(g.device().index()).stream();
+  if (g.scalar_type() == at::kDouble) {
+    check_launch(cuda::launch_shifted_cholesky_f64(g.data_ptr<double>(), r.data_ptr<double>(), x.data_ptr<double>(),
+                                                   info.data_ptr<int>(), batch, l, shift_factor, tiny, check_rank,
+                                                   stream),
+                 "shifted_cholesky");
+  } else {
+    check_launch(cuda::launch_shifted_cholesky_f32(g.data_ptr<float>(), r.data_ptr<float>(), x.data_ptr<float>(),
+                                                   info.data_ptr<int>(), batch, l, static_cast<float>(shift_factor),
+                                                   static_cast<float>(tiny), check_rank, stream),
+                 "shifted_cholesky");
+  }
+  return {r, x};
+}
+
 }  // namespace
 }  // namespace keeplora
 
 TORCH_LIBRARY_IMPL(keeplora, CUDA, m) {
   m.impl("gaussian_sketch", &keeplora::gaussian_sketch_cuda);
   m.impl("jacobi_svd", &keeplora::jacobi_svd_cuda);
+  m.impl("shifted_cholesky", &keeplora::shifted_cholesky_cuda);
+  m.impl("split_operand", &keeplora::split_operand_cuda);
   m.impl("cholesky_qr", &keeplora::cholesky_qr);
   m.impl("rsvd", &keeplora::rsvd);
   m.impl("principal_subspace", &keeplora::principal_subspace);

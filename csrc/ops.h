@@ -17,6 +17,9 @@ const std::vector<std::string>& op_names();
 // Per-device kernels.
 at::Tensor gaussian_sketch_cpu(const at::Tensor& like, int64_t seed, int64_t rows, int64_t cols);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_svd_cpu(const at::Tensor& a);
+at::Tensor split_operand_cpu(const at::Tensor& x, at::ScalarType dtype, double scale);
+std::tuple<at::Tensor, at::Tensor> shifted_cholesky_cpu(const at::Tensor& gram, double shift_factor, bool check_rank,
+                                                        const at::Tensor& info);
 
 // Device-generic implementations (ATen calls only): registered for CPU here and for CUDA in cuda_glue.cpp.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cholesky_qr(const at::Tensor& y, int64_t shifted_passes,
@@ -30,6 +33,9 @@ std::vector<at::Tensor> principal_subspace(at::TensorList weights, double energy
 // Shape-only (Meta) versions.
 at::Tensor gaussian_sketch_meta(const at::Tensor& like, int64_t seed, int64_t rows, int64_t cols);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_svd_meta(const at::Tensor& a);
+at::Tensor split_operand_meta(const at::Tensor& x, at::ScalarType dtype, double scale);
+std::tuple<at::Tensor, at::Tensor> shifted_cholesky_meta(const at::Tensor& gram, double shift_factor,
+                                                         bool check_rank, const at::Tensor& info);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cholesky_qr_meta(const at::Tensor& y, int64_t shifted_passes,
                                                                 int64_t plain_passes);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rsvd_meta(const at::Tensor& a, int64_t rank,
@@ -39,6 +45,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rsvd_meta(const at::T
 
 // Checks shared by every kernel of an op.
 void check_jacobi_input(const at::Tensor& a);
+void check_split_operand_input(const at::Tensor& x, at::ScalarType dtype);
+void check_shifted_cholesky_input(const at::Tensor& gram, const at::Tensor& info);
+// Tiny diagonal shift that lets an all-zero block factor (its Q is then zero), per dtype.
+double cholesky_tiny_shift(at::ScalarType dtype);
 void check_rsvd_input(const at::Tensor& a, int64_t rank, int64_t oversample, int64_t power_iters,
                       const std::optional<at::Tensor>& project_out, c10::string_view orthonormalize);
 

@@ -7,7 +7,8 @@
 namespace keeplora {
 
 const std::vector<std::string>& op_names() {
-  static const std::vector<std::string> names = {"gaussian_sketch", "jacobi_svd", "cholesky_qr", "rsvd",
+  static const std::vector<std::string> names = {"gaussian_sketch", "jacobi_svd", "shifted_cholesky",
+                                                 "split_operand", "cholesky_qr", "rsvd",
                                                  "principal_subspace"};
   return names;
 }
@@ -20,6 +21,15 @@ TORCH_LIBRARY(keeplora, m) {
   m.def("gaussian_sketch(Tensor like, int seed, int rows, int cols) -> Tensor");
   // a (b, l, l) float32/float64 = U diag(S) V^T by one-sided Jacobi, S descending.
   m.def("jacobi_svd(Tensor a) -> (Tensor U, Tensor S, Tensor V)");
+  // One pass of shifted CholeskyQR on the Grams g (b, l, l) float32/float64: g + s I = R^T R with
+  // s = shift_factor * tr(g) + tiny, R_inv = R^-1 (both upper); info (b,) int32 is or-ed in place with bit 1 when a
+  // factorisation failed (R = R_inv = I then) and, with check_rank, bit 2 when a column of Q R^-1 keeps less than
+  // half its squared norm (1 - s ||R_inv e_j||^2 < 1/2). The CUDA kernel is one launch, no host synchronisation.
+  m.def("shifted_cholesky(Tensor gram, float shift_factor, bool check_rank, Tensor(a!) info) -> "
+        "(Tensor R, Tensor R_inv)");
+  // x (b, c, w) float32/float64 -> [hi | lo] (b, c, 2w) in dtype (bfloat16 or float16), hi = round(float(x)),
+  // lo = round((float(x) - hi) * scale): the operand of a low-precision GEMM that keeps ~16 bits of x.
+  m.def("split_operand(Tensor x, ScalarType dtype, float scale) -> Tensor");
   // y (b, m, l) = Q R (float64) by shifted CholeskyQR: `shifted_passes` passes with the provably safe shift,
   // then `plain_passes` with a shift at the rounding level. info: bit 1 a Cholesky failed, bit 2 a column of Q
   // came out with norm < 1/sqrt(2) (numerically rank-deficient y).
@@ -34,6 +44,8 @@ TORCH_LIBRARY(keeplora, m) {
 TORCH_LIBRARY_IMPL(keeplora, CPU, m) {
   m.impl("gaussian_sketch", &keeplora::gaussian_sketch_cpu);
   m.impl("jacobi_svd", &keeplora::jacobi_svd_cpu);
+  m.impl("shifted_cholesky", &keeplora::shifted_cholesky_cpu);
+  m.impl("split_operand", &keeplora::split_operand_cpu);
   m.impl("cholesky_qr", &keeplora::cholesky_qr);
   m.impl("rsvd", &keeplora::rsvd);
   m.impl("principal_subspace", &keeplora::principal_subspace);
@@ -43,6 +55,8 @@ TORCH_LIBRARY_IMPL(keeplora, CPU, m) {
 TORCH_LIBRARY_IMPL(keeplora, Meta, m) {
   m.impl("gaussian_sketch", &keeplora::gaussian_sketch_meta);
   m.impl("jacobi_svd", &keeplora::jacobi_svd_meta);
+  m.impl("shifted_cholesky", &keeplora::shifted_cholesky_meta);
+  m.impl("split_operand", &keeplora::split_operand_meta);
   m.impl("cholesky_qr", &keeplora::cholesky_qr_meta);
   m.impl("rsvd", &keeplora::rsvd_meta);
 }

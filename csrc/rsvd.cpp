@@ -21,7 +21,6 @@ namespace {
 using at::Tensor;
 
 constexpr double kUnitRoundoff64 = 1.1102230246251565e-16;  // 2^-53
-constexpr double kTinyShift = 1e-290;                       // lets an all-zero block factor (its Q is zero)
 // Largest core size for which CUDA uses the Jacobi kernel (one block per matrix); larger ones use linalg_svd.
 constexpr int64_t kJacobiMaxCuda = 256;
 // principal_subspace: switch to the exact (Gram eigendecomposition) path when the sketch width would exceed
@@ -37,6 +36,14 @@ Tensor gaussian_sketch(const Tensor& like, int64_t seed, int64_t rows, int64_t c
                        .findSchemaOrThrow("keeplora::gaussian_sketch", "")
                        .typed<Tensor(const Tensor&, int64_t, int64_t, int64_t)>();
   return op.call(like, seed, rows, cols);
+}
+
+// x (b, c, w) float32/float64 -> [hi | lo] (b, c, 2w) in `dtype` with x ~ hi + lo / scale.
+Tensor split_operand(const Tensor& x, at::ScalarType dtype, double scale) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("keeplora::split_operand", "")
+                       .typed<Tensor(const Tensor&, at::ScalarType, double)>();
+  return op.call(x, dtype, scale);
 }
 
 std::tuple<Tensor, Tensor, Tensor> jacobi_svd(const Tensor& a) {
@@ -60,60 +67,95 @@ std::tuple<Tensor, Tensor, Tensor> small_svd(const Tensor& m) {
 struct Factor {
   Tensor q;     // (b, m, l) float64
   Tensor r;     // (b, l, l) float64 upper triangular, y = q r (only when requested)
-  Tensor info;  // (b,) int32: bit 1 a Cholesky factorisation failed, bit 2 q lost rank
 };
+
+// One pass's l x l step through the dispatcher (CPU twin or the CUDA kernel): R and R^-1 of G + s I with
+// s = factor tr(G) + tiny, failure and (with check_rank) rank-loss bits or-ed into `info` in place.
+std::tuple<Tensor, Tensor> shifted_cholesky(const Tensor& g, double factor, bool check_rank, const Tensor& info) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("keeplora::shifted_cholesky", "")
+                       .typed<std::tuple<Tensor, Tensor>(const Tensor&, double, bool, const Tensor&)>();
+  return op.call(g, factor, check_rank, info);
+}
+
+// The same step in library calls, for l beyond the one-block kernel: cholesky_ex, a triangular solve against I,
+// a failed factorisation replaced by the identity, the rank check through the same identity as the kernel.
+std::tuple<Tensor, Tensor> shifted_cholesky_library(const Tensor& gram, double factor, bool check_rank,
+                                                    const Tensor& info) {
+  const int64_t b = gram.size(0), l = gram.size(1);
+  Tensor g = gram.clone();
+  Tensor diag = g.diagonal(0, -2, -1);
+  const Tensor s = diag.sum(-1, /*keepdim=*/true).mul(factor).add(cholesky_tiny_shift(g.scalar_type()));
+  diag.add_(s);
+  auto [r, failed] = at::linalg_cholesky_ex(g, /*upper=*/true, /*check_errors=*/false);
+  const Tensor eye = at::eye(l, r.options()).expand({b, l, l});
+  Tensor x = at::linalg_solve_triangular(r, eye, /*upper=*/true, /*left=*/true);
+  const Tensor bad = failed.ne(0).view({b, 1, 1});
+  r = at::where(bad, eye, r);
+  x = at::where(bad, eye, x);
+  Tensor bits = failed.ne(0).to(at::kInt);
+  if (check_rank) {
+    const Tensor lost = at::rsub(x.square().sum(-2).mul(s), 1.0).lt(0.5).any(-1);
+    bits.bitwise_or_(lost.logical_and(failed.eq(0)).to(at::kInt).mul(2));
+  }
+  info.bitwise_or_(bits);
+  return {r, x};
+}
+
+// Largest l for which the one-block shifted_cholesky kernel is used (as for the Jacobi kernel).
+constexpr int64_t kFusedCholeskyMax = 256;
 
 // Shifted CholeskyQR in float64 on batched GEMMs. Each pass: G = Q^T Q, G += s I, R = chol(G), Q <- Q R^-1.
 // The first `shifted` passes use s = 11 (m l + l (l + 1)) u tr(G), the shift with which the factorisation
 // provably succeeds for any finite input (Fukaya, Kannan, Nakatsukasa, Yamamoto, Yanagisawa 2020); the remaining
 // passes use s = u tr(G), which only keeps an exactly zero column from failing. The shift changes how orthonormal
 // a pass leaves Q, never the identity y = Q R; the later passes restore orthonormality (CholeskyQR2).
-Factor cholesky_qr_fp64(const Tensor& y, int64_t shifted, int64_t plain, bool want_r) {
+// Per pass: two GEMMs and one shifted_cholesky launch. `info` (b,) int32 is or-ed in place: bit 1 a
+// factorisation failed, bit 2 (checked in the last pass) a column of Q lost rank.
+Factor cholesky_qr_fp64(const Tensor& y, int64_t shifted, int64_t plain, bool want_r, const Tensor& info) {
   Tensor q = y.to(at::kDouble);
   const int64_t b = y.size(0), m = y.size(1), l = y.size(2);
-  Tensor info = at::zeros({b}, y.options().dtype(at::kInt));
   Tensor r_total;
-  if (l == 0) return {q, at::zeros({b, 0, 0}, q.options()), info};
+  if (l == 0) return {q, at::zeros({b, 0, 0}, q.options())};
   const double c_shift = 11.0 * (static_cast<double>(m) * l + static_cast<double>(l) * (l + 1)) * kUnitRoundoff64;
-  for (int64_t pass = 0; pass < shifted + plain; ++pass) {
-    Tensor g = at::matmul(q.mT(), q);
-    Tensor diag = g.diagonal(0, -2, -1);
+  const int64_t passes = shifted + plain;
+  for (int64_t pass = 0; pass < passes; ++pass) {
+    const Tensor g = at::matmul(q.mT(), q);
     const double factor = pass < shifted ? c_shift : kUnitRoundoff64;
-    diag.add_(diag.sum(-1, /*keepdim=*/true).mul(factor).add(kTinyShift));
-    auto [r, failed] = at::linalg_cholesky_ex(g, /*upper=*/true, /*check_errors=*/false);
-    info.bitwise_or_(failed.ne(0).to(at::kInt));
+    const bool last = pass + 1 == passes;
     // Q R^-1 as a GEMM with the explicit l x l inverse: batched GEMMs run near peak on both devices, batched
     // triangular solves do not. R is well conditioned after the shifted pass, so the explicit inverse costs no
     // accuracy that the next pass does not restore.
-    const Tensor eye = at::eye(l, r.options()).expand({b, l, l});
-    q = at::matmul(q, at::linalg_solve_triangular(r, eye, /*upper=*/true, /*left=*/true));
+    auto [r, r_inv] = l <= kFusedCholeskyMax ? shifted_cholesky(g, factor, last, info)
+                                             : shifted_cholesky_library(g, factor, last, info);
+    q = at::matmul(q, r_inv);
     if (want_r) r_total = r_total.defined() ? at::matmul(r, r_total) : r;
   }
-  info.bitwise_or_(q.square().sum(-2).lt(0.5).any(-1).to(at::kInt).mul(2));
-  return {q, r_total, info};
+  return {q, r_total};
 }
 
 Factor householder_qr_fp64(const Tensor& y, bool want_r) {
   auto [q, r] = at::linalg_qr(y.to(at::kDouble), "reduced");
-  return {q, want_r ? r : Tensor(), at::zeros({y.size(0)}, y.options().dtype(at::kInt))};
+  return {q, want_r ? r : Tensor()};
 }
 
 int64_t shifted_passes(at::ScalarType compute) { return compute == at::kDouble ? 2 : 1; }
 int64_t plain_passes(at::ScalarType compute) { return compute == at::kDouble ? 2 : 1; }
 
 // Orthonormal basis of the columns of y (b, m, l), m >= l. "cholqr": shifted CholeskyQR2 (fp32 data) or
-// CholeskyQR4 (fp64 data); on CPU the matrices it flags are redone by Householder QR (the flag costs nothing to
-// read there); on CUDA reading it would synchronise, so the flag is only accumulated into `info`.
-Factor orthonormalize(const Tensor& y, at::ScalarType compute, bool householder, bool want_r) {
+// CholeskyQR4 (fp64 data), flags or-ed into `info`. On CPU the matrices this call flags are redone by Householder
+// QR (the flag costs nothing to read there); on CUDA reading it would synchronise, so it is only accumulated.
+Factor orthonormalize(const Tensor& y, at::ScalarType compute, bool householder, bool want_r, const Tensor& info) {
   if (householder) return householder_qr_fp64(y, want_r);
-  Factor f = cholesky_qr_fp64(y, shifted_passes(compute), plain_passes(compute), want_r);
-  if (!y.is_cuda()) {
-    const Tensor bad = f.info.nonzero().flatten();
-    if (bad.numel() > 0) {
-      Factor redo = householder_qr_fp64(y.index_select(0, bad), want_r);
-      f.q = f.q.index_copy(0, bad, redo.q);
-      if (want_r) f.r = f.r.index_copy(0, bad, redo.r);
-    }
+  if (y.is_cuda()) return cholesky_qr_fp64(y, shifted_passes(compute), plain_passes(compute), want_r, info);
+  const Tensor flags = at::zeros({y.size(0)}, y.options().dtype(at::kInt));
+  Factor f = cholesky_qr_fp64(y, shifted_passes(compute), plain_passes(compute), want_r, flags);
+  info.bitwise_or_(flags);
+  const Tensor bad = flags.nonzero().flatten();
+  if (bad.numel() > 0) {
+    Factor redo = householder_qr_fp64(y.index_select(0, bad), want_r);
+    f.q = f.q.index_copy(0, bad, redo.q);
+    if (want_r) f.r = f.r.index_copy(0, bad, redo.r);
   }
   return f;
 }
@@ -140,15 +182,13 @@ struct Residual {
   Tensor gemm(const Tensor& mat, const Tensor& x) const {
     if (!split) return at::matmul(mat, x.to(cd));
 #if KEEPLORA_HAVE_BMM_OUT_DTYPE
-    // Low-precision matrix, float32 operand: x = hi + lo / scale with hi, lo in the matrix's dtype; one GEMM on
-    // [hi | lo] with float32 accumulation and output reads the matrix once and keeps ~16 mantissa bits of x.
+    // Low-precision matrix, float32/float64 operand: x = hi + lo / scale with hi, lo in the matrix's dtype
+    // (one split_operand launch); one GEMM on [hi | lo] with float32 accumulation and output reads the matrix
+    // once and keeps ~16 mantissa bits of x.
     const auto lowp = mat.scalar_type();
     const double scale = lowp == at::kHalf ? 2048.0 : 256.0;
-    const Tensor xf = x.to(at::kFloat);
-    const Tensor hi = xf.to(lowp);
-    const Tensor lo = xf.sub(hi.to(at::kFloat)).mul_(scale).to(lowp);
     const int64_t w = x.size(-1);
-    const Tensor y = at::bmm(mat, at::cat({hi, lo}, -1), at::kFloat);
+    const Tensor y = at::bmm(mat, split_operand(x, lowp, scale), at::kFloat);
     return y.narrow(-1, 0, w).add(y.narrow(-1, w, w), 1.0 / scale);
 #else
     TORCH_CHECK(false, "keeplora::rsvd: internal error, split GEMM without aten::bmm.dtype");
@@ -161,7 +201,9 @@ struct Residual {
   }
 
   Tensor times(const Tensor& x) const { return project(gemm(a, x)); }           // A_hat x
-  Tensor t_times(const Tensor& y) const { return gemm(a.mT(), project(y.to(cd))); }  // A_hat^T y
+  Tensor t_times(const Tensor& y) const {  // A_hat^T y (gemm converts y itself when there is no projection)
+    return gemm(a.mT(), p.defined() ? project(y.to(cd)) : y);
+  }
 
   // A_hat Omega for the sketch omega (n, w), shared by every matrix of the batch.
   Tensor sketch(const Tensor& omega) const {
@@ -198,12 +240,8 @@ RsvdResult rsvd_impl(const Residual& op, int64_t rank, int64_t oversample, int64
   const int64_t b = a.size(0), m = a.size(1), n = a.size(2);
   const int64_t mn = std::min(m, n);
   const int64_t l = std::min(rank + oversample, mn);
-  Tensor info = at::zeros({b}, a.options().dtype(at::kInt));
-  auto orth = [&](const Tensor& y, bool want_r) {
-    Factor f = orthonormalize(y, op.cd, householder, want_r);
-    info.bitwise_or_(f.info);
-    return f;
-  };
+  const Tensor info = at::zeros({b}, a.options().dtype(at::kInt));
+  auto orth = [&](const Tensor& y, bool want_r) { return orthonormalize(y, op.cd, householder, want_r, info); };
 
   // 1. Range finder: Q (b, m, l) float64 with orthonormal columns spanning (approximately) the top of range(A_hat).
   Tensor q64;
@@ -283,8 +321,9 @@ std::tuple<Tensor, Tensor, Tensor> cholesky_qr(const Tensor& y, int64_t shifted_
   TORCH_CHECK(shifted_passes >= 0 && plain_passes >= 0 && shifted_passes + plain_passes >= 1,
               "keeplora::cholesky_qr needs at least one pass");
   at::NoGradGuard no_grad;
-  Factor f = cholesky_qr_fp64(y.detach(), shifted_passes, plain_passes, true);
-  return {f.q, f.r, f.info};
+  const Tensor info = at::zeros({y.size(0)}, y.options().dtype(at::kInt));
+  Factor f = cholesky_qr_fp64(y.detach(), shifted_passes, plain_passes, true, info);
+  return {f.q, f.r, info};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> rsvd(const Tensor& a, int64_t rank, int64_t oversample,
@@ -362,7 +401,8 @@ void exact_subspace(const Tensor& mat, const Tensor& total, double energy, bool 
       const Tensor sigma = evals[j].narrow(0, 0, p).sqrt();
       const Tensor inv = at::where(sigma.gt(0), sigma.reciprocal(), at::zeros_like(sigma));
       const Tensor u = at::matmul(x[j], evecs[j].narrow(-1, 0, p)).mul(inv);
-      basis = cholesky_qr_fp64(u.unsqueeze(0), 2, 2, false).q[0];
+      const Tensor flags = at::zeros({1}, u.options().dtype(at::kInt));
+      basis = cholesky_qr_fp64(u.unsqueeze(0), 2, 2, false, flags).q[0];
     }
     out[targets[j]] = basis.to(rd).contiguous();
   }
@@ -484,6 +524,16 @@ std::tuple<Tensor, Tensor, Tensor> cholesky_qr_meta(const Tensor& y, int64_t, in
 Tensor gaussian_sketch_meta(const Tensor& like, int64_t, int64_t rows, int64_t cols) {
   const auto dtype = like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   return at::empty({rows, cols}, like.options().dtype(dtype));
+}
+
+Tensor split_operand_meta(const Tensor& x, at::ScalarType dtype, double) {
+  check_split_operand_input(x, dtype);
+  return at::empty({x.size(0), x.size(1), 2 * x.size(2)}, x.options().dtype(dtype));
+}
+
+std::tuple<Tensor, Tensor> shifted_cholesky_meta(const Tensor& gram, double, bool, const Tensor& info) {
+  check_shifted_cholesky_input(gram, info);
+  return {at::empty(gram.sizes(), gram.options()), at::empty(gram.sizes(), gram.options())};
 }
 
 std::tuple<Tensor, Tensor, Tensor> jacobi_svd_meta(const Tensor& a) {

@@ -22,7 +22,8 @@ import torch
 
 from . import _dispatch
 
-__all__ = ["rsvd", "rsvd_ref", "rsvd_torch", "rsvd_extension", "gaussian_sketch", "cholesky_qr"]
+__all__ = ["rsvd", "rsvd_ref", "rsvd_torch", "rsvd_extension", "gaussian_sketch", "cholesky_qr",
+           "shifted_cholesky"]
 
 
 def _as_batch(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -123,31 +124,53 @@ def gaussian_sketch(seed: int, rows: int, cols: int, device=None, dtype: torch.d
     return z.to(torch.float32).to(out_dtype).reshape(cols, rows).mT
 
 
+def shifted_cholesky(gram: torch.Tensor, shift_factor: float, check_rank: bool, info: torch.Tensor):
+    """One CholeskyQR pass's ``l × l`` step, the twin of ``torch.ops.keeplora.shifted_cholesky``.
+
+    ``gram (b, l, l) + s·I = RᵀR`` with ``s = shift_factor·tr(gram) + tiny``; returns ``(R, R⁻¹)`` (upper). ``info``
+    (b,) int32 is or-ed in place: bit 1 where a factorisation failed (``R = R⁻¹ = I`` there, so the pass leaves Q
+    unchanged), and with ``check_rank`` bit 2 where a column of ``Q·R⁻¹`` keeps less than half its squared norm,
+    read off the factors: ``(Q·R⁻¹)ᵀ(Q·R⁻¹) = I − s·R⁻ᵀR⁻¹`` for ``gram = QᵀQ``.
+    """
+    b, l, _ = gram.shape
+    g = gram.clone()
+    diag = g.diagonal(0, -2, -1)
+    tiny = _TINY_SHIFT if gram.dtype == torch.float64 else 1e-30
+    shift = diag.sum(-1, keepdim=True) * shift_factor + tiny
+    diag.add_(shift)
+    r, failed = torch.linalg.cholesky_ex(g, upper=True)
+    eye = torch.eye(l, dtype=r.dtype, device=r.device).expand(b, l, l)
+    r_inv = torch.linalg.solve_triangular(r, eye, upper=True)
+    bad = (failed != 0).view(b, 1, 1)
+    r, r_inv = torch.where(bad, eye, r), torch.where(bad, eye, r_inv)
+    bits = (failed != 0).to(torch.int32)
+    if check_rank:
+        lost = ((1 - shift * r_inv.square().sum(-2)) < 0.5).any(-1) & (failed == 0)
+        bits |= 2 * lost.to(torch.int32)
+    info |= bits
+    return r, r_inv
+
+
 def cholesky_qr(y: torch.Tensor, shifted_passes: int = 1, plain_passes: int = 1, *, want_r: bool = True):
     """Shifted CholeskyQR in float64: ``y (b, m, l) = Q·R``; returns ``(Q, R, info)`` like the extension's op.
 
-    Each pass forms ``G = QᵀQ``, adds ``s·I``, factors ``G = RᵀR`` and sets ``Q ← Q·R⁻¹``. The first
-    ``shifted_passes`` use ``s = 11(ml + l(l+1))·u·tr(G)`` (with which the factorisation provably succeeds for any
-    finite input; Fukaya et al. 2020), the others ``s = u·tr(G)``. ``info``: bit 1 a factorisation failed, bit 2 a
-    column of Q has norm² < 0.5 (y numerically rank-deficient).
+    Each pass forms ``G = QᵀQ``, adds ``s·I``, factors ``G = RᵀR`` and sets ``Q ← Q·R⁻¹``
+    (:func:`shifted_cholesky`). The first ``shifted_passes`` use ``s = 11(ml + l(l+1))·u·tr(G)`` (with which the
+    factorisation provably succeeds for any finite input; Fukaya et al. 2020), the others ``s = u·tr(G)``.
+    ``info``: bit 1 a factorisation failed, bit 2 a column of Q has norm² < 0.5 (y numerically rank-deficient).
     """
     q = y.to(torch.float64)
     b, m, l = q.shape
     info = torch.zeros(b, dtype=torch.int32, device=y.device)
     r_total = None
     c_shift = 11.0 * (m * l + l * (l + 1)) * _UNIT_ROUNDOFF_64
-    for index in range(shifted_passes + plain_passes):
-        g = q.mT @ q
-        diag = g.diagonal(0, -2, -1)
+    passes = shifted_passes + plain_passes
+    for index in range(passes):
         factor = c_shift if index < shifted_passes else _UNIT_ROUNDOFF_64
-        diag.add_(diag.sum(-1, keepdim=True) * factor + _TINY_SHIFT)
-        r, failed = torch.linalg.cholesky_ex(g, upper=True)
-        info |= (failed != 0).to(torch.int32)
-        eye = torch.eye(l, dtype=r.dtype, device=r.device).expand(b, l, l)
-        q = q @ torch.linalg.solve_triangular(r, eye, upper=True)  # Q·R⁻¹ as a GEMM (see csrc/rsvd.cpp)
+        r, r_inv = shifted_cholesky(q.mT @ q, factor, index + 1 == passes, info)
+        q = q @ r_inv  # Q·R⁻¹ as a GEMM (see csrc/rsvd.cpp)
         if want_r:
             r_total = r if r_total is None else r @ r_total
-    info |= 2 * (q.square().sum(-2) < 0.5).any(-1).to(torch.int32)
     return q, r_total, info
 
 

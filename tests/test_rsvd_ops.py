@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from keeplora_kernels import _dispatch, _extension
-from keeplora_kernels.rsvd import cholesky_qr, gaussian_sketch, rsvd_torch
+from keeplora_kernels.rsvd import cholesky_qr, gaussian_sketch, rsvd_torch, shifted_cholesky
 from tolerances import assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +84,8 @@ def test_extension_reports_its_ops():
     ops = _extension.registered_ops()
     if not ops:
         pytest.skip(f"extension not loaded: {_extension.status()}")
-    assert {"rsvd", "principal_subspace", "gaussian_sketch", "jacobi_svd", "cholesky_qr"} <= set(ops)
+    assert {"rsvd", "principal_subspace", "gaussian_sketch", "jacobi_svd", "cholesky_qr", "shifted_cholesky",
+            "split_operand"} <= set(ops)
     assert _extension.registered_ops("cpu") == ops  # every op has a CPU kernel
     if not _extension.library().built_with_cuda():
         assert _extension.registered_ops("cuda") == frozenset()
@@ -125,6 +126,85 @@ def test_jacobi_svd_cpu_twin(dtype, l):
         assert (ui.T @ ui - eye[:k, :k]).abs().max() <= tol * l * 10
     if dtype == torch.float64:  # one-sided Jacobi: relative accuracy of the small singular values
         assert ((s[1] - exact[1]).abs() / exact[1]).max() < 1e-8
+
+
+def _grams(batch, l, seed=0):
+    """Gram matrices QᵀQ of random (3l × l) blocks with graded column scales: SPD, condition ~1e8."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randn(batch, 3 * l, l, dtype=torch.float64, generator=gen)
+    y = y * torch.logspace(0, -4, l, dtype=torch.float64)
+    return y.mT @ y
+
+
+@_needs("shifted_cholesky")
+@pytest.mark.parametrize("l", [1, 2, 7, 33, 64])
+@pytest.mark.parametrize("factor", [1e-10, 2.0**-53])
+def test_shifted_cholesky_cpu_twin_equals_library_path(l, factor):
+    g = _grams(4, l)
+    info = torch.zeros(4, dtype=torch.int32)
+    r, r_inv = torch.ops.keeplora.shifted_cholesky(g, factor, True, info)
+    info_ref = torch.zeros(4, dtype=torch.int32)
+    r_ref, r_inv_ref = shifted_cholesky(g, factor, True, info_ref)
+    assert torch.equal(info, info_ref) and not info.any()
+    assert torch.equal(r, r.triu()) and torch.equal(r_inv, r_inv.triu())
+    assert_close(r, r_ref, torch.float64)
+    eye = torch.eye(l, dtype=torch.float64).expand(4, l, l)
+    assert (r @ r_inv - eye).abs().max() < 1e-9  # cond(R) <= ~1e4 here
+    shift = factor * g.diagonal(0, -2, -1).sum(-1) + 1e-290
+    rebuilt = r.mT @ r - shift.view(4, 1, 1) * eye
+    assert ((rebuilt - g).abs().amax((-2, -1)) <= 1e-14 * l * g.abs().amax((-2, -1))).all()
+
+
+@_needs("shifted_cholesky")
+@pytest.mark.parametrize("twin", ["extension", "torch"])
+def test_shifted_cholesky_flags_failure_and_rank_loss_in_place(twin):
+    call = torch.ops.keeplora.shifted_cholesky if twin == "extension" else shifted_cholesky
+    g = _grams(4, 6)
+    g[1, 2, 2] = float("nan")  # a factorisation that cannot succeed
+    g[2, 4, :] = 0.0  # an exactly zero column of Q: its column of Q·R⁻¹ stays zero
+    g[2, :, 4] = 0.0
+    info = torch.tensor([0, 0, 0, 4], dtype=torch.int32)  # bits already set are kept
+    r, r_inv = call(g, 2.0**-53, True, info)
+    assert info.tolist() == [0, 1, 2, 4]
+    eye = torch.eye(6, dtype=torch.float64)
+    assert torch.equal(r[1], eye) and torch.equal(r_inv[1], eye)  # the failed pass leaves Q unchanged
+    info_no_check = torch.zeros(4, dtype=torch.int32)
+    call(g, 2.0**-53, False, info_no_check)
+    assert info_no_check.tolist() == [0, 1, 0, 0]
+
+
+@_needs("shifted_cholesky")
+def test_shifted_cholesky_validates_inputs():
+    with pytest.raises(RuntimeError, match="info"):
+        torch.ops.keeplora.shifted_cholesky(_grams(2, 3), 1e-10, True, torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        torch.ops.keeplora.shifted_cholesky(_grams(2, 3).half(), 1e-10, True, torch.zeros(2, dtype=torch.int32))
+
+
+@_needs("rsvd")
+def test_rsvd_beyond_the_one_block_cholesky_takes_the_library_path():
+    """Sketch width l > 256 (the kernel's limit): the same pass through cholesky_ex and a triangular solve."""
+    a = torch.randn(1, 300, 260, dtype=torch.float64)
+    u, s, v, info = torch.ops.keeplora.rsvd(a, 260, 0, 0, None, 0)  # l = min(m, n): exact path, orth(A)
+    assert not info.any()
+    assert_close(s[0], torch.linalg.svdvals(a[0]), torch.float64)
+    assert_close(u[0].T @ u[0], torch.eye(260, dtype=torch.float64), torch.float64)
+
+
+@_needs("split_operand")
+@pytest.mark.parametrize("dtype,scale", [(torch.bfloat16, 256.0), (torch.float16, 2048.0)])
+@pytest.mark.parametrize("source", [torch.float32, torch.float64])
+def test_split_operand_keeps_sixteen_bits(dtype, scale, source):
+    x = torch.randn(2, 37, 5, dtype=source)
+    parts = torch.ops.keeplora.split_operand(x, dtype, scale)
+    assert parts.shape == (2, 37, 10) and parts.dtype == dtype
+    hi, lo = parts[..., :5].float(), parts[..., 5:].float()
+    assert torch.equal(hi, x.float().to(dtype).float())
+    rebuilt = hi + lo / scale
+    eps = torch.finfo(dtype).eps
+    assert ((rebuilt - x.float()).abs() <= eps * eps * x.float().abs()).all()
+    with pytest.raises(RuntimeError, match="bfloat16 or float16"):
+        torch.ops.keeplora.split_operand(x, torch.float32, scale)
 
 
 @_needs("rsvd")
@@ -183,6 +263,31 @@ def test_sketch_cuda_equals_cpu():
     cpu = torch.ops.keeplora.gaussian_sketch(torch.empty(0), 9, 4099, 40)
     gpu = torch.ops.keeplora.gaussian_sketch(torch.empty(0, device="cuda"), 9, 4099, 40).cpu()
     assert (gpu - cpu).abs().max() <= 1e-6 * cpu.abs().max()  # libm last-bit differences only
+
+
+@pytest.mark.gpu
+@_needs("shifted_cholesky", "cuda")
+@pytest.mark.parametrize("l", [1, 5, 32, 64, 200])
+def test_shifted_cholesky_cuda_matches_cpu_twin(l):
+    g = _grams(37, l, seed=l)
+    g[3, 1, 1] = float("nan")
+    info, info_c = torch.zeros(37, dtype=torch.int32, device="cuda"), torch.zeros(37, dtype=torch.int32)
+    r, r_inv = torch.ops.keeplora.shifted_cholesky(g.cuda(), 2.0**-53, True, info)
+    r_c, r_inv_c = torch.ops.keeplora.shifted_cholesky(g, 2.0**-53, True, info_c)
+    assert torch.equal(info.cpu(), info_c) and info_c[3] == 1
+    assert ((r.cpu() - r_c).abs().amax((-2, -1)) <= 1e-13 * l * r_c.abs().amax((-2, -1))).all()
+    assert ((r_inv.cpu() - r_inv_c).abs().amax((-2, -1)) <= 1e-9 * l * r_inv_c.abs().amax((-2, -1))).all()
+
+
+@pytest.mark.gpu
+@_needs("split_operand", "cuda")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("source", [torch.float32, torch.float64])
+def test_split_operand_cuda_equals_cpu(dtype, source):
+    x = torch.randn(3, 129, 40, dtype=source)
+    scale = 256.0 if dtype == torch.bfloat16 else 2048.0
+    assert torch.equal(torch.ops.keeplora.split_operand(x.cuda(), dtype, scale).cpu(),
+                       torch.ops.keeplora.split_operand(x, dtype, scale))
 
 
 @pytest.mark.gpu

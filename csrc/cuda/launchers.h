@@ -27,5 +27,19 @@ cudaError_t launch_jacobi_svd_f32(const float* a, float* u, float* sigma, float*
 cudaError_t launch_jacobi_svd_f64(const double* a, double* u, double* sigma, double* v, double* workspace,
                                   int64_t batch, int l, cudaStream_t stream);
 
+// Batched shifted Cholesky + triangular inverse of `batch` row-major l x l SPD matrices g (batch stride l*l):
+// g + s I = r^T r with s = factor * tr(g) + tiny, x = r^-1 (both upper), info[i] |= 1 when a factorisation failed
+// (r = x = I then), and with check_rank info[i] |= 2 when a column of Q r^-1 loses half its norm (see
+// csrc/kernels/cholesky.h). One thread block per matrix.
+cudaError_t launch_shifted_cholesky_f32(const float* g, float* r, float* x, int* info, int64_t batch, int l,
+                                        float factor, float tiny, bool check_rank, cudaStream_t stream);
+cudaError_t launch_shifted_cholesky_f64(const double* g, double* r, double* x, int* info, int64_t batch, int l,
+                                        double factor, double tiny, bool check_rank, cudaStream_t stream);
+
+// x (rows x w, row-major, float32 or float64) -> out (rows x 2w, row-major, bf16 or fp16) = [hi | lo] with
+// hi = round(float(x)), lo = round((float(x) - hi) * scale), round to nearest even.
+cudaError_t launch_split_operand(const void* x, bool x_is_double, void* out, bool out_is_bf16, int64_t rows,
+                                 int64_t w, float scale, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace keeplora

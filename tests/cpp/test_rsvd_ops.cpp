@@ -65,6 +65,20 @@ void test_jacobi() {
   EXPECT(max_abs(at::matmul(u * s.unsqueeze(-2), v.mT()) - a) < 1e-12 * max_abs(a) * 19);
 }
 
+void test_shifted_cholesky() {
+  auto chol = op("keeplora::shifted_cholesky")
+                  .typed<std::tuple<Tensor, Tensor>(const Tensor&, double, bool, const Tensor&)>();
+  const Tensor y = at::randn({5, 60, 20}, at::TensorOptions().dtype(at::kDouble));
+  const Tensor g = at::matmul(y.mT(), y);
+  const Tensor info = at::zeros({5}, at::TensorOptions().dtype(at::kInt));
+  auto [r, r_inv] = chol.call(g, 1e-12, true, info);
+  const Tensor eye = at::eye(20, g.options());
+  EXPECT(info.sum().item<int64_t>() == 0);
+  EXPECT(at::equal(r, r.triu()));
+  EXPECT(max_abs(at::matmul(r, r_inv) - eye) < 1e-12);
+  EXPECT(max_abs(at::matmul(r.mT(), r) - g) < 1e-10 * max_abs(g));
+}
+
 void test_rsvd() {
   auto rsvd = op("keeplora::rsvd")
                   .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, int64_t, int64_t, int64_t,
@@ -112,6 +126,7 @@ int main() {
   test_registration();
   test_sketch();
   test_jacobi();
+  test_shifted_cholesky();
   test_rsvd();
   test_principal_subspace();
   if (failures == 0) std::printf("keeplora C++ tests passed\n");
