@@ -49,9 +49,12 @@ LORA_SHAPES_QUICK = [(8192, 4096, 16), (12608, 768, 16), (2048, 4096, 64)]
 LORA_SHAPES_SMOKE = [(64, 48, 8)]
 QKV_SHAPE = (12608, 768, 16)  # the authors' CLIP ViT-B/16 shape: q, k, v of one input
 QKV_SHAPE_SMOKE = (64, 48, 8)
-PROJECT_FULL = [(4096, 4096, k, dt) for k in (16, 64, 184, 256) for dt in ("float32", "bfloat16")]
-PROJECT_QUICK = [(4096, 4096, k, dt) for k in (64, 184) for dt in ("float32", "bfloat16")]
-PROJECT_SMOKE = [(64, 64, 8, "float32")]
+# (batch, d, n, k, dtype); batch > 1 is how the engine calls it (all same-shaped weights of a group at once,
+# b·n/BLOCK_N programs), batch 1 the single-matrix floor of performance.md (n/BLOCK_N programs only)
+PROJECT_BATCHED = [(8, 1024, 1024, 64, dt) for dt in ("float32", "bfloat16")]
+PROJECT_FULL = [(1, 4096, 4096, k, dt) for k in (16, 64, 184, 256) for dt in ("float32", "bfloat16")] + PROJECT_BATCHED
+PROJECT_QUICK = [(1, 4096, 4096, k, dt) for k in (64, 184) for dt in ("float32", "bfloat16")] + PROJECT_BATCHED
+PROJECT_SMOKE = [(1, 64, 64, 8, "float32"), (2, 40, 24, 4, "float32")]
 MOMENT_FULL = [(8192, 4096), (12608, 768)]
 MOMENT_QUICK = [(8192, 4096)]
 MOMENT_SMOKE = [(128, 48)]
@@ -278,20 +281,22 @@ def bench_qkv(bench: _Bench, shape, dtype) -> None:
 
 def bench_project(bench: _Bench, shapes) -> None:
     dev = bench.device
-    for d, n, k, dt in shapes:
+    for b, d, n, k, dt in shapes:
         dtype = getattr(torch, dt)
-        basis = torch.linalg.qr(torch.randn(d, k, device=dev)).Q
-        g = torch.randn(d, n, device=dev).to(dtype)
+        lead = (b,) if b > 1 else ()
+        basis = torch.linalg.qr(torch.randn(*lead, d, k, device=dev)).Q
+        g = torch.randn(*lead, d, n, device=dev).to(dtype)
         exact = residual_project_ref(g.double(), basis.double())
-        nbytes = 2 * d * n * g.element_size() + d * k * 4
-        floor = floor_ms(4.0 * d * n * k, nbytes)
+        nbytes = b * (2 * d * n * g.element_size() + d * k * 4)
+        floor = floor_ms(4.0 * b * d * n * k, nbytes)
         work = g.clone()
         providers = {
             "reference": lambda: residual_project_ref(g, basis),
-            "dense": lambda: residual_project_dense(g, basis),
             "ours": lambda: kk.residual_project(g, basis),
             "ours-inplace": lambda: kk.residual_project(work, basis, inplace=True),
         }
+        if b == 1:  # the authors' dense projector (2-D only)
+            providers["dense"] = lambda: residual_project_dense(g, basis)
         if _triton_forced_differs("residual_project", dev, dtype, basis.dtype):
             project_triton = _dispatch.implementation("residual_project", "triton")
             providers["ours-triton"] = lambda: project_triton(g, basis, inplace=False)
@@ -300,7 +305,8 @@ def bench_project(bench: _Bench, shapes) -> None:
                            exact)
             t = bench.time(fn)
             backend = _backend(name, "residual_project", dev, dtype, basis.dtype)
-            bench.add(op="residual_project", shape=f"d={d},n={n},k={k}", dtype=dt, provider=name, backend=backend,
+            shape = f"d={d},n={n},k={k}" if b == 1 else f"b={b},d={d},n={n},k={k}"
+            bench.add(op="residual_project", shape=shape, dtype=dt, provider=name, backend=backend,
                       mode="forward", time_ms=t, floor_ms=floor, peak_MB=round(bench.peak_mb(fn), 2),
                       max_rel_err=float(f"{err:.3g}"))
 

@@ -34,7 +34,7 @@ from keeplora_kernels import _dispatch
 from keeplora_kernels.principal_subspace import principal_subspace_ref
 from keeplora_kernels.rsvd import rsvd_torch
 
-from .harness import append_rows, measure_memory, print_table, profile_table, time_fn
+from .harness import append_rows, library_calls, measure_memory, print_table, profile_table, time_fn
 
 H200_BANDWIDTH = 4.3e12  # bytes/s, measured device-to-device copy (performance.md)
 
@@ -176,6 +176,9 @@ def run_case(case: Case, device: torch.device, quick: bool) -> list[dict]:
                "device_type": device.type, "matrices_timed": matrices, "time_ms": ms, "batch_time_ms": batch_ms,
                "peak_mem_mb": peak / 2**20, "resid_excess_mean": excess.mean().item(),
                "resid_excess_max": excess.max().item()}
+        if method.startswith("keeplora"):  # per-call overhead: library calls (and CUDA kernels) of one call
+            counts = library_calls(fn, device=device)
+            row.update(library_calls=counts["calls"], kernels=counts.get("kernels", ""))
         if device.type == "cuda" and method.startswith("keeplora"):
             floor_ms = (2 * q + 2) * case.batch * case.m * case.n * a.element_size() / H200_BANDWIDTH * 1e3
             row.update(floor_ms=floor_ms, x_floor=batch_ms / floor_ms)
@@ -358,7 +361,9 @@ def summarize(rows: list[dict]) -> list[dict]:
         pct = 100 * row["floor_ms"] / row["batch_time_ms"] if "floor_ms" in row else ""
         out.append(dict(op=op, time_ms=row["batch_time_ms"], pct_of_floor=pct, ratio=row["speedup_vs_lowrank_loop"],
                         peak_mb=row["peak_mem_mb"],
-                        note=f"resid_excess {row['resid_excess_mean']:.1e}, {row['matrices_timed']} timed"))
+                        note=f"resid_excess {row['resid_excess_mean']:.1e}, {row['matrices_timed']} timed"
+                        + (f", {row['library_calls']} calls" if "library_calls" in row else "")
+                        + (f"/{row['kernels']} kernels" if row.get("kernels", "") != "" else "")))
     return out
 
 
@@ -390,7 +395,8 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, trace: bool = False
 
 
 COLUMNS = ["case", "batch", "m", "n", "rank", "dtype", "method", "impl", "sketch", "power_iters", "batch_time_ms",
-           "speedup_vs_lowrank_loop", "speedup_vs_linalg_svd", "resid_excess_mean", "resid_excess_max"]
+           "speedup_vs_lowrank_loop", "speedup_vs_linalg_svd", "resid_excess_mean", "resid_excess_max",
+           "library_calls"]
 
 
 SUBSPACE_COLUMNS = ["case", "weights", "energy", "method", "impl", "time_ms", "speedup_vs_ref_loop", "ranks_equal_ref",

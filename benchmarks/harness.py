@@ -152,6 +152,53 @@ def profile_table(fn: Callable[[], Any], *, device: torch.device | str = "cpu", 
     return prof.key_averages().table(sort_by=sort, row_limit=row_limit, max_name_column_width=70)
 
 
+# Ops that launch no kernel: views, metadata and uninitialised allocations.
+_NO_LAUNCH = frozenset({
+    "aten::view", "aten::transpose", "aten::expand", "aten::narrow", "aten::slice", "aten::select", "aten::diagonal",
+    "aten::as_strided", "aten::unsqueeze", "aten::squeeze", "aten::permute", "aten::t", "aten::alias",
+    "aten::reshape", "aten::_reshape_alias", "aten::lift_fresh", "aten::detach", "aten::result_type",
+    "aten::_unsafe_view", "aten::mT", "aten::flatten", "aten::empty", "aten::empty_like", "aten::empty_strided",
+    "aten::resolve_conj", "aten::resolve_neg", "aten::contiguous"})
+
+
+def library_calls(fn: Callable[[], Any], *, device: torch.device | str = "cpu") -> dict[str, int]:
+    """Operator calls one ``fn()`` issues, the measure of per-call overhead for work made of many small steps.
+
+    ``calls``: ATen ops (views and allocations excluded) called directly by Python or by a ``keeplora::`` op, plus
+    the ``keeplora::`` ops nested inside another; each is at least one kernel launch on a GPU (several for
+    cuSOLVER/cuBLAS routines), so the count is the launch overhead seen from the host, measurable without a GPU.
+    ``kernels`` (CUDA only): the device kernels the call actually ran.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(device)
+    on_cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])) as prof:
+        fn()
+        if on_cuda:
+            torch.cuda.synchronize(device)
+
+    def owner(event):
+        parent = event.cpu_parent
+        while parent is not None and not parent.name.startswith(("aten::", "keeplora::")):
+            parent = parent.cpu_parent
+        return parent
+
+    calls = 0
+    for event in prof.events():
+        name = event.name
+        if name in _NO_LAUNCH or not name.startswith(("aten::", "keeplora::")):
+            continue
+        parent = owner(event)
+        if (parent is None and name.startswith("aten::")) or (parent is not None and
+                                                             parent.name.startswith("keeplora::")):
+            calls += 1
+    out = {"calls": calls}
+    if on_cuda:
+        out["kernels"] = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return out
+
+
 def time_and_memory(fn: Callable[[], Any], *, device: torch.device | str = "cpu") -> tuple[float, int]:
     """One call of a one-shot phase (e.g. ``begin_task``): wall milliseconds and peak bytes beyond the start."""
     device = torch.device(device)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import append_rows, measure_memory
+from benchmarks.harness import append_rows, library_calls, measure_memory
 from benchmarks.profile_lifecycle import profile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +28,13 @@ def test_cpu_peak_memory_sees_a_large_temporary():
     measure_memory(lambda: torch.empty(1))  # first call configures the allocator
     peak = measure_memory(lambda: torch.ones(16, 2**20).sum())  # a 64 MiB fp32 temporary
     assert 60 * 2**20 <= peak <= 80 * 2**20
+
+
+def test_library_calls_counts_launching_ops_not_views():
+    x, y = torch.randn(8, 4), torch.randn(8, 4)
+    assert library_calls(lambda: x + y) == {"calls": 1}
+    assert library_calls(lambda: (x.T.reshape(-1)[:5] * 2).sum()) == {"calls": 3}  # copy (reshape of x.T), mul, sum
+    assert library_calls(lambda: torch.empty(3).view(1, 3)) == {"calls": 0}
 
 
 def test_profile_runs_all_methods_and_the_baseline_agrees_with_keeplora():
