@@ -50,16 +50,25 @@ KEEPLORA_HD void scale_row(T* r, int l, int k, int first, int stride) {
   for (int j = k + 1 + first; j < l; j += stride) row[j] *= inv;
 }
 
-// r[i][j] -= r[k][i] * r[k][j] for k < i <= j < l (the trailing upper triangle), items numbered over the
-// (l - k - 1)^2 square so that consecutive items touch consecutive j.
+// r[i][j] -= r[k][i] * r[k][j] for k < i <= j < l: the trailing upper triangle, items numbered row by row
+// (consecutive items touch consecutive j) and walked without a division per item.
 template <typename T>
 KEEPLORA_HD void update_trailing(T* r, int l, int k, int first, int stride) {
-  const int n = l - k - 1;
   const T* row_k = r + static_cast<int64_t>(k) * l;
-  for (int item = first; item < n * n; item += stride) {
-    const int i = k + 1 + item / n;
-    const int j = k + 1 + item % n;
-    if (i <= j) r[static_cast<int64_t>(i) * l + j] -= row_k[i] * row_k[j];
+  if (stride == 1 && first == 0) {  // serial: the same items in the same order, as plain loops (vectorised)
+    for (int i = k + 1; i < l; ++i) {
+      T* row_i = r + static_cast<int64_t>(i) * l;
+      const T f = row_k[i];
+      for (int j = i; j < l; ++j) row_i[j] -= f * row_k[j];
+    }
+    return;
+  }
+  int i = k + 1, j = k + 1 + first;
+  while (i < l && j >= l) j -= l - ++i;  // row i holds columns i .. l-1
+  while (i < l) {
+    r[static_cast<int64_t>(i) * l + j] -= row_k[i] * row_k[j];
+    j += stride;
+    while (i < l && j >= l) j -= l - ++i;
   }
 }
 
@@ -80,15 +89,31 @@ KEEPLORA_HD void finalise_inverse_row(const T* r, T* x, int l, int k, int first,
   for (int c = k + first; c < l; c += stride) row[c] = ((c == k ? T(1) : T(0)) - row[c]) * inv;
 }
 
-// Inverse, step k, part 2: x[i][c] += r[i][k] * x[k][c] for i < k <= c.
+// Inverse, step k, part 2: x[i][c] += r[i][k] * x[k][c] for i < k <= c (items row by row, no division per item).
 template <typename T>
 KEEPLORA_HD void fold_inverse_row(const T* r, T* x, int l, int k, int first, int stride) {
   const int width = l - k;
   const T* row_k = x + static_cast<int64_t>(k) * l;
-  for (int item = first; item < k * width; item += stride) {
-    const int i = item / width;
-    const int c = k + item % width;
+  if (stride == 1 && first == 0) {  // serial: the same items in the same order, as plain loops (vectorised)
+    for (int i = 0; i < k; ++i) {
+      T* row_i = x + static_cast<int64_t>(i) * l;
+      const T f = r[static_cast<int64_t>(i) * l + k];
+      for (int c = k; c < l; ++c) row_i[c] += f * row_k[c];
+    }
+    return;
+  }
+  int i = 0, c = k + first;
+  while (i < k && c >= l) {
+    c -= width;
+    ++i;
+  }
+  while (i < k) {
     x[static_cast<int64_t>(i) * l + c] += r[static_cast<int64_t>(i) * l + k] * row_k[c];
+    c += stride;
+    while (i < k && c >= l) {
+      c -= width;
+      ++i;
+    }
   }
 }
 
