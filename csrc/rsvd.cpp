@@ -102,6 +102,21 @@ std::tuple<Tensor, Tensor> shifted_cholesky_library(const Tensor& gram, double f
   return {r, x};
 }
 
+// G = Q^T Q for q (b, m, l). On CUDA, cuBLAS runs this batched GEMM with its l x l output as one CTA per matrix
+// looping over all m rows (H200 trace: 29 us per call for 8 x 4096 x 32 in float64, about 10x its bandwidth time),
+// so the rows are split into chunks that become extra batch entries, and the chunk Grams are summed.
+Tensor gram(const Tensor& q) {
+  const int64_t b = q.size(0), m = q.size(1), l = q.size(2);
+  int64_t chunks = 1;
+  if (q.is_cuda()) {
+    const int64_t min_rows = std::max<int64_t>(l, 128);
+    while (chunks < 16 && b * chunks < 256 && m % (2 * chunks) == 0 && m / (2 * chunks) >= min_rows) chunks *= 2;
+  }
+  if (chunks == 1) return at::matmul(q.mT(), q);
+  const Tensor parts = q.reshape({b * chunks, m / chunks, l});
+  return at::matmul(parts.mT(), parts).view({b, chunks, l, l}).sum(1);
+}
+
 // Largest l for which the one-block shifted_cholesky kernel is used (as for the Jacobi kernel).
 constexpr int64_t kFusedCholeskyMax = 256;
 
@@ -120,7 +135,7 @@ Factor cholesky_qr_fp64(const Tensor& y, int64_t shifted, int64_t plain, bool wa
   const double c_shift = 11.0 * (static_cast<double>(m) * l + static_cast<double>(l) * (l + 1)) * kUnitRoundoff64;
   const int64_t passes = shifted + plain;
   for (int64_t pass = 0; pass < passes; ++pass) {
-    const Tensor g = at::matmul(q.mT(), q);
+    const Tensor g = gram(q);
     const double factor = pass < shifted ? c_shift : kUnitRoundoff64;
     const bool last = pass + 1 == passes;
     // Q R^-1 as a GEMM with the explicit l x l inverse: batched GEMMs run near peak on both devices, batched
