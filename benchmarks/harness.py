@@ -189,6 +189,8 @@ def library_calls(fn: Callable[[], Any], *, device: torch.device | str = "cpu") 
         name = event.name
         if name in _NO_LAUNCH or not name.startswith(("aten::", "keeplora::")):
             continue
+        if name == "aten::to" and not any(c.name.startswith("aten::") for c in event.cpu_children):
+            continue  # a no-op cast (already that dtype) returns its input
         parent = owner(event)
         if (parent is None and name.startswith("aten::")) or (parent is not None and
                                                              parent.name.startswith("keeplora::")):

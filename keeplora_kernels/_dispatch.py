@@ -119,6 +119,17 @@ def select(op: str, device: torch.device, *dtypes: torch.dtype) -> str:
     return "reference"
 
 
+@functools.lru_cache(maxsize=None)
+def mixed_dtype_gemm(op: str, device_type: str) -> bool:
+    """Whether ``torch.<op>(..., out_dtype=torch.float32)`` (``op`` = "mm", "addmm", "bmm") has a kernel for this
+    device type: CUDA builds of torch ≥ 2.8 multiply bf16/fp16 on the tensor cores and write fp32 in one kernel;
+    CPU builds have none."""
+    overloads = getattr(torch.ops.aten, op)
+    if device_type != "cuda" or not hasattr(overloads, "dtype"):
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op}.dtype", "CUDA")
+
+
 def choices(device: torch.device) -> dict[str, dict[str, str]]:
     """What ``select`` picks on ``device`` for each op and data dtype (``keeplora info`` prints it); "unavailable"
     where a forced backend cannot run (the call would raise)."""

@@ -42,6 +42,15 @@ def _flatten_tokens(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _scaled_outer(dy2: torch.Tensor, s: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """``scale·dy2ᵀ·s`` in ``out_dtype``: on CUDA with 16-bit inputs and an fp32 result, one tensor-core GEMM that
+    writes fp32 (no rounding of dB to bf16, no cast kernel); elsewhere the product in the inputs' dtype, cast."""
+    if (out_dtype == torch.float32 and dy2.dtype == s.dtype and dy2.dtype in (torch.float16, torch.bfloat16)
+            and _dispatch.mixed_dtype_gemm("mm", dy2.device.type)):
+        return torch.mm(dy2.t(), s, out_dtype=torch.float32).mul_(scale)
+    return (dy2.t() @ s).mul_(scale).to(out_dtype)
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """Forward and backward of the frozen-A LoRA linear in PyTorch ops.
 
@@ -50,11 +59,14 @@ class LoRALinearFunction(torch.autograd.Function):
         Y = X·Wᵀ + b + scale·s·Bᵀ
     Backward, given dY (T×d_out):
         dB = scale·dYᵀ·s                  (d_out×r)
-        ds = scale·dY·B                   (T×r)
-        dX = dY·W + ds·A                  (T×d_in)
+        ds = dY·B                         (T×r)
+        dX = dY·W + scale·ds·A            (T×d_in)
         db = Σ_T dY                       (only if the bias requires grad)
     W and A are frozen: no dW, no dA, so X itself is never saved.
     The adapter branch runs in x's dtype; dB is returned in B's dtype (fp32 adapters under bf16 inputs work).
+    A and B are cast to x's dtype once per step: backward reuses the forward's casts (r×d each), so a step is
+    five library calls forward and four or five backward. At small shapes on a GPU (CLIP's T=12608, d=768) the
+    per-call host cost, not the arithmetic, sets the step time (benchmarks/results/h200).
     """
 
     @staticmethod
@@ -68,24 +80,25 @@ class LoRALinearFunction(torch.autograd.Function):
         s = x2 @ a.t()
         y2 = torch.addmm(bias.to(x.dtype), x2, weight.t()) if bias is not None else x2 @ weight.t()
         y2.addmm_(s, b.t(), alpha=scale)
-        ctx.save_for_backward(s, weight, lora_a, lora_b)
+        ctx.save_for_backward(s, weight, a, b)
         ctx.scale = scale
         ctx.x_shape = x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.lora_b_dtype = lora_b.dtype
         return y2.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        s, weight, lora_a, lora_b = ctx.saved_tensors
+        s, weight, a, b = ctx.saved_tensors
         scale = ctx.scale
         dy2 = _flatten_tokens(dy).to(s.dtype)
         dx = db = dlora_b = None
         if ctx.needs_input_grad[4]:
-            dlora_b = (scale * (dy2.t() @ s)).to(lora_b.dtype)
+            dlora_b = _scaled_outer(dy2, s, scale, ctx.lora_b_dtype)
         if ctx.needs_input_grad[0]:
-            ds = dy2 @ lora_b.to(s.dtype)
+            ds = dy2 @ b
             dx2 = dy2 @ weight.to(s.dtype)
-            dx2.addmm_(ds, lora_a.to(s.dtype), alpha=scale)
+            dx2.addmm_(ds, a, alpha=scale)
             dx = dx2.reshape(ctx.x_shape)
         if ctx.needs_input_grad[2]:
             db = dy2.sum(0).to(ctx.bias_dtype)

@@ -9,9 +9,9 @@ and writes fp32 with no copies; elsewhere (CPU, fp32/fp64 inputs, mixed input dt
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from ._dispatch import mixed_dtype_gemm
 
 __all__ = ["outer_sum", "outer_sum_ref"]
 
@@ -21,14 +21,6 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 def outer_sum_ref(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Reference: convert to ``acc``'s dtype, then one in-place ``addmm``."""
     return acc.addmm_(dy.t().to(acc.dtype), x.to(acc.dtype))
-
-
-@functools.lru_cache(maxsize=None)
-def _mixed_dtype_addmm(device_type: str) -> bool:
-    """Whether ``torch.addmm(..., out_dtype=...)`` has a kernel for this device type (CUDA builds of torch ≥ 2.8)."""
-    if device_type != "cuda" or not hasattr(torch.ops.aten.addmm, "dtype"):
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("aten::addmm.dtype", "CUDA")
 
 
 def outer_sum(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -45,6 +37,6 @@ def outer_sum(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> torch.Ten
     if acc.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"outer_sum: acc must be float32 or float64, got {acc.dtype}")
     if (acc.dtype == torch.float32 and dy.dtype == x.dtype and dy.dtype in _LOW_PRECISION
-            and _mixed_dtype_addmm(acc.device.type)):
+            and mixed_dtype_gemm("addmm", acc.device.type)):
         return torch.addmm(acc, dy.t(), x, out_dtype=torch.float32)
     return outer_sum_ref(acc, dy, x)

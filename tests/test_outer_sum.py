@@ -34,7 +34,7 @@ def test_rejects_bad_shapes_and_accumulators():
 
 def test_mixed_dtype_path_call_is_well_formed(monkeypatch):
     """The CUDA path's call on meta tensors (its kernel exists only in CUDA builds): shape and dtype of the result."""
-    monkeypatch.setattr(outer_sum_module, "_mixed_dtype_addmm", lambda device_type: True)
+    monkeypatch.setattr(outer_sum_module, "mixed_dtype_gemm", lambda op, device_type: True)
     acc = torch.empty(11, 5, device="meta")
     out = kk.outer_sum(acc, torch.empty(37, 11, device="meta", dtype=torch.bfloat16),
                        torch.empty(37, 5, device="meta", dtype=torch.bfloat16))
@@ -44,7 +44,7 @@ def test_mixed_dtype_path_call_is_well_formed(monkeypatch):
 @pytest.mark.gpu
 def test_cuda_bf16_sum_is_far_more_accurate_than_a_bf16_weight_gradient():
     """What the authors' pipeline reads (a bf16 model's autograd dW, rounded to bf16) vs ours, against fp64."""
-    assert outer_sum_module._mixed_dtype_addmm("cuda")  # the tensor-core path is really the one taken here
+    assert outer_sum_module.mixed_dtype_gemm("addmm", "cuda")  # the tensor-core path is really the one taken here
     dy = torch.randn(8192, 1024, device="cuda").bfloat16()
     x = torch.randn(8192, 768, device="cuda").bfloat16()
     exact = dy.double().t() @ x.double()

@@ -1,5 +1,7 @@
 """The pure-PyTorch reference ops of keeplora_kernels against plain autograd / dense linear algebra."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -75,6 +77,29 @@ def test_lora_linear_fp32_adapter_under_bf16_input():
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert lb.grad.dtype == torch.float32
+
+
+def test_lora_linear_backward_reuses_the_forward_casts(monkeypatch):
+    """bf16 x with fp32 adapters: backward casts nothing (A and B were cast once in forward); dB is fp32. With the
+    CUDA mixed-dtype GEMM (checked on meta tensors: its kernel exists only in CUDA builds) dB comes out of one
+    fp32-output GEMM."""
+    from torch.profiler import ProfilerActivity, profile
+
+    lora_module = importlib.import_module("keeplora_kernels.lora_linear")  # the package attribute is the function
+
+    x, w, b, a, lb = _lora_inputs((10,), 32, 24, 4)
+    xb = x.bfloat16().requires_grad_()
+    lb.requires_grad_()
+    y = LoRALinearFunction.apply(xb, w.bfloat16(), b.bfloat16(), a, lb, 0.5)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        grads = torch.autograd.grad(y, (xb, lb), torch.ones_like(y))
+    assert grads[1].dtype == torch.float32
+    casts = [e.input_shapes[0] for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes[0]]
+    assert casts == [[24, 4]]  # the fp32 dB (CPU path); no adapter cast (scalar wrapping of `scale` not counted)
+    monkeypatch.setattr(lora_module._dispatch, "mixed_dtype_gemm", lambda op, device_type: True)
+    meta = lora_module._scaled_outer(torch.empty(37, 24, device="meta", dtype=torch.bfloat16),
+                                     torch.empty(37, 4, device="meta", dtype=torch.bfloat16), 0.5, torch.float32)
+    assert meta.shape == (24, 4) and meta.dtype == torch.float32
 
 
 @pytest.mark.parametrize("k", [0, 1, 5])
