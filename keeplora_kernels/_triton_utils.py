@@ -25,11 +25,18 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["Launch", "interpreted", "dot_mode", "acc_dtype", "target_programs", "next_pow2", "load", "load_all", "mma"]
+__all__ = ["Launch", "interpreted", "dot_mode", "acc_dtype", "target_programs", "cdiv", "next_pow2", "load",
+           "load_all", "mma"]
 
 
 def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of host integers. ``triton.cdiv`` is a constexpr function in recent Triton (usable inside
+    kernels): calling it from Python costs ~4 µs, and a launch plan needs a dozen."""
+    return -(-a // b)
 
 
 def next_pow2(n: int) -> int:

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import Launch, acc_dtype, dot_mode, load, load_all, mma, next_pow2, target_programs
+from ._triton_utils import Launch, acc_dtype, cdiv, dot_mode, load, load_all, mma, next_pow2, target_programs
 
 __all__ = ["lora_linear_triton", "lora_linear_shared_triton", "LoRALinearTritonFunction"]
 
@@ -249,15 +249,15 @@ def plan_shrink(x2: torch.Tensor, a: torch.Tensor, out: torch.Tensor, *, split_k
     tiles = _tiles("shrink", x2.dtype, on_gpu)
     block_t, block_k = tiles["BLOCK_T"], tiles["BLOCK_K"]
     block_r = _rank_block(R)
-    t_blocks, r_blocks, k_blocks = triton.cdiv(T, block_t), triton.cdiv(R, block_r), triton.cdiv(K, block_k)
+    t_blocks, r_blocks, k_blocks = cdiv(T, block_t), cdiv(R, block_r), cdiv(K, block_k)
     if split_k is None:
         split_k = 1
         target = target_programs(device)
         if t_blocks * r_blocks < target:
-            split_k = min(triton.cdiv(target, max(1, t_blocks * r_blocks)), k_blocks)
+            split_k = min(cdiv(target, max(1, t_blocks * r_blocks)), k_blocks)
     split_k = max(1, min(split_k, k_blocks))
-    k_per_split = triton.cdiv(k_blocks, split_k) * block_k
-    split_k = triton.cdiv(K, k_per_split)
+    k_per_split = cdiv(k_blocks, split_k) * block_k
+    split_k = cdiv(K, k_per_split)
     if split_k > 1:
         part = torch.empty((split_k, T, R), device=device, dtype=torch.float32 if x2.dtype != torch.float64
                            else torch.float64)
@@ -287,7 +287,7 @@ def plan_forward(x2, weight, bias, s, lora_b, scale, y, *, on_gpu: Optional[bool
     R = s.shape[1]
     cfg = _tiles("gemm", x2.dtype, x2.device.type == "cuda" if on_gpu is None else on_gpu)
     upcast, prec = dot_mode(x2.dtype)
-    grid = (triton.cdiv(T, cfg["BLOCK_T"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    grid = (cdiv(T, cfg["BLOCK_T"]) * cdiv(N, cfg["BLOCK_N"]),)
     return [Launch(
         _fwd_kernel, grid,
         dict(X=x2, W=weight, BIAS=bias if bias is not None else y, S=s, B=lora_b, Y=y, T=T, N=N, K=K, R=R,
@@ -313,12 +313,12 @@ def plan_backward_dy(dy2, s, lora_b, scale, *, need_dbias: bool, blocks_per_prog
     tiles = _tiles("dy_pass", dy2.dtype, on_gpu)
     block_t, block_n = tiles["BLOCK_T"], tiles["BLOCK_N"]
     block_r = _rank_block(R)
-    t_blocks, n_blocks = triton.cdiv(T, block_t), triton.cdiv(N, block_n)
+    t_blocks, n_blocks = cdiv(T, block_t), cdiv(N, block_n)
     if blocks_per_prog is None:
-        programs_t = max(1, min(t_blocks, triton.cdiv(target_programs(device), max(1, n_blocks))))
-        blocks_per_prog = triton.cdiv(t_blocks, programs_t)
+        programs_t = max(1, min(t_blocks, cdiv(target_programs(device), max(1, n_blocks))))
+        blocks_per_prog = cdiv(t_blocks, programs_t)
     blocks_per_prog = max(1, min(blocks_per_prog, t_blocks))
-    programs_t = triton.cdiv(t_blocks, blocks_per_prog)
+    programs_t = cdiv(t_blocks, blocks_per_prog)
     part_dtype = torch.float64 if dy2.dtype == torch.float64 else torch.float32
     ds_part = torch.empty((n_blocks, T, R), device=device, dtype=part_dtype)
     db_part = torch.empty((programs_t, N, R), device=device, dtype=part_dtype)
@@ -356,7 +356,7 @@ def plan_backward_dx(segments: Sequence[tuple[torch.Tensor, torch.Tensor]], ds, 
     args.update(DS=ds, A=a_cat, DX=dx, T=T, K=K, R=R, stride_dst=ds.stride(0), stride_dsr=ds.stride(1),
                 stride_ar=a_cat.stride(0), stride_ak=a_cat.stride(1), stride_dxt=dx.stride(0),
                 stride_dxk=dx.stride(1))
-    grid = (triton.cdiv(T, cfg["BLOCK_T"]) * triton.cdiv(K, cfg["BLOCK_N"]),)
+    grid = (cdiv(T, cfg["BLOCK_T"]) * cdiv(K, cfg["BLOCK_N"]),)
     return [Launch(
         _bwd_dx_kernel, grid, args,
         dict(NUM_SEG=len(segments), ACC=acc_dtype(dy0.dtype), UPCAST=upcast, PREC=prec, BLOCK_T=cfg["BLOCK_T"],

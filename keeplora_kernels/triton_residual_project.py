@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import Launch, acc_dtype, dot_mode, load
+from ._triton_utils import Launch, acc_dtype, cdiv, dot_mode, load, next_pow2
 
 __all__ = ["residual_project_triton", "FUSED_MAX_K"]
 
@@ -73,7 +73,7 @@ def plan_project(g3: torch.Tensor, p3: torch.Tensor, out3: torch.Tensor, *, on_g
     _, prec = dot_mode(torch.float64 if acc == tl.float64 else torch.float32)  # "ieee" unless torch allows tf32
     if on_gpu and acc == tl.float32 and g3.dtype in (torch.float16, torch.bfloat16):
         prec = "tf32"  # output rounding of bf16/fp16 g is at least as coarse (module docstring)
-    block_k = max(16, triton.next_power_of_2(k))
+    block_k = max(16, next_pow2(k))
     if on_gpu:
         # checked spill-free with the sm_90 compile test (tests/test_triton_compile.py); untuned otherwise
         if prec == "tf32":
@@ -84,7 +84,7 @@ def plan_project(g3: torch.Tensor, p3: torch.Tensor, out3: torch.Tensor, *, on_g
     else:
         block_n, block_d, warps, stages = 32, 32, 4, 1
     return [Launch(
-        _project_kernel, (triton.cdiv(n, block_n), nb),
+        _project_kernel, (cdiv(n, block_n), nb),
         dict(G=g3, P=p3, O=out3, D=d, NCOL=n, KB=k, stride_gb=g3.stride(0), stride_gd=g3.stride(1),
              stride_gn=g3.stride(2), stride_pb=p3.stride(0) if p3.shape[0] > 1 else 0, stride_pd=p3.stride(1),
              stride_pk=p3.stride(2), stride_ob=out3.stride(0), stride_od=out3.stride(1), stride_on=out3.stride(2)),

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import Launch, acc_dtype, dot_mode, load, mma, target_programs
+from ._triton_utils import Launch, acc_dtype, cdiv, dot_mode, load, mma, target_programs
 
 __all__ = ["second_moment_update_triton"]
 
@@ -105,19 +105,19 @@ def plan_second_moment(acc: torch.Tensor, x2: torch.Tensor, mask1: Optional[torc
     # row blocks per accuracy window (module docstring): 8 on a GPU (512 bf16 / 256 fp32 rows; a flush per 8 dots
     # costs nothing measurable); 2 under the interpreter so the tests cross window boundaries on small shapes
     window = 8 if on_gpu else 2
-    tiles = triton.cdiv(d, block_d)
+    tiles = cdiv(d, block_d)
     pairs = _pairs(tiles, device)
     num_pairs = pairs.numel() // 2
-    row_blocks = max(1, triton.cdiv(n, block_n))
+    row_blocks = max(1, cdiv(n, block_n))
     if split is None:
         split = 1
         target = target_programs(device)
         if num_pairs < target:
-            split = min(triton.cdiv(target, num_pairs), row_blocks,
+            split = min(cdiv(target, num_pairs), row_blocks,
                         max(1, MAX_PARTIAL_BYTES // (d * d * acc.element_size())))
     split = max(1, min(split, row_blocks))
-    rows_per_split = triton.cdiv(row_blocks, split) * block_n
-    split = max(1, triton.cdiv(n, rows_per_split))
+    rows_per_split = cdiv(row_blocks, split) * block_n
+    split = max(1, cdiv(n, rows_per_split))
     if split > 1:
         part = torch.empty((split, d, d), device=device, dtype=acc.dtype)
         dst, stride_cs, accumulate = part, part.stride(0), False
