@@ -176,7 +176,7 @@ def run_case(case: Case, device: torch.device, quick: bool) -> list[dict]:
                "device_type": device.type, "matrices_timed": matrices, "time_ms": ms, "batch_time_ms": batch_ms,
                "peak_mem_mb": peak / 2**20, "resid_excess_mean": excess.mean().item(),
                "resid_excess_max": excess.max().item()}
-        if method.startswith("keeplora"):  # per-call overhead: library calls (and CUDA kernels) of one call
+        if method == "keeplora_rsvd" and impl == backend:  # per-call overhead: library calls (CUDA: kernels)
             counts = library_calls(fn, device=device)
             row.update(library_calls=counts["calls"], kernels=counts.get("kernels", ""))
         if device.type == "cuda" and method.startswith("keeplora"):
