@@ -137,18 +137,23 @@ def measure_memory(fn: Callable[[], Any], *, device: torch.device | str = "cpu")
     return max(0, _proc_status_kb("VmHWM") - before) * 1024
 
 
-def profile_table(fn: Callable[[], Any], *, device: torch.device | str = "cpu", row_limit: int = 40) -> str:
-    """torch.profiler table of one ``fn()`` (synchronised on CUDA), ops sorted by their own device time on CUDA
-    and by their own CPU time elsewhere: where a phase's time goes."""
+def _profiled(fn: Callable[[], Any], device: torch.device | str):
+    """torch.profiler record of one ``fn()`` (CPU ops, and CUDA kernels synchronised on a GPU)."""
     from torch.profiler import ProfilerActivity, profile
 
-    device = torch.device(device)
-    on_cuda = device.type == "cuda"
+    on_cuda = torch.device(device).type == "cuda"
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])) as prof:
         fn()
         if on_cuda:
             torch.cuda.synchronize(device)
-    sort = "self_device_time_total" if on_cuda else "self_cpu_time_total"
+    return prof
+
+
+def profile_table(fn: Callable[[], Any], *, device: torch.device | str = "cpu", row_limit: int = 40) -> str:
+    """torch.profiler table of one ``fn()`` (synchronised on CUDA), ops sorted by their own device time on CUDA
+    and by their own CPU time elsewhere: where a phase's time goes."""
+    prof = _profiled(fn, device)
+    sort = "self_device_time_total" if torch.device(device).type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=sort, row_limit=row_limit, max_name_column_width=70)
 
 
@@ -169,14 +174,7 @@ def library_calls(fn: Callable[[], Any], *, device: torch.device | str = "cpu") 
     cuSOLVER/cuBLAS routines), so the count is the launch overhead seen from the host, measurable without a GPU.
     ``kernels`` (CUDA only): the device kernels the call actually ran.
     """
-    from torch.profiler import ProfilerActivity, profile
-
-    device = torch.device(device)
-    on_cuda = device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])) as prof:
-        fn()
-        if on_cuda:
-            torch.cuda.synchronize(device)
+    prof = _profiled(fn, device)
 
     def owner(event):
         parent = event.cpu_parent
@@ -196,7 +194,7 @@ def library_calls(fn: Callable[[], Any], *, device: torch.device | str = "cpu") 
                                                              parent.name.startswith("keeplora::")):
             calls += 1
     out = {"calls": calls}
-    if on_cuda:
+    if torch.device(device).type == "cuda":
         out["kernels"] = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
     return out
 
