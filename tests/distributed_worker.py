@@ -14,6 +14,7 @@ single-process reference (all shards in one process).
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import sys
@@ -216,7 +217,8 @@ def scenario_fail(out: Path, fsdp: bool = False) -> None:
             fully_shard(layer)
         fully_shard(model)
     else:
-        torch.nn.parallel.DistributedDataParallel(model)
+        # kept referenced: a discarded wrapper is freed whenever the cyclic collector runs (see main)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)  # noqa: F841
     before: dict = {}
     snapshot(kl, "before", before, gather=False)
     calls = []
@@ -260,6 +262,10 @@ def main() -> None:
            "trainer": scenario_trainer, "collectives": scenario_collectives, "fail": scenario_fail,
            "fail-fsdp": lambda o: scenario_fail(o, fsdp=True)}[scenario]
     run(out)
+    # Free the DDP/FSDP wrappers (reference cycles: the cyclic collector frees them at an arbitrary later moment,
+    # at worst during interpreter shutdown after the process group is gone: one CI run aborted there with
+    # "terminate called without an active exception") while the group is alive and the ranks are in step.
+    gc.collect()
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # no rank tears down while its peer finishes the last collective (gloo abort)
         torch.distributed.destroy_process_group()
