@@ -257,7 +257,7 @@ def memory_update_cases(device: torch.device, quick: bool, smoke: bool = False):
         return [("smoke", 96, 2, 4, (0.5,))]
     if device.type == "cuda":
         return [("llama_attn_4096", 4096, 4, 64, (0.8, 0.99)), ("llama_down_11008", 11008, 1, 64, (0.8,))]
-    return [("scaled_1024", 1024, 2, 16, (0.8,))]
+    return [("scaled_1024", 1024, 2, 16, (0.8, 0.99))]
 
 
 def make_moments(d: int, count: int, device: torch.device, seed: int = 0) -> list[torch.Tensor]:

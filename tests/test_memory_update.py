@@ -70,10 +70,27 @@ def test_randomized_update_falls_back_to_eigh_when_many_directions_are_needed(mo
     calls.clear()
     fast = expand_bases(bases, moments, 0.99, method="randomized")
     assert calls and exact["a"].shape[1] > 0.3 * D  # the sketch would have passed 0.3·d: eigh took over
-    # the lower bound from the smallest Ritz value skips rounds that could not have sufficed: two sketches where
-    # doubling alone would have taken four (8, 16, 32, 64) before eigh
-    assert len(sketches) == 2 and sketches[0] == 8 and sketches[1] > 16, sketches
+    # the extrapolated tail predicts the need after the first sketch and hands over to eigh at once, where
+    # doubling alone would have taken four sketches (8, 16, 32, 64) and the smallest-Ritz-value bound two
+    assert sketches == [8], sketches
     torch.testing.assert_close(fast["a"] @ fast["a"].T, exact["a"] @ exact["a"].T)
+
+
+@pytest.mark.parametrize("family", ["power", "geometric"])
+def test_tail_count_is_exact_on_power_laws_and_low_on_faster_decay(family):
+    d, k = 600, 40
+    i = torch.arange(1, d + 1, dtype=torch.float64)
+    spectrum = i ** -1.3 if family == "power" else 0.97 ** i
+    spectrum = spectrum / spectrum.sum()
+    for needed in (1, 25, 200):
+        deficit = float(spectrum[k:k + needed].sum())
+        predicted = basis_module._tail_count(spectrum[:k], deficit * (1 - 1e-9), d)
+        if family == "power":  # the power-law fit is exact on its own family
+            assert predicted == needed
+        else:  # faster decay: the power law reaches first and underestimates (a later round corrects it), so a
+            assert 1 <= predicted <= needed  # small need is never sent to eigh on this family
+    assert basis_module._tail_count(spectrum[:k], 2.0, d) == d - k  # unreachable: every remaining direction
+    assert basis_module._tail_count(spectrum[:k], 0.0, d) == 0
 
 
 def test_auto_is_exact_below_the_size_threshold():

@@ -166,9 +166,11 @@ def _ritz_directions(c_res, captured, totals, energy, free, oversample, power_it
         u = torch.gather(u, -1, order[:, None, :].expand_as(u))
         counts = _first_reaching(rayleigh, captured[todo], totals[todo], energy)
         # directions still missing: no later one holds more than the smallest Ritz value (eigenvalue interlacing),
-        # so (energy − captured after all k) / that value is a lower bound on how many more are needed
-        after = (captured[todo] + rayleigh.sum(-1) / totals[todo]).cpu()
-        smallest = (rayleigh[:, -1] / totals[todo]).clamp_min(torch.finfo(rayleigh.dtype).tiny).cpu()
+        # so (energy − captured after all k) / that value is a lower bound on how many more are needed; the
+        # extrapolated tail (_tail_count) predicts how many, so that a large need goes to eigh after one round
+        fractions = (rayleigh / totals[todo, None]).double().cpu()
+        after = captured[todo].double().cpu() + fractions.sum(-1)
+        smallest = fractions[:, -1].clamp_min(torch.finfo(torch.float64).tiny)
         remaining, predicted = [], k
         for j, (i, count) in enumerate(zip(todo, counts)):
             if count is not None:
@@ -177,10 +179,34 @@ def _ritz_directions(c_res, captured, totals, energy, free, oversample, power_it
                 chosen[i] = u[j, :, : free[i]]
             else:
                 remaining.append(i)
-                more = min(float((energy - after[j]) / smallest[j]), float(d))
+                deficit = energy - float(after[j])
+                more = max(min(deficit / float(smallest[j]), float(d)), _tail_count(fractions[j], deficit, d))
                 predicted = max(predicted, k + math.ceil(more))
         todo, k = remaining, max(2 * k, math.ceil(1.2 * predicted))
     return chosen
+
+
+def _tail_count(values: torch.Tensor, deficit: float, d: int) -> int:
+    """Directions beyond the k known ones predicted to hold ``deficit`` (energy as a fraction of the total), from
+    ``values``, the k Ritz values as fractions, descending: the tail extrapolated by a power law and by a geometric
+    decay, both fitted at i = k/4 and k; the first model to reach the deficit wins (the same rule grows
+    principal_subspace's sketch in csrc/rsvd.cpp): exact on power-law spectra, an underestimate on faster-decaying
+    ones (the power law then holds more mass). ``d − k`` when neither reaches it. Only speed depends on it: the
+    energy rule is always checked on the real Rayleigh quotients."""
+    k = values.numel()
+    if deficit <= 0:
+        return 0
+    i1 = max(1, k // 4)
+    s1, s2 = float(values[i1 - 1]), float(values[k - 1])
+    if k <= i1 or not (s2 > 0 and s1 >= s2) or k >= d:
+        return max(d - k, 0)
+    beta = math.log(s1 / s2) / math.log(k / i1)
+    ratio = (s2 / s1) ** (1.0 / (k - i1))
+    index = torch.arange(k + 1, d + 1, dtype=torch.float64)
+    power = (s2 * (index / k) ** -beta).cumsum(0)
+    geometric = (s2 * ratio ** (index - k)).cumsum(0)
+    reached = ((power >= deficit) | (geometric >= deficit)).nonzero()
+    return int(reached[0]) + 1 if reached.numel() else d - k
 
 
 def random_residual_directions(basis: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
