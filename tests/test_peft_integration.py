@@ -160,3 +160,34 @@ def test_engine_through_the_triton_kernels_matches_the_reference(monkeypatch):
         assert tri.bases[name].shape == ref.bases[name].shape
         torch.testing.assert_close(tri.bases[name] @ tri.bases[name].t(), ref.bases[name] @ ref.bases[name].t(),
                                    rtol=0, atol=1e-4)
+
+
+def test_gradient_pass_skips_zero_adapters_and_finds_the_same_adapter(monkeypatch):
+    """Between tasks every B is zero, so begin_task's gradient pass runs the base layers only (no adapter kernels)
+    and initialises exactly the adapter that the pass through the zero adapters gives; a non-zero B is not
+    skipped."""
+    case = CASES["llama"]
+    data = case.batches()
+    runs = {}
+    for mode in ("skip", "through"):
+        torch.manual_seed(0)
+        model = case.model()
+        kl = KeepLoRA(model, KeepLoRAConfig(target_modules=case.targets, r=4, progress=False))
+        if mode == "through":
+            monkeypatch.setattr(KeepLoRA, "_adapters_are_zero", lambda self: False)
+        calls = []
+        real = keeplora_kernels.lora_linear
+        monkeypatch.setattr(keeplora_kernels, "lora_linear", lambda *a: calls.append(1) or real(*a))
+        kl.begin_task(data, case.loss)
+        monkeypatch.undo()
+        runs[mode] = (kl, len(calls))
+        if mode == "skip":
+            assert kl._adapters_are_zero() is False  # the new task's adapter is set: B ≠ 0 (b_init="gradient")
+    (skip, skip_calls), (through, through_calls) = runs["skip"], runs["through"]
+    assert skip_calls == 0 and through_calls > 0
+    for name, layer in skip.layers.items():
+        other = through.layers[name]
+        for part in ("lora_A", "lora_B"):
+            torch.testing.assert_close(getattr(layer, part)[skip.adapter_name].weight,
+                                       getattr(other, part)[skip.adapter_name].weight)
+        torch.testing.assert_close(layer.base_layer.weight, other.base_layer.weight)

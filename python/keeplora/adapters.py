@@ -9,8 +9,9 @@ configuration falls back to PEFT's forward, so behaviour never silently changes.
 
 from __future__ import annotations
 
+import contextlib
 import re
-from typing import Optional
+from typing import Iterator, Mapping, Optional
 
 import torch
 from peft import LoraConfig, PeftModel, inject_adapter_in_model
@@ -25,6 +26,8 @@ from .config import KeepLoRAConfig
 
 class KeepLoRALinear(lora_layer.Linear):
     """PEFT's LoRA ``Linear`` with the frozen-A fused forward; identical state and state-dict keys."""
+
+    _keeplora_bypass = False  # set by adapters_bypassed(): the adapter is known to be zero, run the base layer only
 
     def _fused_adapter(self) -> Optional[str]:
         """The adapter the fused path can run, or None when PEFT's general forward is needed."""
@@ -42,12 +45,28 @@ class KeepLoRALinear(lora_layer.Linear):
         return name
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self._keeplora_bypass and not (args or kwargs):
+            return self.base_layer(x)
         name = None if (args or kwargs) else self._fused_adapter()
         if name is None:
             return super().forward(x, *args, **kwargs)
         base = self.base_layer
         return kk.lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                               self.scaling[name])
+
+
+@contextlib.contextmanager
+def adapters_bypassed(layers: Mapping[str, nn.Module]) -> Iterator[None]:
+    """Inside, the :class:`KeepLoRALinear` layers run their base layer only. For passes where every adapter is
+    exactly zero (B = 0: the function and the input gradients are the base layer's), this skips the adapter
+    branch's kernels: the shrink and the rank-r update of the output in forward, two more in backward."""
+    for layer in layers.values():
+        layer._keeplora_bypass = True
+    try:
+        yield
+    finally:
+        for layer in layers.values():
+            layer._keeplora_bypass = False
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

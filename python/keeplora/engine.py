@@ -13,6 +13,7 @@ of the input space; PEFT stores ``A`` as ``lora_A.weight`` (``r × d_in``) and `
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections import defaultdict
@@ -24,7 +25,8 @@ from torch import nn
 import keeplora_kernels as kk
 
 from . import checkpoint, distributed
-from .adapters import attach_adapters, check_shapes, freeze_adapters, resolve_targets, unwrap_model
+from .adapters import (adapters_bypassed, attach_adapters, check_shapes, freeze_adapters, resolve_targets,
+                       unwrap_model)
 from .basis import expand_bases, orthonormalize_against, random_residual_directions
 from .batching import bounded_batches
 from .config import KeepLoRAConfig
@@ -111,9 +113,13 @@ class KeepLoRA:
         need_gradient = self.config.a_init == "gradient" or self.config.b_init == "gradient"
         grads = None
         if need_gradient:
-            grads = estimate_gradients(self.model, self.layers, dataloader, loss_fn, device=self.device,
-                                       dtype=stats_dtype, fraction=self.config.grad_data_fraction,
-                                       progress=self.config.progress, desc=f"task {self.tasks_done + 1} gradient")
+            # between tasks every B is zero (end_task merged and reset it): the pass skips the adapter branch
+            bypass = adapters_bypassed(self.layers) if self._adapters_are_zero() else contextlib.nullcontext()
+            with bypass:
+                grads = estimate_gradients(self.model, self.layers, dataloader, loss_fn, device=self.device,
+                                           dtype=stats_dtype, fraction=self.config.grad_data_fraction,
+                                           progress=self.config.progress,
+                                           desc=f"task {self.tasks_done + 1} gradient")
         else:
             _require_nonempty(dataloader)
         with distributed.failures_shared(f"task {self.tasks_done + 1} adapter initialisation"):
@@ -136,6 +142,14 @@ class KeepLoRA:
         self._task_record = {"task": self.tasks_done + 1, "adapter_rank": ranks,
                              "seconds_begin": time.perf_counter() - start}
         return ranks
+
+    def _adapters_are_zero(self) -> bool:
+        """Whether every target's B is exactly zero on every rank (one host sync)."""
+        nonzero = torch.zeros((), device=self.device, dtype=torch.int64)
+        for layer in self.layers.values():
+            nonzero += distributed.local_tensor(layer.lora_B[self.adapter_name].weight.detach()).count_nonzero()
+        distributed.all_reduce_sum([nonzero])
+        return int(nonzero.item()) == 0
 
     def end_task(self, dataloader: Iterable[Any], loss_fn: Optional[LossFn] = None, *,
                  export_adapter_to: Optional[str] = None) -> dict[str, int]:
