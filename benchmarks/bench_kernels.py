@@ -397,14 +397,15 @@ def run(out_dir, quick: bool, *, device: Optional[str] = None, smoke: Optional[b
         bench_qkv(bench, QKV_SHAPE_SMOKE if smoke else QKV_SHAPE, dtype)
         bench_project(bench, PROJECT_SMOKE if smoke else PROJECT_QUICK if quick else PROJECT_FULL)
         bench_moment(bench, MOMENT_SMOKE if smoke else MOMENT_QUICK if quick else MOMENT_FULL, dtype)
-    finally:
+    finally:  # also when cut short (the GPU script's time box): keep the rows measured so far
         torch.set_num_threads(threads)
+        rows = bench.rows
+        for row in rows:
+            row.update(device_type=dev.type, smoke=smoke, quick=quick)
+        if rows:
+            harness.append_rows("bench_kernels", rows, results_dir=Path(out_dir) if out_dir else None)
     if trace and out_dir and _dispatch.triton_runs(dev, (dtype,)):
         trace_lora_kernels(Path(out_dir), dev, LORA_SHAPES_SMOKE if smoke else LORA_SHAPES_QUICK, dtype)
-    rows = bench.rows
-    for row in rows:
-        row.update(device_type=dev.type, smoke=smoke, quick=quick)
-    harness.append_rows("bench_kernels", rows, results_dir=Path(out_dir) if out_dir else None)
     harness.print_table(rows, COLUMNS)
     return rows
 

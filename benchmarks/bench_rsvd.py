@@ -309,33 +309,31 @@ def run_detailed(out_dir: Optional[Path] = None, quick: bool = False, *, smoke: 
     threads_before = torch.get_num_threads()
     if device.type == "cpu" and cpu_threads:
         torch.set_num_threads(cpu_threads)
-    rows = []
+    threads = cpu_threads if device.type == "cpu" and cpu_threads else threads_before
+    suffix = "-smoke" if smoke else ""
+    out: list[dict] = []
+
+    def keep(name: str, rows: list[dict]) -> None:  # written case by case: a run cut short keeps what it measured
+        for row in rows:
+            row["run_threads"] = threads
+        if rows:
+            append_rows(name + suffix, rows, results_dir=out_dir)
+        out.extend(rows)
+
     try:
         with torch.no_grad():
             for case in cases(device, quick, smoke):
                 if only is None or case.name in only:
-                    rows += run_case(case, device, quick)
-            subspace_rows = []
+                    keep("rsvd", run_case(case, device, quick))
             for name, groups, energies in subspace_cases(device, quick, smoke):
                 if only is None or name in only:
-                    subspace_rows += run_subspace_case(name, groups, energies, device, quick)
-            memory_rows = []
+                    keep("principal_subspace", run_subspace_case(name, groups, energies, device, quick))
             for name, d, count, width, energies in memory_update_cases(device, quick, smoke):
                 if only is None or name in only:
-                    memory_rows += run_memory_update_case(name, d, count, width, energies, device, quick)
+                    keep("memory_update", run_memory_update_case(name, d, count, width, energies, device, quick))
     finally:
         torch.set_num_threads(threads_before)
-    threads = cpu_threads if device.type == "cpu" and cpu_threads else threads_before
-    for row in rows + subspace_rows + memory_rows:
-        row["run_threads"] = threads
-    suffix = "-smoke" if smoke else ""
-    if rows:
-        append_rows("rsvd" + suffix, rows, results_dir=out_dir)
-    if subspace_rows:
-        append_rows("principal_subspace" + suffix, subspace_rows, results_dir=out_dir)
-    if memory_rows:
-        append_rows("memory_update" + suffix, memory_rows, results_dir=out_dir)
-    return rows + subspace_rows + memory_rows
+    return out
 
 
 def summarize(rows: list[dict]) -> list[dict]:
