@@ -42,6 +42,17 @@ def _flatten_tokens(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _forward(x, weight, bias, lora_a, lora_b, scale):
+    """``(Y (T×d_out), s, A, B)`` with the adapters cast to x's dtype: the forward of :class:`LoRALinearFunction`."""
+    x2 = _flatten_tokens(x)
+    a = lora_a.to(x.dtype)
+    b = lora_b.to(x.dtype)
+    s = x2 @ a.t()
+    y2 = torch.addmm(bias.to(x.dtype), x2, weight.t()) if bias is not None else x2 @ weight.t()
+    y2.addmm_(s, b.t(), alpha=scale)
+    return y2, s, a, b
+
+
 def _scaled_outer(dy2: torch.Tensor, s: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
     """``scale·dy2ᵀ·s`` in ``out_dtype``: on CUDA with 16-bit inputs and an fp32 result, one tensor-core GEMM that
     writes fp32 (no rounding of dB to bf16, no cast kernel); elsewhere the product in the inputs' dtype, cast."""
@@ -74,12 +85,7 @@ class LoRALinearFunction(torch.autograd.Function):
         if weight.requires_grad or lora_a.requires_grad:
             raise RuntimeError("lora_linear treats `weight` and `lora_a` as frozen, but one of them requires grad; "
                                "call .requires_grad_(False) on it or use lora_linear_ref")
-        x2 = _flatten_tokens(x)
-        a = lora_a.to(x.dtype)
-        b = lora_b.to(x.dtype)
-        s = x2 @ a.t()
-        y2 = torch.addmm(bias.to(x.dtype), x2, weight.t()) if bias is not None else x2 @ weight.t()
-        y2.addmm_(s, b.t(), alpha=scale)
+        y2, s, a, b = _forward(x, weight, bias, lora_a, lora_b, scale)
         ctx.save_for_backward(s, weight, a, b)
         ctx.scale = scale
         ctx.x_shape = x.shape
@@ -121,6 +127,10 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     """
     backend = _dispatch.select("lora_linear", x.device, x.dtype, weight.dtype, lora_a.dtype, lora_b.dtype)
     if backend == "reference":
+        if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad
+                                                  for t in (x, weight, bias, lora_a, lora_b)):
+            # no graph to build (feature pass, evaluation): the forward alone, without the Function's overhead
+            return _forward(x, weight, bias, lora_a, lora_b, float(scale))[0].reshape(*x.shape[:-1], weight.shape[0])
         return LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, float(scale))
     return _dispatch.implementation("lora_linear", backend)(x, weight, bias, lora_a, lora_b, float(scale))
 

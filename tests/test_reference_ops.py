@@ -60,6 +60,19 @@ def test_lora_linear_refuses_trainable_frozen_operands():
         LoRALinearFunction.apply(x, w.requires_grad_(), b, a, lb, 1.0)
 
 
+def test_lora_linear_without_grad_skips_the_function():
+    """No graph to build (no_grad, or nothing requires grad): the plain forward, equal to the Function's output;
+    a trainable frozen operand is still refused when grad is on."""
+    x, w, b, a, lb = _lora_inputs((3, 5), 12, 9, 3)
+    expected = LoRALinearFunction.apply(x, w, b, a, lb, 0.5)
+    with torch.no_grad():
+        y = kk.lora_linear(x.requires_grad_(), w, b, a, lb, 0.5)
+    assert y.grad_fn is None and torch.equal(y, expected)
+    assert torch.equal(kk.lora_linear(x.detach(), w, b, a, lb, 0.5), expected)
+    with pytest.raises(RuntimeError, match="frozen"):
+        kk.lora_linear(x.detach(), w.requires_grad_(), b, a, lb, 0.5)
+
+
 def test_lora_linear_gradcheck_fp64():
     x, w, b, a, lb = _lora_inputs((6,), 9, 7, 3, dtype=torch.float64)
     x.requires_grad_()
