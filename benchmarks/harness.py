@@ -176,22 +176,25 @@ def library_calls(fn: Callable[[], Any], *, device: torch.device | str = "cpu") 
     """
     prof = _profiled(fn, device)
 
+    def transparent(event) -> bool:
+        """Not an operator call of its own: a view/allocation (a copying reshape or contiguous is counted through
+        the copy inside it), or a cast that returned its input."""
+        return event.name in _NO_LAUNCH or (event.name == "aten::to" and not any(
+            c.name.startswith("aten::") for c in event.cpu_children))
+
     def owner(event):
         parent = event.cpu_parent
-        while parent is not None and not parent.name.startswith(("aten::", "keeplora::")):
+        while parent is not None and (not parent.name.startswith(("aten::", "keeplora::")) or transparent(parent)):
             parent = parent.cpu_parent
         return parent
 
     calls = 0
     for event in prof.events():
-        name = event.name
-        if name in _NO_LAUNCH or not name.startswith(("aten::", "keeplora::")):
+        if not event.name.startswith(("aten::", "keeplora::")) or transparent(event):
             continue
-        if name == "aten::to" and not any(c.name.startswith("aten::") for c in event.cpu_children):
-            continue  # a no-op cast (already that dtype) returns its input
         parent = owner(event)
-        if (parent is None and name.startswith("aten::")) or (parent is not None and
-                                                             parent.name.startswith("keeplora::")):
+        if (parent is None and event.name.startswith("aten::")) or (parent is not None and
+                                                                   parent.name.startswith("keeplora::")):
             calls += 1
     out = {"calls": calls}
     if torch.device(device).type == "cuda":
