@@ -163,7 +163,9 @@ _NO_LAUNCH = frozenset({
     "aten::as_strided", "aten::unsqueeze", "aten::squeeze", "aten::permute", "aten::t", "aten::alias",
     "aten::reshape", "aten::_reshape_alias", "aten::lift_fresh", "aten::detach", "aten::result_type",
     "aten::_unsafe_view", "aten::mT", "aten::flatten", "aten::empty", "aten::empty_like", "aten::empty_strided",
-    "aten::resolve_conj", "aten::resolve_neg", "aten::contiguous"})
+    "aten::resolve_conj", "aten::resolve_neg", "aten::contiguous", "aten::numpy_T", "aten::mH", "aten::adjoint",
+    "aten::swapaxes", "aten::transpose_", "aten::movedim", "aten::unflatten", "aten::split", "aten::chunk",
+    "aten::unbind", "aten::view_as", "aten::expand_as", "aten::split_with_sizes"})
 
 
 def library_calls(fn: Callable[[], Any], *, device: torch.device | str = "cpu") -> dict[str, int]:
