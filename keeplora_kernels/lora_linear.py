@@ -111,6 +111,14 @@ class LoRALinearFunction(torch.autograd.Function):
         return dx, None, db, None, dlora_b, None
 
 
+def _lora_linear_torch(x, weight, bias, lora_a, lora_b, scale: float) -> torch.Tensor:
+    """The PyTorch path: :class:`LoRALinearFunction`, or its forward alone when there is no graph to build
+    (no_grad, or nothing requires grad: the feature pass, evaluation), without the Function's overhead."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b)):
+        return LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, scale)
+    return _forward(x, weight, bias, lora_a, lora_b, scale)[0].reshape(*x.shape[:-1], weight.shape[0])
+
+
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scale: float) -> torch.Tensor:
     """``x·weightᵀ + bias + scale·(x·lora_aᵀ)·lora_bᵀ`` with ``weight`` and ``lora_a`` frozen.
@@ -127,11 +135,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     """
     backend = _dispatch.select("lora_linear", x.device, x.dtype, weight.dtype, lora_a.dtype, lora_b.dtype)
     if backend == "reference":
-        if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad
-                                                  for t in (x, weight, bias, lora_a, lora_b)):
-            # no graph to build (feature pass, evaluation): the forward alone, without the Function's overhead
-            return _forward(x, weight, bias, lora_a, lora_b, float(scale))[0].reshape(*x.shape[:-1], weight.shape[0])
-        return LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, float(scale))
+        return _lora_linear_torch(x, weight, bias, lora_a, lora_b, float(scale))
     return _dispatch.implementation("lora_linear", backend)(x, weight, bias, lora_a, lora_b, float(scale))
 
 
@@ -158,7 +162,7 @@ def lora_linear_shared(x: torch.Tensor, weights: Sequence[torch.Tensor], biases:
     backend = _dispatch.select("lora_linear_shared", x.device, x.dtype,
                                *(t.dtype for group in (weights, lora_as, lora_bs) for t in group))
     if backend == "reference":
-        return tuple(LoRALinearFunction.apply(x, w, b, a, lb, float(s))
+        return tuple(_lora_linear_torch(x, w, b, a, lb, float(s))
                      for w, b, a, lb, s in zip(weights, biases, lora_as, lora_bs, scales))
     return tuple(_dispatch.implementation("lora_linear_shared", backend)(x, list(weights), list(biases),
                                                                          list(lora_as), list(lora_bs),

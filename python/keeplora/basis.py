@@ -86,8 +86,9 @@ def expand_bases(bases: dict[str, torch.Tensor], moments: dict[str, torch.Tensor
     * ``method="exact"``: a batched ``eigh`` of ``C_r``;
     * ``method="randomized"``: the leading Ritz vectors of ``C_r`` from the batched randomized SVD (``oversample``,
       ``power_iters``, ``seed``), ranked by their Rayleigh quotients ``uᵀ·C_r·u`` (the energy each one really adds),
-      the sketch growing (at least doubling, and at least to 1.2× a lower bound on the count from the smallest
-      Ritz value) until the rule is met, ``eigh`` once it would pass a fraction of d. The directions added
+      the sketch growing (at least doubling, and at least to 1.2× the count predicted from the Ritz values: a
+      lower bound from the smallest one and the extrapolated tail) until the rule is met, ``eigh`` once it would
+      pass a fraction of d. The directions added
       always reach the energy (it is counted with the Rayleigh quotients); their number is the exact one or, on
       spectra without a gap at the cut, a few more;
     * ``method="auto"``: randomized for inputs of ``RANDOMIZED_MIN_DIM`` or more, exact below.
