@@ -29,6 +29,7 @@ _ENV = "KEEPLORA_BACKEND"
 _TABLE: dict[str, dict[str, str]] = {
     "lora_linear": {"triton": ".triton_lora_linear:lora_linear_triton"},
     "lora_linear_shared": {"triton": ".triton_lora_linear:lora_linear_shared_triton"},
+    "lora_dy_pass": {"triton": ".triton_lora_linear:lora_dy_pass"},
     "residual_project": {"triton": ".triton_residual_project:residual_project_triton"},
     "second_moment_update": {"triton": ".triton_second_moment:second_moment_update_triton"},
     "rsvd": {"extension": ".rsvd:rsvd_extension"},
@@ -128,6 +129,37 @@ def mixed_dtype_gemm(op: str, device_type: str) -> bool:
     if device_type != "cuda" or not hasattr(overloads, "dtype"):
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op}.dtype", "CUDA")
+
+
+_ORDERS_ENV = "KEEPLORA_LORA_ORDERS"
+
+# (forward order, backward order) of the PyTorch LoRA path (``lora_linear.LoRALinearFunction``) per device type.
+LORA_ORDERS: dict[str, tuple[str, str]] = {"cpu": ("base_first", "base_first"), "cuda": ("base_first", "base_first")}
+
+
+def lora_orders(device: torch.device, dtype: torch.dtype, tokens: int, d_in: int, d_out: int) -> tuple[str, str]:
+    """The GEMM orders of the PyTorch LoRA path for these shapes (see ``lora_linear._forward`` / ``_backward``).
+
+    ``KEEPLORA_LORA_ORDERS=<forward>,<backward>`` forces them (e.g. ``expand_first,fused_dy``); the ``fused_dy``
+    backward needs Triton to run on ``device`` (a GPU, or the interpreter).
+    """
+    from .lora_linear import BACKWARD_ORDERS, FORWARD_ORDERS
+
+    forced = os.environ.get(_ORDERS_ENV, "").strip()
+    if forced:
+        parts = [p.strip().lower() for p in forced.split(",")]
+        if len(parts) != 2 or parts[0] not in FORWARD_ORDERS or parts[1] not in BACKWARD_ORDERS:
+            raise ValueError(f"{_ORDERS_ENV} must be '<forward>,<backward>' with forward in {FORWARD_ORDERS} and "
+                             f"backward in {BACKWARD_ORDERS}, got {forced!r}")
+        if parts[1] == "fused_dy" and not triton_runs(device, (dtype,)):
+            raise RuntimeError(f"{_ORDERS_ENV}={forced!r}: the fused_dy backward needs Triton on {device.type} "
+                               f"tensors of {dtype} (a GPU, or TRITON_INTERPRET=1)")
+        forward, backward = parts
+    else:
+        forward, backward = LORA_ORDERS.get(device.type, ("base_first", "base_first"))
+        if backward == "fused_dy" and not triton_runs(device, (dtype,)):
+            backward = "expand_first"
+    return forward, backward
 
 
 def choices(device: torch.device) -> dict[str, dict[str, str]]:

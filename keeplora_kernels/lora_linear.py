@@ -15,7 +15,7 @@ import torch
 from . import _dispatch
 
 __all__ = ["lora_linear", "lora_linear_ref", "lora_linear_unfused", "lora_linear_shared", "lora_linear_shared_ref",
-           "LoRALinearFunction"]
+           "LoRALinearFunction", "StackedLoRALinearFunction", "stack_frozen", "FORWARD_ORDERS", "BACKWARD_ORDERS"]
 
 
 def lora_linear_ref(x, weight, bias, lora_a, lora_b, scale):
@@ -42,14 +42,49 @@ def _flatten_tokens(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _forward(x, weight, bias, lora_a, lora_b, scale):
-    """``(Y (T×d_out), s, A, B)`` with the adapters cast to x's dtype: the forward of :class:`LoRALinearFunction`."""
+@torch.library.custom_op("keeplora::lora_dy_pass", mutates_args=())
+def _lora_dy_pass(dy2: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                  need_dbias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton pass over dY of the ``fused_dy`` backward (``triton_lora_linear.lora_dy_pass``) as an opaque
+    registered op: ``torch.compile`` and CUDA graphs take it whole, it is registered when this module is imported
+    (so a traced call finds it), and triton itself is imported only on the first call (``triton_op`` would import it
+    at registration)."""
+    return _dispatch.implementation("lora_dy_pass", "triton")(dy2, s, lora_b, scale, need_dbias)
+
+
+@_lora_dy_pass.register_fake
+def _(dy2, s, lora_b, scale, need_dbias):
+    acc = torch.float64 if dy2.dtype == torch.float64 else torch.float32
+    return (dy2.new_empty((dy2.shape[0], s.shape[1]), dtype=acc), dy2.new_empty((dy2.shape[1], s.shape[1]), dtype=acc),
+            dy2.new_empty((dy2.shape[1] if need_dbias else 1,), dtype=acc))
+
+
+FORWARD_ORDERS = ("base_first", "expand_first")
+BACKWARD_ORDERS = ("base_first", "expand_first", "fused_dy")
+
+
+def _forward(x, weight, bias, lora_a, lora_b, scale, order: str = "base_first"):
+    """``(Y (T×d_out), s, A, B)`` with the adapters cast to x's dtype: the forward of :class:`LoRALinearFunction`.
+
+    ``order`` says which GEMM writes Y first (both are exact; which is faster depends on the device):
+    * ``"base_first"``: ``Y = X·Wᵀ + b``, then ``Y += scale·s·Bᵀ`` (a rank-r GEMM that reads and writes Y again);
+    * ``"expand_first"``: ``Y = b + scale·s·Bᵀ``, then ``Y += X·Wᵀ`` in place, so the base GEMM reads the rank-r term
+      as its C operand inside the GEMM instead of a separate read-modify-write of Y.
+    """
     x2 = _flatten_tokens(x)
     a = lora_a.to(x.dtype)
     b = lora_b.to(x.dtype)
     s = x2 @ a.t()
-    y2 = torch.addmm(bias.to(x.dtype), x2, weight.t()) if bias is not None else x2 @ weight.t()
-    y2.addmm_(s, b.t(), alpha=scale)
+    if order == "expand_first":
+        if bias is not None:
+            y2 = torch.addmm(bias.to(x.dtype), s, b.t(), alpha=scale)
+        else:  # beta = 0: the uninitialised Y is not read
+            y2 = torch.empty((x2.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype)
+            y2.addmm_(s, b.t(), beta=0, alpha=scale)
+        y2.addmm_(x2, weight.t())
+    else:
+        y2 = torch.addmm(bias.to(x.dtype), x2, weight.t()) if bias is not None else x2 @ weight.t()
+        y2.addmm_(s, b.t(), alpha=scale)
     return y2, s, a, b
 
 
@@ -62,8 +97,45 @@ def _scaled_outer(dy2: torch.Tensor, s: torch.Tensor, scale: float, out_dtype: t
     return (dy2.t() @ s).mul_(scale).to(out_dtype)
 
 
+def _backward(dy2, s, weight, a, b, scale: float, order: str, need_dx: bool, db_dtype: Optional[torch.dtype],
+              need_dbias: bool):
+    """``(dX, dB, db)`` of the frozen-A LoRA linear (None where not needed; no dB when ``db_dtype`` is None); dB in
+    ``db_dtype``, db in fp32 or dY's dtype (the caller casts).
+
+    ``order``:
+    * ``"base_first"``: ``dB = scale·dYᵀ·s``, ``ds = dY·B``, ``dX = dY·W`` then ``dX += scale·ds·A``;
+    * ``"expand_first"``: the same dB and ds, then ``dX = scale·ds·A`` and ``dX += dY·W`` in place (the dX GEMM reads
+      the rank-r term as its C operand);
+    * ``"fused_dy"``: one Triton pass over dY gives ``scale·ds``, dB and db together (dY is read once for the
+      rank-r part instead of three times), then ``dX`` as in ``"expand_first"``.
+    """
+    dx2 = db_ = dbias = None
+    if order == "fused_dy":
+        ds_scaled, db32, dbias32 = torch.ops.keeplora.lora_dy_pass(dy2, s, b, float(scale), need_dbias)
+        db_ = None if db_dtype is None else db32.to(db_dtype)
+        dbias = dbias32 if need_dbias else None
+        if need_dx:
+            dx2 = ds_scaled.to(dy2.dtype) @ a
+            dx2.addmm_(dy2, weight.to(dy2.dtype))
+        return dx2, db_, dbias
+    if db_dtype is not None:
+        db_ = _scaled_outer(dy2, s, scale, db_dtype)
+    if need_dx:
+        ds = dy2 @ b
+        if order == "expand_first":
+            dx2 = torch.empty((dy2.shape[0], a.shape[1]), device=dy2.device, dtype=dy2.dtype)
+            dx2.addmm_(ds, a, beta=0, alpha=scale)
+            dx2.addmm_(dy2, weight.to(dy2.dtype))
+        else:
+            dx2 = dy2 @ weight.to(dy2.dtype)
+            dx2.addmm_(ds, a, alpha=scale)
+    if need_dbias:
+        dbias = dy2.sum(0)
+    return dx2, db_, dbias
+
+
 class LoRALinearFunction(torch.autograd.Function):
-    """Forward and backward of the frozen-A LoRA linear in PyTorch ops.
+    """Forward and backward of the frozen-A LoRA linear in PyTorch ops (cuBLAS on a GPU).
 
     Forward, with X the T×d_in matrix of tokens (leading dims flattened):
         s = X·Aᵀ                          (T×r, kept for backward)
@@ -75,19 +147,22 @@ class LoRALinearFunction(torch.autograd.Function):
         db = Σ_T dY                       (only if the bias requires grad)
     W and A are frozen: no dW, no dA, so X itself is never saved.
     The adapter branch runs in x's dtype; dB is returned in B's dtype (fp32 adapters under bf16 inputs work).
-    A and B are cast to x's dtype once per step: backward reuses the forward's casts (r×d each), so a step is
-    five library calls forward and four or five backward. At small shapes on a GPU (CLIP's T=12608, d=768) the
-    per-call host cost, not the arithmetic, sets the step time (benchmarks/results/h200).
+    A and B are cast to x's dtype once per step: backward reuses the forward's casts (r×d each).
+    ``forward_order`` / ``backward_order`` choose the order of the GEMMs (:func:`_forward`, :func:`_backward`);
+    ``_dispatch.lora_orders`` picks them per device. Dynamo traces this Function (no graph break under
+    ``torch.compile``); the Triton dY pass it may call is a registered ``torch.library`` op.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, forward_order="base_first",
+                backward_order="base_first"):
         if weight.requires_grad or lora_a.requires_grad:
             raise RuntimeError("lora_linear treats `weight` and `lora_a` as frozen, but one of them requires grad; "
                                "call .requires_grad_(False) on it or use lora_linear_ref")
-        y2, s, a, b = _forward(x, weight, bias, lora_a, lora_b, scale)
+        y2, s, a, b = _forward(x, weight, bias, lora_a, lora_b, scale, forward_order)
         ctx.save_for_backward(s, weight, a, b)
         ctx.scale = scale
+        ctx.order = backward_order
         ctx.x_shape = x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.lora_b_dtype = lora_b.dtype
@@ -96,27 +171,68 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         s, weight, a, b = ctx.saved_tensors
-        scale = ctx.scale
+        need = ctx.needs_input_grad
         dy2 = _flatten_tokens(dy).to(s.dtype)
-        dx = db = dlora_b = None
-        if ctx.needs_input_grad[4]:
-            dlora_b = _scaled_outer(dy2, s, scale, ctx.lora_b_dtype)
-        if ctx.needs_input_grad[0]:
-            ds = dy2 @ b
-            dx2 = dy2 @ weight.to(s.dtype)
-            dx2.addmm_(ds, a, alpha=scale)
-            dx = dx2.reshape(ctx.x_shape)
-        if ctx.needs_input_grad[2]:
-            db = dy2.sum(0).to(ctx.bias_dtype)
-        return dx, None, db, None, dlora_b, None
+        dx2, dlora_b, dbias = _backward(dy2, s, weight, a, b, ctx.scale, ctx.order, need[0],
+                                        ctx.lora_b_dtype if need[4] else None, need[2])
+        dx = None if dx2 is None else dx2.reshape(ctx.x_shape)
+        db = None if dbias is None else dbias.to(ctx.bias_dtype)
+        return dx, None, db, None, dlora_b, None, None, None
+
+
+def stack_frozen(weight: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
+    """``[W; A]`` ((d_out + r) × d_in, W's dtype): both are frozen for a whole task, so this is formed once per task
+    for :class:`StackedLoRALinearFunction`."""
+    return torch.cat([weight, lora_a.to(weight.dtype)], dim=0)
+
+
+class StackedLoRALinearFunction(torch.autograd.Function):
+    """The frozen-A LoRA linear with ``[W; A]`` stacked: one GEMM ``X·[W; A]ᵀ`` gives ``X·Wᵀ`` and ``s = X·Aᵀ`` while
+    reading X once, then ``Y += scale·s·Bᵀ`` in place. Y is a view with row stride d_out + r (the s columns are
+    copied out, so only s is kept for backward). Backward as :func:`_backward` with W and A as views of the stack.
+    Args: ``(x, stacked, bias, lora_b, scale, d_out, backward_order)``."""
+
+    @staticmethod
+    def forward(ctx, x, stacked, bias, lora_b, scale, d_out, backward_order="base_first"):
+        if stacked.requires_grad:
+            raise RuntimeError("the stacked [W; A] is frozen but requires grad; call .requires_grad_(False) on it")
+        x2 = _flatten_tokens(x)
+        b = lora_b.to(x.dtype)
+        if bias is not None:
+            padded = torch.cat([bias.to(x.dtype), bias.new_zeros(stacked.shape[0] - d_out, dtype=x.dtype)])
+            z = torch.addmm(padded, x2, stacked.t())
+        else:
+            z = x2 @ stacked.t()
+        y2, s = z[:, :d_out], z[:, d_out:].contiguous()
+        y2.addmm_(s, b.t(), alpha=scale)
+        ctx.save_for_backward(s, stacked, b)
+        ctx.scale, ctx.order, ctx.d_out, ctx.x_shape = scale, backward_order, d_out, x.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.lora_b_dtype = lora_b.dtype
+        return y2.reshape(*x.shape[:-1], d_out)
+
+    @staticmethod
+    def backward(ctx, dy):
+        s, stacked, b = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dy2 = _flatten_tokens(dy).to(s.dtype)
+        weight, a = stacked[:ctx.d_out], stacked[ctx.d_out:].to(s.dtype)
+        dx2, dlora_b, dbias = _backward(dy2, s, weight, a, b, ctx.scale, ctx.order, need[0],
+                                        ctx.lora_b_dtype if need[3] else None, need[2])
+        dx = None if dx2 is None else dx2.reshape(ctx.x_shape)
+        db = None if dbias is None else dbias.to(ctx.bias_dtype)
+        return dx, None, db, dlora_b, None, None, None
 
 
 def _lora_linear_torch(x, weight, bias, lora_a, lora_b, scale: float) -> torch.Tensor:
     """The PyTorch path: :class:`LoRALinearFunction`, or its forward alone when there is no graph to build
     (no_grad, or nothing requires grad: the feature pass, evaluation), without the Function's overhead."""
+    forward_order, backward_order = _dispatch.lora_orders(x.device, x.dtype, x.numel() // max(1, x.shape[-1]),
+                                                          weight.shape[1], weight.shape[0])
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b)):
-        return LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, scale)
-    return _forward(x, weight, bias, lora_a, lora_b, scale)[0].reshape(*x.shape[:-1], weight.shape[0])
+        return LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, scale, forward_order, backward_order)
+    return _forward(x, weight, bias, lora_a, lora_b, scale, forward_order)[0].reshape(*x.shape[:-1],
+                                                                                      weight.shape[0])
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ._triton_utils import Launch, acc_dtype, cdiv, dot_mode, load, load_all, mma, next_pow2, target_programs
 
-__all__ = ["lora_linear_triton", "lora_linear_shared_triton", "LoRALinearTritonFunction"]
+__all__ = ["lora_linear_triton", "lora_linear_shared_triton", "LoRALinearTritonFunction", "lora_dy_pass"]
 
 MAX_RANK = 128
 MAX_SEGMENTS = 4  # dY/W pairs the dX kernel takes in one launch
@@ -504,6 +504,18 @@ class LoRALinearTritonFunction(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------------------ entry points
+def lora_dy_pass(dy2: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                 need_dbias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Body of the registered op ``keeplora::lora_dy_pass`` (``keeplora_kernels.lora_linear``): one pass over
+    ``dy2`` (T×N) for the rank-r part of the LoRA backward, ``(scale·dy2·lora_b (T×R), scale·dy2ᵀ·s (N×R),
+    Σ_T dy2 (N,))``, all fp32 (fp64 for fp64 inputs); the bias sum is a 1-element placeholder when ``need_dbias``
+    is False."""
+    launches, (ds_part, db_part, dbias_part) = plan_backward_dy(dy2, s, lora_b, scale, need_dbias=need_dbias)
+    for launch in launches:
+        launch()
+    return ds_part.sum(0), db_part.sum(0), dbias_part.sum(0)
+
+
 def lora_linear_triton(x, weight, bias, lora_a, lora_b, scale):
     """Triton implementation of :func:`keeplora_kernels.lora_linear` (the dispatcher calls this)."""
     (y,) = LoRALinearTritonFunction.apply(x, (float(scale),), 1, weight, bias, lora_a, lora_b)
