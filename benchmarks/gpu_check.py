@@ -7,10 +7,13 @@ Steps, each time-boxed and independent (a failing step is recorded, the others s
   1. environment: GPU, driver, torch/triton/transformers/peft versions, git sha;
   2. build the C++/CUDA extension for sm_90 in place (skipped in dry mode unless a compiler is there);
   3. the GPU-marked tests (pytest -m gpu) — the whole suite's CUDA paths;
-  4. kernel microbenchmarks (benchmarks/bench_kernels.py) with a per-kernel trace of the Triton LoRA step;
-  5. the end-to-end profile (benchmarks/profile_lifecycle.py) on a Llama-like random model, bf16, T=8192 tokens;
-  6. the tile sweep of the Triton LoRA kernels (benchmarks/tune_triton.py, time-boxed);
-  7. the batched rSVD and principal-subspace benchmarks (benchmarks/bench_rsvd.py) with a profiler trace.
+  4. the LoRA linear's variants side by side, eager and graph-replayed (benchmarks/bench_lora_variants.py);
+  5. the end-to-end profile (benchmarks/profile_lifecycle.py) on a Llama-like random model, bf16, T=8192 tokens,
+     and KeepLoRA's lifecycle again under each alternative GEMM order of the LoRA linear (profile_orders);
+  6. the batched rSVD and principal-subspace benchmarks (benchmarks/bench_rsvd.py) with a profiler trace;
+  7. the Triton GEMM main loop against cuBLAS: go / no-go for the full-GEMM LoRA kernels
+     (benchmarks/bench_triton_gemm.py);
+  8. kernel microbenchmarks (benchmarks/bench_kernels.py) with a per-kernel trace of the Triton LoRA step.
 Everything goes under --out (logs, CSVs, summary.json); a short table (op, time, % of floor, ratio) prints last.
 """
 
@@ -33,11 +36,10 @@ for path in (ROOT, ROOT / "python"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-# (step name, seconds allowed), each a hard box; the run itself was 238 s on the H200 before the tile sweep
-# and the memory-update bench were added (expected ≈ 380 s now; gpu_check.sh stops everything at 470 s, so the
-# script ends inside 8 minutes; steps are ordered by value: tests, kernels, lifecycle, tile sweep, rSVD).
-BUDGET = {"environment": 20, "build_extension": 150, "gpu_tests": 120, "bench_kernels": 100, "profile": 100,
-          "tune_triton": 80, "bench_rsvd": 100}
+# (step name, seconds allowed), each a hard box; gpu_check.sh stops everything at its own limit, so the steps are
+# ordered by value and the last ones are the first to be cut.
+BUDGET = {"environment": 20, "build_extension": 150, "gpu_tests": 150, "lora_variants": 70, "profile": 100,
+          "profile_orders": 60, "bench_rsvd": 100, "triton_gemm": 50, "bench_kernels": 60}
 
 
 class StepTimeout(Exception):
@@ -123,10 +125,8 @@ def _bench_step(module: str, **extra) -> Callable[[Path, bool], list[dict[str, A
     return step
 
 
-def step_profile(out: Path, dry: bool) -> list[dict[str, Any]]:
+def _profile_kwargs(dry: bool) -> dict[str, Any]:
     import torch
-
-    from benchmarks import profile_lifecycle
 
     if dry or not torch.cuda.is_available():
         kwargs = dict(model_spec="llama:d=64,layers=1,heads=4,ff=128,vocab=128", device="cpu", dtype="float32",
@@ -134,20 +134,59 @@ def step_profile(out: Path, dry: bool) -> list[dict[str, Any]]:
     else:  # Llama-7B-like width, two layers, bf16, 8192 tokens per step
         kwargs = dict(model_spec="llama:d=4096,layers=2,heads=32,ff=11008,vocab=1024,max_pos=8192",
                       device="cuda", dtype="bfloat16", batch=1, seq=8192, steps=5, tasks=1, batches_per_task=4, r=16)
+    return kwargs
+
+
+def step_profile(out: Path, dry: bool) -> list[dict[str, Any]]:
+    from benchmarks import profile_lifecycle
+
     # timed after one untimed warm-up task per method (JIT, library set-up); one traced keeplora task at the end
-    rows = profile_lifecycle.run(out, trace_dir=out, **kwargs)
+    rows = profile_lifecycle.run(out, trace_dir=out, **_profile_kwargs(dry))
     return [dict(op=f"{r['method']} {r['phase']}", time_ms=r["time_ms"], peak_mb=r["peak_mb"],
                  ratio=r.get("time_vs_keeplora", "")) for r in rows]
+
+
+PROFILED_ORDERS = ("expand_first,expand_first", "expand_first,fused_dy")
+
+
+def step_profile_orders(out: Path, dry: bool) -> list[dict[str, Any]]:
+    """KeepLoRA's lifecycle again under each alternative GEMM order of the LoRA linear (``KEEPLORA_LORA_ORDERS``):
+    the training step of the candidates for the CUDA default, next to the default's own row of step ``profile``."""
+    import torch
+
+    from benchmarks import profile_lifecycle
+    from benchmarks.harness import append_rows
+    from keeplora_kernels import _dispatch
+
+    summary = []
+    for orders in PROFILED_ORDERS:
+        fwd, bwd = orders.split(",")
+        kwargs = _profile_kwargs(dry)
+        if bwd == "fused_dy" and not _dispatch.triton_runs(torch.device(kwargs["device"])):
+            continue
+        os.environ["KEEPLORA_LORA_ORDERS"] = orders
+        try:
+            rows = profile_lifecycle.profile(methods=("keeplora",), **kwargs)
+        finally:
+            del os.environ["KEEPLORA_LORA_ORDERS"]
+        for row in rows:
+            row["lora_orders"] = orders
+        append_rows("profile_orders", rows, results_dir=out)
+        summary += [dict(op=f"keeplora[{orders}] {r['phase']}", time_ms=r["time_ms"], peak_mb=r["peak_mb"])
+                    for r in rows]
+    return summary
 
 
 STEPS: dict[str, Callable[[Path, bool], list[dict[str, Any]]]] = {
     "environment": step_environment,
     "build_extension": step_build_extension,
     "gpu_tests": step_gpu_tests,
-    "bench_kernels": _bench_step("bench_kernels", trace=True),
+    "lora_variants": _bench_step("bench_lora_variants", trace=True),
     "profile": step_profile,
-    "tune_triton": _bench_step("tune_triton", time_box_s=BUDGET["tune_triton"] - 10),
+    "profile_orders": step_profile_orders,
     "bench_rsvd": _bench_step("bench_rsvd", trace=True),
+    "triton_gemm": _bench_step("bench_triton_gemm"),
+    "bench_kernels": _bench_step("bench_kernels", trace=True),
 }
 
 SUMMARY_COLUMNS = ["op", "time_ms", "pct_of_floor", "ratio", "peak_mb", "note"]

@@ -51,11 +51,11 @@ def test_profile_runs_all_methods_and_the_baseline_agrees_with_keeplora():
 def test_gpu_script_dry_mode(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry", "--out", str(out),
-                           "--steps", "environment,bench_kernels,bench_rsvd,profile"],
+                           "--steps", "environment,lora_variants,bench_kernels,bench_rsvd,profile"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["status"]) == {"environment", "bench_kernels", "bench_rsvd", "profile"}
+    assert set(summary["status"]) == {"environment", "lora_variants", "bench_kernels", "bench_rsvd", "profile"}
     assert (out / "environment.json").is_file() and (out / "profile_lifecycle.csv").is_file()
     assert proc.stdout.strip().splitlines()[-1]  # the table prints last
 

@@ -65,3 +65,31 @@ def test_compiled_graph_contains_the_registered_dy_pass(monkeypatch):
     loss = torch.compile(lambda b: case.loss(model, b), backend=backend, fullgraph=True)(batch)
     loss.backward()
     assert any("lora_dy_pass" in t for t in seen), sorted(set(seen))[:20]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("orders", ["expand_first,fused_dy"])
+def test_reduce_overhead_captures_the_whole_step_on_cuda(orders, monkeypatch):
+    """``mode="reduce-overhead"`` on a GPU: the adapted Llama's step is replayed from CUDA graphs (no cudagraph
+    skip) and equals eager. The order with the registered Triton op (the plain-aten orders have nothing that could
+    stop a capture)."""
+    from torch._dynamo.utils import counters
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    monkeypatch.setenv("KEEPLORA_LORA_ORDERS", orders)
+    torch._dynamo.reset()
+    counters.clear()
+    case = tm.CASES["llama"]
+    model = case.model().cuda()
+    kl = KeepLoRA(model, KeepLoRAConfig(target_modules=case.targets, r=4, progress=False))
+    batches = [{k: v.cuda() for k, v in b.items()} for b in case.batches(2)]
+    kl.begin_task(batches, case.loss)
+    step = lambda b: case.loss(model, b)  # noqa: E731
+    eager = _loss_and_grads(step, kl, batches[1])
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):  # warm-up, record, replay
+        got = _loss_and_grads(compiled, kl, batches[1])
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    for g, ref in zip(got, eager):
+        assert_close(g, ref)
