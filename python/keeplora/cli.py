@@ -24,7 +24,7 @@ def cmd_profile(argv: list[str]) -> int:
     return int(_benchmarks_module("profile_lifecycle").main(argv))
 
 
-_BENCHES = {"kernels": "bench_kernels", "rsvd": "bench_rsvd"}
+_BENCHES = {"kernels": "bench_kernels", "lora-variants": "bench_lora_variants", "rsvd": "bench_rsvd"}
 
 
 def cmd_bench(argv: list[str]) -> int:
@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .benchmark.cli import add_subcommands  # run, sweep, data (issue 6)
 
     add_subcommands(sub)
-    sub.add_parser("bench", help="kernel microbenchmarks: keeplora bench {kernels,rsvd} [options]", add_help=False)
+    sub.add_parser("bench", help="kernel microbenchmarks: keeplora bench {kernels,lora-variants,rsvd} [options]",
+                   add_help=False)
     sub.add_parser("profile", help="time and peak memory of a task lifecycle and training steps vs the authors' "
                                    "pipeline and PEFT LoRA (options: keeplora profile -h)", add_help=False)
     return parser
