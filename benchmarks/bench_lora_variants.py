@@ -276,6 +276,8 @@ def run(out_dir: Optional[Path] = None, quick: bool = True, *, smoke: Optional[b
     if smoke:
         torch.set_num_threads(1)
     shapes = SHAPES_SMOKE if smoke else SHAPES
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
     try:
         for shape in shapes:
             steps = bench_single(timer, rows, shape, dtype)
