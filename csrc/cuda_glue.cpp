@@ -112,6 +112,7 @@ TORCH_LIBRARY_IMPL(keeplora, CUDA, m) {
   m.impl("cholesky_qr", &keeplora::cholesky_qr);
   m.impl("rsvd", &keeplora::rsvd);
   m.impl("principal_subspace", &keeplora::principal_subspace);
+  m.impl("lora_linear", &keeplora::lora_linear_forward);
 }
 
 #endif  // KEEPLORA_WITH_CUDA

@@ -29,6 +29,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rsvd(const at::Tensor
                                                                 const std::optional<at::Tensor>& project_out,
                                                                 int64_t seed, c10::string_view orthonormalize);
 std::vector<at::Tensor> principal_subspace(at::TensorList weights, double energy, bool input_side, bool strict);
+at::Tensor lora_linear_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               const at::Tensor& lora_a, const at::Tensor& lora_b, double scale,
+                               c10::string_view forward_order, c10::string_view backward_order);
 
 // Shape-only (Meta) versions.
 at::Tensor gaussian_sketch_meta(const at::Tensor& like, int64_t seed, int64_t rows, int64_t cols);

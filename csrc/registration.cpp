@@ -9,7 +9,7 @@ namespace keeplora {
 const std::vector<std::string>& op_names() {
   static const std::vector<std::string> names = {"gaussian_sketch", "jacobi_svd", "shifted_cholesky",
                                                  "split_operand", "cholesky_qr", "rsvd",
-                                                 "principal_subspace"};
+                                                 "principal_subspace", "lora_linear"};
   return names;
 }
 

@@ -27,7 +27,8 @@ _ENV = "KEEPLORA_BACKEND"
 # op -> {backend: "module:function"} for every non-reference implementation. The reference lives next to each
 # op's public function and is always available. Modules are imported on first use (importing triton is slow).
 _TABLE: dict[str, dict[str, str]] = {
-    "lora_linear": {"triton": ".triton_lora_linear:lora_linear_triton"},
+    "lora_linear": {"triton": ".triton_lora_linear:lora_linear_triton",
+                    "extension": ".lora_linear:lora_linear_extension"},
     "lora_linear_shared": {"triton": ".triton_lora_linear:lora_linear_shared_triton"},
     "lora_dy_pass": {"triton": ".triton_lora_linear:lora_dy_pass"},
     "residual_project": {"triton": ".triton_residual_project:residual_project_triton"},

@@ -235,6 +235,18 @@ def _lora_linear_torch(x, weight, bias, lora_a, lora_b, scale: float) -> torch.T
                                                                                       weight.shape[0])
 
 
+def lora_linear_extension(x, weight, bias, lora_a, lora_b, scale: float) -> torch.Tensor:
+    """The compiled extension's ``keeplora::lora_linear`` (csrc/lora_linear.cpp): the same GEMMs as
+    :class:`LoRALinearFunction`, one dispatcher call forward and a C++ backward (no Python per step). Under
+    ``torch.compile``, and for the ``fused_dy`` backward (a Triton op), the Python Function runs instead: dynamo
+    traces that one."""
+    forward_order, backward_order = _dispatch.lora_orders(x.device, x.dtype, x.numel() // max(1, x.shape[-1]),
+                                                          weight.shape[1], weight.shape[0])
+    if backward_order == "fused_dy" or torch.compiler.is_compiling():
+        return _lora_linear_torch(x, weight, bias, lora_a, lora_b, scale)
+    return torch.ops.keeplora.lora_linear(x, weight, bias, lora_a, lora_b, scale, forward_order, backward_order)
+
+
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scale: float) -> torch.Tensor:
     """``x·weightᵀ + bias + scale·(x·lora_aᵀ)·lora_bᵀ`` with ``weight`` and ``lora_a`` frozen.
@@ -252,6 +264,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     backend = _dispatch.select("lora_linear", x.device, x.dtype, weight.dtype, lora_a.dtype, lora_b.dtype)
     if backend == "reference":
         return _lora_linear_torch(x, weight, bias, lora_a, lora_b, float(scale))
+    if backend == "extension":
+        return lora_linear_extension(x, weight, bias, lora_a, lora_b, float(scale))
     return _dispatch.implementation("lora_linear", backend)(x, weight, bias, lora_a, lora_b, float(scale))
 
 

@@ -120,7 +120,8 @@ def test_orders_env_selects_and_validates(monkeypatch):
 
 
 def test_lora_linear_follows_the_chosen_orders(monkeypatch):
-    """``kk.lora_linear`` runs the orders ``lora_orders`` picks (here forced) and stays exact."""
+    """``kk.lora_linear`` on the PyTorch path runs the orders ``lora_orders`` picks (here forced), stays exact."""
+    monkeypatch.setenv("KEEPLORA_BACKEND", "reference")
     x, w, b, a, lb = _inputs((9,), 20, 11, 3, torch.float32, device=torch.device("cpu"))
     seen = []
     original = LoRALinearFunction.forward
@@ -151,3 +152,87 @@ def test_dy_pass_op_matches_its_reference():
         assert_close(db, 0.25 * dy.double().t() @ s.double())
         assert_close(dbias, dy.double().sum(0))
         assert torch.ops.keeplora.lora_dy_pass.default is not None
+
+
+# ------------------------------------------------------------------- the compiled op (csrc/lora_linear.cpp)
+def _extension_op():
+    from keeplora_kernels import _extension
+
+    if "lora_linear" not in _extension.registered_ops("cpu"):
+        pytest.skip("the compiled extension (keeplora::lora_linear) is not built")
+    return torch.ops.keeplora.lora_linear
+
+
+EXT_ORDERS = [(f, b) for f in FORWARD_ORDERS for b in ("base_first", "expand_first")]
+
+
+@pytest.mark.parametrize("orders", EXT_ORDERS, ids=lambda v: "-".join(v))
+def test_extension_op_gradcheck_fp64(orders):
+    op = _extension_op()
+    x, w, b, a, lb = _inputs((2, 3), 9, 7, 3, torch.float64, device=torch.device("cpu"))
+    x.requires_grad_()
+    b.requires_grad_()
+    lb.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x_, b_, lb_: op(x_, w, b_, a, lb_, 0.7, *orders), (x, b, lb))
+
+
+@pytest.mark.parametrize("orders", EXT_ORDERS, ids=lambda v: "-".join(v))
+@pytest.mark.parametrize("lead,d_in,d_out,r", RAGGED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_extension_op_equals_the_python_function(orders, lead, d_in, d_out, r, dtype, bias):
+    """The same GEMMs in the same order: outputs and every gradient bitwise equal to LoRALinearFunction (fp32
+    adapters under bf16 input, as the engine runs it)."""
+    op = _extension_op()
+    x, w, b, a, lb = _inputs(lead, d_in, d_out, r, dtype, bias, device=torch.device("cpu"))
+    if dtype == torch.bfloat16:
+        a, lb = a.float(), lb.float()
+    dy = torch.randn(*lead, d_out).to(dtype)
+    results = []
+    for fn in (lambda *t: op(*t, *orders), lambda *t: LoRALinearFunction.apply(*t, *orders)):
+        xs, ls = x.clone().requires_grad_(), lb.clone().requires_grad_()
+        bs = None if b is None else b.clone().requires_grad_()
+        y = fn(xs, w, bs, a, ls, 0.5)
+        results.append((y, *torch.autograd.grad(y, [t for t in (xs, ls, bs) if t is not None], dy)))
+    for got, ref in zip(*results):
+        assert got.dtype == ref.dtype and torch.equal(got, ref)
+
+
+def test_extension_op_refuses_bad_input():
+    op = _extension_op()
+    x, w, b, a, lb = _inputs((4,), 8, 6, 2, torch.float32, device=torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="forward_order must be 'base_first' or 'expand_first'"):
+        op(x, w, b, a, lb, 1.0, "stacked", "base_first")
+    with pytest.raises(RuntimeError, match="backward_order must be"):
+        op(x, w, b, a, lb, 1.0, "base_first", "fused_dy")
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        op(x, w, b, a[:, :5], lb, 1.0, "base_first", "base_first")
+    with pytest.raises(RuntimeError, match="frozen"):
+        op(x, w.clone().requires_grad_(), b, a, lb, 1.0, "base_first", "base_first")
+
+
+def test_auto_dispatch_takes_the_extension_op_when_built(monkeypatch):
+    """CPU, auto backend: kk.lora_linear runs the compiled op (eager) with the orders lora_orders picks."""
+    _extension_op()
+    monkeypatch.delenv("KEEPLORA_BACKEND", raising=False)
+    assert _dispatch.select("lora_linear", torch.device("cpu"), torch.float32) == "extension"
+    x, w, b, a, lb = _inputs((5,), 8, 6, 2, torch.float32, device=torch.device("cpu"))
+    y = kk.lora_linear(x, w, b, a, lb.requires_grad_(), 1.0)
+    assert type(y.grad_fn).__name__ == "CppFunction"  # the C++ autograd function, not LoRALinearFunction
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_extension_op_backward_accumulates_like_the_function(bias, x_grad):
+    """``.backward()`` through the engine (not ``autograd.grad``): every combination of a missing bias and an input
+    that needs no gradient, as the first adapted layer of a model sees it."""
+    op = _extension_op()
+    x, w, b, a, lb = _inputs((3, 4), 8, 6, 2, torch.float32, bias, device=torch.device("cpu"))
+    grads = []
+    for fn in (lambda *t: op(*t, "base_first", "base_first"), LoRALinearFunction.apply):
+        xs, ls = x.clone().requires_grad_(x_grad), lb.clone().requires_grad_()
+        bs = None if b is None else b.clone().requires_grad_()
+        (fn(xs, w, bs, a, ls, 0.5) ** 2).sum().backward()
+        grads.append([t.grad for t in (xs, ls, bs) if t is not None])
+    for got, ref in zip(*grads):
+        assert (got is None and ref is None) or torch.equal(got, ref)
