@@ -14,6 +14,8 @@ forward in the same graph):
 * ``<fwd>/<bwd>``         ``LoRALinearFunction`` with the forward order (base_first, expand_first) and the backward
                           order (base_first, expand_first, fused_dy: one Triton pass over dY for ds, dB and db);
 * ``stacked/<bwd>``       one GEMM against ``[W; A]`` (formed once per task) gives y and s;
+* ``ext:<fwd>/<bwd>``     the same GEMMs as the compiled extension's ``keeplora::lora_linear`` (one dispatcher call
+                          forward, a C++ backward: what the automatic choice runs in eager when the extension is built);
 * ``triton-full``         the Triton kernels that carry the base GEMM in their own main loop.
 Shapes: the Llama layer (T=8192, d=4096, r=16), the authors' CLIP layer (T=12608, d=768, r=16) and the CLIP q/k/v of
 one input (three layers; ``triton-shared`` shrinks x once for all three). Every row also has the error against an fp32
@@ -77,6 +79,13 @@ def lora_providers(w, b, a, lb, scale, device, dtype) -> dict[str, tuple[Callabl
         else:
             fn = lambda x, lb_v=lb_v, fwd=fwd, bwd=bwd: LoRALinearFunction.apply(x, w, b, a, lb_v, scale, fwd, bwd)
         providers[f"{fwd}/{bwd}"] = (fn, lb_v)
+    if "lora_linear" in _dispatch.extension_ops(device.type):  # the same GEMMs as one C++ op (no Python per step)
+        for fwd in FORWARD_ORDERS:
+            for bwd in ("base_first", "expand_first"):
+                lb_e = lb.detach().clone().requires_grad_()
+                providers[f"ext:{fwd}/{bwd}"] = (
+                    lambda x, lb_e=lb_e, fwd=fwd, bwd=bwd: torch.ops.keeplora.lora_linear(x, w, b, a, lb_e, scale,
+                                                                                           fwd, bwd), lb_e)
     if _dispatch.triton_runs(device, (dtype,)):
         lb_t = lb.detach().clone().requires_grad_()
         triton_fn = _dispatch.implementation("lora_linear", "triton")
@@ -223,6 +232,10 @@ def bench_qkv(timer: _Timer, rows: list[dict], shape, dtype) -> None:
             continue
         providers[f"{fwd}/{bwd}"] = three(
             lambda x_, w, b, a, lb, s, fwd=fwd, bwd=bwd: LoRALinearFunction.apply(x_, w, b, a, lb, s, fwd, bwd))
+        if "lora_linear" in _dispatch.extension_ops(dev.type) and bwd != "fused_dy":
+            providers[f"ext:{fwd}/{bwd}"] = three(
+                lambda x_, w, b, a, lb, s, fwd=fwd, bwd=bwd: torch.ops.keeplora.lora_linear(x_, w, b, a, lb, s, fwd,
+                                                                                             bwd))
     if _dispatch.triton_runs(dev, (dtype,)):
         shared = _dispatch.implementation("lora_linear_shared", "triton")
         lbs_t = [lb.detach().clone().requires_grad_() for lb in lbs]

@@ -20,6 +20,10 @@ def test_cpu_smoke_run_writes_complete_rows(tmp_path):
     single = {r["provider"] for r in rows if r["op"] == "lora_linear"}
     variants = {f"{f}/{b}" for f in (*FORWARD_ORDERS, "stacked") for b in BACKWARD_ORDERS}
     assert {"base", "unfused", "peft-bfloat16", "triton-full"} | variants <= single
+    from keeplora_kernels import _dispatch
+
+    if "lora_linear" in _dispatch.extension_ops("cpu"):
+        assert {"ext:base_first/base_first", "ext:expand_first/expand_first"} <= single
     assert {"base", "unfused", "triton-shared", "expand_first/fused_dy"} <= {r["provider"] for r in rows
                                                                              if r["op"] == "lora_qkv"}
     assert {(r["mode"], r["timing"]) for r in rows} == {(m, "eager") for m in ("forward", "backward", "step")}
@@ -29,7 +33,7 @@ def test_cpu_smoke_run_writes_complete_rows(tmp_path):
     lora = [r for r in rows if r["op"] == "lora_linear" and r["mode"] == "step"]
     unfused = next(r for r in lora if r["provider"] == "unfused")
     for r in lora:
-        if r["provider"] in variants:
+        if r["provider"] in variants or r["provider"].startswith("ext:"):
             for col in ("err_y", "err_dx", "err_db"):
                 assert float(r[col]) <= 2 * float(unfused[col]) + ATOL_FLOOR[torch.bfloat16], (r["provider"], col)
             assert float(r["saved_MB"]) <= float(unfused["saved_MB"])
