@@ -68,11 +68,13 @@ class TileConfig:
     block_k: int
     num_stages: int
     num_warps: int
+    flatten: bool = True  # one software pipeline across the tile and K loops: the next tile's loads start early
     group_m: int = 8
 
     @property
     def name(self) -> str:
-        return f"{self.block_m}x{self.block_n}x{self.block_k}_s{self.num_stages}_w{self.num_warps}"
+        flat = "" if self.flatten else "_noflat"
+        return f"{self.block_m}x{self.block_n}x{self.block_k}_s{self.num_stages}_w{self.num_warps}{flat}"
 
     def smem_bytes(self, elem: int = 2) -> int:
         """Shared memory of the operand ring (``num_stages`` × (A tile + W tile)) plus the output tile the TMA
@@ -82,20 +84,23 @@ class TileConfig:
 
 
 # bf16, per stage: A tile BM·BK·2 bytes + W tile BN·BK·2 bytes; the epilogue stages BM·BN·2 bytes.
-#   128×256×64 s3: 3·48 KiB + 64 KiB = 208 KiB  (the LoRA kernels' own tile, now persistent and TMA-fed)
-#   256×128×64 s3: 3·48 KiB + 64 KiB = 208 KiB  (same work per tile, the long side on M)
-#   128×128×64 s4: 4·32 KiB + 32 KiB = 160 KiB  (twice the tiles: better wave quantisation at N=768)
-#   128×128×64 s5, 4 warps: 5·32 KiB + 32 KiB = 192 KiB  (one warpgroup per tile, deeper prefetch)
-TMA_CONFIGS = [TileConfig(128, 256, 64, 3, 8), TileConfig(256, 128, 64, 3, 8), TileConfig(128, 128, 64, 4, 8),
-               TileConfig(128, 128, 64, 5, 4)]
-SMOKE_CONFIGS = [TileConfig(32, 32, 32, 1, 4, group_m=2), TileConfig(16, 32, 16, 1, 4, group_m=2)]
+#   128×256×64 s3 (flat): 3·48 KiB + 64 KiB = 208 KiB  the LoRA kernels' own tile, persistent and TMA-fed
+#   128×128×64 s4 (flat): 4·32 KiB + 32 KiB = 160 KiB  twice the tiles: 4.5 waves instead of 2.25 at N=768
+#   128×128×64 s5 w4 (flat): 5·32 KiB + 32 KiB = 192 KiB  one warpgroup per tile, deeper prefetch
+#   128×256×64 s3, not flat: the first one with a pipeline drain and refill at each tile (what flattening buys)
+# 256×128 is left out: with x and W both K-major it moves the same bytes per stage as 128×256.
+TMA_CONFIGS = [TileConfig(128, 256, 64, 3, 8), TileConfig(128, 128, 64, 4, 8), TileConfig(128, 128, 64, 5, 4),
+               TileConfig(128, 256, 64, 3, 8, flatten=False)]
+SMOKE_CONFIGS = [TileConfig(32, 32, 32, 1, 4, group_m=2), TileConfig(16, 32, 16, 1, 4, flatten=False, group_m=2)]
 H200_SMEM = 232448  # bytes of shared memory one block may use on sm_90
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 # ------------------------------------------------------------------------------------------------------- kernel
 @triton.jit
 def _persistent_gemm_kernel(X, W, Y, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
                             NUM_PROGRAMS: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr,
+                            OUT_DTYPE: tl.constexpr, FLATTEN: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             GROUP_M: tl.constexpr):
     """Y = X·Wᵀ, fp32 accumulation. ``NUM_PROGRAMS`` programs (one per SM) each walk the output tiles
@@ -108,7 +113,7 @@ def _persistent_gemm_kernel(X, W, Y, M, N, K, stride_xm, stride_xk, stride_wn, s
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(pid, num_tiles, NUM_PROGRAMS):
+    for tile in tl.range(pid, num_tiles, NUM_PROGRAMS, flatten=FLATTEN):
         pid_m, pid_n = _grouped_pid(tile, num_pid_m, num_pid_n, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if USE_TMA:
@@ -121,7 +126,7 @@ def _persistent_gemm_kernel(X, W, Y, M, N, K, stride_xm, stride_xk, stride_wn, s
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
                 acc = tl.dot(a, b.T, acc)
-            Y.store([off_m, off_n], acc.to(Y.dtype))
+            Y.store([off_m, off_n], acc.to(OUT_DTYPE))
         else:
             offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: M·stride may pass 2³¹
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -141,7 +146,7 @@ def _persistent_gemm_kernel(X, W, Y, M, N, K, stride_xm, stride_xk, stride_wn, s
                 x_ptrs += BLOCK_K * stride_xk
                 w_ptrs += BLOCK_K * stride_wk
             mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-            tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(Y.dtype.element_ty),
+            tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(OUT_DTYPE),
                      mask=mask)
 
 
@@ -156,6 +161,14 @@ def tma_usable(*tensors: torch.Tensor) -> Optional[str]:
         if t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
             return f"row stride {t.stride(0) * t.element_size()} B or base not 16-byte aligned"
     return None
+
+
+def _ensure_allocator(device: torch.device) -> None:
+    """Give Triton a device allocator for kernel scratch: some Triton versions build TMA descriptors in global
+    memory at launch and refuse to launch without one. Torch's caching allocator serves it."""
+    if device.type != "cuda" or not hasattr(triton, "set_allocator"):
+        return
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device=device, dtype=torch.int8))
 
 
 def num_programs(device: torch.device, num_tiles: int) -> int:
@@ -186,6 +199,7 @@ def persistent_gemm(x: torch.Tensor, w: torch.Tensor, cfg: TileConfig, *, use_tm
         raise ValueError(f"persistent_gemm: use_tma=True but {why_not}")
     tma = why_not is None and use_tma is not False
     if tma:
+        _ensure_allocator(x.device)
         ops = (TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k]),
                TensorDescriptor.from_tensor(w, [cfg.block_n, cfg.block_k]),
                TensorDescriptor.from_tensor(y, [cfg.block_m, cfg.block_n]))
@@ -195,8 +209,9 @@ def persistent_gemm(x: torch.Tensor, w: torch.Tensor, cfg: TileConfig, *, use_tm
     programs = num_programs(x.device, num_tiles)
     kernel = _persistent_gemm_kernel[(programs,)]
     args = (*ops, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1))
-    meta = dict(NUM_PROGRAMS=programs, USE_TMA=tma, UPCAST=interpreted(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    meta = dict(NUM_PROGRAMS=programs, USE_TMA=tma, UPCAST=interpreted(), OUT_DTYPE=_TL_DTYPES[y.dtype],
+                FLATTEN=cfg.flatten, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     def call() -> torch.Tensor:
         kernel(*args, **meta)
@@ -212,8 +227,9 @@ def mainloop_gemm(x: torch.Tensor, w: torch.Tensor) -> tuple[Callable[[], torch.
     M = x.shape[0]
     N = w.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    s = torch.empty((M, 0), device=x.device, dtype=x.dtype)
-    lora_b = torch.empty((N, 0), device=x.device, dtype=x.dtype)
+    # rank 0 as empty slices of real buffers: never read, but the pointers handed to the kernel are not null
+    s = torch.zeros((M, 1), device=x.device, dtype=x.dtype)[:, :0]
+    lora_b = torch.zeros((N, 1), device=x.device, dtype=x.dtype)[:, :0]
     launches = tll.plan_forward(x, w, None, s, lora_b, 1.0, y)
     c = launches[0].constexprs
     name = (f"{c['BLOCK_T']}x{c['BLOCK_N']}x{c['BLOCK_K']}_s{launches[0].num_stages}_w{launches[0].num_warps}")
