@@ -220,6 +220,12 @@ def persistent_gemm(x: torch.Tensor, w: torch.Tensor, cfg: TileConfig, *, use_tm
     return call, "tma" if tma else f"pointer ({'forced' if use_tma is False else why_not})"
 
 
+def mainloop_gemm_config(x: torch.Tensor) -> str:
+    """Name of the tile configuration the LoRA forward kernel uses for inputs like ``x``."""
+    c = tll._tiles("gemm", x.dtype, x.device.type == "cuda")
+    return f"{c['BLOCK_T']}x{c['BLOCK_N']}x{c['BLOCK_K']}_s{c['num_stages']}_w{c['num_warps']}"
+
+
 def mainloop_gemm(x: torch.Tensor, w: torch.Tensor) -> tuple[Callable[[], torch.Tensor], str]:
     """``y = x·wᵀ`` through the LoRA forward kernel with a rank-0 adapter (the r-loop runs zero times, the
     accumulator is multiplied by scale 1.0, no bias), i.e. its ``_accumulate_product`` main loop with the tile
@@ -231,15 +237,13 @@ def mainloop_gemm(x: torch.Tensor, w: torch.Tensor) -> tuple[Callable[[], torch.
     s = torch.zeros((M, 1), device=x.device, dtype=x.dtype)[:, :0]
     lora_b = torch.zeros((N, 1), device=x.device, dtype=x.dtype)[:, :0]
     launches = tll.plan_forward(x, w, None, s, lora_b, 1.0, y)
-    c = launches[0].constexprs
-    name = (f"{c['BLOCK_T']}x{c['BLOCK_N']}x{c['BLOCK_K']}_s{launches[0].num_stages}_w{launches[0].num_warps}")
 
     def call() -> torch.Tensor:
         for launch in launches:
             launch()
         return y
 
-    return call, name
+    return call, mainloop_gemm_config(x)
 
 
 # -------------------------------------------------------------------------------------------------------- bench
@@ -275,31 +279,38 @@ def bench_shape(M: int, N: int, K: int, device: torch.device, configs: list[Tile
         torch.backends.cuda.matmul.allow_tf32 = tf32
     flops = 2.0 * M * N * K
     shape = f"M={M},N={N},K={K}"
-    providers: list[tuple[str, str, str, Optional[Callable[[], torch.Tensor]], str]] = [
-        ("cublas", "-", "torch", lambda: F.linear(x, w), "")]
+    # (provider, config, maker): maker() -> (call or None, path, note); made inside the loop so that a
+    # configuration that cannot be built or compiled costs only its own row
+    providers: list[tuple[str, str, Callable[[], tuple[Optional[Callable[[], torch.Tensor]], str, str]]]] = [
+        ("cublas", "-", lambda: (lambda: F.linear(x, w), "torch", ""))]
     skip = triton_runs(device)
     if skip is None:
-        call, name = mainloop_gemm(x, w)
-        providers.append(("triton_mainloop", name, "pointer", call,
-                          "LoRA forward kernel with a rank-0 adapter (r-loop empty): its _accumulate_product loop"))
+        def mainloop():
+            call, _ = mainloop_gemm(x, w)
+            return call, "pointer", "LoRA forward kernel, rank-0 adapter (r-loop empty): its _accumulate_product loop"
+
+        providers.append(("triton_mainloop", mainloop_gemm_config(x), mainloop))
         for cfg in configs:
-            call, path = persistent_gemm(x, w, cfg)
-            note = "" if path == "tma" else "no TMA on these operands"
-            if device.type == "cuda" and cfg.smem_bytes() > H200_SMEM:
-                call, note = None, f"skipped: {cfg.smem_bytes()} B of shared memory > {H200_SMEM}"
-            providers.append(("triton_tma_persistent", cfg.name, path, call, note))
+            def persistent(cfg=cfg):
+                if device.type == "cuda" and cfg.smem_bytes() > H200_SMEM:
+                    return None, "-", f"skipped: {cfg.smem_bytes()} B of shared memory > {H200_SMEM}"
+                call, path = persistent_gemm(x, w, cfg)
+                return call, path, "" if path == "tma" else "no TMA on these operands"
+
+            providers.append(("triton_tma_persistent", cfg.name, persistent))
     else:
-        providers.append(("triton_mainloop", "-", "-", None, f"skipped: {skip}"))
-        providers.append(("triton_tma_persistent", "-", "-", None, f"skipped: {skip}"))
+        providers.append(("triton_mainloop", "-", lambda: (None, "-", f"skipped: {skip}")))
+        providers.append(("triton_tma_persistent", "-", lambda: (None, "-", f"skipped: {skip}")))
     rows: list[dict[str, Any]] = []
     cublas_ms = cublas_err = None
-    for provider, config, path, call, note in providers:
-        row = dict(op="triton_gemm", shape=shape, provider=provider, config=config, path=path, time_ms=None,
-                   tflops=None, ratio=None, max_rel_err=None, wrong=None, note=note)
+    for provider, config, maker in providers:
+        row = dict(op="triton_gemm", shape=shape, provider=provider, config=config, path=None, time_ms=None,
+                   tflops=None, ratio=None, max_rel_err=None, wrong=None, note="")
         rows.append(row)
-        if call is None:
-            continue
         try:
+            call, row["path"], row["note"] = maker()
+            if call is None:
+                continue
             err = _rel_err(call(), ref)  # also the compile, outside the timing
             t = _time(call, device, quick, smoke)
         except Exception as exc:  # one failing configuration must not cost the others their row
@@ -330,7 +341,8 @@ def verdict(rows: list[dict[str, Any]], smoke: bool) -> dict[str, Any]:
     decision = "go" if best["ratio"] >= GO_RATIO else "no-go"
     row.update(config=f"{best['provider']}:{best['config']}", time_ms=best["time_ms"], tflops=best["tflops"],
                ratio=best["ratio"])
-    row["note"] = (f"{decision}: best Triton {best['ratio']:.3f}x cuBLAS (threshold {GO_RATIO})" +
+    row["note"] = (f"{decision}: best Triton ({best['provider']} {best['config']}) at {best['ratio']:.3f}x cuBLAS "
+                   f"speed (threshold {GO_RATIO})" +
                    (" [smoke: CPU interpreter times, not a decision]" if smoke else ""))
     return row
 
@@ -340,6 +352,9 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, smoke: bool = False
     """Benchmark every provider on :data:`SHAPES` (``smoke``: :data:`SMOKE_SHAPES` with small tiles), append the
     rows and the verdict to ``<out_dir>/triton_gemm.csv`` and return summary rows (op, time_ms, ratio, note)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type != "cuda" and not smoke:
+        raise ValueError(f"bench_triton_gemm: the full shapes need a CUDA device, got device={dev.type!r}; "
+                         "pass smoke=True (--smoke) for the tiny CPU shapes")
     shapes = SMOKE_SHAPES if smoke else SHAPES
     configs = SMOKE_CONFIGS if dev.type != "cuda" else TMA_CONFIGS
     threads = torch.get_num_threads()
@@ -370,6 +385,8 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="the GPU script's subset (short timing windows)")
     parser.add_argument("--smoke", action="store_true", help="tiny ragged shapes; on a CPU through the interpreter")
     args = parser.parse_args(argv)
+    if not args.smoke and not torch.cuda.is_available():
+        parser.error("no CUDA device: the full shapes need an H200; use --smoke for tiny shapes on the CPU")
     if args.smoke and not torch.cuda.is_available() and not interpreted():
         # the interpreter is chosen when triton is imported, which already happened: start again with it set
         env = {**os.environ, "TRITON_INTERPRET": "1"}

@@ -74,6 +74,13 @@ def test_persistent_gemm_rejects_bad_input():
         btg.persistent_gemm(x70, w70, btg.SMOKE_CONFIGS[0], use_tma=True)
 
 
+def test_full_run_needs_cuda(tmp_path):
+    if ON_GPU:
+        pytest.skip("the full shapes run on a GPU")
+    with pytest.raises(ValueError, match="smoke=True"):
+        btg.run(tmp_path, quick=True)
+
+
 def test_smoke_run_rows_and_verdict(tmp_path):
     summary = btg.run(tmp_path, quick=True, smoke=True)
     with (tmp_path / "triton_gemm.csv").open() as f:
@@ -158,3 +165,19 @@ def test_every_config_compiles_for_sm90():
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert proc.stdout.count("compiled") == 2 * len(btg.TMA_CONFIGS)
+
+
+def test_verdict_threshold_and_wrong_rows():
+    llama = "M=8192,N=4096,K=4096"
+
+    def row(provider, ratio, wrong=False, shape=llama):
+        return dict(shape=shape, provider=provider, config="c", ratio=ratio, wrong=wrong, time_ms=1.0, tflops=1.0)
+
+    base = [row("cublas", 1.0), row("triton_mainloop", 0.8)]
+    assert btg.verdict(base + [row("triton_tma_persistent", 0.96)], smoke=False)["note"].startswith("go:")
+    assert btg.verdict(base + [row("triton_tma_persistent", 0.94)], smoke=False)["note"].startswith("no-go:")
+    # a fast but wrong provider does not count, nor does a fast one at the other shape
+    fast_wrong = row("triton_tma_persistent", 1.2, wrong=True)
+    other_shape = row("triton_tma_persistent", 1.2, shape="M=12608,N=768,K=768")
+    decided = btg.verdict(base + [fast_wrong, other_shape], smoke=False)
+    assert decided["note"].startswith("no-go:") and decided["ratio"] == 0.8
