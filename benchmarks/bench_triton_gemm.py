@@ -69,29 +69,32 @@ class TileConfig:
     num_stages: int
     num_warps: int
     flatten: bool = True  # one software pipeline across the tile and K loops: the next tile's loads start early
+    split_epilogue: bool = False  # store the output tile as two BM×BN/2 halves: half the staging shared memory
     group_m: int = 8
 
     @property
     def name(self) -> str:
-        flat = "" if self.flatten else "_noflat"
+        flat = ("" if self.flatten else "_noflat") + ("_split" if self.split_epilogue else "")
         return f"{self.block_m}x{self.block_n}x{self.block_k}_s{self.num_stages}_w{self.num_warps}{flat}"
 
     def smem_bytes(self, elem: int = 2) -> int:
         """Shared memory of the operand ring (``num_stages`` × (A tile + W tile)) plus the output tile the TMA
         store stages through; must stay under the 227 KiB a block may use on sm_90."""
         stage = (self.block_m + self.block_n) * self.block_k * elem
-        return self.num_stages * stage + self.block_m * self.block_n * elem
+        return self.num_stages * stage + self.block_m * self.block_n * elem // (2 if self.split_epilogue else 1)
 
 
-# bf16, per stage: A tile BM·BK·2 bytes + W tile BN·BK·2 bytes; the epilogue stages BM·BN·2 bytes.
-#   128×256×64 s3 (flat): 3·48 KiB + 64 KiB = 208 KiB  the LoRA kernels' own tile, persistent and TMA-fed
-#   128×128×64 s4 (flat): 4·32 KiB + 32 KiB = 160 KiB  twice the tiles: 4.5 waves instead of 2.25 at N=768
-#   128×128×64 s5 w4 (flat): 5·32 KiB + 32 KiB = 192 KiB  one warpgroup per tile, deeper prefetch
-#   128×256×64 s3, not flat: the first one with a pipeline drain and refill at each tile (what flattening buys)
+# bf16, per stage: A tile BM·BK·2 bytes + W tile BN·BK·2 bytes; the epilogue stages BM·BN·2 bytes (half if split).
+#   128×256×64 s3:        3·48 KiB + 64 KiB = 208 KiB  the LoRA kernels' own tile, persistent and TMA-fed
+#   128×256×64 s4, split: 4·48 KiB + 32 KiB = 224 KiB  one stage deeper, paid for by the halved epilogue
+#   128×128×64 s4:        4·32 KiB + 32 KiB = 160 KiB  twice the tiles: 4.5 waves instead of 2.25 at N=768
+#   128×256×64 s3, not flattened: the first one with a pipeline drain and refill at every tile (what flattening
+#   buys; also the row that still measures if the flattened pipeline misbehaves)
 # 256×128 is left out: with x and W both K-major it moves the same bytes per stage as 128×256.
-TMA_CONFIGS = [TileConfig(128, 256, 64, 3, 8), TileConfig(128, 128, 64, 4, 8), TileConfig(128, 128, 64, 5, 4),
-               TileConfig(128, 256, 64, 3, 8, flatten=False)]
-SMOKE_CONFIGS = [TileConfig(32, 32, 32, 1, 4, group_m=2), TileConfig(16, 32, 16, 1, 4, flatten=False, group_m=2)]
+TMA_CONFIGS = [TileConfig(128, 256, 64, 3, 8), TileConfig(128, 256, 64, 4, 8, split_epilogue=True),
+               TileConfig(128, 128, 64, 4, 8), TileConfig(128, 256, 64, 3, 8, flatten=False)]
+SMOKE_CONFIGS = [TileConfig(32, 32, 32, 1, 4, split_epilogue=True, group_m=2),
+                 TileConfig(16, 32, 16, 1, 4, flatten=False, group_m=2)]
 H200_SMEM = 232448  # bytes of shared memory one block may use on sm_90
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -100,7 +103,7 @@ _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 @triton.jit
 def _persistent_gemm_kernel(X, W, Y, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
                             NUM_PROGRAMS: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr,
-                            OUT_DTYPE: tl.constexpr, FLATTEN: tl.constexpr,
+                            OUT_DTYPE: tl.constexpr, FLATTEN: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             GROUP_M: tl.constexpr):
     """Y = X·Wᵀ, fp32 accumulation. ``NUM_PROGRAMS`` programs (one per SM) each walk the output tiles
@@ -126,7 +129,12 @@ def _persistent_gemm_kernel(X, W, Y, M, N, K, stride_xm, stride_xk, stride_wn, s
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
                 acc = tl.dot(a, b.T, acc)
-            Y.store([off_m, off_n], acc.to(OUT_DTYPE))
+            if SPLIT_EPILOGUE:  # Y's block is BM×BN/2: columns [0, BN/2) then [BN/2, BN) of the tile
+                left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+                Y.store([off_m, off_n], left.to(OUT_DTYPE))
+                Y.store([off_m, off_n + BLOCK_N // 2], right.to(OUT_DTYPE))
+            else:
+                Y.store([off_m, off_n], acc.to(OUT_DTYPE))
         else:
             offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: M·stride may pass 2³¹
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -202,7 +210,7 @@ def persistent_gemm(x: torch.Tensor, w: torch.Tensor, cfg: TileConfig, *, use_tm
         _ensure_allocator(x.device)
         ops = (TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k]),
                TensorDescriptor.from_tensor(w, [cfg.block_n, cfg.block_k]),
-               TensorDescriptor.from_tensor(y, [cfg.block_m, cfg.block_n]))
+               TensorDescriptor.from_tensor(y, [cfg.block_m, cfg.block_n // (2 if cfg.split_epilogue else 1)]))
     else:
         ops = (x, w, y)
     num_tiles = cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n)
@@ -210,8 +218,8 @@ def persistent_gemm(x: torch.Tensor, w: torch.Tensor, cfg: TileConfig, *, use_tm
     kernel = _persistent_gemm_kernel[(programs,)]
     args = (*ops, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1))
     meta = dict(NUM_PROGRAMS=programs, USE_TMA=tma, UPCAST=interpreted(), OUT_DTYPE=_TL_DTYPES[y.dtype],
-                FLATTEN=cfg.flatten, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                FLATTEN=cfg.flatten, SPLIT_EPILOGUE=cfg.split_epilogue, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     def call() -> torch.Tensor:
         kernel(*args, **meta)

@@ -127,11 +127,13 @@ AOT_SCRIPT = textwrap.dedent(r"""
     ints = ("M", "N", "K", "stride_xm", "stride_wn", "stride_ym")
     for cfg in btg.TMA_CONFIGS:
         for tma in (True, False):
-            blocks = dict(X=(cfg.block_m, cfg.block_k), W=(cfg.block_n, cfg.block_k), Y=(cfg.block_m, cfg.block_n))
+            blocks = dict(X=(cfg.block_m, cfg.block_k), W=(cfg.block_n, cfg.block_k),
+                          Y=(cfg.block_m, cfg.block_n // (2 if cfg.split_epilogue else 1)))
             sig = {n: (f"tensordesc<bf16[{blocks[n][0]}, {blocks[n][1]}]>" if tma else "*bf16") if n in blocks
                    else "i32" if n in ints else "constexpr" for n in fn.arg_names}
             consts = dict(stride_xk=1, stride_wk=1, stride_yn=1, NUM_PROGRAMS=132, USE_TMA=tma, UPCAST=False,
                           OUT_DTYPE=triton.language.bfloat16, FLATTEN=cfg.flatten,
+                          SPLIT_EPILOGUE=cfg.split_epilogue,
                           BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
             attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
                      if n in ints or (not tma and n in blocks)}
