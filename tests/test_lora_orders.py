@@ -236,3 +236,29 @@ def test_extension_op_backward_accumulates_like_the_function(bias, x_grad):
         grads.append([t.grad for t in (xs, ls, bs) if t is not None])
     for got, ref in zip(*grads):
         assert (got is None and ref is None) or torch.equal(got, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", VARIANTS + [("ext", o) for o in ("base_first", "expand_first")],
+                         ids=lambda v: "-".join(v))
+def test_variants_on_cuda_within_the_bf16_rule(variant):
+    """Every variant compiled on a GPU (cuBLAS orders, the Triton dY pass, the extension op) at a ragged shape of
+    realistic width, bf16 input with fp32 adapters: y, dX, dB within 2× PyTorch's own bf16 error."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    dev = torch.device("cuda")
+    if variant[0] == "ext" and "lora_linear" not in _dispatch.extension_ops("cuda"):
+        pytest.skip("the extension is not built with CUDA")
+    x, w, b, a, lb = _inputs((3, 411), 768, 1000, 16, torch.bfloat16, device=dev)
+    a, lb = a.float(), lb.float()
+    xs, ls = x.clone().requires_grad_(), lb.clone().requires_grad_()
+    if variant[0] == "ext":
+        y = torch.ops.keeplora.lora_linear(xs, w, b, a, ls, 0.5, "expand_first", variant[1])
+    else:
+        y = _apply(variant, xs, w, b, a, ls, 0.5)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (xs, ls), dy)
+    refs = _reference(x, w, b, a, lb, dy, torch.float64)
+    lows = _reference(x, w, b, a, lb, dy, torch.bfloat16)
+    for got, low, ref in zip((y, *grads), lows[:3], refs[:3]):
+        assert_within_torch_error(got, low, ref, torch.bfloat16)
