@@ -30,7 +30,6 @@ _TABLE: dict[str, dict[str, str]] = {
     "lora_linear": {"triton": ".triton_lora_linear:lora_linear_triton",
                     "extension": ".lora_linear:lora_linear_extension"},
     "lora_linear_shared": {"triton": ".triton_lora_linear:lora_linear_shared_triton"},
-    "lora_dy_pass": {"triton": ".triton_lora_linear:lora_dy_pass"},
     "residual_project": {"triton": ".triton_residual_project:residual_project_triton"},
     "second_moment_update": {"triton": ".triton_second_moment:second_moment_update_triton"},
     "rsvd": {"extension": ".rsvd:rsvd_extension"},

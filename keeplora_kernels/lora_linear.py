@@ -49,7 +49,9 @@ def _lora_dy_pass(dy2: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, scal
     registered op: ``torch.compile`` and CUDA graphs take it whole, it is registered when this module is imported
     (so a traced call finds it), and triton itself is imported only on the first call (``triton_op`` would import it
     at registration)."""
-    return _dispatch.implementation("lora_dy_pass", "triton")(dy2, s, lora_b, scale, need_dbias)
+    from .triton_lora_linear import lora_dy_pass  # imports triton (slow): on first use only
+
+    return lora_dy_pass(dy2, s, lora_b, scale, need_dbias)
 
 
 @_lora_dy_pass.register_fake
