@@ -22,8 +22,8 @@ import torch
 
 from . import _dispatch
 
-__all__ = ["rsvd", "rsvd_ref", "rsvd_torch", "rsvd_extension", "gaussian_sketch", "cholesky_qr",
-           "shifted_cholesky"]
+__all__ = ["rsvd", "rsvd_ref", "rsvd_torch", "rsvd_extension", "rsvd_graph_entry", "gaussian_sketch",
+           "cholesky_qr", "shifted_cholesky"]
 
 
 def _as_batch(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -256,27 +256,7 @@ def _rsvd_fallback(a, rank, *, oversample, power_iters, project_out, seed):
     return u, s, v
 
 
-def rsvd(a: torch.Tensor, rank: int, *, oversample: int = 8, power_iters: int = 4,
-         project_out: Optional[torch.Tensor] = None, seed: int = 0):
-    """Top-``rank`` SVD ``a ≈ U·diag(S)·Vᵀ`` of ``a`` or, with ``project_out=P``, of ``(I − P·Pᵀ)·a``.
-
-    Args:
-        a: ``(m, n)`` or ``(b, m, n)``; bf16/fp16/fp32 are computed in fp32, fp64 in fp64.
-        rank: number of singular triplets, ``1 ≤ rank ≤ min(m, n)``.
-        oversample: extra sketch columns (sketch width ``rank + oversample``, capped at ``min(m, n)``; at the cap the
-            exact SVD is used).
-        power_iters: subspace iterations; each sharpens the spectrum by one power of ``S²``.
-        project_out: optional ``(m, k)`` or ``(b, m, k)`` orthonormal basis P to project out of the column space.
-        seed: the Gaussian sketch's seed; equal seeds give equal results.
-
-    Returns ``U (…, m, rank)``, ``S (…, rank)`` descending, ``V (…, n, rank)`` in the compute dtype.
-
-    All matrices of a batch share one Gaussian sketch (a pure function of ``seed``, the same on CPU and CUDA).
-    Zero columns in ``project_out`` (padding to a common k) do not change the result. Singular directions of an
-    exactly rank-deficient ``Â`` may come back as zero columns of U with S = 0 on CUDA (never arbitrary
-    directions); on the CPU such blocks are redone with Householder QR (see csrc/README.md).
-    Backends: the C++/CUDA extension when built, else :func:`rsvd_torch` (same algorithm in PyTorch).
-    """
+def _check_rsvd_args(a, rank, oversample, power_iters, project_out) -> None:
     if a.dim() not in (2, 3):
         raise ValueError(f"rsvd: a must be (m, n) or (b, m, n), got shape {tuple(a.shape)}")
     m, n = a.shape[-2:]
@@ -287,9 +267,64 @@ def rsvd(a: torch.Tensor, rank: int, *, oversample: int = 8, power_iters: int = 
     if project_out is not None and (project_out.dim() != a.dim() or project_out.shape[-2] != m):
         raise ValueError(f"rsvd: project_out must have {m} rows and the same batch layout as a, "
                          f"got {tuple(project_out.shape)} for a of shape {tuple(a.shape)}")
+
+
+def _rsvd_callable(backend: str, rank: int, oversample: int, power_iters: int, seed: int):
+    """``(a, project_out) -> (U, S, V)`` on ``backend`` with the other arguments fixed (what a graph captures)."""
+    impl = _rsvd_fallback if backend == "reference" else _dispatch.implementation("rsvd", backend)
+
+    def call(a, project_out):
+        return impl(a, rank, oversample=oversample, power_iters=power_iters, project_out=project_out, seed=seed)
+
+    return call
+
+
+def rsvd_graph_entry(a: torch.Tensor, rank: int, *, oversample: int = 8, power_iters: int = 4,
+                     project_out: Optional[torch.Tensor] = None, seed: int = 0, cache=None):
+    """The :class:`~keeplora_kernels.graphs.GraphedCall` that ``rsvd(..., graph=True)`` replays for these shapes and
+    arguments (captured now if it is not cached). Its ``inputs`` are the static ``(a, project_out)`` buffers: a
+    caller that writes its batch into them (e.g. ``torch.stack(mats, out=entry.inputs[0])``) and calls
+    ``entry(*entry.inputs)`` skips the input copy. ``graphed``/``reason`` say whether a graph replays."""
+    from . import graphs
+
+    _check_rsvd_args(a, rank, oversample, power_iters, project_out)
     backend = _dispatch.select("rsvd", a.device)
-    if backend == "reference":
-        return _rsvd_fallback(a, rank, oversample=oversample, power_iters=power_iters, project_out=project_out,
-                              seed=seed)
-    return _dispatch.implementation("rsvd", backend)(a, rank, oversample=oversample, power_iters=power_iters,
-                                                     project_out=project_out, seed=seed)
+    cache = graphs.default_cache if cache is None else cache
+    inputs = (a.detach(), None if project_out is None else project_out.detach())
+    return cache.entry("rsvd", _rsvd_callable(backend, rank, oversample, power_iters, int(seed)), inputs,
+                       (backend, rank, oversample, power_iters, int(seed)))
+
+
+def rsvd(a: torch.Tensor, rank: int, *, oversample: int = 8, power_iters: int = 4,
+         project_out: Optional[torch.Tensor] = None, seed: int = 0, graph: bool = False):
+    """Top-``rank`` SVD ``a ≈ U·diag(S)·Vᵀ`` of ``a`` or, with ``project_out=P``, of ``(I − P·Pᵀ)·a``.
+
+    Args:
+        a: ``(m, n)`` or ``(b, m, n)``; bf16/fp16/fp32 are computed in fp32, fp64 in fp64.
+        rank: number of singular triplets, ``1 ≤ rank ≤ min(m, n)``.
+        oversample: extra sketch columns (sketch width ``rank + oversample``, capped at ``min(m, n)``; at the cap the
+            exact SVD is used).
+        power_iters: subspace iterations; each sharpens the spectrum by one power of ``S²``.
+        project_out: optional ``(m, k)`` or ``(b, m, k)`` orthonormal basis P to project out of the column space.
+        seed: the Gaussian sketch's seed; equal seeds give equal results.
+        graph: replay a CUDA graph of the whole call (captured on the first call with these shapes, dtypes, device
+            and arguments; :mod:`keeplora_kernels.graphs`): one host launch instead of one per kernel. The inputs
+            are copied into the graph's static buffers (:func:`rsvd_graph_entry` avoids that copy). Results equal
+            the eager call's; CPU tensors, or a path that cannot be captured, run eagerly
+            (``keeplora_kernels.graphs.default_cache.reasons`` says why).
+
+    Returns ``U (…, m, rank)``, ``S (…, rank)`` descending, ``V (…, n, rank)`` in the compute dtype.
+
+    All matrices of a batch share one Gaussian sketch (a pure function of ``seed``, the same on CPU and CUDA).
+    Zero columns in ``project_out`` (padding to a common k) do not change the result. Singular directions of an
+    exactly rank-deficient ``Â`` may come back as zero columns of U with S = 0 on CUDA (never arbitrary
+    directions); on the CPU such blocks are redone with Householder QR (see csrc/README.md).
+    Backends: the C++/CUDA extension when built, else :func:`rsvd_torch` (same algorithm in PyTorch).
+    """
+    if graph:
+        entry = rsvd_graph_entry(a, rank, oversample=oversample, power_iters=power_iters, project_out=project_out,
+                                 seed=seed)
+        return entry(a.detach(), None if project_out is None else project_out.detach())
+    _check_rsvd_args(a, rank, oversample, power_iters, project_out)
+    backend = _dispatch.select("rsvd", a.device)
+    return _rsvd_callable(backend, rank, oversample, power_iters, seed)(a, project_out)
