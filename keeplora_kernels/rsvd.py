@@ -151,13 +151,15 @@ def shifted_cholesky(gram: torch.Tensor, shift_factor: float, check_rank: bool, 
     return r, r_inv
 
 
-def cholesky_qr(y: torch.Tensor, shifted_passes: int = 1, plain_passes: int = 1, *, want_r: bool = True):
+def cholesky_qr(y: torch.Tensor, shifted_passes: int = 1, plain_passes: int = 1, *, want_r: bool = True,
+                check_rank: bool = True):
     """Shifted CholeskyQR in float64: ``y (b, m, l) = Q·R``; returns ``(Q, R, info)`` like the extension's op.
 
     Each pass forms ``G = QᵀQ``, adds ``s·I``, factors ``G = RᵀR`` and sets ``Q ← Q·R⁻¹``
     (:func:`shifted_cholesky`). The first ``shifted_passes`` use ``s = 11(ml + l(l+1))·u·tr(G)`` (with which the
     factorisation provably succeeds for any finite input; Fukaya et al. 2020), the others ``s = u·tr(G)``.
-    ``info``: bit 1 a factorisation failed, bit 2 a column of Q has norm² < 0.5 (y numerically rank-deficient).
+    ``info``: bit 1 a factorisation failed, bit 2 (with ``check_rank``) a column of Q has norm² < 0.5 (y
+    numerically rank-deficient).
     """
     q = y.to(torch.float64)
     b, m, l = q.shape
@@ -167,19 +169,23 @@ def cholesky_qr(y: torch.Tensor, shifted_passes: int = 1, plain_passes: int = 1,
     passes = shifted_passes + plain_passes
     for index in range(passes):
         factor = c_shift if index < shifted_passes else _UNIT_ROUNDOFF_64
-        r, r_inv = shifted_cholesky(q.mT @ q, factor, index + 1 == passes, info)
+        r, r_inv = shifted_cholesky(q.mT @ q, factor, check_rank and index + 1 == passes, info)
         q = q @ r_inv  # Q·R⁻¹ as a GEMM (see csrc/rsvd.cpp)
         if want_r:
             r_total = r if r_total is None else r @ r_total
     return q, r_total, info
 
 
-def _orthonormalize(y: torch.Tensor, compute: torch.dtype, householder: bool, want_r: bool):
+def _orthonormalize(y: torch.Tensor, compute: torch.dtype, householder: bool, want_r: bool,
+                    intermediate: bool = False):
+    """``orthonormalize`` of csrc/rsvd.cpp: CholeskyQR2 (fp64 data: 4), or for an ``intermediate`` basis of the
+    power iterations one shifted pass without the rank check; flagged blocks redone by Householder off CUDA."""
     passes = 2 if compute == torch.float64 else 1
     if householder:
         q, r = torch.linalg.qr(y.to(torch.float64), mode="reduced")
         return q, r, torch.zeros(y.shape[0], dtype=torch.int32, device=y.device)
-    q, r, info = cholesky_qr(y, passes, passes, want_r=want_r)
+    shifted, plain = (1, 0) if intermediate else (passes, passes)
+    q, r, info = cholesky_qr(y, shifted, plain, want_r=want_r, check_rank=not intermediate)
     if y.device.type != "cuda":  # reading the flag would synchronise a GPU; on the host it is free
         bad = info.nonzero().flatten()
         if bad.numel():
@@ -211,18 +217,18 @@ def rsvd_torch(a: torch.Tensor, rank: int, *, oversample: int = 8, power_iters: 
     def t_times(y):  # Âᵀ·y
         return mat.mT @ project(y.to(compute))
 
-    def orth(y, want_r=False):
+    def orth(y, want_r=False, intermediate=False):
         nonlocal info
-        q, r, flags = _orthonormalize(y, compute, householder, want_r)
+        q, r, flags = _orthonormalize(y, compute, householder, want_r, intermediate)
         info |= flags
         return q, r
 
-    if width < mn:
+    if width < mn:  # every basis but the last only feeds the next product: one shifted pass (csrc/rsvd.cpp)
         omega = gaussian_sketch(seed, n, width, device=a.device, dtype=compute)
-        q = orth(project(mat @ omega.to(compute)))[0]
-        for _ in range(power_iters):
-            z = orth(t_times(q))[0]
-            q = orth(times(z))[0]
+        q = orth(project(mat @ omega.to(compute)), intermediate=power_iters > 0)[0]
+        for it in range(power_iters):
+            z = orth(t_times(q), intermediate=True)[0]
+            q = orth(times(z), intermediate=it + 1 < power_iters)[0]
     elif n <= m:
         q = orth(project(mat))[0]
     else:
