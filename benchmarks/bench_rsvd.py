@@ -33,7 +33,7 @@ import keeplora_kernels as kk
 from keeplora_kernels import _dispatch
 from keeplora_kernels.graphs import GraphedCall, default_cache
 from keeplora_kernels.principal_subspace import principal_subspace_ref
-from keeplora_kernels.rsvd import rsvd_torch
+from keeplora_kernels.rsvd import rsvd_torch, small_svd_method
 
 from .harness import append_rows, library_calls, measure_memory, print_table, profile_table, time_fn
 
@@ -135,6 +135,8 @@ def _measure(fn: Callable, device: torch.device, expensive: bool, quick: bool, c
 # Our two settings: "fast" is performance.md's (sketch r + 8, q = 2); "matched" (sketch 2r, q = 4, the authors'
 # niter) reaches the accuracy of the authors' loop (sketch 4r) on these spectra (see the resid_excess columns).
 CONFIGS = {"keeplora_rsvd": lambda r: (8, 2), "keeplora_rsvd_matched": lambda r: (r, 4)}
+# keeplora_rsvd_gesvdj (CUDA, l <= 32): the fast setting with cuSOLVER's gesvdjBatched as the small SVD instead of
+# the project's Jacobi kernel (small_svd_method), the A/B pair of the keeplora_rsvd row.
 # The fast setting replayed as a CUDA graph (keeplora_kernels.graphs): "_graph" with the batch already in the
 # graph's static input buffer (how a caller that stacks its matrices into it runs), "_graph_copy" through
 # kk.rsvd(graph=True), which copies the batch into that buffer first. Without CUDA both run eagerly (the fallback).
@@ -155,6 +157,20 @@ def _graph_methods(batches: list[torch.Tensor], r: int, over: int, q: int, backe
     note = "replay" if graphed.graphed else f"eager: {graphed.reason}"
     return [("keeplora_rsvd_graph", backend, lambda: graphed(*batches), False, (over, q), note),
             ("keeplora_rsvd_graph_copy", backend, copied, False, (over, q), note)]
+
+
+@functools.lru_cache(maxsize=None)
+def _gesvdj_runs(device: torch.device) -> bool:
+    """Whether the extension's cuSOLVER small-SVD launcher runs here (CUDA build, cuSOLVER loadable); the reason is
+    printed when not, and the A/B row is left out rather than failing its case."""
+    if device.type != "cuda" or "gesvdj_batched" not in _dispatch.extension_ops("cuda"):
+        return False
+    try:
+        torch.ops.keeplora.gesvdj_batched(torch.eye(4, device=device, dtype=torch.float64).expand(2, 4, 4))
+        return True
+    except Exception as exc:
+        print(f"[bench_rsvd] no cuSOLVER small-SVD rows: {type(exc).__name__}: {exc}", flush=True)
+        return False
 
 
 def _rows(case_fields: dict, groups: list[tuple[torch.Tensor, torch.Tensor]], methods, device: torch.device,
@@ -226,6 +242,16 @@ def run_case(case: Case, device: torch.device, quick: bool) -> list[dict]:
         methods.append((name, backend, eager, False, (over, q), ""))
         if name == "keeplora_rsvd":
             methods += _graph_methods([a], r, over, q, backend)
+            if backend == "extension" and r + over <= 32 and _gesvdj_runs(device):
+                def cusolver_small_svd(over=over, q=q):  # A/B with the row above: the small SVD by cuSOLVER
+                    before = small_svd_method()
+                    small_svd_method("cusolver")
+                    try:
+                        return [kk.rsvd(a, r, oversample=over, power_iters=q, seed=0)]
+                    finally:
+                        small_svd_method(before)
+
+                methods.append(("keeplora_rsvd_gesvdj", backend, cusolver_small_svd, False, (over, q), ""))
         if backend != "reference" and name == "keeplora_rsvd":  # the PyTorch fallback of the same algorithm
             def fallback(over=over, q=q):
                 return [rsvd_torch(a, r, oversample=over, power_iters=q, seed=0)[:3]]

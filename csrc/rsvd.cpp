@@ -9,8 +9,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <map>
+#include <string>
 #include <tuple>
 
 #include "ops.h"
@@ -53,9 +55,40 @@ std::tuple<Tensor, Tensor, Tensor> jacobi_svd(const Tensor& a) {
   return op.call(a);
 }
 
+std::tuple<Tensor, Tensor, Tensor> gesvdj_batched(const Tensor& a) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("keeplora::gesvdj_batched", "")
+                       .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&)>();
+  return op.call(a);
+}
+
+// The small-SVD launcher on CUDA (small_svd_method()): 0 = the Jacobi kernel, 1 = cuSOLVER gesvdjBatched.
+std::atomic<int> g_small_svd{-1};  // -1: KEEPLORA_SMALL_SVD not read yet
+
+int parse_small_svd(const std::string& method, const char* source) {
+  TORCH_CHECK(method == "jacobi" || method == "cusolver", source, " must be 'jacobi' or 'cusolver', got '", method,
+              "'");
+  return method == "cusolver" ? 1 : 0;
+}
+
+int small_svd_choice() {
+  int choice = g_small_svd.load();
+  if (choice < 0) {
+    const char* env = std::getenv("KEEPLORA_SMALL_SVD");
+    const int parsed = env == nullptr || *env == '\0' ? 0 : parse_small_svd(env, "KEEPLORA_SMALL_SVD");
+    g_small_svd.compare_exchange_strong(choice, parsed);  // a concurrent setter wins
+    choice = g_small_svd.load();
+  }
+  return choice;
+}
+
 // SVD of the small fp64 cores m (b, l, l) = U diag(S) V^T. CPU: LAPACK (no synchronisation concern on the host).
-// CUDA: the batched Jacobi kernel, which needs no host round trip (torch.linalg.svd checks its info on the host).
+// CUDA: the batched Jacobi kernel, which needs no host round trip (torch.linalg.svd checks its info on the host),
+// or for l <= 32 with small_svd_method() == "cusolver" cuSOLVER's gesvdjBatched (no host round trip either).
 std::tuple<Tensor, Tensor, Tensor> small_svd(const Tensor& m) {
+  if (m.is_cuda() && m.size(-1) <= kGesvdjMaxSize && m.size(0) > 0 && small_svd_choice() == 1) {
+    return gesvdj_batched(m);
+  }
   if (m.is_cuda() && m.size(-1) <= kJacobiMaxCuda) return jacobi_svd(m);
   auto [u, s, vh] = at::linalg_svd(m, /*full_matrices=*/false);
   return {u, s, vh.mT()};
@@ -338,6 +371,12 @@ void check_rsvd_input(const Tensor& a, int64_t rank, int64_t oversample, int64_t
                 a.device());
     TORCH_CHECK(at::isFloatingType(p.scalar_type()), "keeplora::rsvd: project_out must be floating");
   }
+}
+
+std::string small_svd_method() { return small_svd_choice() == 1 ? "cusolver" : "jacobi"; }
+
+void set_small_svd_method(const std::string& method) {
+  g_small_svd.store(parse_small_svd(method, "keeplora small-SVD method"));
 }
 
 std::tuple<Tensor, Tensor, Tensor> cholesky_qr(const Tensor& y, int64_t shifted_passes, int64_t plain_passes) {

@@ -22,8 +22,30 @@ import torch
 
 from . import _dispatch
 
-__all__ = ["rsvd", "rsvd_ref", "rsvd_torch", "rsvd_extension", "rsvd_graph_entry", "gaussian_sketch",
-           "cholesky_qr", "shifted_cholesky"]
+__all__ = ["rsvd", "rsvd_ref", "rsvd_torch", "rsvd_extension", "rsvd_graph_entry", "small_svd_method",
+           "gaussian_sketch", "cholesky_qr", "shifted_cholesky"]
+
+SMALL_SVD_METHODS = ("jacobi", "cusolver")
+
+
+def small_svd_method(method: Optional[str] = None) -> str:
+    """The extension's small-SVD launcher on CUDA for sketch widths ``l ≤ 32``; sets it first when ``method`` is given.
+
+    ``"jacobi"`` (default): the project's batched one-sided Jacobi kernel; ``"cusolver"``: cuSOLVER's
+    ``gesvdjBatched`` (op ``keeplora::gesvdj_batched``). ``KEEPLORA_SMALL_SVD`` gives the initial choice (read once,
+    by the library); this call changes it for the process. CPU calls and wider sketches are unaffected. Returns
+    ``""`` when the extension is not loaded (setting then raises).
+    """
+    from . import _extension
+
+    lib = _extension.library()
+    if method is not None:
+        if method not in SMALL_SVD_METHODS:
+            raise ValueError(f"small_svd_method: method must be one of {SMALL_SVD_METHODS}, got {method!r}")
+        if lib is None:
+            raise RuntimeError(f"small_svd_method: the compiled extension is not loaded ({_extension.status()})")
+        lib.set_small_svd_method(method)
+    return "" if lib is None else lib.small_svd_method()
 
 
 def _as_batch(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -297,8 +319,9 @@ def rsvd_graph_entry(a: torch.Tensor, rank: int, *, oversample: int = 8, power_i
     backend = _dispatch.select("rsvd", a.device)
     cache = graphs.default_cache if cache is None else cache
     inputs = (a.detach(), None if project_out is None else project_out.detach())
+    small = small_svd_method() if backend == "extension" else ""  # baked into the graph like the other arguments
     return cache.entry("rsvd", _rsvd_callable(backend, rank, oversample, power_iters, int(seed)), inputs,
-                       (backend, rank, oversample, power_iters, int(seed)))
+                       (backend, rank, oversample, power_iters, int(seed), small))
 
 
 def rsvd(a: torch.Tensor, rank: int, *, oversample: int = 8, power_iters: int = 4,
