@@ -73,7 +73,8 @@ class GraphedCall:
             host. Its output is a tensor or a nested tuple/list/dict of tensors.
         example_inputs: tensors with the shapes, strides, dtypes and device of every later call (their values are
             the first call's data; they are copied, never kept, unless ``adopt_inputs``).
-        warmup: eager calls on a side stream before the capture (library handles, workspaces, lazy init).
+        warmup: eager calls on a side stream before the capture (library handles, workspaces, lazy init); the
+            first call of a key costs warmup + 1 eager-length calls plus the capture.
         clone_outputs: return copies of the graph's output buffers (the default), so results stay valid across
             replays; with False the same buffers are returned by every call and overwritten by the next replay.
         adopt_inputs: use the ``example_inputs`` tensors themselves as the static inputs (no copy at capture, none
@@ -84,7 +85,7 @@ class GraphedCall:
     input buffers; writing into them and passing them back skips the copies).
     """
 
-    def __init__(self, fn: Callable[..., Any], example_inputs: Sequence[Optional[torch.Tensor]], *, warmup: int = 2,
+    def __init__(self, fn: Callable[..., Any], example_inputs: Sequence[Optional[torch.Tensor]], *, warmup: int = 1,
                  clone_outputs: bool = True, adopt_inputs: bool = False, pool=None):
         if warmup < 1:
             raise ValueError(f"GraphedCall: warmup must be >= 1 (library handles are created on first use), "
