@@ -31,8 +31,9 @@ import torch
 
 import keeplora_kernels as kk
 from keeplora_kernels import _dispatch
+from keeplora_kernels.graphs import GraphedCall, default_cache
 from keeplora_kernels.principal_subspace import principal_subspace_ref
-from keeplora_kernels.rsvd import rsvd_torch
+from keeplora_kernels.rsvd import rsvd_torch, small_svd_method
 
 from .harness import append_rows, library_calls, measure_memory, print_table, profile_table, time_fn
 
@@ -58,11 +59,12 @@ def cases(device: torch.device, quick: bool, smoke: bool = False) -> list[Case]:
     if device.type == "cuda":
         full = [Case("clip_vision", 48, 768, 768, svd_subset=8, **clip),
                 Case("clip_text", 96, 512, 512, svd_subset=8, **clip),
-                Case("minilm", 24, 384, 384, svd_subset=8, **clip),
                 Case("llama_4096x4096", 32, 4096, 4096, svd_subset=1, **llama),
-                Case("llama_11008x4096", 16, 11008, 4096, svd_subset=1, **llama)]
+                Case("llama_11008x4096", 16, 11008, 4096, svd_subset=1, **llama),
+                Case("minilm", 24, 384, 384, svd_subset=8, **clip)]
         # quick = full on a GPU: the cost is the one-matrix linalg_svd baseline, not the batch (the first H200 run
-        # used a quarter of the Llama batches, where fixed launch overhead hid the bandwidth-bound part)
+        # used a quarter of the Llama batches, where fixed launch overhead hid the bandwidth-bound part); ordered
+        # by value, as a time box skips the last cases (run_detailed)
         return full
     if quick:  # CPU, < 1 min: the per-layer shapes with smaller batches; Llama scaled down by 4 per side
         return [Case("clip_vision", 6, 768, 768, svd_subset=2, **clip),
@@ -85,7 +87,9 @@ def make_batch(case: Case, device: torch.device, seed: int = 0):
     v = torch.linalg.qr(torch.randn(case.n, k, generator=gen).to(device)).Q
     alpha = 0.6 + 0.8 * torch.rand(case.batch, 1, generator=gen, dtype=torch.float64)
     spectra = (torch.arange(1, k + 1, dtype=torch.float64).unsqueeze(0) ** -alpha).to(device)
-    a = torch.stack([(u * spectra[i].float()) @ v.T for i in range(case.batch)]).to(case.dtype)
+    a = torch.empty(case.batch, case.m, case.n, dtype=case.dtype, device=device)
+    for i in range(case.batch):  # written in place: no list of the whole batch next to the batch
+        a[i] = (u * spectra[i].float()) @ v.T
     optimal = spectra[:, case.rank:].square().sum(-1).sqrt()  # ‖A − A_r‖_F of the exact spectrum
     return a.contiguous(), optimal
 
@@ -131,64 +135,190 @@ def _measure(fn: Callable, device: torch.device, expensive: bool, quick: bool, c
 # Our two settings: "fast" is performance.md's (sketch r + 8, q = 2); "matched" (sketch 2r, q = 4, the authors'
 # niter) reaches the accuracy of the authors' loop (sketch 4r) on these spectra (see the resid_excess columns).
 CONFIGS = {"keeplora_rsvd": lambda r: (8, 2), "keeplora_rsvd_matched": lambda r: (r, 4)}
+# keeplora_rsvd_gesvdj (CUDA, l <= 32): the fast setting with cuSOLVER's gesvdjBatched as the small SVD instead of
+# the project's Jacobi kernel (small_svd_method), the A/B pair of the keeplora_rsvd row.
+# The fast setting replayed as a CUDA graph (keeplora_kernels.graphs): "_graph" with the batch already in the
+# graph's static input buffer (how a caller that stacks its matrices into it runs), "_graph_copy" through
+# kk.rsvd(graph=True), which copies the batch into that buffer first. Without CUDA both run eagerly (the fallback).
+GRAPH_METHODS = ("keeplora_rsvd_graph", "keeplora_rsvd_graph_copy")
+COUNTED = ("keeplora_rsvd", *GRAPH_METHODS)  # rows that report library calls (CUDA: kernels) per call
+
+
+def _graph_methods(batches: list[torch.Tensor], r: int, over: int, q: int, backend: str):
+    """(method, impl, fn, expensive, (over, q), graph note) of the two graph rows for ``batches`` (shape groups)."""
+    def calls(*mats):
+        return [kk.rsvd(x, r, oversample=over, power_iters=q, seed=0) for x in mats]
+
+    graphed = GraphedCall(calls, batches, adopt_inputs=True)
+
+    def copied():
+        return [kk.rsvd(x, r, oversample=over, power_iters=q, seed=0, graph=True) for x in batches]
+
+    note = "replay" if graphed.graphed else f"eager: {graphed.reason}"
+    return [("keeplora_rsvd_graph", backend, lambda: graphed(*batches), False, (over, q), note),
+            ("keeplora_rsvd_graph_copy", backend, copied, False, (over, q), note)]
+
+
+@functools.lru_cache(maxsize=None)
+def _gesvdj_runs(device: torch.device) -> bool:
+    """Whether the extension's cuSOLVER small-SVD launcher runs here (CUDA build, cuSOLVER loadable); the reason is
+    printed when not, and the A/B row is left out rather than failing its case."""
+    if device.type != "cuda" or "gesvdj_batched" not in _dispatch.extension_ops("cuda"):
+        return False
+    try:
+        torch.ops.keeplora.gesvdj_batched(torch.eye(4, device=device, dtype=torch.float64).expand(2, 4, 4))
+        return True
+    except Exception as exc:
+        print(f"[bench_rsvd] no cuSOLVER small-SVD rows: {type(exc).__name__}: {exc}", flush=True)
+        return False
+
+
+def _rows(case_fields: dict, groups: list[tuple[torch.Tensor, torch.Tensor]], methods, device: torch.device,
+          quick: bool, backend: str) -> list[dict]:
+    """Measure ``methods`` on the shape ``groups`` [(batch, optimal residuals)] of one case; one row per method.
+
+    Every method returns one (U, S, V) per group (the linalg_svd baseline: for the first matrices of the first
+    group only). Every row has the same columns, so every case appends to the same CSV schema."""
+    total = sum(a.shape[0] for a, _ in groups)
+    rows = []
+    for method, impl, fn, expensive, (over, q), graph in methods:
+        outs, ms, peak = _measure(fn, device, expensive, quick)
+        excess = []
+        for (a, optimal), (u, s, v) in zip(groups, outs):
+            count = u.shape[0]
+            for lo in range(0, count, 8):  # chunks: the fp32 residual of a whole model-scale group is large
+                hi = min(lo + 8, count)
+                excess.append(residual_ratio(a[lo:hi], u[lo:hi], s[lo:hi], v[lo:hi], optimal[lo:hi]) - 1)
+        del outs
+        excess = torch.cat(excess)
+        matrices = excess.numel()
+        batch_ms = ms * total / matrices
+        row = {**case_fields, "sketch": case_fields["rank"] + over if over != "" else "", "power_iters": q,
+               "method": method, "impl": impl, "device_type": device.type, "matrices_timed": matrices,
+               "time_ms": ms, "batch_time_ms": batch_ms, "peak_mem_mb": peak / 2**20,
+               "resid_excess_mean": excess.mean().item(), "resid_excess_max": excess.max().item(),
+               "library_calls": "", "kernels": "", "graph": graph}
+        if method in COUNTED and impl == backend:  # per-call overhead: library calls (CUDA: kernels)
+            try:
+                counts = library_calls(fn, device=device)
+                row.update(library_calls=counts["calls"], kernels=counts.get("kernels", ""))
+            except Exception as exc:  # the profiler on graph replays: a failure must not cost the case its rows
+                row.update(graph=f"{graph}; not counted: {type(exc).__name__}: {exc}"[:200])
+        if device.type == "cuda" and method.startswith("keeplora"):
+            bytes_read = sum(a.numel() * a.element_size() for a, _ in groups)
+            floor_ms = (2 * q + 2) * bytes_read / H200_BANDWIDTH * 1e3
+            row.update(floor_ms=floor_ms, x_floor=batch_ms / floor_ms)
+        rows.append(row)
+    base = next(x for x in rows if x["method"] == "svd_lowrank_loop")
+    full = next((x for x in rows if x["method"] == "linalg_svd"), None)
+    for row in rows:
+        row["speedup_vs_lowrank_loop"] = base["batch_time_ms"] / row["batch_time_ms"]
+        row["speedup_vs_linalg_svd"] = full["batch_time_ms"] / row["batch_time_ms"] if full else ""
+    return rows
+
+
+def _lowrank_loop(batches: list[torch.Tensor], r: int):
+    """The authors' pipeline: one ``svd_lowrank`` call per matrix, q = 4r, niter = 4, in float32."""
+    out = []
+    for a in batches:
+        m, n = a.shape[-2:]
+        outs = [torch.svd_lowrank(a[i].float(), q=min(4 * r, m, n), niter=4) for i in range(a.shape[0])]
+        out.append((torch.stack([o[0][:, :r] for o in outs]), torch.stack([o[1][:r] for o in outs]),
+                    torch.stack([o[2][:, :r] for o in outs])))
+    return out
 
 
 def run_case(case: Case, device: torch.device, quick: bool) -> list[dict]:
     a, optimal = make_batch(case, device)
     r = case.rank
-    methods: list[tuple[str, str, Callable, bool, tuple]] = []
+    methods: list[tuple] = []
     backend = _dispatch.select("rsvd", device)
     for name, config in CONFIGS.items():
         over, q = config(r)
-        methods.append((name, backend, functools.partial(kk.rsvd, a, r, oversample=over, power_iters=q, seed=0),
-                        False, (over, q)))
+
+        def eager(over=over, q=q):
+            return [kk.rsvd(a, r, oversample=over, power_iters=q, seed=0)]
+
+        methods.append((name, backend, eager, False, (over, q), ""))
+        if name == "keeplora_rsvd":
+            methods += _graph_methods([a], r, over, q, backend)
+            if backend == "extension" and r + over <= 32 and _gesvdj_runs(device):
+                def cusolver_small_svd(over=over, q=q):  # A/B with the row above: the small SVD by cuSOLVER
+                    before = small_svd_method()
+                    small_svd_method("cusolver")
+                    try:
+                        return [kk.rsvd(a, r, oversample=over, power_iters=q, seed=0)]
+                    finally:
+                        small_svd_method(before)
+
+                methods.append(("keeplora_rsvd_gesvdj", backend, cusolver_small_svd, False, (over, q), ""))
         if backend != "reference" and name == "keeplora_rsvd":  # the PyTorch fallback of the same algorithm
             def fallback(over=over, q=q):
-                return rsvd_torch(a, r, oversample=over, power_iters=q, seed=0)[:3]
+                return [rsvd_torch(a, r, oversample=over, power_iters=q, seed=0)[:3]]
 
-            methods.append((name, "reference", fallback, False, (over, q)))
+            methods.append((name, "reference", fallback, False, (over, q), ""))
 
-    def lowrank_loop():  # the authors' pipeline: one call per matrix, q = 4r, niter = 4, in float32
-        outs = [torch.svd_lowrank(a[i].float(), q=min(4 * r, case.m, case.n), niter=4) for i in range(case.batch)]
-        return (torch.stack([o[0][:, :r] for o in outs]), torch.stack([o[1][:r] for o in outs]),
-                torch.stack([o[2][:, :r] for o in outs]))
-
-    methods.append(("svd_lowrank_loop", "torch", lowrank_loop, True, (min(4 * r, case.m, case.n) - r, 4)))
+    lowrank_over = min(4 * r, case.m, case.n) - r
+    methods.append(("svd_lowrank_loop", "torch", lambda: _lowrank_loop([a], r), True, (lowrank_over, 4), ""))
     subset = a[: case.svd_subset]
 
     def full_svd():
         uu, ss, vh = torch.linalg.svd(subset.float(), full_matrices=False)
-        return uu[..., :r], ss[..., :r], vh[..., :r, :].mT
+        return [(uu[..., :r], ss[..., :r], vh[..., :r, :].mT)]
 
-    methods.append(("linalg_svd", "torch", full_svd, True, ("", "")))
+    methods.append(("linalg_svd", "torch", full_svd, True, ("", ""), ""))
+    fields = {"case": case.name, "batch": case.batch, "m": case.m, "n": case.n, "rank": r,
+              "dtype": str(case.dtype).replace("torch.", "")}
+    try:
+        return _rows(fields, [(a, optimal)], methods, device, quick, backend)
+    finally:
+        default_cache.clear()  # the graphs' memory pools go with the case
 
-    rows = []
-    for method, impl, fn, expensive, (over, q) in methods:
-        (u, s, v), ms, peak = _measure(fn, device, expensive, quick)
-        rows_a, rows_opt = (subset, optimal[: case.svd_subset]) if method == "linalg_svd" else (a, optimal)
-        excess = residual_ratio(rows_a, u, s, v, rows_opt) - 1
-        del u, s, v
-        matrices = case.svd_subset if method == "linalg_svd" else case.batch
-        batch_ms = ms * case.batch / matrices
-        row = {"case": case.name, "batch": case.batch, "m": case.m, "n": case.n, "rank": r,
-               "sketch": r + over if over != "" else "", "power_iters": q,
-               "dtype": str(case.dtype).replace("torch.", ""), "method": method, "impl": impl,
-               "device_type": device.type, "matrices_timed": matrices, "time_ms": ms, "batch_time_ms": batch_ms,
-               "peak_mem_mb": peak / 2**20, "resid_excess_mean": excess.mean().item(),
-               "resid_excess_max": excess.max().item()}
-        if method == "keeplora_rsvd" and impl == backend:  # per-call overhead: library calls (CUDA: kernels)
-            counts = library_calls(fn, device=device)
-            row.update(library_calls=counts["calls"], kernels=counts.get("kernels", ""))
-        if device.type == "cuda" and method.startswith("keeplora"):
-            floor_ms = (2 * q + 2) * case.batch * case.m * case.n * a.element_size() / H200_BANDWIDTH * 1e3
-            row.update(floor_ms=floor_ms, x_floor=batch_ms / floor_ms)
-        rows.append(row)
-    base = next(x for x in rows if x["method"] == "svd_lowrank_loop")
-    full = next(x for x in rows if x["method"] == "linalg_svd")
-    for row in rows:
-        row["speedup_vs_lowrank_loop"] = base["batch_time_ms"] / row["batch_time_ms"]
-        row["speedup_vs_linalg_svd"] = full["batch_time_ms"] / row["batch_time_ms"]
-    return rows
+
+# ---------------------------------------------------------------------------------------------------------------
+# A whole model's adapted weights: one rSVD call per shape group, eager and as one captured graph.
+
+
+@dataclass(frozen=True)
+class ModelSet:
+    name: str
+    groups: tuple[tuple[int, int, int], ...]  # (m, n, count) per shape group
+    rank: int
+    dtype: torch.dtype
+
+
+def model_sets(device: torch.device, quick: bool, smoke: bool = False) -> list[ModelSet]:
+    """Llama-7B: per layer q, k, v, o 4096×4096, gate and up 11008×4096, down 4096×11008; 32 layers = 224
+    matrices, 13 GB in bf16 (one H200 holds it). Without CUDA a quarter-scale single layer."""
+    if smoke:
+        return [ModelSet("smoke_set", ((96, 64, 2), (64, 96, 1)), 4, torch.float32)]
+    if device.type == "cuda":
+        return [ModelSet("llama7b_224", ((4096, 4096, 128), (11008, 4096, 64), (4096, 11008, 32)), 24,
+                         torch.bfloat16)]
+    return [ModelSet("llama7b_scaled_1_layer", ((1024, 1024, 4), (2752, 1024, 2), (1024, 2752, 1)), 24,
+                     torch.bfloat16)]
+
+
+def run_model_set(mset: ModelSet, device: torch.device, quick: bool) -> list[dict]:
+    groups = [make_batch(Case(f"{mset.name}_{m}x{n}", count, m, n, mset.rank, mset.dtype, 1), device, seed=i)
+              for i, (m, n, count) in enumerate(mset.groups)]
+    batches = [a for a, _ in groups]
+    r, (over, q) = mset.rank, CONFIGS["keeplora_rsvd"](mset.rank)
+    backend = _dispatch.select("rsvd", device)
+
+    def eager():
+        return [kk.rsvd(a, r, oversample=over, power_iters=q, seed=0) for a in batches]
+
+    methods = [("keeplora_rsvd", backend, eager, False, (over, q), ""), *_graph_methods(batches, r, over, q, backend),
+               ("svd_lowrank_loop", "torch", lambda: _lowrank_loop(batches, r), True, (3 * r, 4), "")]
+    total = sum(c for _, _, c in mset.groups)
+    fields = {"case": mset.name, "batch": total, "m": "|".join(str(m) for m, _, _ in mset.groups),
+              "n": "|".join(str(n) for _, n, _ in mset.groups), "rank": r,
+              "dtype": str(mset.dtype).replace("torch.", "")}
+    try:
+        return _rows(fields, groups, methods, device, quick, backend)
+    finally:
+        default_cache.clear()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -298,9 +428,10 @@ def run_memory_update_case(name, d, count, width, energies, device, quick) -> li
 
 def run_detailed(out_dir: Optional[Path] = None, quick: bool = False, *, smoke: bool = False,
                  device: Optional[torch.device] = None, cpu_threads: Optional[int] = 1,
-                 only: Optional[list[str]] = None) -> list[dict]:
+                 only: Optional[list[str]] = None, time_box_s: Optional[float] = None) -> list[dict]:
     """Run every case on ``device`` (CUDA when available); append the rows to ``<out_dir>/rsvd.csv`` (default
-    benchmarks/results/) and return them. ``only``: case names to run (default all).
+    benchmarks/results/) and return them. ``only``: case names to run (default all). ``time_box_s``: no case
+    starts after that many seconds (the later ones are skipped and named on stdout; cases run in order of value).
 
     On CPU the torch thread count is set to ``cpu_threads`` for the run (default 1: on shared machines OpenMP
     regions of several threads stall on descheduled threads and timings swing by 10×; None keeps torch's).
@@ -320,16 +451,29 @@ def run_detailed(out_dir: Optional[Path] = None, quick: bool = False, *, smoke: 
             append_rows(name + suffix, rows, results_dir=out_dir)
         out.extend(rows)
 
+    start = time.perf_counter()
+
+    def wanted(name: str) -> bool:
+        if only is not None and name not in only:
+            return False
+        if time_box_s is not None and time.perf_counter() - start > time_box_s:
+            print(f"[bench_rsvd] time box of {time_box_s:.0f} s used up: skipped {name}", flush=True)
+            return False
+        return True
+
     try:
         with torch.no_grad():
             for case in cases(device, quick, smoke):
-                if only is None or case.name in only:
+                if wanted(case.name):
                     keep("rsvd", run_case(case, device, quick))
+            for mset in model_sets(device, quick, smoke):
+                if wanted(mset.name):
+                    keep("rsvd", run_model_set(mset, device, quick))
             for name, groups, energies in subspace_cases(device, quick, smoke):
-                if only is None or name in only:
+                if wanted(name):
                     keep("principal_subspace", run_subspace_case(name, groups, energies, device, quick))
             for name, d, count, width, energies in memory_update_cases(device, quick, smoke):
-                if only is None or name in only:
+                if wanted(name):
                     keep("memory_update", run_memory_update_case(name, d, count, width, energies, device, quick))
     finally:
         torch.set_num_threads(threads_before)
@@ -356,11 +500,13 @@ def summarize(rows: list[dict]) -> list[dict]:
             continue
         op = f"rsvd {row['case']} b={row['batch']} {row['method']}" + (
             f" [{row['impl']}]" if row["method"].startswith("keeplora") else "")
+        if row.get("graph", "").startswith("eager"):
+            op += " (graph fell back to eager)"
         pct = 100 * row["floor_ms"] / row["batch_time_ms"] if "floor_ms" in row else ""
         out.append(dict(op=op, time_ms=row["batch_time_ms"], pct_of_floor=pct, ratio=row["speedup_vs_lowrank_loop"],
                         peak_mb=row["peak_mem_mb"],
                         note=f"resid_excess {row['resid_excess_mean']:.1e}, {row['matrices_timed']} timed"
-                        + (f", {row['library_calls']} calls" if "library_calls" in row else "")
+                        + (f", {row['library_calls']} calls" if row.get("library_calls", "") != "" else "")
                         + (f"/{row['kernels']} kernels" if row.get("kernels", "") != "" else "")))
     return out
 
@@ -384,8 +530,14 @@ def trace_rsvd(out_dir: Path, device: torch.device, smoke: bool = False) -> Path
 
 def run(out_dir: Optional[Path] = None, quick: bool = False, trace: bool = False, **kwargs) -> list[dict]:
     """Entry point of benchmarks/gpu_check.py: detailed rows to ``<out_dir>/rsvd.csv``, summary rows returned;
-    ``trace`` also writes ``<out_dir>/trace_rsvd.txt`` (:func:`trace_rsvd`)."""
+    ``trace`` also writes ``<out_dir>/trace_rsvd.txt`` (:func:`trace_rsvd`), unless the cases used up
+    ``time_box_s`` and more (then the trace would run past the caller's box)."""
+    start = time.perf_counter()
     rows = summarize(run_detailed(out_dir, quick, **kwargs))
+    box = kwargs.get("time_box_s")
+    if box is not None and time.perf_counter() - start > box + 10:
+        print("[bench_rsvd] time box used up: no trace", flush=True)
+        trace = False
     if trace and out_dir is not None:
         device = torch.device(kwargs.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
         trace_rsvd(Path(out_dir), device, smoke=kwargs.get("smoke", False))
@@ -394,7 +546,7 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, trace: bool = False
 
 COLUMNS = ["case", "batch", "m", "n", "rank", "dtype", "method", "impl", "sketch", "power_iters", "batch_time_ms",
            "speedup_vs_lowrank_loop", "speedup_vs_linalg_svd", "resid_excess_mean", "resid_excess_max",
-           "library_calls"]
+           "library_calls", "kernels", "graph"]
 
 
 SUBSPACE_COLUMNS = ["case", "weights", "energy", "method", "impl", "time_ms", "speedup_vs_ref_loop", "ranks_equal_ref",

@@ -3,6 +3,8 @@
 // Only c10/cuda headers are used here (stream and device guard), not ATen/cuda, which would pull in cuBLAS.
 #ifdef KEEPLORA_WITH_CUDA
 
+#include <algorithm>
+
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -63,6 +65,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_svd_cuda(const at::Tensor&
   return {u_cm.mT(), sigma, v_cm.mT()};
 }
 
+void check_solver(const char* error, const char* what) {
+  TORCH_CHECK(error == nullptr, "keeplora::", what, ": ", error);
+}
+
+}  // namespace
+
+// cuSOLVER's gesvdjBatched on the same column-major copies as jacobi_svd. Its per-matrix info (sweeps not
+// converged) stays on the device: reading it would synchronise, and gesvdj's result after the sweep limit is still
+// its best iterate.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gesvdj_batched_cuda(const at::Tensor& a) {
+  check_jacobi_input(a);
+  TORCH_CHECK(a.is_cuda(), "keeplora::gesvdj_batched runs on CUDA tensors only, got ", a.device());
+  TORCH_CHECK(a.size(1) >= 1 && a.size(1) <= kGesvdjMaxSize && a.size(0) >= 1,
+              "keeplora::gesvdj_batched needs (b, l, l) with b >= 1 and 1 <= l <= ", kGesvdjMaxSize, ", got ",
+              a.sizes());
+  const c10::cuda::CUDAGuard guard(a.device());
+  const int64_t batch = a.size(0);
+  const int l = static_cast<int>(a.size(1));
+  at::Tensor a_cm = a.mT().contiguous();  // column-major per matrix; cuSOLVER overwrites it
+  at::Tensor u_cm = at::empty_like(a_cm);
+  at::Tensor v_cm = at::empty_like(a_cm);
+  at::Tensor sigma = at::empty({batch, l}, a.options());
+  at::Tensor info = at::empty({batch}, a.options().dtype(at::kInt));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.device().index()).stream();
+  int lwork = 0;
+  if (a.scalar_type() == at::kDouble) {
+    check_solver(cuda::gesvdj_batched_workspace_f64(l, batch, &lwork), "gesvdj_batched");
+    at::Tensor work = at::empty({std::max(lwork, 1)}, a.options());
+    check_solver(cuda::launch_gesvdj_batched_f64(a_cm.data_ptr<double>(), sigma.data_ptr<double>(),
+                                                 u_cm.data_ptr<double>(), v_cm.data_ptr<double>(),
+                                                 work.data_ptr<double>(), lwork, info.data_ptr<int>(), batch, l,
+                                                 stream),
+                 "gesvdj_batched");
+  } else {
+    check_solver(cuda::gesvdj_batched_workspace_f32(l, batch, &lwork), "gesvdj_batched");
+    at::Tensor work = at::empty({std::max(lwork, 1)}, a.options());
+    check_solver(cuda::launch_gesvdj_batched_f32(a_cm.data_ptr<float>(), sigma.data_ptr<float>(),
+                                                 u_cm.data_ptr<float>(), v_cm.data_ptr<float>(),
+                                                 work.data_ptr<float>(), lwork, info.data_ptr<int>(), batch, l,
+                                                 stream),
+                 "gesvdj_batched");
+  }
+  return {u_cm.mT(), sigma, v_cm.mT()};
+}
+
+namespace {
+
 at::Tensor split_operand_cuda(const at::Tensor& x, at::ScalarType dtype, double scale) {
   check_split_operand_input(x, dtype);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -107,6 +156,7 @@ std::tuple<at::Tensor, at::Tensor> shifted_cholesky_cuda(const at::Tensor& gram,
 TORCH_LIBRARY_IMPL(keeplora, CUDA, m) {
   m.impl("gaussian_sketch", &keeplora::gaussian_sketch_cuda);
   m.impl("jacobi_svd", &keeplora::jacobi_svd_cuda);
+  m.impl("gesvdj_batched", &keeplora::gesvdj_batched_cuda);
   m.impl("shifted_cholesky", &keeplora::shifted_cholesky_cuda);
   m.impl("split_operand", &keeplora::split_operand_cuda);
   m.impl("cholesky_qr", &keeplora::cholesky_qr);

@@ -21,6 +21,16 @@ at::Tensor split_operand_cpu(const at::Tensor& x, at::ScalarType dtype, double s
 std::tuple<at::Tensor, at::Tensor> shifted_cholesky_cpu(const at::Tensor& gram, double shift_factor, bool check_rank,
                                                         const at::Tensor& info);
 
+// cuSOLVER's batched Jacobi SVD (CUDA only, l <= 32): the same contract as jacobi_svd.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gesvdj_batched_cuda(const at::Tensor& a);
+// Largest l that gesvdj_batched accepts (cuSOLVER's limit for gesvdjBatched).
+constexpr int64_t kGesvdjMaxSize = 32;
+// The small-SVD launcher rsvd uses on CUDA for l <= kGesvdjMaxSize: "jacobi" (the hand-written kernel, default)
+// or "cusolver" (gesvdj_batched). The environment variable KEEPLORA_SMALL_SVD sets it, read once at first use;
+// set_small_svd_method changes it for the process (benchmarks' A/B rows, tests).
+std::string small_svd_method();
+void set_small_svd_method(const std::string& method);
+
 // Device-generic implementations (ATen calls only): registered for CPU here and for CUDA in cuda_glue.cpp.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cholesky_qr(const at::Tensor& y, int64_t shifted_passes,
                                                            int64_t plain_passes);

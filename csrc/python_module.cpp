@@ -3,6 +3,8 @@
 // ops reliably) and whether CUDA kernels were compiled. Not part of the CMake library (no Python there).
 #include <Python.h>
 
+#include <exception>
+
 #include "ops.h"
 
 namespace {
@@ -30,7 +32,32 @@ PyObject* built_with_cuda(PyObject*, PyObject*) {
 #endif
 }
 
+PyObject* small_svd_method(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(keeplora::small_svd_method().c_str());
+  } catch (const std::exception& e) {  // a bad KEEPLORA_SMALL_SVD
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+}
+
+PyObject* set_small_svd_method(PyObject*, PyObject* args) {
+  const char* method = nullptr;
+  if (!PyArg_ParseTuple(args, "s", &method)) return nullptr;
+  try {
+    keeplora::set_small_svd_method(method);
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
+    {"small_svd_method", small_svd_method, METH_NOARGS,
+     "rsvd's small-SVD launcher on CUDA for l <= 32: 'jacobi' or 'cusolver' (KEEPLORA_SMALL_SVD, read once)."},
+    {"set_small_svd_method", set_small_svd_method, METH_VARARGS,
+     "Set rsvd's small-SVD launcher on CUDA for l <= 32: 'jacobi' or 'cusolver'."},
     {"registered_ops", registered_ops, METH_NOARGS, "Names of the torch.ops.keeplora ops this library defines."},
     {"built_with_cuda", built_with_cuda, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
     {nullptr, nullptr, 0, nullptr}};

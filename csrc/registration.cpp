@@ -9,7 +9,7 @@ namespace keeplora {
 const std::vector<std::string>& op_names() {
   static const std::vector<std::string> names = {"gaussian_sketch", "jacobi_svd", "shifted_cholesky",
                                                  "split_operand", "cholesky_qr", "rsvd",
-                                                 "principal_subspace", "lora_linear"};
+                                                 "principal_subspace", "gesvdj_batched", "lora_linear"};
   return names;
 }
 
@@ -21,6 +21,8 @@ TORCH_LIBRARY(keeplora, m) {
   m.def("gaussian_sketch(Tensor like, int seed, int rows, int cols) -> Tensor");
   // a (b, l, l) float32/float64 = U diag(S) V^T by one-sided Jacobi, S descending.
   m.def("jacobi_svd(Tensor a) -> (Tensor U, Tensor S, Tensor V)");
+  // The same with cuSOLVER's gesvdjBatched (CUDA only, l <= 32): rsvd's alternative small-SVD launcher.
+  m.def("gesvdj_batched(Tensor a) -> (Tensor U, Tensor S, Tensor V)");
   // One pass of shifted CholeskyQR on the Grams g (b, l, l) float32/float64: g + s I = R^T R with
   // s = shift_factor * tr(g) + tiny, R_inv = R^-1 (both upper); info (b,) int32 is or-ed in place with bit 1 when a
   // factorisation failed (R = R_inv = I then) and, with check_rank, bit 2 when a column of Q R^-1 keeps less than
@@ -41,6 +43,7 @@ TORCH_LIBRARY(keeplora, m) {
   m.def("principal_subspace(Tensor[] weights, float energy, bool input_side=True, bool strict=False) -> Tensor[]");
 }
 
+// Every op but gesvdj_batched (cuSOLVER has no CPU side; the CPU small SVD is LAPACK or jacobi_svd's twin).
 TORCH_LIBRARY_IMPL(keeplora, CPU, m) {
   m.impl("gaussian_sketch", &keeplora::gaussian_sketch_cpu);
   m.impl("jacobi_svd", &keeplora::jacobi_svd_cpu);
@@ -55,6 +58,7 @@ TORCH_LIBRARY_IMPL(keeplora, CPU, m) {
 TORCH_LIBRARY_IMPL(keeplora, Meta, m) {
   m.impl("gaussian_sketch", &keeplora::gaussian_sketch_meta);
   m.impl("jacobi_svd", &keeplora::jacobi_svd_meta);
+  m.impl("gesvdj_batched", &keeplora::jacobi_svd_meta);
   m.impl("shifted_cholesky", &keeplora::shifted_cholesky_meta);
   m.impl("split_operand", &keeplora::split_operand_meta);
   m.impl("cholesky_qr", &keeplora::cholesky_qr_meta);

@@ -9,8 +9,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <map>
+#include <string>
 #include <tuple>
 
 #include "ops.h"
@@ -53,9 +55,40 @@ std::tuple<Tensor, Tensor, Tensor> jacobi_svd(const Tensor& a) {
   return op.call(a);
 }
 
+std::tuple<Tensor, Tensor, Tensor> gesvdj_batched(const Tensor& a) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("keeplora::gesvdj_batched", "")
+                       .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&)>();
+  return op.call(a);
+}
+
+// The small-SVD launcher on CUDA (small_svd_method()): 0 = the Jacobi kernel, 1 = cuSOLVER gesvdjBatched.
+std::atomic<int> g_small_svd{-1};  // -1: KEEPLORA_SMALL_SVD not read yet
+
+int parse_small_svd(const std::string& method, const char* source) {
+  TORCH_CHECK(method == "jacobi" || method == "cusolver", source, " must be 'jacobi' or 'cusolver', got '", method,
+              "'");
+  return method == "cusolver" ? 1 : 0;
+}
+
+int small_svd_choice() {
+  int choice = g_small_svd.load();
+  if (choice < 0) {
+    const char* env = std::getenv("KEEPLORA_SMALL_SVD");
+    const int parsed = env == nullptr || *env == '\0' ? 0 : parse_small_svd(env, "KEEPLORA_SMALL_SVD");
+    g_small_svd.compare_exchange_strong(choice, parsed);  // a concurrent setter wins
+    choice = g_small_svd.load();
+  }
+  return choice;
+}
+
 // SVD of the small fp64 cores m (b, l, l) = U diag(S) V^T. CPU: LAPACK (no synchronisation concern on the host).
-// CUDA: the batched Jacobi kernel, which needs no host round trip (torch.linalg.svd checks its info on the host).
+// CUDA: the batched Jacobi kernel, which needs no host round trip (torch.linalg.svd checks its info on the host),
+// or for l <= 32 with small_svd_method() == "cusolver" cuSOLVER's gesvdjBatched (no host round trip either).
 std::tuple<Tensor, Tensor, Tensor> small_svd(const Tensor& m) {
+  if (m.is_cuda() && m.size(-1) <= kGesvdjMaxSize && m.size(0) > 0 && small_svd_choice() == 1) {
+    return gesvdj_batched(m);
+  }
   if (m.is_cuda() && m.size(-1) <= kJacobiMaxCuda) return jacobi_svd(m);
   auto [u, s, vh] = at::linalg_svd(m, /*full_matrices=*/false);
   return {u, s, vh.mT()};
@@ -126,8 +159,9 @@ constexpr int64_t kFusedCholeskyMax = 256;
 // passes use s = u tr(G), which only keeps an exactly zero column from failing. The shift changes how orthonormal
 // a pass leaves Q, never the identity y = Q R; the later passes restore orthonormality (CholeskyQR2).
 // Per pass: two GEMMs and one shifted_cholesky launch. `info` (b,) int32 is or-ed in place: bit 1 a
-// factorisation failed, bit 2 (checked in the last pass) a column of Q lost rank.
-Factor cholesky_qr_fp64(const Tensor& y, int64_t shifted, int64_t plain, bool want_r, const Tensor& info) {
+// factorisation failed, bit 2 (checked in the last pass, with `check_rank`) a column of Q lost rank.
+Factor cholesky_qr_fp64(const Tensor& y, int64_t shifted, int64_t plain, bool want_r, const Tensor& info,
+                        bool check_rank = true) {
   Tensor q = y.to(at::kDouble);
   const int64_t b = y.size(0), m = y.size(1), l = y.size(2);
   Tensor r_total;
@@ -141,8 +175,8 @@ Factor cholesky_qr_fp64(const Tensor& y, int64_t shifted, int64_t plain, bool wa
     // Q R^-1 as a GEMM with the explicit l x l inverse: batched GEMMs run near peak on both devices, batched
     // triangular solves do not. R is well conditioned after the shifted pass, so the explicit inverse costs no
     // accuracy that the next pass does not restore.
-    auto [r, r_inv] = l <= kFusedCholeskyMax ? shifted_cholesky(g, factor, last, info)
-                                             : shifted_cholesky_library(g, factor, last, info);
+    auto [r, r_inv] = l <= kFusedCholeskyMax ? shifted_cholesky(g, factor, last && check_rank, info)
+                                             : shifted_cholesky_library(g, factor, last && check_rank, info);
     q = at::matmul(q, r_inv);
     if (want_r) r_total = r_total.defined() ? at::matmul(r, r_total) : r;
   }
@@ -160,11 +194,18 @@ int64_t plain_passes(at::ScalarType compute) { return compute == at::kDouble ? 2
 // Orthonormal basis of the columns of y (b, m, l), m >= l. "cholqr": shifted CholeskyQR2 (fp32 data) or
 // CholeskyQR4 (fp64 data), flags or-ed into `info`. On CPU the matrices this call flags are redone by Householder
 // QR (the flag costs nothing to read there); on CUDA reading it would synchronise, so it is only accumulated.
-Factor orthonormalize(const Tensor& y, at::ScalarType compute, bool householder, bool want_r, const Tensor& info) {
+// `intermediate` (the power iterations' bases before the last one): one shifted pass and no rank check. That
+// basis only feeds the next product, so it needs the right span and a modest condition number, not orthonormality
+// to working precision: one shifted pass leaves kappa(Q) ~ sqrt(11 m l u) kappa(y), near 1 for any y float32
+// data can produce, and the final CholeskyQR2 restores orthonormality. A rank-deficient block is flagged there.
+Factor orthonormalize(const Tensor& y, at::ScalarType compute, bool householder, bool want_r, const Tensor& info,
+                      bool intermediate = false) {
   if (householder) return householder_qr_fp64(y, want_r);
-  if (y.is_cuda()) return cholesky_qr_fp64(y, shifted_passes(compute), plain_passes(compute), want_r, info);
+  const int64_t shifted = intermediate ? 1 : shifted_passes(compute);
+  const int64_t plain = intermediate ? 0 : plain_passes(compute);
+  if (y.is_cuda()) return cholesky_qr_fp64(y, shifted, plain, want_r, info, !intermediate);
   const Tensor flags = at::zeros({y.size(0)}, y.options().dtype(at::kInt));
-  Factor f = cholesky_qr_fp64(y, shifted_passes(compute), plain_passes(compute), want_r, flags);
+  Factor f = cholesky_qr_fp64(y, shifted, plain, want_r, flags, !intermediate);
   info.bitwise_or_(flags);
   const Tensor bad = flags.nonzero().flatten();
   if (bad.numel() > 0) {
@@ -256,16 +297,19 @@ RsvdResult rsvd_impl(const Residual& op, int64_t rank, int64_t oversample, int64
   const int64_t mn = std::min(m, n);
   const int64_t l = std::min(rank + oversample, mn);
   const Tensor info = at::zeros({b}, a.options().dtype(at::kInt));
-  auto orth = [&](const Tensor& y, bool want_r) { return orthonormalize(y, op.cd, householder, want_r, info); };
+  auto orth = [&](const Tensor& y, bool want_r, bool intermediate = false) {
+    return orthonormalize(y, op.cd, householder, want_r, info, intermediate);
+  };
 
   // 1. Range finder: Q (b, m, l) float64 with orthonormal columns spanning (approximately) the top of range(A_hat).
+  //    Every basis but the last only feeds the next product: one shifted CholeskyQR pass each (orthonormalize).
   Tensor q64;
   if (l < mn) {
     const Tensor omega = gaussian_sketch(a, seed, n, l);  // (n, l), identical on every device
-    q64 = orth(op.sketch(omega), false).q;
+    q64 = orth(op.sketch(omega), false, power_iters > 0).q;
     for (int64_t it = 0; it < power_iters; ++it) {
-      const Tensor z = orth(op.t_times(q64), false).q;
-      q64 = orth(op.times(z), false).q;
+      const Tensor z = orth(op.t_times(q64), false, true).q;
+      q64 = orth(op.times(z), false, it + 1 < power_iters).q;
     }
   } else if (n <= m) {  // the sketch would span R^n: orthonormalise A_hat itself (exact)
     q64 = orth(op.dense(), false).q;
@@ -327,6 +371,12 @@ void check_rsvd_input(const Tensor& a, int64_t rank, int64_t oversample, int64_t
                 a.device());
     TORCH_CHECK(at::isFloatingType(p.scalar_type()), "keeplora::rsvd: project_out must be floating");
   }
+}
+
+std::string small_svd_method() { return small_svd_choice() == 1 ? "cusolver" : "jacobi"; }
+
+void set_small_svd_method(const std::string& method) {
+  g_small_svd.store(parse_small_svd(method, "keeplora small-SVD method"));
 }
 
 std::tuple<Tensor, Tensor, Tensor> cholesky_qr(const Tensor& y, int64_t shifted_passes, int64_t plain_passes) {

@@ -22,8 +22,30 @@ import torch
 
 from . import _dispatch
 
-__all__ = ["rsvd", "rsvd_ref", "rsvd_torch", "rsvd_extension", "gaussian_sketch", "cholesky_qr",
-           "shifted_cholesky"]
+__all__ = ["rsvd", "rsvd_ref", "rsvd_torch", "rsvd_extension", "rsvd_graph_entry", "small_svd_method",
+           "gaussian_sketch", "cholesky_qr", "shifted_cholesky"]
+
+SMALL_SVD_METHODS = ("jacobi", "cusolver")
+
+
+def small_svd_method(method: Optional[str] = None) -> str:
+    """The extension's small-SVD launcher on CUDA for sketch widths ``l ≤ 32``; sets it first when ``method`` is given.
+
+    ``"jacobi"`` (default): the project's batched one-sided Jacobi kernel; ``"cusolver"``: cuSOLVER's
+    ``gesvdjBatched`` (op ``keeplora::gesvdj_batched``). ``KEEPLORA_SMALL_SVD`` gives the initial choice (read once,
+    by the library); this call changes it for the process. CPU calls and wider sketches are unaffected. Returns
+    ``""`` when the extension is not loaded (setting then raises).
+    """
+    from . import _extension
+
+    lib = _extension.library()
+    if method is not None:
+        if method not in SMALL_SVD_METHODS:
+            raise ValueError(f"small_svd_method: method must be one of {SMALL_SVD_METHODS}, got {method!r}")
+        if lib is None:
+            raise RuntimeError(f"small_svd_method: the compiled extension is not loaded ({_extension.status()})")
+        lib.set_small_svd_method(method)
+    return "" if lib is None else lib.small_svd_method()
 
 
 def _as_batch(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -151,13 +173,15 @@ def shifted_cholesky(gram: torch.Tensor, shift_factor: float, check_rank: bool, 
     return r, r_inv
 
 
-def cholesky_qr(y: torch.Tensor, shifted_passes: int = 1, plain_passes: int = 1, *, want_r: bool = True):
+def cholesky_qr(y: torch.Tensor, shifted_passes: int = 1, plain_passes: int = 1, *, want_r: bool = True,
+                check_rank: bool = True):
     """Shifted CholeskyQR in float64: ``y (b, m, l) = Q·R``; returns ``(Q, R, info)`` like the extension's op.
 
     Each pass forms ``G = QᵀQ``, adds ``s·I``, factors ``G = RᵀR`` and sets ``Q ← Q·R⁻¹``
     (:func:`shifted_cholesky`). The first ``shifted_passes`` use ``s = 11(ml + l(l+1))·u·tr(G)`` (with which the
     factorisation provably succeeds for any finite input; Fukaya et al. 2020), the others ``s = u·tr(G)``.
-    ``info``: bit 1 a factorisation failed, bit 2 a column of Q has norm² < 0.5 (y numerically rank-deficient).
+    ``info``: bit 1 a factorisation failed, bit 2 (with ``check_rank``) a column of Q has norm² < 0.5 (y
+    numerically rank-deficient).
     """
     q = y.to(torch.float64)
     b, m, l = q.shape
@@ -167,19 +191,23 @@ def cholesky_qr(y: torch.Tensor, shifted_passes: int = 1, plain_passes: int = 1,
     passes = shifted_passes + plain_passes
     for index in range(passes):
         factor = c_shift if index < shifted_passes else _UNIT_ROUNDOFF_64
-        r, r_inv = shifted_cholesky(q.mT @ q, factor, index + 1 == passes, info)
+        r, r_inv = shifted_cholesky(q.mT @ q, factor, check_rank and index + 1 == passes, info)
         q = q @ r_inv  # Q·R⁻¹ as a GEMM (see csrc/rsvd.cpp)
         if want_r:
             r_total = r if r_total is None else r @ r_total
     return q, r_total, info
 
 
-def _orthonormalize(y: torch.Tensor, compute: torch.dtype, householder: bool, want_r: bool):
+def _orthonormalize(y: torch.Tensor, compute: torch.dtype, householder: bool, want_r: bool,
+                    intermediate: bool = False):
+    """``orthonormalize`` of csrc/rsvd.cpp: CholeskyQR2 (fp64 data: 4), or for an ``intermediate`` basis of the
+    power iterations one shifted pass without the rank check; flagged blocks redone by Householder off CUDA."""
     passes = 2 if compute == torch.float64 else 1
     if householder:
         q, r = torch.linalg.qr(y.to(torch.float64), mode="reduced")
         return q, r, torch.zeros(y.shape[0], dtype=torch.int32, device=y.device)
-    q, r, info = cholesky_qr(y, passes, passes, want_r=want_r)
+    shifted, plain = (1, 0) if intermediate else (passes, passes)
+    q, r, info = cholesky_qr(y, shifted, plain, want_r=want_r, check_rank=not intermediate)
     if y.device.type != "cuda":  # reading the flag would synchronise a GPU; on the host it is free
         bad = info.nonzero().flatten()
         if bad.numel():
@@ -211,18 +239,18 @@ def rsvd_torch(a: torch.Tensor, rank: int, *, oversample: int = 8, power_iters: 
     def t_times(y):  # Âᵀ·y
         return mat.mT @ project(y.to(compute))
 
-    def orth(y, want_r=False):
+    def orth(y, want_r=False, intermediate=False):
         nonlocal info
-        q, r, flags = _orthonormalize(y, compute, householder, want_r)
+        q, r, flags = _orthonormalize(y, compute, householder, want_r, intermediate)
         info |= flags
         return q, r
 
-    if width < mn:
+    if width < mn:  # every basis but the last only feeds the next product: one shifted pass (csrc/rsvd.cpp)
         omega = gaussian_sketch(seed, n, width, device=a.device, dtype=compute)
-        q = orth(project(mat @ omega.to(compute)))[0]
-        for _ in range(power_iters):
-            z = orth(t_times(q))[0]
-            q = orth(times(z))[0]
+        q = orth(project(mat @ omega.to(compute)), intermediate=power_iters > 0)[0]
+        for it in range(power_iters):
+            z = orth(t_times(q), intermediate=True)[0]
+            q = orth(times(z), intermediate=it + 1 < power_iters)[0]
     elif n <= m:
         q = orth(project(mat))[0]
     else:
@@ -256,27 +284,7 @@ def _rsvd_fallback(a, rank, *, oversample, power_iters, project_out, seed):
     return u, s, v
 
 
-def rsvd(a: torch.Tensor, rank: int, *, oversample: int = 8, power_iters: int = 4,
-         project_out: Optional[torch.Tensor] = None, seed: int = 0):
-    """Top-``rank`` SVD ``a ≈ U·diag(S)·Vᵀ`` of ``a`` or, with ``project_out=P``, of ``(I − P·Pᵀ)·a``.
-
-    Args:
-        a: ``(m, n)`` or ``(b, m, n)``; bf16/fp16/fp32 are computed in fp32, fp64 in fp64.
-        rank: number of singular triplets, ``1 ≤ rank ≤ min(m, n)``.
-        oversample: extra sketch columns (sketch width ``rank + oversample``, capped at ``min(m, n)``; at the cap the
-            exact SVD is used).
-        power_iters: subspace iterations; each sharpens the spectrum by one power of ``S²``.
-        project_out: optional ``(m, k)`` or ``(b, m, k)`` orthonormal basis P to project out of the column space.
-        seed: the Gaussian sketch's seed; equal seeds give equal results.
-
-    Returns ``U (…, m, rank)``, ``S (…, rank)`` descending, ``V (…, n, rank)`` in the compute dtype.
-
-    All matrices of a batch share one Gaussian sketch (a pure function of ``seed``, the same on CPU and CUDA).
-    Zero columns in ``project_out`` (padding to a common k) do not change the result. Singular directions of an
-    exactly rank-deficient ``Â`` may come back as zero columns of U with S = 0 on CUDA (never arbitrary
-    directions); on the CPU such blocks are redone with Householder QR (see csrc/README.md).
-    Backends: the C++/CUDA extension when built, else :func:`rsvd_torch` (same algorithm in PyTorch).
-    """
+def _check_rsvd_args(a, rank, oversample, power_iters, project_out) -> None:
     if a.dim() not in (2, 3):
         raise ValueError(f"rsvd: a must be (m, n) or (b, m, n), got shape {tuple(a.shape)}")
     m, n = a.shape[-2:]
@@ -287,9 +295,65 @@ def rsvd(a: torch.Tensor, rank: int, *, oversample: int = 8, power_iters: int = 
     if project_out is not None and (project_out.dim() != a.dim() or project_out.shape[-2] != m):
         raise ValueError(f"rsvd: project_out must have {m} rows and the same batch layout as a, "
                          f"got {tuple(project_out.shape)} for a of shape {tuple(a.shape)}")
+
+
+def _rsvd_callable(backend: str, rank: int, oversample: int, power_iters: int, seed: int):
+    """``(a, project_out) -> (U, S, V)`` on ``backend`` with the other arguments fixed (what a graph captures)."""
+    impl = _rsvd_fallback if backend == "reference" else _dispatch.implementation("rsvd", backend)
+
+    def call(a, project_out):
+        return impl(a, rank, oversample=oversample, power_iters=power_iters, project_out=project_out, seed=seed)
+
+    return call
+
+
+def rsvd_graph_entry(a: torch.Tensor, rank: int, *, oversample: int = 8, power_iters: int = 4,
+                     project_out: Optional[torch.Tensor] = None, seed: int = 0, cache=None):
+    """The :class:`~keeplora_kernels.graphs.GraphedCall` that ``rsvd(..., graph=True)`` replays for these shapes and
+    arguments (captured now if it is not cached). Its ``inputs`` are the static ``(a, project_out)`` buffers: a
+    caller that writes its batch into them (e.g. ``torch.stack(mats, out=entry.inputs[0])``) and calls
+    ``entry(*entry.inputs)`` skips the input copy. ``graphed``/``reason`` say whether a graph replays."""
+    from . import graphs
+
+    _check_rsvd_args(a, rank, oversample, power_iters, project_out)
     backend = _dispatch.select("rsvd", a.device)
-    if backend == "reference":
-        return _rsvd_fallback(a, rank, oversample=oversample, power_iters=power_iters, project_out=project_out,
-                              seed=seed)
-    return _dispatch.implementation("rsvd", backend)(a, rank, oversample=oversample, power_iters=power_iters,
-                                                     project_out=project_out, seed=seed)
+    cache = graphs.default_cache if cache is None else cache
+    inputs = (a.detach(), None if project_out is None else project_out.detach())
+    small = small_svd_method() if backend == "extension" else ""  # baked into the graph like the other arguments
+    return cache.entry("rsvd", _rsvd_callable(backend, rank, oversample, power_iters, int(seed)), inputs,
+                       (backend, rank, oversample, power_iters, int(seed), small))
+
+
+def rsvd(a: torch.Tensor, rank: int, *, oversample: int = 8, power_iters: int = 4,
+         project_out: Optional[torch.Tensor] = None, seed: int = 0, graph: bool = False):
+    """Top-``rank`` SVD ``a ≈ U·diag(S)·Vᵀ`` of ``a`` or, with ``project_out=P``, of ``(I − P·Pᵀ)·a``.
+
+    Args:
+        a: ``(m, n)`` or ``(b, m, n)``; bf16/fp16/fp32 are computed in fp32, fp64 in fp64.
+        rank: number of singular triplets, ``1 ≤ rank ≤ min(m, n)``.
+        oversample: extra sketch columns (sketch width ``rank + oversample``, capped at ``min(m, n)``; at the cap the
+            exact SVD is used).
+        power_iters: subspace iterations; each sharpens the spectrum by one power of ``S²``.
+        project_out: optional ``(m, k)`` or ``(b, m, k)`` orthonormal basis P to project out of the column space.
+        seed: the Gaussian sketch's seed; equal seeds give equal results.
+        graph: replay a CUDA graph of the whole call (captured on the first call with these shapes, dtypes, device
+            and arguments; :mod:`keeplora_kernels.graphs`): one host launch instead of one per kernel. The inputs
+            are copied into the graph's static buffers (:func:`rsvd_graph_entry` avoids that copy). Results equal
+            the eager call's; CPU tensors, or a path that cannot be captured, run eagerly
+            (``keeplora_kernels.graphs.default_cache.reasons`` says why).
+
+    Returns ``U (…, m, rank)``, ``S (…, rank)`` descending, ``V (…, n, rank)`` in the compute dtype.
+
+    All matrices of a batch share one Gaussian sketch (a pure function of ``seed``, the same on CPU and CUDA).
+    Zero columns in ``project_out`` (padding to a common k) do not change the result. Singular directions of an
+    exactly rank-deficient ``Â`` may come back as zero columns of U with S = 0 on CUDA (never arbitrary
+    directions); on the CPU such blocks are redone with Householder QR (see csrc/README.md).
+    Backends: the C++/CUDA extension when built, else :func:`rsvd_torch` (same algorithm in PyTorch).
+    """
+    if graph:
+        entry = rsvd_graph_entry(a, rank, oversample=oversample, power_iters=power_iters, project_out=project_out,
+                                 seed=seed)
+        return entry(a.detach(), None if project_out is None else project_out.detach())
+    _check_rsvd_args(a, rank, oversample, power_iters, project_out)
+    backend = _dispatch.select("rsvd", a.device)
+    return _rsvd_callable(backend, rank, oversample, power_iters, seed)(a, project_out)

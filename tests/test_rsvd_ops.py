@@ -86,7 +86,9 @@ def test_extension_reports_its_ops():
         pytest.skip(f"extension not loaded: {_extension.status()}")
     assert {"rsvd", "principal_subspace", "gaussian_sketch", "jacobi_svd", "cholesky_qr", "shifted_cholesky",
             "split_operand"} <= set(ops)
-    assert _extension.registered_ops("cpu") == ops  # every op has a CPU kernel
+    # every op has a CPU kernel but the cuSOLVER launcher (CPU runs LAPACK or the Jacobi twin for that step)
+    assert _extension.registered_ops("cpu") == ops - {"gesvdj_batched"}
+    assert "gesvdj_batched" in _extension.library().registered_ops()
     if not _extension.library().built_with_cuda():
         assert _extension.registered_ops("cuda") == frozenset()
     assert _extension.registered_ops("mps") == frozenset()
@@ -192,16 +194,16 @@ def test_rsvd_beyond_the_one_block_cholesky_takes_the_library_path():
 
 
 @_needs("rsvd")
-def test_a_power_iteration_costs_two_gemms_and_two_cholesky_qr2():
+def test_a_power_iteration_costs_two_gemms_and_two_shifted_passes():
     """Launch overhead per power iteration, counted on the CPU path (benchmarks.harness.library_calls): per
-    product, a cast and a GEMM (2); per CholeskyQR2 (fp32 data: 2 passes), a cast, then per pass the Gram GEMM,
-    one shifted_cholesky call and the Q·R⁻¹ GEMM (7), plus the CPU-only Householder-repair check (3). The
-    library-call version of a pass was 12 calls."""
+    product, a cast and a GEMM (2); per intermediate basis (one shifted CholeskyQR pass), a cast, the Gram GEMM,
+    one shifted_cholesky call and the Q·R⁻¹ GEMM (4), plus the CPU-only Householder-repair check (3). With
+    CholeskyQR2 for every basis it was 2 · (7 + 3) per iteration; the library-call version of a pass was 12 calls."""
     from benchmarks.harness import library_calls
 
     a = torch.randn(3, 96, 80)
     calls = [library_calls(lambda q=q: torch.ops.keeplora.rsvd(a, 8, 8, q, None, 0))["calls"] for q in (1, 2)]
-    assert calls[1] - calls[0] <= 2 * 2 + 2 * (7 + 3)
+    assert calls[1] - calls[0] <= 2 * 2 + 2 * (4 + 3)
 
 
 @_needs("split_operand")
@@ -366,3 +368,95 @@ def test_cuda_glue_compiles_against_installed_torch_headers():
            str(ROOT / "csrc" / "cuda_glue.cpp")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The alternative small-SVD launcher (cuSOLVER gesvdjBatched, l <= 32).
+
+
+@_needs("rsvd")
+def test_small_svd_method_is_validated_and_settable():
+    from keeplora_kernels.rsvd import small_svd_method
+
+    before = small_svd_method()
+    assert before in ("jacobi", "cusolver")
+    with pytest.raises(ValueError, match="must be one of"):
+        small_svd_method("gesvd")
+    try:
+        assert small_svd_method("cusolver") == "cusolver"
+        a = torch.randn(2, 64, 48)  # CPU: the setting does not apply (LAPACK), the result is unchanged
+        for got, want in zip(torch.ops.keeplora.rsvd(a, 4, 4, 1, None, 0), rsvd_torch(a, 4, oversample=4,
+                                                                                       power_iters=1)):
+            assert got.shape == want.shape
+        assert small_svd_method("jacobi") == "jacobi"
+    finally:
+        small_svd_method(before)
+
+
+def test_small_svd_environment_variable_is_validated(tmp_path):
+    """KEEPLORA_SMALL_SVD is read once by the library; a bad value names the accepted ones."""
+    if "rsvd" not in _dispatch.extension_ops("cpu"):
+        pytest.skip("extension not built")
+    import os
+    import sys
+
+    code = "from keeplora_kernels.rsvd import small_svd_method; print(small_svd_method())"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'python'}"}
+    good = subprocess.run([sys.executable, "-c", code], env={**env, "KEEPLORA_SMALL_SVD": "cusolver"},
+                          capture_output=True, text=True, timeout=120)
+    assert good.returncode == 0 and good.stdout.strip() == "cusolver", good.stderr[-2000:]
+    bad = subprocess.run([sys.executable, "-c", code], env={**env, "KEEPLORA_SMALL_SVD": "qr"},
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "must be 'jacobi' or 'cusolver'" in bad.stderr
+
+
+@pytest.mark.gpu
+@_needs("gesvdj_batched", "cuda")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("l", [1, 7, 24, 32])
+def test_gesvdj_batched_matches_the_jacobi_kernel(dtype, l):
+    a = torch.randn(37, l, l, dtype=torch.float64)
+    a[5] *= torch.logspace(0, -6, l, dtype=torch.float64)  # graded columns: small singular values
+    a = a.to(dtype).cuda()
+    u, s, v = torch.ops.keeplora.gesvdj_batched(a)
+    u_j, s_j, v_j = torch.ops.keeplora.jacobi_svd(a)
+    eps = torch.finfo(dtype).eps
+    assert (s[:, :-1] >= s[:, 1:]).all()  # descending, like the Jacobi kernel
+    assert ((s - s_j).abs() <= 50 * l * eps * s_j[:, :1]).all()
+    recon = (u * s.unsqueeze(-2)) @ v.mT
+    assert ((recon - a).abs().amax((-2, -1)) <= 50 * l * eps * s_j[:, 0]).all()
+    # singular vectors are determined to about eps·κ (κ = s_max/s_min of each matrix): orthonormal to that level
+    eye = torch.eye(l, dtype=dtype, device="cuda")
+    kappa = (s_j[:, 0] / s_j[:, -1].clamp_min(torch.finfo(dtype).tiny)).clamp_max(1 / eps)
+    for w in (u, v):
+        assert ((w.mT @ w - eye).abs().amax((-2, -1)) <= 50 * l * eps * kappa).all()
+
+
+@pytest.mark.gpu
+@_needs("gesvdj_batched", "cuda")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rsvd_with_the_cusolver_small_svd_matches_jacobi_without_host_sync(dtype):
+    from keeplora_kernels.rsvd import small_svd_method
+
+    torch.manual_seed(0)
+    spectrum = torch.tensor([0.8**i for i in range(96)], dtype=torch.float64)
+    u0 = torch.linalg.qr(torch.randn(6, 256, 96, dtype=torch.float64)).Q
+    v0 = torch.linalg.qr(torch.randn(6, 192, 96, dtype=torch.float64)).Q
+    a = ((u0 * spectrum) @ v0.mT).to(dtype).cuda()
+    before = small_svd_method()
+    try:
+        small_svd_method("jacobi")
+        u_j, s_j, v_j, _ = torch.ops.keeplora.rsvd(a, 8, 8, 2, None, 3)
+        small_svd_method("cusolver")
+        torch.ops.keeplora.rsvd(a, 8, 8, 2, None, 3)  # warm-up: cuSOLVER handle, workspace
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            u, s, v, info = torch.ops.keeplora.rsvd(a, 8, 8, 2, None, 3)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    finally:
+        small_svd_method(before)
+    assert (info.cpu() & 1).sum() == 0
+    assert (s - s_j).abs().max() <= 1e-5 * s_j.max()
+    assert ((u * s.unsqueeze(-2)) @ v.mT - (u_j * s_j.unsqueeze(-2)) @ v_j.mT).abs().max() <= 1e-4 * s_j.max()

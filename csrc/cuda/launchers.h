@@ -27,6 +27,19 @@ cudaError_t launch_jacobi_svd_f32(const float* a, float* u, float* sigma, float*
 cudaError_t launch_jacobi_svd_f64(const double* a, double* u, double* sigma, double* v, double* workspace,
                                   int64_t batch, int l, cudaStream_t stream);
 
+// cuSOLVER's batched Jacobi SVD (cusolverDn<t>gesvdjBatched, gesvdj_batched.cu; the library is opened at run
+// time) of `batch` column-major l x l matrices `a` (batch stride l*l, overwritten), l <= kGesvdjMaxSize: u, v
+// column-major, sigma descending, info[i] cuSOLVER's per-matrix status (0, or > 0 when the sweeps did not
+// converge). `work` holds *lwork elements from gesvdj_batched_workspace(). Each returns nullptr on success, else
+// what failed (cuSOLVER missing, a status other than success, a launch error).
+constexpr int kGesvdjMaxSize = 32;
+const char* gesvdj_batched_workspace_f32(int l, int64_t batch, int* lwork);
+const char* gesvdj_batched_workspace_f64(int l, int64_t batch, int* lwork);
+const char* launch_gesvdj_batched_f32(float* a, float* sigma, float* u, float* v, float* work, int lwork, int* info,
+                                      int64_t batch, int l, cudaStream_t stream);
+const char* launch_gesvdj_batched_f64(double* a, double* sigma, double* u, double* v, double* work, int lwork,
+                                      int* info, int64_t batch, int l, cudaStream_t stream);
+
 // Batched shifted Cholesky + triangular inverse of `batch` row-major l x l SPD matrices g (batch stride l*l):
 // g + s I = r^T r with s = factor * tr(g) + tiny, x = r^-1 (both upper), info[i] |= 1 when a factorisation failed
 // (r = x = I then), and with check_rank info[i] |= 2 when a column of Q r^-1 loses half its norm (see
