@@ -10,9 +10,9 @@ Steps, each time-boxed and independent (a failing step is recorded, the others s
   4. the LoRA linear's variants side by side, eager and graph-replayed (benchmarks/bench_lora_variants.py);
   5. the end-to-end profile (benchmarks/profile_lifecycle.py) on a Llama-like random model, bf16, T=8192 tokens,
      and KeepLoRA's lifecycle again under each alternative GEMM order of the LoRA linear (profile_orders);
-  6. the batched rSVD and principal-subspace benchmarks (benchmarks/bench_rsvd.py) with a profiler trace;
-  7. the Triton GEMM main loop against cuBLAS: go / no-go for the full-GEMM LoRA kernels
+  6. the Triton GEMM main loop against cuBLAS: go / no-go for the full-GEMM LoRA kernels
      (benchmarks/bench_triton_gemm.py);
+  7. the batched rSVD and principal-subspace benchmarks (benchmarks/bench_rsvd.py) with a profiler trace;
   8. kernel microbenchmarks (benchmarks/bench_kernels.py) with a per-kernel trace of the Triton LoRA step.
 Everything goes under --out (logs, CSVs, summary.json); a short table (op, time, % of floor, ratio) prints last.
 """
@@ -39,7 +39,7 @@ for path in (ROOT, ROOT / "python"):
 # (step name, seconds allowed), each a hard box; gpu_check.sh stops everything at its own limit, so the steps are
 # ordered by value and the last ones are the first to be cut.
 BUDGET = {"environment": 20, "build_extension": 150, "gpu_tests": 150, "lora_variants": 70, "profile": 100,
-          "profile_orders": 60, "bench_rsvd": 100, "triton_gemm": 50, "bench_kernels": 60}
+          "profile_orders": 60, "triton_gemm": 50, "bench_rsvd": 100, "bench_kernels": 60}
 
 
 class StepTimeout(Exception):
@@ -184,10 +184,10 @@ STEPS: dict[str, Callable[[Path, bool], list[dict[str, Any]]]] = {
     "lora_variants": _bench_step("bench_lora_variants", trace=True),
     "profile": step_profile,
     "profile_orders": step_profile_orders,
+    "triton_gemm": _bench_step("bench_triton_gemm"),
     # no bench_rsvd case starts after 60 s: the last ones (memory update) are the least important, and the trace
     # and the summary still fit the box
     "bench_rsvd": _bench_step("bench_rsvd", trace=True, time_box_s=BUDGET["bench_rsvd"] - 40),
-    "triton_gemm": _bench_step("bench_triton_gemm"),
     "bench_kernels": _bench_step("bench_kernels", trace=True),
 }
 

@@ -4,6 +4,7 @@
 // forward is one dispatcher call from Python and the backward runs in the autograd engine without entering Python,
 // which is what the host-bound small layers (T x 768) pay for. Device-generic: ATen calls only, so one kernel
 // serves CPU, CUDA and Meta.
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -61,11 +62,26 @@ std::vector<int64_t> output_shape(const at::Tensor& x, int64_t d_out) {
   return shape;
 }
 
-// scale dY^T s in out_dtype; one fp32-output GEMM on CUDA for 16-bit inputs (no rounding of dB to 16 bits).
+// aten::mm.dtype (16-bit inputs, fp32 output in one tensor-core GEMM) where this torch has a CUDA kernel for it;
+// looked up at run time so the library builds against torch versions without the overload.
+std::optional<c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, at::ScalarType)>>
+mixed_dtype_mm() {
+  static const auto op = []() -> std::optional<
+                                  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                                                      at::ScalarType)>> {
+    const auto handle = c10::Dispatcher::singleton().findSchema({"aten::mm", "dtype"});
+    if (!handle || !handle->hasKernelForDispatchKey(c10::DispatchKey::CUDA)) return std::nullopt;
+    return handle->typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::ScalarType)>();
+  }();
+  return op;
+}
+
+// scale dY^T s in out_dtype; one fp32-output GEMM on CUDA for 16-bit inputs (no rounding of dB to 16 bits), as the
+// Python path does.
 at::Tensor scaled_outer(const at::Tensor& dy2, const at::Tensor& s, double scale, at::ScalarType out_dtype) {
   const bool low = dy2.scalar_type() == at::kBFloat16 || dy2.scalar_type() == at::kHalf;
-  if (out_dtype == at::kFloat && low && dy2.is_cuda()) {
-    return at::mm(dy2.t(), s, at::kFloat).mul_(scale);
+  if (out_dtype == at::kFloat && low && dy2.is_cuda() && s.scalar_type() == dy2.scalar_type()) {
+    if (const auto op = mixed_dtype_mm()) return op->call(dy2.t(), s, at::kFloat).mul_(scale);
   }
   return at::mm(dy2.t(), s).mul_(scale).to(out_dtype);
 }
