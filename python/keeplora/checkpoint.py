@@ -119,8 +119,9 @@ _META_KEYS = ("config", "tasks_done", "in_task", "history", "targets", "initial_
 
 def _read_state(folder: Path, model: torch.nn.Module):
     """``(config, meta, bases, weights, adapter or None, {target: weight})`` of a state folder, every part checked
-    against itself and against ``model`` (all but the weights' fingerprint); no collective. Raises ``FileNotFoundError`` (no state), ``IntegrityError`` (a damaged file, named) or
-    ``ValueError`` (a state that does not fit this model or this keeplora). Reads the model, never writes it."""
+    against itself and against ``model`` (all but the weights' fingerprint), without collectives. Raises
+    ``FileNotFoundError`` (no state), ``IntegrityError`` (a damaged file, named) or ``ValueError`` (a state that
+    does not fit this model or this keeplora). Reads the model, never writes it."""
     from .config import KeepLoRAConfig
 
     if not (folder / STATE_FILE).is_file():

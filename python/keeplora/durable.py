@@ -82,8 +82,10 @@ def write_manifest(folder: str | os.PathLike) -> None:
     for path in _files(folder):
         size, sha = _digest(path, sync=True)
         entries[path.relative_to(folder).as_posix()] = {"size": size, "sha256": sha}
-    write_text(folder / MANIFEST, json.dumps({"format": MANIFEST_FORMAT, "files": entries}, indent=1),
-               sync_parent=False)
+    with open(folder / MANIFEST, "w", encoding="utf-8") as f:  # the folder is not published yet: no rename needed
+        f.write(json.dumps({"format": MANIFEST_FORMAT, "files": entries}, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def verify(folder: str | os.PathLike) -> bool:
@@ -115,7 +117,7 @@ def verify(folder: str | os.PathLike) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- writing
-def write_text(path: str | os.PathLike, text: str, *, sync_parent: bool = True) -> None:
+def write_text(path: str | os.PathLike, text: str) -> None:
     """Replace a file atomically and durably: write a sibling, fsync it, rename it over ``path``, fsync the
     directory."""
     path = Path(path)
@@ -125,8 +127,7 @@ def write_text(path: str | os.PathLike, text: str, *, sync_parent: bool = True) 
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    if sync_parent:
-        fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def old_folder(target: Path) -> Path:
