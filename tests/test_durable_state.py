@@ -307,3 +307,129 @@ def test_nonfinite_names_every_bad_tensor():
                "d": torch.tensor([[float("-inf")]], dtype=torch.bfloat16), "e": torch.arange(3)}
     assert finite.nonfinite(tensors) == ["b", "d"]
     assert finite.nonfinite({}) == []
+
+
+# ----------------------------------------------------------------------------------------------- fault injection
+def _signature(kl) -> tuple:
+    return (kl.tasks_done, kl.in_task, {n: p.clone() for n, p in kl.bases.items()},
+            {n: layer.base_layer.weight.detach().clone() for n, layer in kl.layers.items()},
+            {n: layer.lora_B[kl.adapter_name].weight.detach().clone() for n, layer in kl.layers.items()})
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return a[:2] == b[:2] and all(a[i].keys() == b[i].keys() and all(torch.equal(a[i][n], b[i][n]) for n in a[i])
+                                  for i in (2, 3, 4))
+
+
+def _in_child(body) -> int:
+    """Run ``body`` in a forked child (exit 0 when it returns, 1 when it raises); returns the child's pid."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child never returns to pytest
+        code = 1
+        try:
+            body()
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _steps_killed_at(step: int) -> None:
+    """Count the save's steps (each fsync, rename, removal and tensor file written); SIGKILL this process just
+    before step ``step``."""
+    from keeplora import checkpoint
+
+    count = [0]
+
+    def counted(fn):
+        def call(*args, **kwargs):
+            count[0] += 1
+            if count[0] == step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return fn(*args, **kwargs)
+
+        return call
+
+    os.fsync, os.replace, shutil.rmtree = counted(os.fsync), counted(os.replace), counted(shutil.rmtree)
+    checkpoint.save_file = counted(checkpoint.save_file)
+    return count
+
+
+class Outcomes:
+    """Every load after a killed save: a state lost (the load failed) or silently corrupted (it loaded something
+    that is neither the previous nor the new state), and how many loads recovered the previous state."""
+
+    def __init__(self, states: dict[str, tuple]):
+        self.states = states
+        self.trials = self.lost = self.silent = self.recovered = 0
+        self.seen: set[str] = set()
+
+    def load(self, target: Path) -> None:
+        self.trials += 1
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                kl = KeepLoRA.load(target, CASE.model())
+            except Exception:  # noqa: BLE001 - any failure is a lost state
+                self.lost += 1
+                return
+        self.recovered += any(issubclass(w.category, durable.RecoveredWarning) for w in caught)
+        found = [name for name, sig in self.states.items() if _same(_signature(kl), sig)]
+        if not found:
+            self.silent += 1
+        self.seen.update(found)
+
+
+def _wait(pid: int) -> int:
+    _, status = os.waitpid(pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def test_saves_killed_at_every_step_and_at_random_times_lose_nothing(saved, tmp_path, monkeypatch):
+    """A child process saves state B over state A (and A over B, and over an interrupted save's leftovers) and is
+    killed with SIGKILL before each step of the save in turn, then at random times while saving A and B in a loop;
+    after every kill the folder must load as exactly A or B."""
+    kls = {which: KeepLoRA.load(saved / which, CASE.model()) for which in ("between", "mid")}
+    outcomes = Outcomes({which: _signature(kl) for which, kl in kls.items()})
+    target = tmp_path / "state"
+    # 1) a kill before every step (until a child completes its save), for three starting points
+    steps = {}
+    for old, new, leftover in (("between", "mid", False), ("mid", "between", False), ("between", "mid", True)):
+        for step in range(1, 100):
+            run = tmp_path / "run"
+            shutil.rmtree(run, ignore_errors=True)
+            run.mkdir()
+            shutil.copytree(saved / old, run / (".state.old" if leftover else "state"))
+            pid = _in_child(lambda: (_steps_killed_at(step), kls[new].save(run / "state")))
+            status = _wait(pid)
+            assert status in (0, -signal.SIGKILL), status
+            outcomes.load(run / "state")
+            if status == 0:
+                steps[(old, new, leftover)] = step - 1
+                break
+    assert min(steps.values()) >= 10, steps
+    assert outcomes.recovered > 0 and outcomes.seen == {"between", "mid"}
+    # 2) kills at random times while a child saves A, B, A, … into one folder (leftovers of one kill stay for the next)
+    kls["between"].save(target)
+    start = time.perf_counter()
+    kls["mid"].save(target)
+    one_save = time.perf_counter() - start
+    rng = random.Random(0)
+    for _ in range(20):
+        def save_forever():
+            while True:
+                kls["between"].save(target)
+                kls["mid"].save(target)
+
+        pid = _in_child(save_forever)
+        time.sleep(rng.uniform(0.0, 3 * one_save))
+        os.kill(pid, signal.SIGKILL)
+        assert _wait(pid) == -signal.SIGKILL
+        outcomes.load(target)
+    kls["between"].save(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "state"]  # no stale temporary folder
+    print(f"fault injection: {outcomes.trials} trials (steps per save: {sorted(steps.values())}), "
+          f"{outcomes.lost} states lost, {outcomes.silent} silent corruptions, {outcomes.recovered} recovered from the previous state")
+    assert outcomes.trials >= 50
+    assert outcomes.lost == 0
+    assert outcomes.silent == 0
