@@ -409,7 +409,7 @@ def test_saves_killed_at_every_step_and_at_random_times_lose_nothing(saved, tmp_
                 break
     assert min(steps.values()) >= 10, steps
     assert outcomes.recovered > 0 and outcomes.seen == {"between", "mid"}
-    # 2) kills at random times while a child saves A, B, A, … into one folder (leftovers of one kill stay for the next)
+    # 2) kills at random times while a child saves A, B, A, … into one folder (one kill's leftovers stay for the next)
     kls["between"].save(target)
     start = time.perf_counter()
     kls["mid"].save(target)
@@ -429,7 +429,8 @@ def test_saves_killed_at_every_step_and_at_random_times_lose_nothing(saved, tmp_
     kls["between"].save(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "state"]  # no stale temporary folder
     print(f"fault injection: {outcomes.trials} trials (steps per save: {sorted(steps.values())}), "
-          f"{outcomes.lost} states lost, {outcomes.silent} silent corruptions, {outcomes.recovered} recovered from the previous state")
+          f"{outcomes.lost} states lost, {outcomes.silent} silent corruptions, {outcomes.recovered} recovered from "
+          "the previous state")
     assert outcomes.trials >= 50
     assert outcomes.lost == 0
     assert outcomes.silent == 0
