@@ -434,3 +434,29 @@ def test_saves_killed_at_every_step_and_at_random_times_lose_nothing(saved, tmp_
     assert outcomes.trials >= 50
     assert outcomes.lost == 0
     assert outcomes.silent == 0
+
+
+def test_construction_refuses_non_finite_weights_untouched():
+    model = CASE.model()
+    name = next(n for n, _ in model.named_modules() if n.endswith("layer.1.attention.self.value"))
+    with torch.no_grad():
+        model.get_submodule(name).weight[3, 1] = float("nan")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"the weights of targets \['{name}'\] \(1 in all\) hold inf or NaN"):
+        KeepLoRA(model, config())
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0, equal_nan=True)
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())
+
+
+def test_save_into_an_unwritable_parent_names_the_target(tmp_path, monkeypatch):
+    kl = KeepLoRA(CASE.model(), config())
+
+    def refused(prefix, dir):
+        raise PermissionError(13, "Permission denied", str(Path(dir) / f"{prefix}abc"))
+
+    monkeypatch.setattr(durable.tempfile, "mkdtemp", refused)
+    with pytest.raises(PermissionError, match=f"cannot save to {tmp_path / 'state'}: Permission denied"):
+        kl.save(tmp_path / "state")

@@ -69,6 +69,12 @@ class KeepLoRA:
         check_shapes(bare, names, config)
         modules = dict(unwrap_model(bare).named_modules())
         distributed.check_wrapping(model, bare, {n: modules[n] for n in names}, config.adapter_name)
+        weights = {n: (m.get_base_layer() if hasattr(m, "get_base_layer") else m).weight
+                   for n, m in ((n, modules[n]) for n in names)}
+        bad = finite.nonfinite(weights, across_ranks=True)
+        if bad:
+            raise ValueError(f"the weights of targets {bad[:4]} ({len(bad)} in all) hold inf or NaN: KeepLoRA cannot "
+                             "protect or adapt them (load the model's weights again)")
         model = bare
         self.model = model
         self.config = config

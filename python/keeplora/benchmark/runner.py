@@ -18,8 +18,9 @@ checksum manifest, fsynced, then renamed into place; see :mod:`keeplora.durable`
 before as ``checkpoints/<method>.previous``. ``--resume`` reloads the config snapshot (it must equal the resolved
 config given; the differing keys are named), skips finished methods, restores a partly finished one from its
 verified checkpoint and continues with the next task: nothing finished is recomputed. A damaged checkpoint is
-reported with its file and how to restart from the task before. Each task seeds torch from ``(seed, method, task)`` and shuffles from ``(seed, task, epoch)``, so a
-resumed run computes exactly what the uninterrupted run computes (same machine, same thread count).
+reported with its file and how to restart from the task before. Each task seeds torch from ``(seed, method,
+task)`` and shuffles from ``(seed, task, epoch)``, so a resumed run computes exactly what the uninterrupted run
+computes (same machine, same thread count).
 """
 
 from __future__ import annotations
