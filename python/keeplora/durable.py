@@ -203,11 +203,12 @@ def _remove(tmp: Optional[Path]) -> None:
 def _naming(error: OSError, target: Path) -> OSError:
     """The same kind of OSError, saying which save failed (the temporary name alone means nothing to the user)."""
     where = f" ({error.filename})" if error.filename else ""
-    detail = error.strerror or str(error)
+    message = f"cannot save to {target}: {error.strerror or error}{where}"
+    args = (error.errno, message) if error.errno is not None else (message,)
     try:
-        return type(error)(error.errno, f"cannot save to {target}: {detail}{where}")
+        return type(error)(*args)
     except TypeError:  # an OSError subclass with another constructor
-        return OSError(error.errno, f"cannot save to {target}: {detail}{where}")
+        return OSError(*args)
 
 
 # ----------------------------------------------------------------------------------------------- reading
