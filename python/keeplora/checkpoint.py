@@ -2,8 +2,10 @@
 
 A state folder holds ``keeplora_state.json`` (format version, config, task counter, history, target shapes and
 weight fingerprints), ``bases.safetensors`` (the protected bases), ``weights.safetensors`` (the current target
-weights, which carry every merged task) and, mid-task, ``adapter.safetensors`` (A, B and B at task start). It is
-written to a temporary folder and renamed into place, so a crash never leaves a half-written state.
+weights, which carry every merged task), mid-task ``adapter.safetensors`` (A, B and B at task start), and
+``manifest.json`` (every file's size and sha256). It is written with :func:`keeplora.durable.atomic_folder`
+(fsynced, then renamed into place), so a crash or power loss leaves the previous or the new state, never a mix;
+loading verifies the manifest and checks every tensor before the model is touched.
 
 Under ``torch.distributed`` every rank calls save/export (sharded tensors are gathered with collectives) and rank 0
 alone writes; every rank returns once the folder is in place (or raises if writing failed). Every rank loads.
@@ -14,15 +16,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import distributed
+from . import distributed, durable, finite
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import KeepLoRA
@@ -50,24 +51,6 @@ def _same_fingerprint(a: dict[str, list[float]], b: dict[str, list[float]]) -> b
     if a.keys() != b.keys():
         return False
     return all(math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-6) for n in a for x, y in zip(a[n], b[n]))
-
-
-def _atomic_folder(directory: str | os.PathLike):
-    target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return target, Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-
-
-def _replace_folder(tmp: Path, target: Path) -> None:
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        target.rename(old)
-    tmp.rename(target)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:
@@ -99,38 +82,25 @@ def save_state(kl: "KeepLoRA", directory: str | os.PathLike) -> None:
     with distributed.failures_shared(f"save to {directory}"):
         if distributed.rank() != 0:
             return
-        target, tmp = _atomic_folder(directory)
-        try:
+        with durable.atomic_folder(directory) as tmp:
             (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))
             for file, tensors in files.items():
                 save_file(tensors, str(tmp / file))
-            _replace_folder(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
 
 def load_state(cls, directory: str | os.PathLike, model: torch.nn.Module) -> "KeepLoRA":
-    from .config import KeepLoRAConfig
-
-    folder = Path(directory)
-    if not (folder / STATE_FILE).is_file():
-        raise FileNotFoundError(f"{folder} holds no KeepLoRA state ({STATE_FILE} is missing)")
-    meta = json.loads((folder / STATE_FILE).read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{folder}: state format {meta.get('format_version')} is not supported "
-                         f"(this keeplora reads format {FORMAT_VERSION})")
-    config = KeepLoRAConfig.from_dict(meta["config"])
-    _check_model_matches(model, config, meta, folder)
-    bases = load_file(str(folder / "bases.safetensors"))
+    """Read and check everything (files, checksums, config, targets, shapes, dtypes, values) before the model is
+    touched, then apply it: on any error the model is as it was (no adapter attached, no weight changed)."""
+    folder = durable.readable_folder(directory)
+    with distributed.failures_shared(f"load from {directory}"):  # local checks: a rank that fails stops all
+        config, meta, bases, weights, adapter, targets = _read_state(folder, model)
+    _check_fingerprint(targets, meta, folder)  # sums over shards (collectives): every rank decides alike
     kl = cls(model, config, _bases={})
-    weights = load_file(str(folder / "weights.safetensors"))
     with torch.no_grad():
         for name, layer in kl.layers.items():
             distributed.copy_full_(layer.base_layer.weight, weights[name])
         kl.bases = {n: bases[n].to(device=kl.device, dtype=config.torch_stats_dtype) for n in kl.layers}
-        if meta["in_task"]:
-            adapter = load_file(str(folder / "adapter.safetensors"))
+        if adapter is not None:
             for name, layer in kl.layers.items():
                 lora_b = layer.lora_B[kl.adapter_name].weight
                 distributed.copy_full_(layer.lora_A[kl.adapter_name].weight, adapter[f"{name}.lora_A"])
@@ -144,25 +114,128 @@ def load_state(cls, directory: str | os.PathLike, model: torch.nn.Module) -> "Ke
     return kl
 
 
-def _check_model_matches(model, config, meta, folder) -> None:
-    """Before touching the model: the targets and their shapes must be the saved ones."""
-    from .adapters import resolve_targets, unwrap_model
+_META_KEYS = ("config", "tasks_done", "in_task", "history", "targets", "initial_fingerprint", "current_fingerprint")
 
-    model = distributed.unwrap_data_parallel(model)
-    names = resolve_targets(model, config)
+
+def _read_state(folder: Path, model: torch.nn.Module):
+    """``(config, meta, bases, weights, adapter or None, {target: weight})`` of a state folder, every part checked
+    against itself and against ``model`` (all but the weights' fingerprint), without collectives. Raises
+    ``FileNotFoundError`` (no state), ``IntegrityError`` (a damaged file, named) or ``ValueError`` (a state that
+    does not fit this model or this keeplora). Reads the model, never writes it."""
+    from .config import KeepLoRAConfig
+
+    if not (folder / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{folder} holds no KeepLoRA state ({STATE_FILE} is missing)")
+    if not durable.verify(folder):
+        warnings.warn(f"{folder} has no {durable.MANIFEST} (saved by an older keeplora): its files' integrity cannot "
+                      "be verified; save it again to add one", durable.UnverifiedWarning, stacklevel=3)
+    try:
+        meta = json.loads((folder / STATE_FILE).read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise durable.IntegrityError(f"{folder / STATE_FILE} is damaged: {error}") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise ValueError(f"{folder}: state format {version} is not supported "
+                         f"(this keeplora reads format {FORMAT_VERSION})")
+    missing = [k for k in _META_KEYS if k not in meta]
+    if missing:
+        raise durable.IntegrityError(f"{folder / STATE_FILE} lacks the entries {missing}")
+    try:
+        config = KeepLoRAConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{folder / STATE_FILE} holds a config this keeplora rejects: {error}") from None
+    layers = _check_model_matches(model, config, meta, folder)
+    bases = _read_tensors(folder, "bases.safetensors")
+    weights = _read_tensors(folder, "weights.safetensors")
+    expected: dict[str, dict[str, tuple[Any, torch.dtype | None]]] = {
+        "bases.safetensors": {n: ((layer.in_features, None), None) for n, layer in layers.items()},
+        "weights.safetensors": {n: ((layer.out_features, layer.in_features), layer.weight.dtype)
+                                for n, layer in layers.items()},
+    }
+    files = {"bases.safetensors": bases, "weights.safetensors": weights}
+    adapter = None
+    if meta["in_task"]:
+        adapter = _read_tensors(folder, "adapter.safetensors")
+        files["adapter.safetensors"] = adapter
+        r = config.r
+        expected["adapter.safetensors"] = {
+            key: (shape, None) for n, layer in layers.items() for key, shape in (
+                (f"{n}.lora_A", (r, layer.in_features)), (f"{n}.lora_B", (layer.out_features, r)),
+                (f"{n}.lora_B_start", (layer.out_features, r)))}
+    for file, tensors in files.items():
+        _check_tensors(folder / file, tensors, expected[file])
+    bad = finite.nonfinite({f"{file}: {key}": t for file, tensors in files.items() for key, t in tensors.items()})
+    if bad:
+        raise durable.IntegrityError(f"{folder}: non-finite values in {bad[:4]}; the state is damaged")
+    for name, basis in bases.items():
+        if basis.shape[1] > basis.shape[0]:
+            raise durable.IntegrityError(f"{folder / 'bases.safetensors'}: the basis of {name!r} has "
+                                         f"{basis.shape[1]} columns, more than its {basis.shape[0]} rows")
+    return config, meta, bases, weights, adapter, {n: layer.weight for n, layer in layers.items()}
+
+
+def _read_tensors(folder: Path, file: str) -> dict[str, torch.Tensor]:
+    path = folder / file
+    if not path.is_file():
+        raise durable.IntegrityError(f"{path} is missing")
+    try:
+        return load_file(str(path))
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
+        raise durable.IntegrityError(f"{path} is damaged: {type(error).__name__}: {error}") from None
+
+
+def _check_tensors(path: Path, tensors: dict[str, torch.Tensor],
+                   expected: dict[str, tuple[tuple, torch.dtype | None]]) -> None:
+    """Every expected key present with its shape (None = any size) and dtype (None = any floating dtype)."""
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise durable.IntegrityError(f"{path} lacks {missing[:4]} ({len(missing)} tensors)")
+    for key, (shape, dtype) in expected.items():
+        t = tensors[key]
+        if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+            want = tuple("any" if s is None else s for s in shape)
+            raise ValueError(f"{path}: {key!r} has shape {tuple(t.shape)}, but this model needs {want}")
+        if not t.is_floating_point() or (dtype is not None and t.dtype != dtype):
+            raise ValueError(f"{path}: {key!r} is {t.dtype}, but this model needs "
+                             f"{dtype if dtype is not None else 'a floating-point dtype'}")
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    from .adapters import unwrap_model
+
+    return unwrap_model(model)
+
+
+def _base_layer(module: torch.nn.Module) -> torch.nn.Module:
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
+def _check_model_matches(model, config, meta, folder) -> dict[str, torch.nn.Module]:
+    """Before touching the model: the config must fit it (as KeepLoRA's constructor checks it), and the targets and
+    their shapes must be the saved ones. Returns ``{target name: its nn.Linear}``."""
+    from .adapters import check_shapes, resolve_targets
+
+    bare = distributed.unwrap_data_parallel(model)
+    names = resolve_targets(bare, config)
+    check_shapes(bare, names, config)
+    modules = dict(_unwrap(bare).named_modules())
+    distributed.check_wrapping(model, bare, {n: modules[n] for n in names}, config.adapter_name)
     saved = meta["targets"]
     if sorted(names) != sorted(saved):
         raise ValueError(f"{folder} was saved for targets {sorted(saved)[:4]}… ({len(saved)}), but this model has "
                          f"{sorted(names)[:4]}… ({len(names)}): not the same model")
-    modules = dict(unwrap_model(model).named_modules())
-    weights = {}
+    layers = {}
     for name in names:
-        module = modules[name]
-        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        base = _base_layer(modules[name])
         if [base.out_features, base.in_features] != list(saved[name]):
             raise ValueError(f"{folder}: target {name!r} was {tuple(saved[name])} (d_out, d_in) when saved, but is "
                              f"{(base.out_features, base.in_features)} in this model: not the same model")
-        weights[name] = base.weight
+        layers[name] = base
+    return layers
+
+
+def _check_fingerprint(weights: dict[str, torch.Tensor], meta: dict, folder: Path) -> None:
+    """The model's target weights must be the pre-trained ones the state started from, or the saved ones."""
     found = fingerprint(weights)
     if not (_same_fingerprint(found, meta["initial_fingerprint"])
             or _same_fingerprint(found, meta["current_fingerprint"])):
@@ -184,14 +257,9 @@ def export_peft_adapter(kl: "KeepLoRA", directory: str | os.PathLike) -> None:
     with distributed.failures_shared(f"adapter export to {directory}"):
         if distributed.rank() != 0:
             return
-        target, tmp = _atomic_folder(directory)
-        try:
+        with durable.atomic_folder(directory) as tmp:
             root = unwrap_model(kl.model)
             base_name = getattr(getattr(root, "config", None), "_name_or_path", None) or None
             LoraConfig(r=kl.config.r, lora_alpha=kl.config.alpha, target_modules=list(kl.layers), bias="none",
                        base_model_name_or_path=base_name).save_pretrained(str(tmp))
             save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-            _replace_folder(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise

@@ -24,7 +24,7 @@ from torch import nn
 
 import keeplora_kernels as kk
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, finite
 from .adapters import (adapters_bypassed, attach_adapters, check_shapes, freeze_adapters, resolve_targets,
                        unwrap_model)
 from .basis import expand_bases, orthonormalize_against, random_residual_directions
@@ -69,6 +69,12 @@ class KeepLoRA:
         check_shapes(bare, names, config)
         modules = dict(unwrap_model(bare).named_modules())
         distributed.check_wrapping(model, bare, {n: modules[n] for n in names}, config.adapter_name)
+        weights = {n: (m.get_base_layer() if hasattr(m, "get_base_layer") else m).weight
+                   for n, m in ((n, modules[n]) for n in names)}
+        bad = finite.nonfinite(weights, across_ranks=True)
+        if bad:
+            raise ValueError(f"the weights of targets {bad[:4]} ({len(bad)} in all) hold inf or NaN: KeepLoRA cannot "
+                             "protect or adapt them (load the model's weights again)")
         model = bare
         self.model = model
         self.config = config
@@ -164,7 +170,8 @@ class KeepLoRA:
 
         The feature pass runs with the adapter still active (the same function as the merged model) and each basis
         grows by the energy rule, capped at ``d_in``, before anything is written, so that an error leaves the state
-        unchanged; then ``W ← W + scale·(A·B)ᵀ`` and the adapter is reset to zero. Returns
+        unchanged; then ``W ← W + scale·(A·B)ᵀ`` and the adapter is reset to zero. Non-finite statistics, grown bases
+        or merged weights raise ``FloatingPointError`` naming the targets, with nothing changed. Returns
         ``{module name: columns added}``.
         """
         if not self.in_task:
@@ -172,14 +179,22 @@ class KeepLoRA:
         start = time.perf_counter()
         if export_adapter_to is not None:
             self.export_adapter(export_adapter_to)
+        task = self.tasks_done + 1
         moments, tokens = self._task_statistics(dataloader, loss_fn)
         bases = dict(self.bases)
         if moments is not None:
-            with distributed.failures_shared(f"task {self.tasks_done + 1} memory update"):
+            bad = finite.nonfinite(moments)  # summed over the ranks already: every rank decides alike
+            if bad:
+                raise FloatingPointError(
+                    f"task {task}: non-finite memory statistics ({self.config.memory_source}) of {bad[:4]} "
+                    f"({len(bad)} targets): their inputs held inf or NaN in end_task's pass over the data; nothing "
+                    "was changed")
+            with distributed.failures_shared(f"task {task} memory update"):
                 grown = expand_bases(self.bases, moments, self.config.feature_energy, method=self.config.svd_method,
                                      oversample=self.config.svd_oversample, power_iters=self.config.svd_power_iters,
                                      seed=self.config.seed + self.tasks_done)
             bases = dict(zip(self.layers, distributed.sync_from_rank0([grown[n] for n in self.layers])))
+        self._check_merge(bases, task)
         with torch.no_grad():
             for layer in self.layers.values():
                 lora_a, lora_b = layer.lora_A[self.adapter_name].weight, layer.lora_B[self.adapter_name].weight
@@ -197,6 +212,25 @@ class KeepLoRA:
                              "basis_size": {n: int(p.shape[1]) for n, p in self.bases.items()},
                              "memory": memory, "seconds_end": time.perf_counter() - start})
         return added
+
+    def _check_merge(self, bases: dict[str, torch.Tensor], task: int) -> None:
+        """Refuse non-finite grown bases or merged weights before anything is written (one host sync for all
+        targets; the merged weights are checked shard by shard and the verdicts summed over the ranks)."""
+        flags = {}
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                if bases[name] is not self.bases[name]:
+                    flags[f"{name} (grown basis)"] = finite.all_finite(bases[name])
+                lora_a, lora_b = layer.lora_A[self.adapter_name].weight, layer.lora_B[self.adapter_name].weight
+                a, b = distributed.full_tensor(lora_a.detach()), distributed.full_tensor(lora_b.detach())
+                weight = layer.base_layer.weight
+                local = distributed.local_tensor(weight.detach())
+                delta = distributed.local_part((self.config.scale * (b.float() @ a.float())).to(local.device), weight)
+                flags[f"{name} (merged weight)"] = finite.all_finite((local.float() + delta).to(local.dtype))
+        bad = finite.failed(flags, across_ranks=True)
+        if bad:
+            raise FloatingPointError(f"task {task}: non-finite values in {bad[:4]} ({len(bad)} in all): the adapter "
+                                     "(B after training) or the memory update holds inf or NaN; nothing was changed")
 
     def export_adapter(self, directory: str) -> None:
         """Write the current task's adapter in PEFT's format (``PeftModel.from_pretrained`` loads it).

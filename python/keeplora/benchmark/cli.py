@@ -12,14 +12,14 @@ import sys
 def cmd_run(args: argparse.Namespace) -> int:
     from .model import ModelMissing
     from .runconfig import ConfigError
-    from .runner import run
+    from .runner import CheckpointError, run
     from .sources import SourceMissing
 
     try:
         result = run(args.config, output=args.output, quick=args.quick, resume=args.resume,
                      methods=[m.strip() for m in args.methods.split(",")] if args.methods else None,
                      progress=not args.no_progress)
-    except (ConfigError, SourceMissing, ModelMissing) as e:
+    except (ConfigError, SourceMissing, ModelMissing, CheckpointError) as e:
         print(f"keeplora run: {e}", file=sys.stderr)
         return 2
     print((result.output / "results.md").read_text())

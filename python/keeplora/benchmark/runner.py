@@ -7,16 +7,20 @@ Run folder (``--output``, default ``runs/<config name>[-quick]``)::
     zero_shot.json               accuracy of the untouched model on every task (step 0 of the curves)
     progress.json                tasks finished per method (updated after every checkpoint)
     checkpoints/<method>/        the latest finished task of a method: changed model tensors, heads, engine state
+    checkpoints/<method>.previous/  the task before (a fallback)
     methods/<method>/accuracy.{csv,json}, heatmap.png
     results.{md,json,csv}        Transfer / Average / Last and wall time per method
     accuracy_over_steps.png      accuracy of each task after each step, one panel per task, one line per method
     log.jsonl                    one line per (method, task): training loss per epoch, seconds, accuracies
 
-Checkpoints: after every task of every method the runner writes the method's state atomically (new folder, then
-rename). ``--resume`` reloads the config snapshot (it must equal the resolved config given), skips finished
-methods, restores a partly finished one from its checkpoint and continues with the next task: nothing finished is
-recomputed. Each task seeds torch from ``(seed, method, task)`` and shuffles from ``(seed, task, epoch)``, so a
-resumed run computes exactly what the uninterrupted run computes (same machine, same thread count).
+Checkpoints: after every task of every method the runner writes the method's state crash-safely (a new folder with a
+checksum manifest, fsynced, then renamed into place; see :mod:`keeplora.durable`) and keeps the one of the task
+before as ``checkpoints/<method>.previous``. ``--resume`` reloads the config snapshot (it must equal the resolved
+config given; the differing keys are named), skips finished methods, restores a partly finished one from its
+verified checkpoint and continues with the next task: nothing finished is recomputed. A damaged checkpoint is
+reported with its file and how to restart from the task before. Each task seeds torch from ``(seed, method,
+task)`` and shuffles from ``(seed, task, epoch)``, so a resumed run computes exactly what the uninterrupted run
+computes (same machine, same thread count).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -34,6 +39,7 @@ import numpy as np
 import torch
 import yaml
 
+from .. import durable
 from . import metrics as M
 from .data import TaskData, seed_from
 from .methods import Method, build_method
@@ -54,14 +60,26 @@ class RunResult:
     zero_shot: list[float] = field(default_factory=list)
 
 
+class CheckpointError(RuntimeError):
+    """A method's checkpoint cannot be read; the message names the damaged file and how to restart before it."""
+
+
 def _dump_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
-    os.replace(tmp, path)
+    durable.write_text(path, json.dumps(obj, indent=1, ensure_ascii=False))
 
 
-def _canonical(cfg: dict) -> str:
+def _canonical(cfg) -> str:
     return json.dumps(cfg, sort_keys=True, default=str)
+
+
+def _differing_keys(a, b, prefix: str = "") -> list[str]:
+    """Dotted paths where two configs differ (``training.lr``, ``methods[2].epochs``), down to the leaves."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [key for k in sorted(set(a) | set(b), key=str)
+                for key in _differing_keys(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [key for i, (x, y) in enumerate(zip(a, b)) for key in _differing_keys(x, y, f"{prefix}[{i}]")]
+    return [] if _canonical(a) == _canonical(b) else [prefix or "(the whole config)"]
 
 
 def default_output(cfg: dict) -> Path:
@@ -74,16 +92,20 @@ def prepare_output(cfg: dict, output: Optional[Path], resume: bool, source: Opti
     if resume:
         if not snapshot.is_file():
             raise ConfigError(f"--resume: {out} holds no run (no config.yaml); start it without --resume")
-        previous = yaml.safe_load(snapshot.read_text())
+        try:
+            previous = yaml.safe_load(snapshot.read_text())
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--resume: {snapshot} is damaged ({error}); start the run again in another "
+                              "--output") from None
         if _canonical(previous) != _canonical(cfg):
-            diff = sorted(k for k in set(previous) | set(cfg) if _canonical(previous.get(k)) != _canonical(cfg.get(k)))
+            diff = _differing_keys(previous, cfg)
             raise ConfigError(f"--resume: the config differs from the one {out} was started with (keys: {diff}); "
                               f"resume with the same config and flags, or use another --output")
         return out
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} already holds a run: pass --resume to continue it, or another --output")
     out.mkdir(parents=True, exist_ok=True)
-    snapshot.write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
+    durable.write_text(snapshot, yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
     if source is not None:
         shutil.copyfile(source, out / "config.source.yaml")
     return out
@@ -211,24 +233,17 @@ class Runner:
         return self.out / "checkpoints" / method.spec["slug"]
 
     def save_checkpoint(self, method: Method, pristine: dict, state: dict) -> None:
+        """Write the method's state after a task crash-safely (:func:`keeplora.durable.atomic_folder`); the
+        checkpoint of the task before is kept as ``<slug>.previous`` (a fallback if the latest is damaged)."""
         final = self._ckpt_dir(method)
-        tmp = final.with_name(final.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
         changed = {}
         for name, tensor in method.model.state_dict().items():
             base = pristine.get(name.replace(".base_layer.", "."))
             if base is None or base.shape != tensor.shape or not torch.equal(base, tensor):
                 changed[name] = tensor.detach().clone()
-        extra = method.extra_state(tmp)
-        torch.save({"state": state, "tensors": changed, "extra": extra, "info": method.info}, tmp / "state.pt")
-        old = final.with_name(final.name + ".old")
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old.exists():
-            shutil.rmtree(old)
+        with durable.atomic_folder(final, keep_previous=self._previous_dir(final)) as tmp:
+            extra = method.extra_state(tmp)
+            torch.save({"state": state, "tensors": changed, "extra": extra, "info": method.info}, tmp / "state.pt")
         progress = self._progress_state()
         progress[method.spec["slug"]] = state["tasks_done"]
         _dump_json(self.out / "progress.json", progress)
@@ -236,15 +251,53 @@ class Runner:
         if delay > 0:
             time.sleep(delay)
 
-    def load_checkpoint(self, method: Method) -> Optional[dict]:
-        folder = self._ckpt_dir(method)
-        if not (folder / "state.pt").is_file():
+    @staticmethod
+    def _previous_dir(final: Path) -> Path:
+        return final.with_name(final.name + ".previous")
+
+    def _damaged(self, spec: dict, folder: Path, error: BaseException) -> CheckpointError:
+        final = self.out / "checkpoints" / spec["slug"]
+        previous = self._previous_dir(final)
+        if previous.is_dir():
+            how = (f"replace it with the checkpoint of the task before (rm -r {final} && mv {previous} {final}) and "
+                   "run again with --resume")
+        else:
+            how = f"delete it (rm -r {final}) and run again with --resume: {spec['name']!r} restarts from task 1"
+        return CheckpointError(f"the checkpoint of method {spec['name']!r} in {folder} is damaged: {error}. To "
+                               f"restart from the task before, {how}")
+
+    def read_checkpoint(self, spec: dict) -> Optional[tuple[Path, dict]]:
+        """``(folder, saved dict)`` of a method's latest checkpoint, verified; None when there is none."""
+        folder = durable.readable_folder(self.out / "checkpoints" / spec["slug"])
+        if not folder.is_dir():
             return None
-        saved = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
-        method.load_extra_state(saved["extra"], folder)
+        try:
+            if not durable.verify(folder):
+                warnings.warn(f"{folder} has no {durable.MANIFEST} (written by an older keeplora): its integrity "
+                              "cannot be verified", durable.UnverifiedWarning, stacklevel=2)
+            if not (folder / "state.pt").is_file():
+                raise durable.IntegrityError(f"{folder / 'state.pt'} is missing")
+            try:
+                saved = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
+            except Exception as error:  # noqa: BLE001 - unpickling a damaged file raises many kinds of errors
+                raise durable.IntegrityError(f"{folder / 'state.pt'} cannot be read: {type(error).__name__}: "
+                                             f"{error}") from None
+            if not isinstance(saved, dict) or not {"state", "tensors", "extra", "info"} <= set(saved):
+                raise durable.IntegrityError(f"{folder / 'state.pt'} does not hold a checkpoint")
+        except durable.IntegrityError as error:
+            raise self._damaged(spec, folder, error) from error
+        return folder, saved
+
+    def load_checkpoint(self, method: Method, found: tuple[Path, dict]) -> dict:
+        """Restore a checkpoint read by :meth:`read_checkpoint` into a fresh method; returns its run state."""
+        folder, saved = found
+        try:
+            method.load_extra_state(saved["extra"], folder)  # first: it may attach the adapters the tensors fill
+        except durable.IntegrityError as error:
+            raise self._damaged(method.spec, folder, error) from error
         missing_keys = set(saved["tensors"]) - set(method.model.state_dict())
         if missing_keys:
-            raise RuntimeError(f"checkpoint {folder} does not fit the model: {sorted(missing_keys)[:5]} ...")
+            raise CheckpointError(f"checkpoint {folder} does not fit the model: {sorted(missing_keys)[:5]} ...")
         method.model.load_state_dict(saved["tensors"], strict=False)
         method.info = saved["info"]
         return saved["state"]
@@ -255,15 +308,17 @@ class Runner:
         if spec["type"] == "zero_shot":
             outer.update(T)
             return {"rows": [list(zero_row) for _ in range(T)], "seconds": zero_seconds, "info": []}
-        folder = self.out / "checkpoints" / spec["slug"]
-        if self._progress_state().get(spec["slug"]) == T and (folder / "state.pt").is_file():
-            saved = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
+        found = self.read_checkpoint(spec)
+        if found is not None and found[1]["state"]["tasks_done"] == T:
+            saved = found[1]
             outer.update(T)
             return {"rows": saved["state"]["rows"], "seconds": saved["state"]["seconds"], "info": saved["info"]}
         enc = self._fresh_encoder()
         pristine = {k: v.detach().clone() for k, v in enc.model.state_dict().items()}
         method = build_method(spec, enc, self.seed)
-        state = self.load_checkpoint(method) or {"tasks_done": 0, "rows": [], "seconds": 0.0}
+        state = {"tasks_done": 0, "rows": [], "seconds": 0.0}
+        if found is not None:
+            state = self.load_checkpoint(method, found)
         outer.update(state["tasks_done"])
         for t in range(state["tasks_done"], T):
             outer.set_description(f"{spec['name']} · task {t + 1}/{T} {self.names[t]}")
