@@ -237,11 +237,13 @@ def principal_subspace(weight: Union[torch.Tensor, Sequence[torch.Tensor]], ener
         side: ``"input"`` (default, paper): right singular vectors of W, a ``d_in × p`` basis of the input space.
             ``"output"``: left singular vectors, ``d_out × p`` (the authors' CLIP code applies these on the input
             side, which only type-checks for square weights).
-        strict: use the authors' strict rule (see :func:`energy_rank`).
+        strict: the authors' strict energy rule ``max(#{p : c_p < ε}, 1)`` instead of the paper's (see
+            :func:`energy_counts`).
 
     Returns a ``(d, p)`` fp32 tensor (fp64 for fp64 weights) with orthonormal columns (a list of them for a list
     input). Same-shaped weights of a list are computed as one batch (the engine passes all targets at once). The
-    returned basis captures at least ``energy`` of ``‖W‖_F²``; see the module docstring for the algorithm.
+    returned basis captures at least ``energy`` of ``‖W‖_F²`` and is within ``SUBSPACE_TOLERANCE`` (sine of the
+    largest principal angle) of the exact principal subspace; see the module docstring for the algorithm.
     Backends: the C++/CUDA extension when built, else :func:`principal_subspace_torch`;
     :func:`principal_subspace_ref` (full SVD per weight) is the reference the tests compare with.
     """
