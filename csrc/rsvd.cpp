@@ -408,7 +408,8 @@ std::vector<double> ritz_subspace_error(const Tensor& mat, const Tensor& u, cons
   const Tensor q = u.narrow(-1, 0, width).to(at::kDouble);
   const Tensor y = at::matmul(x.mT(), q);
   const Tensor theta = y.square().sum(-2);
-  const Tensor rho = at::linalg_vector_norm(at::matmul(x, y) - q * theta.unsqueeze(-2), 2, at::IntArrayRef{-2}, false);
+  const Tensor residual = at::matmul(x, y) - q * theta.unsqueeze(-2);  // G u_i - theta_i u_i
+  const Tensor rho = at::linalg_vector_norm(residual, 2, at::IntArrayRef{-2}, false);
   const Tensor theta_h = theta.cpu().contiguous(), rho_h = rho.cpu().contiguous();
   const double* th = theta_h.data_ptr<double>();
   const double* rh = rho_h.data_ptr<double>();
