@@ -409,10 +409,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rsvd(const Tensor& a, int64_t rank, i
 namespace {
 
 // Number of leading directions the energy rule keeps, given the cumulative energy fractions `cum` (b, r) of the
-// first r directions: paper rule p = #{i : cum_{i-1} < energy} (smallest p >= 1 with cum_p >= energy);
-// strict (authors' CLIP code) p = #{i : cum_i < energy}.
+// first r directions (energy > 0, nonzero spectrum): paper rule p = #{i : cum_{i-1} < energy} (smallest p >= 1
+// with cum_p >= energy); strict (the authors' code) p = max(#{i : cum_i < energy}, 1): never none, as the authors
+// keep the top direction when it alone holds the energy.
 Tensor energy_counts(const Tensor& cum, double energy, bool strict) {
-  if (strict) return cum.lt(energy).sum(-1);
+  if (strict) return cum.lt(energy).sum(-1).clamp_min(1);
   const Tensor before = at::cat({at::zeros_like(cum.narrow(-1, 0, 1)), cum.narrow(-1, 0, cum.size(-1) - 1)}, -1);
   return before.lt(energy).sum(-1);
 }
@@ -439,6 +440,47 @@ double predicted_rank(const double* sq, int64_t r, double total, double energy, 
     if (power_sum >= deficit || geometric_sum >= deficit) return static_cast<double>(i);
   }
   return static_cast<double>(mn);
+}
+
+// Largest accepted estimate of the sine of the largest principal angle between a sketch's basis and the exact
+// principal subspace, by result dtype (keeplora_kernels.principal_subspace.SUBSPACE_TOLERANCE).
+double subspace_tolerance(at::ScalarType rd) { return rd == at::kDouble ? 1e-10 : 1e-5; }
+
+// Per matrix j of mat (b, s, o): estimate of sin of the largest principal angle between span(u[j, :, :p_j]) (Ritz
+// vectors of G = mat_j mat_j^T, descending) and G's top-p_j eigenvectors, p_j = counts[j] < u.size(-1). In float64
+// from the vectors as returned: theta_i = u_i^T G u_i, rho_i = |G u_i - theta_i u_i|; sin(u_i, top-p) <=
+// rho_i / (theta_i - lambda_{p+1}), and the span's largest angle is at most sqrt(sum_i of their squares), with
+// theta_{p+1} + rho_{p+1} standing for lambda_{p+1}. Infinite where a gap is not positive. Host vector out.
+std::vector<double> ritz_subspace_error(const Tensor& mat, const Tensor& u, const std::vector<int64_t>& counts) {
+  const int64_t width = *std::max_element(counts.begin(), counts.end()) + 1;
+  TORCH_CHECK(width <= u.size(-1), "keeplora::principal_subspace: the convergence test needs Ritz pair p + 1");
+  const Tensor x = mat.to(at::kDouble);
+  const Tensor q = u.narrow(-1, 0, width).to(at::kDouble);
+  const Tensor y = at::matmul(x.mT(), q);
+  const Tensor theta = y.square().sum(-2);
+  const Tensor residual = at::matmul(x, y) - q * theta.unsqueeze(-2);  // G u_i - theta_i u_i
+  const Tensor rho = at::linalg_vector_norm(residual, 2, at::IntArrayRef{-2}, false);
+  const Tensor theta_h = theta.cpu().contiguous(), rho_h = rho.cpu().contiguous();
+  const double* th = theta_h.data_ptr<double>();
+  const double* rh = rho_h.data_ptr<double>();
+  std::vector<double> error(counts.size());
+  for (size_t j = 0; j < counts.size(); ++j) {
+    const double* tj = th + j * width;
+    const double* rj = rh + j * width;
+    const int64_t p = counts[j];
+    const double bound = tj[p] + rj[p];
+    double sum = 0.0;
+    for (int64_t i = 0; i < p; ++i) {
+      const double gap = tj[i] - bound;
+      if (!(gap > 0.0)) {
+        sum = std::numeric_limits<double>::infinity();
+        break;
+      }
+      sum += (rj[i] / gap) * (rj[i] / gap);
+    }
+    error[j] = std::sqrt(sum);
+  }
+  return error;
 }
 
 // Exact path for a batch x (b, s, o) in float64 (we want its left singular vectors): eigendecomposition of the
@@ -501,6 +543,7 @@ std::vector<Tensor> principal_subspace(at::TensorList weights, double energy, bo
     const std::vector<int64_t>& members = groups[key];
     const Tensor& first = weights[members[0]];
     const at::ScalarType rd = compute_dtype(first);
+    const double tolerance = subspace_tolerance(rd);
     const int64_t side = input_side ? first.size(1) : first.size(0);
     const int64_t other = input_side ? first.size(0) : first.size(1);
     const int64_t mn = std::min(side, other);
@@ -533,24 +576,43 @@ std::vector<Tensor> principal_subspace(at::TensorList weights, double energy, bo
       const bool all = remaining.size() == members.size();
       const Tensor sub = all ? mat : mat.index_select(0, idx);
       const Tensor sub_total = all ? total : total.index_select(0, idx);
-      auto [u, s, v, info] = run_rsvd(sub, std::nullopt, rd, r, over, kSubspacePowerIters, /*seed=*/0,
+      // all l Ritz pairs of the same sketch (rank l, no oversampling): the convergence test needs pair p + 1
+      auto [u, s, v, info] = run_rsvd(sub, std::nullopt, rd, r + over, 0, kSubspacePowerIters, /*seed=*/0,
                                       /*householder=*/false);
-      const Tensor sq = s.to(at::kDouble).square();
+      const Tensor sq = s.narrow(-1, 0, r).to(at::kDouble).square();
       const Tensor cum = sq.cumsum(-1).div(sub_total.unsqueeze(-1));
       const Tensor last = cum.select(-1, r - 1);
       const Tensor reached = last.ge(energy).cpu();
       const Tensor counts = energy_counts(cum, energy, strict).cpu();
       const Tensor sq_host = sq.cpu().contiguous();
       const Tensor total_sub_host = sub_total.cpu();
+      const bool* hit = reached.data_ptr<bool>();
+      const int64_t* cnt = counts.data_ptr<int64_t>();
+      std::vector<int64_t> done, done_counts;
+      for (size_t j = 0; j < remaining.size(); ++j) {
+        if (hit[j]) {
+          done.push_back(static_cast<int64_t>(j));
+          done_counts.push_back(cnt[j]);
+        }
+      }
+      std::vector<double> error(remaining.size(), std::numeric_limits<double>::infinity());
+      if (!done.empty()) {
+        const Tensor pick = at::tensor(done, at::TensorOptions().dtype(at::kLong)).to(w.device());
+        const std::vector<double> e = ritz_subspace_error(sub.index_select(0, pick), u.index_select(0, pick),
+                                                          done_counts);
+        for (size_t k = 0; k < done.size(); ++k) error[done[k]] = e[k];
+      }
       std::vector<int64_t> next;
       double most_needed = 0.0;
       for (size_t j = 0; j < remaining.size(); ++j) {
-        if (reached.data_ptr<bool>()[j]) {
-          out[members[remaining[j]]] = u[j].narrow(-1, 0, counts.data_ptr<int64_t>()[j]).to(rd).contiguous();
+        if (hit[j] && error[j] <= tolerance) {
+          out[members[remaining[j]]] = u[j].narrow(-1, 0, cnt[j]).to(rd).contiguous();
         } else {
-          next.push_back(remaining[j]);
-          most_needed = std::max(most_needed, predicted_rank(sq_host.data_ptr<double>() + j * r, r,
-                                                             total_sub_host.data_ptr<double>()[j], energy, mn));
+          next.push_back(remaining[j]);  // energy not reached, or reached by Ritz vectors not yet converged
+          if (!hit[j]) {
+            most_needed = std::max(most_needed, predicted_rank(sq_host.data_ptr<double>() + j * r, r,
+                                                               total_sub_host.data_ptr<double>()[j], energy, mn));
+          }
         }
       }
       remaining = next;

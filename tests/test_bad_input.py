@@ -65,6 +65,8 @@ def refused(model, kl=None, *, raises, match=None):
     ("a_init", "pissa", r"a_init must be one of \['gradient', 'random'\]"),
     ("memory_source", "activations", "memory_source must be one of"),
     ("weight_subspace", "output", r"weight_subspace must be one of \['input', 'official-clip'\]"),
+    ("weight_subspace_side", "left", r"weight_subspace_side must be one of \['input', 'output'\]"),
+    ("weight_energy_rule", "paper", r"weight_energy_rule must be one of \['inclusive', 'strict'\]"),
     ("stats_dtype", "float16", r"stats_dtype must be one of \['float32', 'float64'\]"),
     ("svd_method", "lanczos", "svd_method must be one of"),
     ("target_modules", [], "target_modules must be"),
@@ -110,6 +112,19 @@ def test_official_clip_subspace_refuses_non_square_weights():
     model = llama.model()
     with pytest.raises(ValueError, match="square weights"):
         KeepLoRA(model, KeepLoRAConfig(target_modules=llama.targets, weight_subspace="official-clip", progress=False))
+
+
+@pytest.mark.parametrize("field,value", [("weight_subspace_side", "input"), ("weight_energy_rule", "inclusive")])
+def test_official_clip_alias_refuses_a_contradicting_option(field, value):
+    with pytest.raises(ValueError, match=f"weight_subspace='official-clip' means {field}="):
+        KeepLoRAConfig(weight_subspace="official-clip", **{field: value})
+
+
+def test_output_side_refuses_non_square_weights_naming_the_option():
+    llama = CASES["llama"]
+    model = llama.model()
+    with pytest.raises(ValueError, match="weight_subspace_side='output'.*square weights"):
+        KeepLoRA(model, KeepLoRAConfig(target_modules=llama.targets, weight_subspace_side="output", progress=False))
 
 
 def test_empty_dataloader():

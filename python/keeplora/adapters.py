@@ -146,12 +146,13 @@ def check_shapes(model: nn.Module, names: list[str], config: KeepLoRAConfig) -> 
         if config.r > d_in:
             raise ValueError(f"KeepLoRAConfig.r = {config.r} exceeds d_in = {d_in} of target {name!r}; "
                              f"use r ≤ {d_in}")
-        if config.weight_subspace == "official-clip":
+        if config.weight_subspace_side == "output":
             w = (module.get_base_layer() if isinstance(module, LoraLayer) else module).weight
             if w.shape[0] != w.shape[1]:
-                raise ValueError("KeepLoRAConfig.weight_subspace='official-clip' applies output-space singular "
-                                 f"vectors on the input side, which needs square weights; {name!r} is "
-                                 f"{tuple(w.shape)}. Use weight_subspace='input'.")
+                raise ValueError("KeepLoRAConfig.weight_subspace_side='output' (also implied by "
+                                 "weight_subspace='official-clip') applies output-space singular vectors on the input "
+                                 f"side, which needs square weights; {name!r} is {tuple(w.shape)}. Use "
+                                 "weight_subspace_side='input'.")
         config.weight_energy_for(name)  # every target needs an ε_w
 
 

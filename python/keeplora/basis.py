@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
 import keeplora_kernels as kk
+from keeplora_kernels.principal_subspace import grown_rank, tail_count
 
 from .batching import bounded_batches
 
@@ -86,11 +86,11 @@ def expand_bases(bases: dict[str, torch.Tensor], moments: dict[str, torch.Tensor
     * ``method="exact"``: a batched ``eigh`` of ``C_r``;
     * ``method="randomized"``: the leading Ritz vectors of ``C_r`` from the batched randomized SVD (``oversample``,
       ``power_iters``, ``seed``), ranked by their Rayleigh quotients ``uᵀ·C_r·u`` (the energy each one really adds),
-      the sketch growing (at least doubling, and at least to 1.2× the count predicted from the Ritz values: a
-      lower bound from the smallest one and the extrapolated tail) until the rule is met, ``eigh`` once it would
-      pass a fraction of d. The directions added
-      always reach the energy (it is counted with the Rayleigh quotients); their number is the exact one or, on
-      spectra without a gap at the cut, a few more;
+      the sketch growing (``grown_rank``: at least doubling, and at least to 1.2× the count predicted from the
+      Ritz values by ``tail_count``: the extrapolated tail, never below the bound from the smallest one) until
+      the rule is met, ``eigh`` once it would pass a fraction of d. The directions added always reach the energy
+      (it is counted with the Rayleigh quotients); their number is the exact one or, on spectra without a gap at
+      the cut, a few more;
     * ``method="auto"``: randomized for inputs of ``RANDOMIZED_MIN_DIM`` or more, exact below.
     """
     if method not in ("exact", "randomized", "auto"):
@@ -166,12 +166,11 @@ def _ritz_directions(c_res, captured, totals, energy, free, oversample, power_it
         rayleigh, order = rayleigh.sort(-1, descending=True)
         u = torch.gather(u, -1, order[:, None, :].expand_as(u))
         counts = _first_reaching(rayleigh, captured[todo], totals[todo], energy)
-        # directions still missing: no later one holds more than the smallest Ritz value (eigenvalue interlacing),
-        # so (energy − captured after all k) / that value is a lower bound on how many more are needed; the
-        # extrapolated tail (_tail_count) predicts how many, so that a large need goes to eigh after one round
+        # directions still missing: the extrapolated tail (tail_count, shared with principal_subspace) predicts
+        # how many, never fewer than the lower bound (energy − captured after all k) / the smallest Ritz value
+        # (no later direction holds more: eigenvalue interlacing), so that a large need goes to eigh after one round
         fractions = (rayleigh / totals[todo, None]).double().cpu()
         after = captured[todo].double().cpu() + fractions.sum(-1)
-        smallest = fractions[:, -1].clamp_min(torch.finfo(torch.float64).tiny)
         remaining, predicted = [], k
         for j, (i, count) in enumerate(zip(todo, counts)):
             if count is not None:
@@ -181,33 +180,9 @@ def _ritz_directions(c_res, captured, totals, energy, free, oversample, power_it
             else:
                 remaining.append(i)
                 deficit = energy - float(after[j])
-                more = max(min(deficit / float(smallest[j]), float(d)), _tail_count(fractions[j], deficit, d))
-                predicted = max(predicted, k + math.ceil(more))
-        todo, k = remaining, max(2 * k, math.ceil(1.2 * predicted))
+                predicted = max(predicted, k + tail_count(fractions[j].tolist(), deficit, d))
+        todo, k = remaining, grown_rank(k, predicted, d)
     return chosen
-
-
-def _tail_count(values: torch.Tensor, deficit: float, d: int) -> int:
-    """Directions beyond the k known ones predicted to hold ``deficit`` (energy as a fraction of the total), from
-    ``values``, the k Ritz values as fractions, descending: the tail extrapolated by a power law and by a geometric
-    decay, both fitted at i = k/4 and k; the first model to reach the deficit wins (the same rule grows
-    principal_subspace's sketch in csrc/rsvd.cpp): exact on power-law spectra, an underestimate on faster-decaying
-    ones (the power law then holds more mass). ``d − k`` when neither reaches it. Only speed depends on it: the
-    energy rule is always checked on the real Rayleigh quotients."""
-    k = values.numel()
-    if deficit <= 0:
-        return 0
-    i1 = max(1, k // 4)
-    s1, s2 = float(values[i1 - 1]), float(values[k - 1])
-    if k <= i1 or not (s2 > 0 and s1 >= s2) or k >= d:
-        return max(d - k, 0)
-    beta = math.log(s1 / s2) / math.log(k / i1)
-    ratio = (s2 / s1) ** (1.0 / (k - i1))
-    index = torch.arange(k + 1, d + 1, dtype=torch.float64)
-    power = (s2 * (index / k) ** -beta).cumsum(0)
-    geometric = (s2 * ratio ** (index - k)).cumsum(0)
-    reached = ((power >= deficit) | (geometric >= deficit)).nonzero()
-    return int(reached[0]) + 1 if reached.numel() else d - k
 
 
 def random_residual_directions(basis: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:

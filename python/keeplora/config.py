@@ -57,9 +57,20 @@ class KeepLoRAConfig:
     memory_source: str = field(default="features", metadata={"help": (
         "'features' (default): the exact second moment Σ x·xᵀ of each target's inputs over real tokens; "
         "'gradients' (authors' LLaVA pipeline): the post-task gradient Gᵀ of the task data.")})
+    weight_subspace_side: Optional[str] = field(default=None, metadata={"help": (
+        "Which singular vectors of each pre-trained weight W (d_out × d_in) form the protected input basis: "
+        "'input' (paper; the authors' LLaVA code): right singular vectors; 'output' (the authors' CLIP code): left "
+        "singular vectors, applied on the input side, so square weights only. None: from weight_subspace.")})
+    weight_energy_rule: Optional[str] = field(default=None, metadata={"help": (
+        "How ε_w picks the number p of directions from the cumulative energies c_p: 'inclusive' (paper): the "
+        "smallest p with c_p ≥ ε_w; 'strict' (the authors' CLIP and LLaVA code): max(#{p : c_p < ε_w}, 1), "
+        "usually one direction less. None: from weight_subspace. Reproducing the authors: CLIP (MTIL) = 'output' + "
+        "'strict' (weight_subspace='official-clip'); LLaVA (MCITlib) = 'input' + 'strict'.")})
     weight_subspace: str = field(default="input", metadata={"help": (
-        "'input' (paper, default): right singular vectors of the PyTorch weight. 'official-clip': the authors' "
-        "CLIP code (left singular vectors applied on the input side, strict energy rule); square weights only.")})
+        "Shorthand kept for saved configs: 'input' (default): weight_subspace_side='input' with "
+        "weight_energy_rule='inclusive' unless those are set; 'official-clip': the authors' CLIP code, "
+        "weight_subspace_side='output' with weight_energy_rule='strict'. After validation it reads 'official-clip' "
+        "exactly for that combination and 'input' otherwise.")})
     stats_dtype: str = field(default="float32", metadata={"help": (
         "dtype of the gradient and feature accumulators and of the protected bases: 'float32' or 'float64'.")})
     svd_method: str = field(default="auto", metadata={"help": (
@@ -112,7 +123,7 @@ class KeepLoRAConfig:
         _choice("b_init", self.b_init, ("gradient", "zero"))
         _choice("a_init", self.a_init, ("gradient", "random"))
         _choice("memory_source", self.memory_source, ("features", "gradients"))
-        _choice("weight_subspace", self.weight_subspace, ("input", "official-clip"))
+        self._resolve_weight_subspace()
         if isinstance(self.stats_dtype, torch.dtype):
             self.stats_dtype = {v: k for k, v in _STATS_DTYPES.items()}.get(self.stats_dtype, self.stats_dtype)
         _choice("stats_dtype", self.stats_dtype, tuple(_STATS_DTYPES))
@@ -124,7 +135,30 @@ class KeepLoRAConfig:
         if not isinstance(self.adapter_name, str) or not self.adapter_name:
             raise ValueError(f"KeepLoRAConfig.adapter_name must be a non-empty string, got {self.adapter_name!r}")
 
+    def _resolve_weight_subspace(self) -> None:
+        _choice("weight_subspace", self.weight_subspace, ("input", "official-clip"))
+        official = self.weight_subspace == "official-clip"
+        for name, accepted, alias in (("weight_subspace_side", ("input", "output"), "output"),
+                                      ("weight_energy_rule", ("inclusive", "strict"), "strict")):
+            value = getattr(self, name)
+            if value is not None:
+                _choice(name, value, accepted)
+                if official and value != alias:
+                    raise ValueError(f"KeepLoRAConfig.weight_subspace='official-clip' means {name}={alias!r}, got "
+                                     f"{name}={value!r}; set weight_subspace='input' to combine the side and the "
+                                     "energy rule freely")
+        if self.weight_subspace_side is None:
+            self.weight_subspace_side = "output" if official else "input"
+        if self.weight_energy_rule is None:
+            self.weight_energy_rule = "strict" if official else "inclusive"
+        clip = (self.weight_subspace_side, self.weight_energy_rule) == ("output", "strict")
+        self.weight_subspace = "official-clip" if clip else "input"
+
     # ------------------------------------------------------------------ helpers
+    def principal_subspace_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``keeplora_kernels.principal_subspace`` for the pre-trained bases."""
+        return {"side": self.weight_subspace_side, "strict": self.weight_energy_rule == "strict"}
+
     @property
     def scale(self) -> float:
         return float(self.alpha) / self.r
