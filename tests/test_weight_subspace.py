@@ -170,9 +170,7 @@ def test_a_config_saved_before_the_options_loads_as_before():
     {"weight_subspace": "input"},
     {"weight_subspace": "official-clip"},
     {"weight_subspace_side": "output", "weight_energy_rule": "strict"},
-    pytest.param({"weight_energy_rule": "strict"}, marks=pytest.mark.xfail(strict=True, reason=(
-        "KeepLoRA._pretrained_bases (engine.py) derives side and rule from weight_subspace alone; it must pass "
-        "config.principal_subspace_options() to kk.principal_subspace"))),
+    {"weight_energy_rule": "strict"},  # the authors' LLaVA pipeline: input side, strict rule
 ])
 def test_engine_bases_follow_the_options(options):
     case = CASES["bert"]

@@ -265,7 +265,6 @@ class KeepLoRA:
     def _pretrained_bases(self) -> dict[str, torch.Tensor]:
         """Principal input subspace of every target's pre-trained weight, batched per ε_w value, computed
         on every rank and then taken from rank 0 (a sharded weight is gathered first)."""
-        official = self.config.weight_subspace == "official-clip"
         by_energy: dict[float, list[str]] = defaultdict(list)
         for name in self.layers:
             by_energy[self.config.weight_energy_for(name)].append(name)
@@ -275,8 +274,7 @@ class KeepLoRA:
                 biggest = max(self.layers[n].base_layer.weight.numel() for n in group)
                 for names in bounded_batches(group, 8 * biggest):  # the fp64 work copies dominate
                     weights = [distributed.full_tensor(self.layers[n].base_layer.weight.detach()) for n in names]
-                    found = kk.principal_subspace(weights, energy, side="output" if official else "input",
-                                                  strict=official)
+                    found = kk.principal_subspace(weights, energy, **self.config.principal_subspace_options())
                     for name, basis in zip(names, found):
                         bases[name] = basis.to(device=self.device, dtype=self.config.torch_stats_dtype).contiguous()
         return dict(zip(self.layers, distributed.sync_from_rank0([bases[n] for n in self.layers])))
