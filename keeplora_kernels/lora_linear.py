@@ -239,12 +239,11 @@ def _lora_linear_torch(x, weight, bias, lora_a, lora_b, scale: float) -> torch.T
 
 def lora_linear_extension(x, weight, bias, lora_a, lora_b, scale: float) -> torch.Tensor:
     """The compiled extension's ``keeplora::lora_linear`` (csrc/lora_linear.cpp): the same GEMMs as
-    :class:`LoRALinearFunction`, one dispatcher call forward and a C++ backward (no Python per step). Under
-    ``torch.compile``, and for the ``fused_dy`` backward (a Triton op), the Python Function runs instead: dynamo
-    traces that one."""
+    :class:`LoRALinearFunction`, one dispatcher call forward and a C++ backward (no Python per step). For the
+    ``fused_dy`` backward (a Triton op) the Python Function runs instead."""
     forward_order, backward_order = _dispatch.lora_orders(x.device, x.dtype, x.numel() // max(1, x.shape[-1]),
                                                           weight.shape[1], weight.shape[0])
-    if backward_order == "fused_dy" or torch.compiler.is_compiling():
+    if backward_order == "fused_dy":
         return _lora_linear_torch(x, weight, bias, lora_a, lora_b, scale)
     return torch.ops.keeplora.lora_linear(x, weight, bias, lora_a, lora_b, scale, forward_order, backward_order)
 
@@ -262,7 +261,11 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         scale: ``alpha / r``.
 
     Returns ``(..., d_out)`` in x's dtype. Saved for backward: ``s = x·lora_aᵀ`` (T×r) and the (frozen) weights.
+    Under ``torch.compile`` the PyTorch path runs whatever the backend: dynamo traces it, not the compiled op or the
+    Triton launchers.
     """
+    if torch.compiler.is_compiling():
+        return _lora_linear_torch(x, weight, bias, lora_a, lora_b, float(scale))
     backend = _dispatch.select("lora_linear", x.device, x.dtype, weight.dtype, lora_a.dtype, lora_b.dtype)
     if backend == "reference":
         return _lora_linear_torch(x, weight, bias, lora_a, lora_b, float(scale))
