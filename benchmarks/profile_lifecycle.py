@@ -39,8 +39,7 @@ def _setup(method: str, model, pm: ProfileModel, r: int, alpha: float):
     if method == "keeplora":
         return KeepLoRA(model, KeepLoRAConfig(target_modules=pm.targets, r=r, alpha=alpha, weight_energy=0.85,
                                               feature_energy=0.99, progress=False))
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) and any(n == t or n.endswith("." + t) for t in pm.targets)]
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and _is_target(n, pm.targets)]
     if method == "authors":
         return AuthorsKeepLoRA(model, names, r=r, alpha=alpha, weight_energy=0.85, feature_energy=0.99)
     from peft import LoraConfig, get_peft_model
@@ -72,6 +71,8 @@ def profile(model_spec: str, *, device: str = "cpu", dtype: str = "float32", bat
         _warm_cuda_libraries(dev)
     torch.manual_seed(seed)
     pristine = pm.build().to(dtype=torch_dtype)
+    accumulators = 4 * sum(m.weight.numel() for n, m in pristine.named_modules()
+                           if isinstance(m, torch.nn.Linear) and _is_target(n, pm.targets)) / 2**20
     rows: list[dict[str, Any]] = []
     subspaces = {}
     for method in methods:
@@ -106,16 +107,29 @@ def profile(model_spec: str, *, device: str = "cpu", dtype: str = "float32", bat
             step_peaks.append(time_and_memory(step, device=dev)[1])
             if method != "peft-lora":
                 end.append(time_and_memory(lambda: handle.end_task(data, pm.loss), device=dev))
+        offload = None
+        if method == "keeplora":  # one more task with the saved activations kept in host memory (grad_offload)
+            handle.config.grad_offload = True
+            offload = time_and_memory(lambda: handle.begin_task(data, pm.loss), device=dev)
+            handle.config.grad_offload = False
+            handle.end_task(data, pm.loss)
         if trace_dir is not None and method == "keeplora":
             _trace_task(handle, data, pm.loss, Path(trace_dir), dev)
         step_ms = statistics.median(step_times)
         rows.append(dict(method=method, phase="train_step", time_ms=step_ms, peak_mb=max(step_peaks) / 2**20,
                          tokens_per_s=tokens_per_batch / (step_ms / 1e3)))
         if begin:
+            # begin_task's peak next to the training step's and the gradient accumulators' (fp32 d_out × d_in per
+            # target): the pass should need no more than a training step plus its sums
+            context = dict(train_step_peak_mb=max(step_peaks) / 2**20, accumulators_mb=accumulators)
             rows.append(dict(method=method, phase="begin_task", time_ms=statistics.median(t for t, _ in begin),
                              peak_mb=max(p for _, p in begin) / 2**20,
                              tokens_per_s=batches_per_task * tokens_per_batch / (statistics.median(
-                                 t for t, _ in begin) / 1e3)))
+                                 t for t, _ in begin) / 1e3), **context))
+            if offload is not None:
+                rows.append(dict(method=method, phase="begin_task_offload", time_ms=offload[0],
+                                 peak_mb=offload[1] / 2**20,
+                                 tokens_per_s=batches_per_task * tokens_per_batch / (offload[0] / 1e3), **context))
             rows.append(dict(method=method, phase="end_task", time_ms=statistics.median(t for t, _ in end),
                              peak_mb=max(p for _, p in end) / 2**20,
                              tokens_per_s=batches_per_task * tokens_per_batch / (statistics.median(
@@ -125,11 +139,14 @@ def profile(model_spec: str, *, device: str = "cpu", dtype: str = "float32", bat
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     ours = {(row["phase"]): row for row in rows if row["method"] == "keeplora"}
+    authors = {(row["phase"]): row for row in rows if row["method"] == "authors"}
     for row in rows:
         base = ours.get(row["phase"])
         if base and row["method"] != "keeplora":
             row["time_vs_keeplora"] = row["time_ms"] / base["time_ms"]
             row["memory_vs_keeplora"] = row["peak_mb"] / max(base["peak_mb"], 1e-9)
+        if row["method"] == "keeplora" and row["phase"].startswith("begin_task") and "begin_task" in authors:
+            row["memory_vs_authors_begin_task"] = row["peak_mb"] / max(authors["begin_task"]["peak_mb"], 1e-9)
         row.update(model=model_spec, device_kind=dev.type, dtype=dtype, batch=batch, tokens_per_batch=tokens_per_batch,
                    r=r)
     if "keeplora" in subspaces and "authors" in subspaces:
@@ -163,11 +180,16 @@ def _trace_task(handle, data, loss, trace_dir: Path, dev: torch.device) -> None:
         (trace_dir / f"trace_{phase}.txt").write_text(profile_table(call, device=dev))
 
 
+def _is_target(name: str, targets: list[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
 def _tokens(batch) -> int:
     ids = batch["input_ids"] if isinstance(batch, dict) else batch.input_ids
     return int(ids.numel())
 
-COLUMNS = ["method", "phase", "time_ms", "peak_mb", "tokens_per_s", "time_vs_keeplora", "memory_vs_keeplora"]
+COLUMNS = ["method", "phase", "time_ms", "peak_mb", "tokens_per_s", "time_vs_keeplora", "memory_vs_keeplora",
+           "train_step_peak_mb", "accumulators_mb", "memory_vs_authors_begin_task"]
 
 
 def run(out_dir: Optional[Path] = None, **kwargs) -> list[dict[str, Any]]:

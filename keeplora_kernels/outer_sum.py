@@ -4,7 +4,9 @@ The gradient pass adds one ``d_out × d_in`` product per target and batch. Upcas
 fp32 first costs two fp32 copies of the activations and runs the product on fp32 SIMT units: on an H200 that GEMM
 was half of a warm ``begin_task`` (the profiler trace in benchmarks/results/h200). On CUDA, PyTorch's mixed-dtype
 ``addmm(..., out_dtype=float32)`` multiplies the 16-bit values on the tensor cores (products exact, sums in fp32)
-and writes fp32 with no copies; elsewhere (CPU, fp32/fp64 inputs, mixed input dtypes) the inputs are converted.
+and writes fp32 with no copies, into the accumulator itself (``out=acc``: no second ``d_out × d_in`` buffer);
+elsewhere (CPU, fp32/fp64 inputs, mixed input dtypes) the inputs are converted, in row chunks no larger than the
+accumulator, so the converted copies never outgrow it.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ def outer_sum_ref(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> torch
 
 
 def outer_sum(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Return ``acc + dyᵀ·x`` in ``acc``'s dtype (``acc`` itself, updated in place, unless the mixed-dtype CUDA
-    path ran: then a new tensor, so callers rebind: ``acc = outer_sum(acc, dy, x)``).
+    """Return ``acc + dyᵀ·x`` in ``acc``'s dtype: ``acc`` itself, updated in place (callers may still rebind,
+    ``acc = outer_sum(acc, dy, x)``: a CUDA build without the in-place mixed-dtype kernel returns a new tensor).
 
     Args:
         acc: ``(d_out, d_in)`` float32 or float64 accumulator.
@@ -38,5 +40,20 @@ def outer_sum(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> torch.Ten
         raise ValueError(f"outer_sum: acc must be float32 or float64, got {acc.dtype}")
     if (acc.dtype == torch.float32 and dy.dtype == x.dtype and dy.dtype in _LOW_PRECISION
             and mixed_dtype_gemm("addmm", acc.device.type)):
+        if _has_dtype_out(acc.device.type):
+            return torch.addmm(acc, dy.t(), x, out_dtype=torch.float32, out=acc)
         return torch.addmm(acc, dy.t(), x, out_dtype=torch.float32)
-    return outer_sum_ref(acc, dy, x)
+    if dy.dtype == acc.dtype and x.dtype == acc.dtype:
+        return outer_sum_ref(acc, dy, x)
+    rows = max(1, acc.numel() // (acc.shape[0] + acc.shape[1]))  # a chunk's converted dy and x: ≤ acc's size
+    for start in range(0, dy.shape[0], rows):
+        outer_sum_ref(acc, dy[start:start + rows], x[start:start + rows])
+    return acc
+
+
+def _has_dtype_out(device_type: str) -> bool:
+    """Whether ``torch.addmm(..., out_dtype=torch.float32, out=acc)`` has a kernel for this device type."""
+    if not hasattr(torch.ops.aten.addmm, "dtype_out"):
+        return False
+    return device_type == "meta" or torch._C._dispatch_has_kernel_for_dispatch_key("aten::addmm.dtype_out",
+                                                                                   device_type.upper())

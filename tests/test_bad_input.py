@@ -70,6 +70,10 @@ def refused(model, kl=None, *, raises, match=None):
     ("stats_dtype", "float16", r"stats_dtype must be one of \['float32', 'float64'\]"),
     ("svd_method", "lanczos", "svd_method must be one of"),
     ("target_modules", [], "target_modules must be"),
+    ("grad_micro_batch", -1, r"grad_micro_batch must be a non-negative integer \(tokens per micro-batch"),
+    ("grad_micro_batch", 512.0, "grad_micro_batch must be a non-negative integer"),
+    ("grad_micro_batch", True, "grad_micro_batch must be a non-negative integer"),
+    ("grad_offload", "yes", "grad_offload must be True or False"),
 ])
 def test_config_rejects_bad_values_naming_the_field(field, value, match):
     with pytest.raises(ValueError, match=match):

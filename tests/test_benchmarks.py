@@ -46,6 +46,13 @@ def test_profile_runs_all_methods_and_the_baseline_agrees_with_keeplora():
     (authors_begin,) = [r for r in rows if r["method"] == "authors" and r["phase"] == "begin_task"]
     # same algorithm: the research pipeline's adapter subspace equals ours (svd_lowrank is accurate here)
     assert authors_begin["adapter_subspace_max_sine_vs_keeplora"] < 1e-2
+    # begin_task's peak is reported next to the training step's and the accumulators' (with and without offload)
+    ours = {r["phase"]: r for r in rows if r["method"] == "keeplora"}
+    for phase in ("begin_task", "begin_task_offload"):
+        assert ours[phase]["train_step_peak_mb"] == ours["train_step"]["peak_mb"]
+        assert ours[phase]["memory_vs_authors_begin_task"] == ours[phase]["peak_mb"] / authors_begin["peak_mb"]
+    d, layers = 64, 1  # TINY: four d×d targets per layer
+    assert ours["begin_task"]["accumulators_mb"] == 4 * layers * 4 * d * d / 2**20
 
 
 def test_gpu_script_dry_mode(tmp_path):

@@ -39,6 +39,25 @@ def test_mixed_dtype_path_call_is_well_formed(monkeypatch):
     out = kk.outer_sum(acc, torch.empty(37, 11, device="meta", dtype=torch.bfloat16),
                        torch.empty(37, 5, device="meta", dtype=torch.bfloat16))
     assert out.shape == (11, 5) and out.dtype == torch.float32
+    assert out is acc  # written into the accumulator: no second d_out × d_in buffer
+
+
+def test_converted_inputs_are_added_in_chunks_no_larger_than_the_accumulator(monkeypatch):
+    """bf16 inputs on CPU: fp32 copies of at most acc.numel() elements at a time; the sum is the reference's."""
+    seen = []
+    reference = outer_sum_module.outer_sum_ref
+
+    def spy(acc, dy, x):
+        seen.append(dy.shape[0] * (dy.shape[1] + x.shape[1]))
+        return reference(acc, dy, x)
+
+    monkeypatch.setattr(outer_sum_module, "outer_sum_ref", spy)
+    dy, x = torch.randn(301, 7).bfloat16(), torch.randn(301, 6).bfloat16()
+    acc = torch.randn(7, 6)
+    expected = acc.double() + dy.double().t() @ x.double()
+    out = kk.outer_sum(acc, dy, x)
+    assert out is acc and len(seen) > 1 and max(seen) <= acc.numel()
+    assert_close(out, expected.float())
 
 
 @pytest.mark.gpu

@@ -138,3 +138,102 @@ def test_batch_budget_is_validated(monkeypatch):
         list(bounded_batches([1, 2], 8))
     monkeypatch.setenv("KEEPLORA_BATCH_BYTES", "16")
     assert list(bounded_batches([1, 2, 3], 8)) == [[1, 2], [3]]
+
+
+# ---- micro-batched gradient pass: exact for the model's own token-mean loss
+def _own_loss_model(kind: str):
+    """Tiny transformers models whose own loss is a mean over the labels that are not -100."""
+    from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+        return model.eval(), ["q_proj", "k_proj", "v_proj", "o_proj"]
+    model = BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=64, max_position_embeddings=32))
+    return model.eval(), ["query", "key", "value", "attention.output.dense"]
+
+
+def _labelled_batches(kind: str, n: int, rows: int = 7, length: int = 9, seed: int = 0):
+    """Padded rows of unequal length and unequal label counts; one row has no label at all."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, 64, (rows, length), generator=g)
+        lengths = torch.randint(2, length + 1, (rows,), generator=g)
+        mask = (torch.arange(length)[None] < lengths[:, None]).long()
+        labels = ids.masked_fill(mask == 0, -100)
+        if kind == "bert":  # masked LM: only some positions carry a label
+            labels = labels.masked_fill(torch.rand(rows, length, generator=g) < 0.6, -100)
+        labels[2] = -100
+        out.append({"input_ids": ids * mask, "attention_mask": mask, "labels": labels})
+    return out
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+@pytest.mark.parametrize("tokens", [9, 20, 27])  # one row per part, two rows, three rows (a shorter last part)
+def test_micro_batched_pass_equals_the_unsplit_pass(kind, tokens):
+    from keeplora.statistics import _micro_batches
+
+    model, targets = _own_loss_model(kind)
+    kl = KeepLoRA(model, KeepLoRAConfig(target_modules=targets, r=4, weight_energy=0.5, progress=False))
+    data = _labelled_batches(kind, 2)
+    parts = _micro_batches(model, data[0], tokens)
+    rows = tokens // 9
+    assert len(parts) <= -(-7 // rows) - (rows == 1)  # parts holding no label (row 2 alone) are skipped
+    assert all(len(p["labels"]) <= rows for p, _ in parts)
+    torch.testing.assert_close(sum(float(w) for _, w in parts), 1.0)
+    seen = []
+    hook = kl.layers[next(iter(kl.layers))].register_forward_hook(lambda _m, a, _o: seen.append(a[0].shape[0]))
+    kw = dict(device=torch.device("cpu"), dtype=torch.float32)
+    split = estimate_gradients(model, kl.layers, data, None, micro_batch_tokens=tokens, **kw)
+    assert max(seen) == tokens // 9 < 7
+    seen.clear()
+    whole = estimate_gradients(model, kl.layers, data, None, micro_batch_tokens=0, **kw)
+    assert seen == [7, 7]
+    hook.remove()
+    for n in whole:
+        assert whole[n].abs().max() > 0
+        torch.testing.assert_close(split[n], whole[n], rtol=1e-5, atol=1e-6)
+
+
+def test_micro_batching_leaves_user_losses_and_other_batches_whole():
+    from keeplora.statistics import _micro_batches
+
+    model, _ = _own_loss_model("llama")
+    batch = _labelled_batches("llama", 1)[0]
+    assert _micro_batches(model, batch, 9)[0][1] is not None
+    assert _micro_batches(model, batch, 0) == [(batch, None)]  # disabled
+    assert _micro_batches(model, batch, 1000) == [(batch, None)]  # fits in one part
+    no_labels = {k: v for k, v in batch.items() if k != "labels"}
+    assert _micro_batches(model, no_labels, 9) == [(no_labels, None)]
+    odd = {**batch, "extra": torch.zeros(3)}  # a tensor that is not one row per example
+    assert _micro_batches(model, odd, 9) == [(odd, None)]
+    unlabelled = {**batch, "labels": torch.full_like(batch["labels"], -100)}  # full loss is 0/0: left to raise
+    assert _micro_batches(model, unlabelled, 9) == [(unlabelled, None)]
+    bert, _ = _own_loss_model("bert")
+    case, tiny, kl = make("bert")  # BertModel with a user loss: no loss type of its own
+    assert _micro_batches(tiny, case.batches(n=1)[0], 9)[0][1] is None
+    seen = []
+    hook = kl.layers[next(iter(kl.layers))].register_forward_hook(lambda _m, a, _o: seen.append(a[0].shape[0]))
+    kl.config.grad_micro_batch = 9
+    kl.begin_task(case.batches(n=1), case.loss)  # a user loss_fn: whole batches
+    hook.remove()
+    assert seen == [4]
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_begin_task_with_micro_batches_and_offload_gives_the_same_adapter(kind):
+    results = []
+    for options in (dict(grad_micro_batch=0), dict(grad_micro_batch=18), dict(grad_micro_batch=0, grad_offload=True)):
+        model, targets = _own_loss_model(kind)
+        kl = KeepLoRA(model, KeepLoRAConfig(target_modules=targets, r=4, weight_energy=0.5, progress=False,
+                                            svd_method="exact", **options))
+        kl.begin_task(_labelled_batches(kind, 2))
+        results.append({n: (layer.lora_A[kl.adapter_name].weight.detach().clone(),
+                            layer.lora_B[kl.adapter_name].weight.detach().clone()) for n, layer in kl.layers.items()})
+    for other in results[1:]:
+        for n, (a, b) in results[0].items():
+            # A's columns are singular vectors (sign-ambiguous); the product B·A is not
+            torch.testing.assert_close(other[n][1] @ other[n][0], b @ a, rtol=1e-4, atol=1e-6)

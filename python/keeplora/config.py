@@ -54,6 +54,17 @@ class KeepLoRAConfig:
     grad_data_fraction: float = field(default=1.0, metadata={"help": (
         "Fraction of the task's batches, evenly spaced, used for the gradient estimate in begin_task "
         "(authors: 1.0 for CLIP, 0.2 for LLaVA).")})
+    grad_micro_batch: int = field(default=4096, metadata={"help": (
+        "Tokens per micro-batch of the gradient pass in begin_task: a batch is split by rows into parts of at most "
+        "this many tokens (rows × sequence length, at least one row), which bounds the activations the pass keeps "
+        "for backward. Only where the split is exact: the model's own loss (loss_fn=None) of a transformers causal "
+        "LM, masked LM or token classifier (a mean over the labels that are not -100; each part is weighted by its "
+        "share of those labels); batches of a user loss_fn are never split. 0 disables.")})
+    grad_offload: bool = field(default=False, metadata={"help": (
+        "Keep the activations saved for backward in host memory (pinned on CUDA) during begin_task's gradient pass: "
+        "device memory then holds about one layer's working set besides the accumulators, at the cost of copying "
+        "every saved activation to the host and back. For batches that micro-batching cannot split (one long "
+        "sequence, or a user loss_fn).")})
     memory_source: str = field(default="features", metadata={"help": (
         "'features' (default): the exact second moment Σ x·xᵀ of each target's inputs over real tokens; "
         "'gradients' (authors' LLaVA pipeline): the post-task gradient Gᵀ of the task data.")})
@@ -132,6 +143,12 @@ class KeepLoRAConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"KeepLoRAConfig.{name} must be a non-negative integer, got {value!r}")
+        if not isinstance(self.grad_micro_batch, int) or isinstance(self.grad_micro_batch, bool) \
+                or self.grad_micro_batch < 0:
+            raise ValueError("KeepLoRAConfig.grad_micro_batch must be a non-negative integer (tokens per micro-batch; "
+                             f"0 disables micro-batching), got {self.grad_micro_batch!r}")
+        if not isinstance(self.grad_offload, bool):
+            raise ValueError(f"KeepLoRAConfig.grad_offload must be True or False, got {self.grad_offload!r}")
         if not isinstance(self.adapter_name, str) or not self.adapter_name:
             raise ValueError(f"KeepLoRAConfig.adapter_name must be a non-empty string, got {self.adapter_name!r}")
 

@@ -125,11 +125,14 @@ class KeepLoRA:
                 grads = estimate_gradients(self.model, self.layers, dataloader, loss_fn, device=self.device,
                                            dtype=stats_dtype, fraction=self.config.grad_data_fraction,
                                            progress=self.config.progress,
-                                           desc=f"task {self.tasks_done + 1} gradient")
+                                           desc=f"task {self.tasks_done + 1} gradient",
+                                           micro_batch_tokens=self.config.grad_micro_batch,
+                                           offload=self.config.grad_offload)
         else:
             _require_nonempty(dataloader)
         with distributed.failures_shared(f"task {self.tasks_done + 1} adapter initialisation"):
             factors = self._adapter_factors(grads)
+        grads = None  # the d_out × d_in sums are not needed once A and B exist: free them before W is updated
         synced = distributed.sync_from_rank0([t for pair in factors.values() for t in pair])
         factors = {name: (synced[2 * i], synced[2 * i + 1]) for i, name in enumerate(factors)}
         ranks = {}

@@ -145,66 +145,151 @@ def _eval_mode(model: nn.Module):
             m.training = mode
 
 
+class _GradientTap(torch.autograd.Function):
+    """Identity on a target's output ``y`` whose backward adds ``dyᵀ·x`` to the target's accumulator.
+
+    ``anchor`` is a scalar leaf that every tap depends on: differentiating the loss with respect to it alone runs
+    the backward through every tap while no ``dy`` is kept (``autograd.grad`` would hold the gradients of all its
+    inputs until the end of the backward). ``x`` goes through ``save_for_backward`` so that saved-tensor hooks
+    (offloading) see it. The output is a copy, not an alias, so that the model may modify it in place.
+    """
+
+    @staticmethod
+    def forward(ctx, y, anchor, x, sink):
+        ctx.save_for_backward(x)
+        ctx.sink = sink
+        ctx.anchor_dtype = anchor.dtype
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        ctx.sink(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]))
+        return (dy if ctx.needs_input_grad[0] else None, torch.zeros((), device=dy.device, dtype=ctx.anchor_dtype),
+                None, None)
+
+
+# the model's own loss (loss_fn=None) per transformers loss type: does the token mean skip the first label of each
+# row (causal LMs predict token t+1 from t)? Only these are split into micro-batches (see _micro_batches).
+_TOKEN_MEAN_LOSSES = {"ForCausalLM": True, "ForMaskedLM": False, "ForTokenClassification": False}
+_IGNORE_INDEX = -100
+
+
+def _micro_batches(model: nn.Module, batch: Any, max_tokens: int) -> list[tuple[Any, Optional[torch.Tensor]]]:
+    """``[(part, weight)]`` whose weighted losses sum to the batch's loss; ``[(batch, None)]`` when not split.
+
+    A batch is split by rows only where the split is exact: the model's own loss (``model(**batch).loss``) of a
+    transformers model whose loss is the mean over the labels that are not -100 (causal LM, masked LM, token
+    classification), with every tensor of the dict batch holding one row per example. A part's loss is the mean over
+    its own ``n_i`` labels, so it is weighted by ``n_i / N``; parts with no label are skipped (they add nothing to
+    the sum). The weights stay on the device (no host sync).
+    """
+    shifted = _TOKEN_MEAN_LOSSES.get(getattr(model, "loss_type", None) or "")
+    labels = batch.get("labels") if isinstance(batch, Mapping) else None
+    if max_tokens <= 0 or shifted is None or not isinstance(labels, torch.Tensor) or labels.dim() < 2:
+        return [(batch, None)]
+    if any(k in batch for k in ("shift_labels", "num_items_in_batch")):
+        return [(batch, None)]
+    rows = labels.shape[0]
+    tensors = [v for v in batch.values() if isinstance(v, torch.Tensor)]
+    if any(v.dim() == 0 or v.shape[0] != rows for v in tensors):
+        return [(batch, None)]
+    tokens_per_row = max(1, labels[0].numel())
+    per_part = max(1, max_tokens // tokens_per_row)
+    if per_part >= rows:
+        return [(batch, None)]
+    counted = labels[:, 1:] if shifted else labels
+    per_row = (counted != _IGNORE_INDEX).reshape(rows, -1).sum(1)
+    total = per_row.sum()
+    parts = []
+    for start in range(0, rows, per_part):
+        part = {k: v[start:start + per_part] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        parts.append((part, per_row[start:start + per_part].sum()))
+    if int(total.item()) == 0:  # the full batch's loss is 0/0: run it whole so that the non-finite check sees it
+        return [(batch, None)]
+    counts = torch.stack([n for _, n in parts]).tolist()  # one host sync per batch, to skip empty parts
+    return [(part, n.to(torch.float64) / total) for (part, n), c in zip(parts, counts) if c > 0]
+
+
 def estimate_gradients(model: nn.Module, layers: Mapping[str, nn.Module], dataloader: Iterable[Any],
                        loss_fn: Optional[LossFn], *, device: torch.device, dtype: torch.dtype,
-                       fraction: float = 1.0, progress: bool = True, desc: str = "gradient"
-                       ) -> dict[str, torch.Tensor]:
+                       fraction: float = 1.0, progress: bool = True, desc: str = "gradient",
+                       micro_batch_tokens: int = 0, offload: bool = False) -> dict[str, torch.Tensor]:
     """Mean over batches of ``∂L/∂W_l`` (``d_out × d_in``) for every target, and nothing else.
 
-    The gradient of a linear layer's weight is ``dYᵀ·X``. A forward hook records each target call's input X and
-    output Y (making Y a graph leaf that requires grad when nothing upstream does); ``torch.autograd.grad`` then
-    returns the ``dY`` of exactly those outputs, and ``dYᵀ·X`` is accumulated in ``dtype`` on ``device``. No
-    ``.grad`` is ever written (not even of parameters outside the model that the loss uses) and no parameter
-    gradient is formed: model parameters are frozen during the pass. The model runs in eval mode (no dropout).
+    The gradient of a linear layer's weight is ``dYᵀ·X``. A forward hook passes each target call's output through
+    :class:`_GradientTap`, whose backward adds ``dYᵀ·X`` (in ``dtype``, on ``device``) to the target's sum as soon
+    as that ``dY`` exists, so the backward holds one ``dY`` at a time. No ``.grad`` is ever written (not even of
+    parameters outside the model that the loss uses) and no parameter gradient is formed: model parameters are
+    frozen during the pass, so autograd keeps only what the targets' ``dY`` need. The model runs in eval mode (no
+    dropout).
+
+    ``micro_batch_tokens`` > 0 splits a batch by rows into parts of at most that many tokens where the split is exact
+    (the model's own loss, ``loss_fn=None``; see :func:`_micro_batches`); a user ``loss_fn`` always sees whole
+    batches. ``offload`` keeps the tensors saved for backward in host memory (pinned on CUDA) during the pass.
     Raises ``EmptyDataError`` for an empty dataloader and ``FloatingPointError`` for a non-finite loss or gradient
     (checked once at the end: no per-batch host sync). Under ``torch.distributed`` the mean is over the batches of
     all ranks (the sums and the batch count are summed over the ranks) and every rank raises when one failed.
     """
+    split = loss_fn is None
     loss_fn = loss_fn or model_loss
     sums = {name: torch.zeros(layer.base_layer.weight.shape, device=device, dtype=dtype)
             for name, layer in layers.items()}
-    calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    anchor = torch.zeros((), device=device, dtype=torch.float32, requires_grad=True)
+    tapped = [0]
+
+    def make_sink(name: str):
+        def sink(dy: torch.Tensor, x: torch.Tensor) -> None:
+            # bf16/fp16 on CUDA: tensor cores, fp32 sums, no upcast copies
+            sums[name] = kk.outer_sum(sums[name], dy, x)
+
+        return sink
 
     def make_hook(name: str):
+        sink = make_sink(name)
+
         def forward_hook(_module, args, output):
             if not torch.is_grad_enabled():
                 return None
-            if not output.requires_grad:
-                output = output.detach().requires_grad_()
-            calls.append((name, args[0].detach(), output))
-            return output
+            tapped[0] += 1
+            return _GradientTap.apply(output, anchor, args[0].detach(), sink)
 
         return forward_hook
+
+    def one_loss(part: Any, weight: Optional[torch.Tensor]) -> torch.Tensor:
+        loss = loss_fn(model, part)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
+                            f"{tuple(getattr(loss, 'shape', ()))}")
+        return loss if weight is None else loss * weight.to(loss.dtype)
 
     handles = [layer.register_forward_hook(make_hook(name)) for name, layer in layers.items()]
     count = torch.zeros((), device=device, dtype=dtype)
     first_bad = torch.full((), -1, device=device, dtype=torch.int64)
+    saved = torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda") if offload else contextlib.nullcontext()
     with failures_shared(f"{desc} pass"):
         try:
             with _frozen_parameters(model), _eval_mode(model), torch.enable_grad():
                 for index, batch in _progress(evenly_spaced(dataloader, fraction), f"keeplora: {desc}", progress):
-                    calls.clear()
-                    loss = loss_fn(model, move_to_device(batch, device))
-                    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                        raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
-                                        f"{tuple(getattr(loss, 'shape', ()))}")
-                    if not calls or not loss.requires_grad:
-                        raise ValueError("the loss does not depend on any adapted module's output; check "
-                                         "target_modules and loss_fn")
-                    bad = ~torch.isfinite(loss.detach())
-                    first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, index), first_bad)
-                    dys = torch.autograd.grad(loss, [out for _, _, out in calls], allow_unused=True)
-                    if all(dy is None for dy in dys):
-                        raise ValueError("the loss does not depend on any adapted module's output; check "
-                                         "target_modules and loss_fn")
-                    for (name, x, _), dy in zip(calls, dys):
-                        if dy is not None:  # bf16/fp16 on CUDA: tensor cores, fp32 sums, no upcast copies
-                            sums[name] = kk.outer_sum(sums[name], dy.reshape(-1, dy.shape[-1]),
-                                                      x.reshape(-1, x.shape[-1]))
-                    calls.clear()
+                    batch = move_to_device(batch, device)
+                    parts = _micro_batches(model, batch, micro_batch_tokens) if split else [(batch, None)]
+                    del batch
+                    for part, weight in parts:
+                        tapped[0] = 0
+                        with saved:
+                            loss = one_loss(part, weight)
+                        if not tapped[0] or not loss.requires_grad:
+                            raise ValueError("the loss does not depend on any adapted module's output; check "
+                                             "target_modules and loss_fn")
+                        bad = ~torch.isfinite(loss.detach())
+                        first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, index), first_bad)
+                        reached = torch.autograd.grad(loss, [anchor], allow_unused=True)[0]
+                        del loss
+                        if reached is None:
+                            raise ValueError("the loss does not depend on any adapted module's output; check "
+                                             "target_modules and loss_fn")
                     count += 1
         finally:
-            calls.clear()
             for h in handles:
                 h.remove()
         if int(first_bad.item()) >= 0:
@@ -216,7 +301,9 @@ def estimate_gradients(model: nn.Module, layers: Mapping[str, nn.Module], datalo
     nonfinite = [name for name, s in sums.items() if not bool(torch.isfinite(s).all())]
     if nonfinite:
         raise FloatingPointError(f"non-finite gradient of {nonfinite[:4]} in the {desc} pass; nothing was changed")
-    return {name: s / count for name, s in sums.items()}
+    for s in sums.values():  # in place: a second set of d_out × d_in copies would double the accumulators' memory
+        s.div_(count)
+    return sums
 
 
 def collect_second_moments(model: nn.Module, layers: Mapping[str, nn.Module], dataloader: Iterable[Any],
