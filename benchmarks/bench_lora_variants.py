@@ -103,12 +103,22 @@ class _Timer:
         return harness.time_fn(fn, device=self.device, warmup=1, repeats=2 if self.smoke else 5).median_ms
 
     def graph(self, fn: Callable[[], Any]) -> Optional[float]:
-        """Median time of ``fn`` replayed from a CUDA graph (None off CUDA)."""
+        """Median time of ``fn`` replayed from a CUDA graph (None off CUDA): warm-up iterations and the capture on
+        one side stream (the documented whole-step pattern, backward included), then timed replays."""
         if self.device.type != "cuda":
             return None
-        from triton.testing import do_bench_cudagraph
-
-        return float(do_bench_cudagraph(fn, rep=40, return_mode="median"))
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        return harness.time_fn(graph.replay, device=self.device, cuda_warmup_ms=5, cuda_rep_ms=40).median_ms
 
 
 def _modes(fwd: Callable, x: torch.Tensor, params, dy) -> dict[str, Callable[[], Any]]:
@@ -118,22 +128,24 @@ def _modes(fwd: Callable, x: torch.Tensor, params, dy) -> dict[str, Callable[[],
             "step": lambda: torch.autograd.grad(fwd(x), params, dy)}
 
 
-def _time_provider(timer: _Timer, fns: dict[str, Callable[[], Any]]) -> dict[tuple[str, str], tuple[float, str]]:
-    """{(mode, timing): (ms, note)}; a failing graph capture is recorded, not raised."""
+def _time_provider(timer: _Timer, fns: dict[str, Callable[[], Any]], graph: bool
+                   ) -> dict[tuple[str, str], tuple[float, str]]:
+    """{(mode, timing): (ms, note)}: eager times of every mode, or (``graph``) graph-replay times of forward and
+    step, backward as their difference (a captured backward needs its forward in the same graph). A failing
+    capture is recorded, not raised."""
     out: dict[tuple[str, str], tuple[float, str]] = {}
-    for mode, fn in fns.items():
-        out[(mode, "eager")] = (timer.eager(fn), "")
-    if timer.device.type == "cuda":
-        for mode in ("forward", "step"):
-            try:
-                out[(mode, "graph")] = (timer.graph(fns[mode]), "")
-            except Exception as exc:  # noqa: BLE001 - a provider that cannot be captured is a finding, not a crash
-                out[(mode, "graph")] = (float("nan"), f"capture failed: {type(exc).__name__}: {str(exc)[:80]}")
-                torch.cuda.synchronize()
-        if (("forward", "graph") in out and ("step", "graph") in out
-                and not math.isnan(out[("step", "graph")][0]) and not math.isnan(out[("forward", "graph")][0])):
-            out[("backward", "graph")] = (out[("step", "graph")][0] - out[("forward", "graph")][0],
-                                          "step - forward")
+    if not graph:
+        for mode, fn in fns.items():
+            out[(mode, "eager")] = (timer.eager(fn), "")
+        return out
+    for mode in ("forward", "step"):
+        try:
+            out[(mode, "graph")] = (timer.graph(fns[mode]), "")
+        except Exception as exc:  # noqa: BLE001 - a provider that cannot be captured is a finding, not a crash
+            out[(mode, "graph")] = (float("nan"), f"capture failed: {type(exc).__name__}: {str(exc)[:80]}")
+    fwd, step = out[("forward", "graph")][0], out[("step", "graph")][0]
+    if not (math.isnan(fwd) or math.isnan(step)):
+        out[("backward", "graph")] = (step - fwd, "step - forward")
     return out
 
 
@@ -162,7 +174,8 @@ def _inputs(T, d, r, device, dtype, seed=0):
     return x, w, b, a, lb, dy
 
 
-def bench_single(timer: _Timer, rows: list[dict], shape, dtype) -> dict[str, Callable[[], Any]]:
+def bench_single(timer: _Timer, rows: list[dict], shape, dtype, graph: bool = False
+                 ) -> dict[str, Callable[[], Any]]:
     """All providers at one (T, d, r); returns the eager step of each provider (for the profiler table)."""
     T, d, r = shape
     dev = timer.device
@@ -187,7 +200,7 @@ def bench_single(timer: _Timer, rows: list[dict], shape, dtype) -> dict[str, Cal
                 weights += list(fwd.parameters())
             saved = _saved_activation_bytes(lambda: fwd(xg), weights) / 2**20
             fns = _modes(fwd, xg, params, dy)
-            times = _time_provider(timer, fns)
+            times = _time_provider(timer, fns, graph)
         except Exception as exc:  # noqa: BLE001 - one broken provider must not cost the others their rows
             rows.append(dict(op="lora_linear", shape=f"T={T},d={d},r={r}", provider=name,
                              note=f"FAILED: {type(exc).__name__}: {str(exc)[:100]}"))
@@ -208,7 +221,7 @@ def bench_single(timer: _Timer, rows: list[dict], shape, dtype) -> dict[str, Cal
     return steps
 
 
-def bench_qkv(timer: _Timer, rows: list[dict], shape, dtype) -> None:
+def bench_qkv(timer: _Timer, rows: list[dict], shape, dtype, graph: bool = False) -> None:
     """q, k, v of one input (the authors' CLIP attention): three calls of each variant against the shared Triton
     form that shrinks x once."""
     T, d, r = shape
@@ -254,7 +267,8 @@ def bench_qkv(timer: _Timer, rows: list[dict], shape, dtype) -> None:
             return torch.autograd.grad(ys, params, dys, retain_graph=True)
 
         try:
-            times = _time_provider(timer, {"forward": lambda fwd=fwd: fwd(xg), "backward": backward, "step": step})
+            times = _time_provider(timer, {"forward": lambda fwd=fwd: fwd(xg), "backward": backward, "step": step},
+                                   graph)
         except Exception as exc:  # noqa: BLE001
             rows.append(dict(op="lora_qkv", shape=f"T={T},d={d},r={r}", provider=name,
                              note=f"FAILED: {type(exc).__name__}: {str(exc)[:100]}"))
@@ -291,27 +305,45 @@ def run(out_dir: Optional[Path] = None, quick: bool = True, *, smoke: Optional[b
     shapes = SHAPES_SMOKE if smoke else SHAPES
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
+    pending: list[dict] = []
+
+    def flush() -> None:  # rows are written pass by pass: a run cut short keeps what it measured
+        for row in pending:
+            row.update(device_type=dev.type, smoke=smoke, dtype=str(dtype).split(".")[-1])
+        if pending:
+            harness.append_rows("lora_variants", pending, results_dir=Path(out_dir) if out_dir else None)
+        rows.extend(pending)
+        pending.clear()
+
     try:
+        # eager rows of everything first, graph replays after: a capture that fails cannot cost eager rows
         for shape in shapes:
-            steps = bench_single(timer, rows, shape, dtype)
+            steps = bench_single(timer, pending, shape, dtype)
             label = "T={},d={},r={}".format(*shape)
-            winner = _fastest(rows, label)
+            winner = _fastest(pending, label)
             if trace and out_dir and winner and shape == shapes[0]:
                 table = harness.profile_table(steps[winner], device=dev, row_limit=25)
                 with (Path(out_dir) / "trace_lora_variants.txt").open("a") as f:
                     f.write(f"== fastest variant {winner}, eager step, {label}, {dtype}\n{table}\n")
-        bench_qkv(timer, rows, QKV_SHAPE_SMOKE if smoke else QKV_SHAPE, dtype)
-    finally:  # a run cut short by the GPU script's time box keeps what it measured
+        bench_qkv(timer, pending, QKV_SHAPE_SMOKE if smoke else QKV_SHAPE, dtype)
+        flush()
+        if dev.type == "cuda":
+            for shape in shapes:
+                bench_single(timer, pending, shape, dtype, graph=True)
+            bench_qkv(timer, pending, QKV_SHAPE, dtype, graph=True)
+    finally:
         torch.set_num_threads(threads)
-        for row in rows:
-            row.update(device_type=dev.type, smoke=smoke, dtype=str(dtype).split(".")[-1])
-        if rows:
-            harness.append_rows("lora_variants", rows, results_dir=Path(out_dir) if out_dir else None)
+        flush()
     harness.print_table(rows, COLUMNS)
-    summary = [dict(op=f"{r['op']} {r['shape']} {r['provider']} step {r['timing']}", time_ms=r["time_ms"],
-                    ratio=r.get("vs_base"), note=f"vs unfused {r.get('vs_unfused')}")
-               for r in rows if r.get("mode") == "step" and r.get("time_ms") is not None]
-    return sorted(summary, key=lambda r: (r["op"].split(" ")[1], r["time_ms"]))
+    return summarize(rows)
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """The GPU script's summary: every provider's step, eager and graph, per shape, fastest first."""
+    steps = [r for r in rows if r.get("mode") == "step" and r.get("time_ms") not in (None, "")]
+    summary = [dict(op=f"{r['op']} {r['shape']} {r['provider']} step {r['timing']}", time_ms=float(r["time_ms"]),
+                    ratio=r.get("vs_base"), note=f"vs unfused {r.get('vs_unfused')}") for r in steps]
+    return sorted(summary, key=lambda r: (r["op"].split(" ")[1], r["op"].split(" ")[-1], r["time_ms"]))
 
 
 def main(argv=None) -> None:

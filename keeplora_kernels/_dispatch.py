@@ -151,13 +151,14 @@ def lora_orders(device: torch.device, dtype: torch.dtype, tokens: int, d_in: int
         if len(parts) != 2 or parts[0] not in FORWARD_ORDERS or parts[1] not in BACKWARD_ORDERS:
             raise ValueError(f"{_ORDERS_ENV} must be '<forward>,<backward>' with forward in {FORWARD_ORDERS} and "
                              f"backward in {BACKWARD_ORDERS}, got {forced!r}")
-        if parts[1] == "fused_dy" and not triton_runs(device, (dtype,)):
+        # checked in eager calls only: probing for triton is not traceable (a traced call trusts the eager one)
+        if parts[1] == "fused_dy" and not torch.compiler.is_compiling() and not triton_runs(device, (dtype,)):
             raise RuntimeError(f"{_ORDERS_ENV}={forced!r}: the fused_dy backward needs Triton on {device.type} "
                                f"tensors of {dtype} (a GPU, or TRITON_INTERPRET=1)")
         forward, backward = parts
     else:
         forward, backward = LORA_ORDERS.get(device.type, ("base_first", "base_first"))
-        if backward == "fused_dy" and not triton_runs(device, (dtype,)):
+        if backward == "fused_dy" and not torch.compiler.is_compiling() and not triton_runs(device, (dtype,)):
             backward = "expand_first"
     return forward, backward
 
