@@ -133,8 +133,12 @@ def mixed_dtype_gemm(op: str, device_type: str) -> bool:
 
 _ORDERS_ENV = "KEEPLORA_LORA_ORDERS"
 
-# (forward order, backward order) of the PyTorch LoRA path (``lora_linear.LoRALinearFunction``) per device type.
-LORA_ORDERS: dict[str, tuple[str, str]] = {"cpu": ("base_first", "base_first"), "cuda": ("base_first", "base_first")}
+# (forward order, backward order) of the PyTorch LoRA path and the compiled op per device type, chosen by the H200
+# side-by-side run (benchmarks/results/h200/lora_variants.csv): on CUDA expand_first in both directions gave the
+# fastest bf16 step at the Llama layer, eager and graph-replayed, and at the CLIP layer through the compiled op; the
+# Triton dY pass (fused_dy) was slower than the two cuBLAS GEMMs it replaces at both shapes. The CPU keeps base_first.
+LORA_ORDERS: dict[str, tuple[str, str]] = {"cpu": ("base_first", "base_first"),
+                                           "cuda": ("expand_first", "expand_first")}
 
 
 def lora_orders(device: torch.device, dtype: torch.dtype, tokens: int, d_in: int, d_out: int) -> tuple[str, str]:

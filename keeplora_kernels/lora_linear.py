@@ -61,6 +61,16 @@ def _(dy2, s, lora_b, scale, need_dbias):
             dy2.new_empty((dy2.shape[1] if need_dbias else 1,), dtype=acc))
 
 
+def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale·m1·m2`` as one GEMM: ``addmm_`` with beta = 0 into an uninitialised tensor (beta = 0 never reads it).
+    Traced, the product and the scaling instead: inductor's addmm decomposition multiplies the uninitialised
+    input by zero, which turns garbage NaNs into NaN outputs."""
+    if torch.compiler.is_compiling():
+        return torch.mm(m1, m2) * scale
+    out = torch.empty((m1.shape[0], m2.shape[1]), device=m1.device, dtype=m1.dtype)
+    return out.addmm_(m1, m2, beta=0, alpha=scale)
+
+
 FORWARD_ORDERS = ("base_first", "expand_first")
 BACKWARD_ORDERS = ("base_first", "expand_first", "fused_dy")
 
@@ -80,9 +90,8 @@ def _forward(x, weight, bias, lora_a, lora_b, scale, order: str = "base_first"):
     if order == "expand_first":
         if bias is not None:
             y2 = torch.addmm(bias.to(x.dtype), s, b.t(), alpha=scale)
-        else:  # beta = 0: the uninitialised Y is not read
-            y2 = torch.empty((x2.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype)
-            y2.addmm_(s, b.t(), beta=0, alpha=scale)
+        else:
+            y2 = _scaled_mm(s, b.t(), scale)
         y2.addmm_(x2, weight.t())
     else:
         y2 = torch.addmm(bias.to(x.dtype), x2, weight.t()) if bias is not None else x2 @ weight.t()
@@ -125,8 +134,7 @@ def _backward(dy2, s, weight, a, b, scale: float, order: str, need_dx: bool, db_
     if need_dx:
         ds = dy2 @ b
         if order == "expand_first":
-            dx2 = torch.empty((dy2.shape[0], a.shape[1]), device=dy2.device, dtype=dy2.dtype)
-            dx2.addmm_(ds, a, beta=0, alpha=scale)
+            dx2 = _scaled_mm(ds, a, scale)
             dx2.addmm_(dy2, weight.to(dy2.dtype))
         else:
             dx2 = dy2 @ weight.to(dy2.dtype)
