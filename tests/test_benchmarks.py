@@ -50,7 +50,9 @@ def test_profile_runs_all_methods_and_the_baseline_agrees_with_keeplora():
     ours = {r["phase"]: r for r in rows if r["method"] == "keeplora"}
     for phase in ("begin_task", "begin_task_offload"):
         assert ours[phase]["train_step_peak_mb"] == ours["train_step"]["peak_mb"]
-        assert ours[phase]["memory_vs_authors_begin_task"] == ours[phase]["peak_mb"] / authors_begin["peak_mb"]
+        # (a CPU peak of a tiny model can measure 0 MB: the ratio's guard, not a division by zero)
+        expected = ours[phase]["peak_mb"] / max(authors_begin["peak_mb"], 1e-9)
+        assert ours[phase]["memory_vs_authors_begin_task"] == expected
     d, layers = 64, 1  # TINY: four d×d targets per layer
     assert ours["begin_task"]["accumulators_mb"] == 4 * layers * 4 * d * d / 2**20
 
