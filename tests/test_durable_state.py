@@ -436,6 +436,34 @@ def test_saves_killed_at_every_step_and_at_random_times_lose_nothing(saved, tmp_
     assert outcomes.silent == 0
 
 
+def test_save_into_a_full_file_system_fails_clearly_and_keeps_the_previous_state(saved, tmp_path):
+    """A child whose file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored) is below the state's largest file saves over
+    the previous state: the save raises an OSError naming the target, and the previous state still loads."""
+    import resource
+
+    kls = {which: KeepLoRA.load(saved / which, CASE.model()) for which in ("between", "mid")}
+    target = Path(shutil.copytree(saved / "between", tmp_path / "state"))
+    largest = max(f.stat().st_size for f in target.iterdir())
+    report = tmp_path / "report.txt"
+
+    def save_with_a_full_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (largest // 2, resource.RLIM_INFINITY))  # soft: raised again below
+        try:
+            kls["mid"].save(target)
+        except OSError as error:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+            report.write_text(f"{type(error).__name__}: {error}")
+            raise
+
+    assert _wait(_in_child(save_with_a_full_disk)) == 1  # the save raised
+    message = report.read_text()
+    assert str(target) in message and "File too large" in message, message
+    reloaded = KeepLoRA.load(target, CASE.model())
+    assert _same(_signature(reloaded), _signature(kls["between"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.txt", "state"]  # no temporary folder left
+
+
 def test_construction_refuses_non_finite_weights_untouched():
     model = CASE.model()
     name = next(n for n, _ in model.named_modules() if n.endswith("layer.1.attention.self.value"))

@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -173,7 +174,8 @@ def atomic_folder(target: str | os.PathLike, *, keep_previous: Optional[str | os
     and replaces ``target`` (see the module docstring); on an exception it is removed and ``target`` is untouched.
 
     ``keep_previous``: a path (next to ``target``) where the replaced version is kept instead of being deleted.
-    An ``OSError`` while writing is re-raised with the same type, naming ``target``.
+    An ``OSError`` while writing (also one a serializer wraps in its own exception) is raised as an ``OSError`` of
+    that kind, naming ``target``.
     """
     target = Path(target)
     previous = Path(keep_previous) if keep_previous is not None else None
@@ -190,9 +192,21 @@ def atomic_folder(target: str | os.PathLike, *, keep_previous: Optional[str | os
     except OSError as error:
         _remove(tmp)
         raise _naming(error, target) from error
-    except BaseException:
+    except BaseException as error:
         _remove(tmp)
+        os_error = _os_error_inside(error)
+        if os_error is not None:
+            raise _naming(os_error, target) from error
         raise
+
+
+def _os_error_inside(error: BaseException) -> Optional[OSError]:
+    """The OS error a serializer reports in its own exception type (safetensors: "I/O error: ... (os error N)"),
+    as an OSError, or None."""
+    match = re.search(r"I/O error: (.*) \(os error (\d+)\)", str(error))
+    if match is None:
+        return None
+    return OSError(int(match.group(2)), match.group(1))
 
 
 def _remove(tmp: Optional[Path]) -> None:
