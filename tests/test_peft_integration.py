@@ -56,8 +56,15 @@ def test_peft_model_with_a_matching_adapter_is_reused():
     opt = torch.optim.AdamW(kl.trainable_parameters(), lr=1e-2)
     case.loss(peft_model, data[0]).backward()
     opt.step()
+    before = {n: layer.base_layer.weight.detach().clone() for n, layer in kl.layers.items()}
+    sizes = {n: p.shape[1] for n, p in kl.bases.items()}
     kl.end_task(data, case.loss)
     assert kl.tasks_done == 1
+    # the trained PEFT adapter was merged into the weights (they moved) and reset; the memory grew
+    assert any(not torch.equal(layer.base_layer.weight, before[n]) for n, layer in kl.layers.items())
+    assert all(layer.lora_B[kl.adapter_name].weight.abs().sum() == 0 for layer in kl.layers.values())
+    assert all(kl.bases[n].shape[1] >= sizes[n] for n in kl.layers)
+    assert any(kl.bases[n].shape[1] > sizes[n] for n in kl.layers)
 
 
 def test_peft_model_with_another_rank_is_refused():
