@@ -1,4 +1,4 @@
-"""Kernel benchmarks of issue 3: frozen-A LoRA linear (single and q/k/v shared-input), residual projection,
+"""Kernel benchmarks: frozen-A LoRA linear (single and q/k/v shared-input), residual projection,
 streaming second moment — each against its baselines, with the floor of ``performance.md``.
 
 GPU (bf16; the project's GPU script calls :func:`run`)::
@@ -380,7 +380,7 @@ def run(out_dir, quick: bool, *, device: Optional[str] = None, smoke: Optional[b
 
     ``device`` defaults to CUDA when available. ``smoke`` (default: on CPU) uses tiny shapes so the whole run takes
     seconds; the GPU quick run (bf16, 3 LoRA shapes, q/k/v, 4 projections, 1 second moment) is sized for well under
-    two minutes, the full run adds the 12 LoRA shapes of issue 3 and more projection/moment shapes.
+    two minutes, the full run adds 12 LoRA shapes and more projection/moment shapes.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     smoke = dev.type == "cpu" if smoke is None else smoke

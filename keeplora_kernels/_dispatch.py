@@ -141,8 +141,9 @@ LORA_ORDERS: dict[str, tuple[str, str]] = {"cpu": ("base_first", "base_first"),
                                            "cuda": ("expand_first", "expand_first")}
 
 
-def lora_orders(device: torch.device, dtype: torch.dtype, tokens: int, d_in: int, d_out: int) -> tuple[str, str]:
-    """The GEMM orders of the PyTorch LoRA path for these shapes (see ``lora_linear._forward`` / ``_backward``).
+def lora_orders(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+    """The GEMM orders of the LoRA linear on ``device`` (see ``lora_linear._forward`` / ``_backward``); the measured
+    winner did not depend on the shape, so there is no shape class.
 
     ``KEEPLORA_LORA_ORDERS=<forward>,<backward>`` forces them (e.g. ``expand_first,fused_dy``); the ``fused_dy``
     backward needs Triton to run on ``device`` (a GPU, or the interpreter).

@@ -234,11 +234,11 @@ class StackedLoRALinearFunction(torch.autograd.Function):
         return dx, None, db, dlora_b, None, None, None
 
 
-def _lora_linear_torch(x, weight, bias, lora_a, lora_b, scale: float) -> torch.Tensor:
+def _lora_linear_torch(x, weight, bias, lora_a, lora_b, scale: float,
+                       orders: Optional[tuple[str, str]] = None) -> torch.Tensor:
     """The PyTorch path: :class:`LoRALinearFunction`, or its forward alone when there is no graph to build
     (no_grad, or nothing requires grad: the feature pass, evaluation), without the Function's overhead."""
-    forward_order, backward_order = _dispatch.lora_orders(x.device, x.dtype, x.numel() // max(1, x.shape[-1]),
-                                                          weight.shape[1], weight.shape[0])
+    forward_order, backward_order = orders or _dispatch.lora_orders(x.device, x.dtype)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b)):
         return LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, scale, forward_order, backward_order)
     return _forward(x, weight, bias, lora_a, lora_b, scale, forward_order)[0].reshape(*x.shape[:-1],
@@ -249,10 +249,9 @@ def lora_linear_extension(x, weight, bias, lora_a, lora_b, scale: float) -> torc
     """The compiled extension's ``keeplora::lora_linear`` (csrc/lora_linear.cpp): the same GEMMs as
     :class:`LoRALinearFunction`, one dispatcher call forward and a C++ backward (no Python per step). For the
     ``fused_dy`` backward (a Triton op) the Python Function runs instead."""
-    forward_order, backward_order = _dispatch.lora_orders(x.device, x.dtype, x.numel() // max(1, x.shape[-1]),
-                                                          weight.shape[1], weight.shape[0])
+    forward_order, backward_order = _dispatch.lora_orders(x.device, x.dtype)
     if backward_order == "fused_dy":
-        return _lora_linear_torch(x, weight, bias, lora_a, lora_b, scale)
+        return _lora_linear_torch(x, weight, bias, lora_a, lora_b, scale, (forward_order, backward_order))
     return torch.ops.keeplora.lora_linear(x, weight, bias, lora_a, lora_b, scale, forward_order, backward_order)
 
 

@@ -111,12 +111,12 @@ def test_stacked_output_is_a_strided_view_that_reshapes():
 
 def test_orders_env_selects_and_validates(monkeypatch):
     monkeypatch.setenv("KEEPLORA_LORA_ORDERS", "expand_first,expand_first")
-    assert _dispatch.lora_orders(torch.device("cpu"), torch.float32, 8, 4, 4) == ("expand_first", "expand_first")
+    assert _dispatch.lora_orders(torch.device("cpu"), torch.float32) == ("expand_first", "expand_first")
     monkeypatch.setenv("KEEPLORA_LORA_ORDERS", "stacked,base_first")
     with pytest.raises(ValueError, match="KEEPLORA_LORA_ORDERS.*forward in"):
-        _dispatch.lora_orders(torch.device("cpu"), torch.float32, 8, 4, 4)
+        _dispatch.lora_orders(torch.device("cpu"), torch.float32)
     monkeypatch.delenv("KEEPLORA_LORA_ORDERS")
-    assert _dispatch.lora_orders(torch.device("cpu"), torch.float32, 8, 4, 4) == _dispatch.LORA_ORDERS["cpu"]
+    assert _dispatch.lora_orders(torch.device("cpu"), torch.float32) == _dispatch.LORA_ORDERS["cpu"]
 
 
 def test_lora_linear_follows_the_chosen_orders(monkeypatch):

@@ -245,15 +245,20 @@ def test_rsvd_op_validates_inputs():
 # CUDA (a device and a CUDA build of the extension are needed; marked gpu).
 
 
-@pytest.mark.gpu
-@_needs("rsvd", "cuda")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_rsvd_cuda_matches_cpu_without_host_sync(dtype):
+def _decaying_batch(dtype: torch.dtype) -> torch.Tensor:
+    """Six 256×192 matrices with singular values 0.8^i (seeded), in ``dtype`` on the CPU."""
     torch.manual_seed(0)
     spectrum = torch.tensor([0.8**i for i in range(96)], dtype=torch.float64)
     u0 = torch.linalg.qr(torch.randn(6, 256, 96, dtype=torch.float64)).Q
     v0 = torch.linalg.qr(torch.randn(6, 192, 96, dtype=torch.float64)).Q
-    a = ((u0 * spectrum) @ v0.mT).to(dtype)
+    return ((u0 * spectrum) @ v0.mT).to(dtype)
+
+
+@pytest.mark.gpu
+@_needs("rsvd", "cuda")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rsvd_cuda_matches_cpu_without_host_sync(dtype):
+    a = _decaying_batch(dtype)
     p = torch.zeros(6, 256, 10)
     p[:, :, :7] = torch.linalg.qr(torch.randn(6, 256, 7)).Q
     a_cuda, p_cuda = a.cuda(), p.cuda()
@@ -438,11 +443,7 @@ def test_gesvdj_batched_matches_the_jacobi_kernel(dtype, l):
 def test_rsvd_with_the_cusolver_small_svd_matches_jacobi_without_host_sync(dtype):
     from keeplora_kernels.rsvd import small_svd_method
 
-    torch.manual_seed(0)
-    spectrum = torch.tensor([0.8**i for i in range(96)], dtype=torch.float64)
-    u0 = torch.linalg.qr(torch.randn(6, 256, 96, dtype=torch.float64)).Q
-    v0 = torch.linalg.qr(torch.randn(6, 192, 96, dtype=torch.float64)).Q
-    a = ((u0 * spectrum) @ v0.mT).to(dtype).cuda()
+    a = _decaying_batch(dtype).cuda()
     before = small_svd_method()
     try:
         small_svd_method("jacobi")

@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, compiled extension and device")
     info.set_defaults(func=cmd_info)
-    from .benchmark.cli import add_subcommands  # run, sweep, data (issue 6)
+    from .benchmark.cli import add_subcommands  # run, sweep, data
 
     add_subcommands(sub)
     sub.add_parser("bench", help="kernel microbenchmarks: keeplora bench {kernels,lora-variants,rsvd} [options]",

@@ -1,7 +1,7 @@
 """KeepLoRAConfig: every knob of the algorithm, validated once in ``__post_init__``.
 
 Field ``metadata["help"]`` is the documentation (PEFT's convention). Defaults follow the paper and the authors'
-CLIP run (r=16, alpha=1, ε_f=0.99, B initialised from the gradient); see ../shared/spec/keeplora.md.
+CLIP run (r=16, alpha=1, ε_f=0.99, B initialised from the gradient); see docs/benchmark.md and the README.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""KeepLoRA: the continual-learning task lifecycle on a Hugging Face model (spec: ../shared/spec/keeplora.md).
+"""KeepLoRA: the continual-learning task lifecycle on a Hugging Face model.
 
     kl = KeepLoRA(model, KeepLoRAConfig(target_modules=[...], r=16))
     for task in tasks:

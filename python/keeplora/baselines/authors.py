@@ -1,7 +1,7 @@
 """The authors' research pipeline (CLIP/MTIL code path), re-implemented as a baseline for time and memory.
 
-It computes the same algorithm as :class:`keeplora.KeepLoRA` the way the research code does it (see
-../shared/spec/performance.md), so a profile can run both on one model and data:
+It computes the same algorithm as :class:`keeplora.KeepLoRA` the way the research code does it (all-parameter
+gradients, dense projector, per-matrix SVD loops), so a profile can run both on one model and data:
 
 * gradient estimate: every model parameter requires grad and gets ``.grad``; after each batch the target weights'
   gradients are copied to the host and summed there;
