@@ -30,7 +30,7 @@ from .adapters import (adapters_bypassed, attach_adapters, check_shapes, freeze_
 from .basis import expand_bases, orthonormalize_against, random_residual_directions
 from .batching import bounded_batches
 from .config import KeepLoRAConfig
-from .state import ContinualState
+from .state import ContinualState, fingerprint
 from .statistics import EmptyDataError, LossFn, collect_second_moments, estimate_gradients
 
 
@@ -116,7 +116,7 @@ class KeepLoRA:
         first = next(iter(self.layers.values())).base_layer.weight
         self.device = first.device
         if state is None:
-            initial = checkpoint.fingerprint(checkpoint.target_weights(self.layers))
+            initial = fingerprint(checkpoint.target_weights(self.layers))
             self.state = ContinualState(bases=self._pretrained_bases(), initial_fingerprint=initial)
             return
         b_dtypes = {n: layer.lora_B[config.adapter_name].weight.dtype for n, layer in self.layers.items()}
