@@ -57,8 +57,9 @@ def _host(t: torch.Tensor) -> torch.Tensor:
 
 def save_state(directory: str | os.PathLike, config: KeepLoRAConfig, state: ContinualState,
                layers: Mapping[str, Any]) -> None:
-    """Write ``state`` with ``config`` and the model tensors it needs (the target weights of ``layers``, the PEFT
-    LoRA layers of the targets, and during a task their adapter ``config.adapter_name``) to ``directory``."""
+    """Write ``state`` and ``config`` to ``directory`` with the model tensors that go with them, read from
+    ``layers`` (``{target: PEFT LoRA layer}``): the target weights and, during a task, the adapter
+    ``config.adapter_name``."""
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "config": config.to_dict(),
