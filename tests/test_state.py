@@ -8,6 +8,7 @@ ended, task 2 begun on ``batches(seed=2)`` and trained two steps, then saved mid
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import math
 import shutil
@@ -24,7 +25,6 @@ from tiny_models import CASES
 
 CASE = CASES["bert"]
 FIXTURE = Path(__file__).parent / "data" / "state_v1_mid_task"
-PACKAGE = Path(__file__).parent.parent / "python" / "keeplora"
 
 
 def config(**overrides) -> KeepLoRAConfig:
@@ -185,7 +185,7 @@ def test_from_state_refuses_a_state_that_does_not_fit_before_touching_the_model(
 
 # ----------------------------------------------------------------------------------------------- module structure
 def _imported(module: str) -> set[str]:
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    tree = ast.parse(Path(importlib.import_module(f"keeplora.{module}").__file__).read_text())
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level == 1:
