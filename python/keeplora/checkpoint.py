@@ -1,11 +1,14 @@
 """Saving and restoring the continual state, and exporting a task's adapter in PEFT's format.
 
-A state folder holds ``keeplora_state.json`` (format version, config, task counter, history, target shapes and
-weight fingerprints), ``bases.safetensors`` (the protected bases), ``weights.safetensors`` (the current target
-weights, which carry every merged task), mid-task ``adapter.safetensors`` (A, B and B at task start), and
-``manifest.json`` (every file's size and sha256). It is written with :func:`keeplora.durable.atomic_folder`
-(fsynced, then renamed into place), so a crash or power loss leaves the previous or the new state, never a mix;
-loading verifies the manifest and checks every tensor before the model is touched.
+:func:`save_state` writes a :class:`~keeplora.state.ContinualState` with the config and the model tensors it goes
+with; :func:`read_state` reads one back, checked against a model, as a :class:`SavedState` that
+:meth:`keeplora.KeepLoRA.load` applies. A state folder holds ``keeplora_state.json`` (format version, config, task
+counter, history, the record of the task in progress, target shapes and weight fingerprints), ``bases.safetensors``
+(the protected bases), ``weights.safetensors`` (the current target weights, which carry every merged task), mid-task
+``adapter.safetensors`` (A, B and B at task start), and ``manifest.json`` (every file's size and sha256). It is
+written with :func:`keeplora.durable.atomic_folder` (fsynced, then renamed into place), so a crash or power loss
+leaves the previous or the new state, never a mix; loading verifies the manifest and checks every tensor before the
+model is touched.
 
 Under ``torch.distributed`` every rank calls save/export (sharded tensors are gathered with collectives) and rank 0
 alone writes; every rank returns once the folder is in place (or raises if writing failed). Every rank loads.
@@ -14,43 +17,37 @@ alone writes; every rank returns once the folder is in place (or raises if writi
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Mapping, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from . import distributed, durable, finite
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .engine import KeepLoRA
+from .config import KeepLoRAConfig
+from .state import ContinualState, fingerprint, same_fingerprint
 
 FORMAT_VERSION = 1
 STATE_FILE = "keeplora_state.json"
 
 
-def fingerprint(weights: dict[str, torch.Tensor]) -> dict[str, list[float]]:
-    """Per target ``[Σw, Σw²]`` of the weight in fp64: identifies a model's weights without storing them.
+@dataclass
+class SavedState:
+    """A state folder read back and checked: the config, the continual state (on the CPU, as saved), the target
+    weights, and, for a state saved during a task, every target's adapter ``(A r×d_in, B d_out×r)``."""
 
-    A sharded (FSDP2) weight is summed over its shards without being gathered."""
-    out = {}
-    for name, weight in weights.items():
-        w = weight.detach().double()
-        out[name] = [float(distributed.full_tensor(w.sum())), float(distributed.full_tensor(w.square().sum()))]
-    return out
-
-
-def target_weights(kl: "KeepLoRA") -> dict[str, torch.Tensor]:
-    return {name: layer.base_layer.weight for name, layer in kl.layers.items()}
+    config: KeepLoRAConfig
+    state: ContinualState
+    weights: dict[str, torch.Tensor]
+    adapters: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]]
 
 
-def _same_fingerprint(a: dict[str, list[float]], b: dict[str, list[float]]) -> bool:
-    if a.keys() != b.keys():
-        return False
-    return all(math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-6) for n in a for x, y in zip(a[n], b[n]))
+def target_weights(layers: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """``{target: base weight}`` of PEFT LoRA layers."""
+    return {name: layer.base_layer.weight for name, layer in layers.items()}
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:
@@ -58,26 +55,31 @@ def _host(t: torch.Tensor) -> torch.Tensor:
     return distributed.full_tensor(t.detach()).contiguous().cpu()
 
 
-def save_state(kl: "KeepLoRA", directory: str | os.PathLike) -> None:
+def save_state(directory: str | os.PathLike, config: KeepLoRAConfig, state: ContinualState,
+               layers: Mapping[str, Any]) -> None:
+    """Write ``state`` and ``config`` to ``directory`` with the model tensors that go with them, read from
+    ``layers`` (``{target: PEFT LoRA layer}``): the target weights and, during a task, the adapter
+    ``config.adapter_name``."""
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
-        "config": kl.config.to_dict(),
-        "tasks_done": kl.tasks_done,
-        "in_task": kl.in_task,
-        "history": kl.history,
-        "task_record": kl._task_record,
-        "targets": {n: [layer.out_features, layer.in_features] for n, layer in kl.layers.items()},
-        "initial_fingerprint": kl.initial_fingerprint,
-        "current_fingerprint": fingerprint(target_weights(kl)),
+        "config": config.to_dict(),
+        "tasks_done": state.tasks_done,
+        "in_task": state.in_task,
+        "history": state.history,
+        "task_record": state.task_record,
+        "targets": {n: [layer.out_features, layer.in_features] for n, layer in layers.items()},
+        "initial_fingerprint": state.initial_fingerprint,
+        "current_fingerprint": fingerprint(target_weights(layers)),
     }
-    files = {"bases.safetensors": {n: p.contiguous().cpu() for n, p in kl.bases.items()},
-             "weights.safetensors": {n: _host(layer.base_layer.weight) for n, layer in kl.layers.items()}}
-    if kl.in_task:
+    files = {"bases.safetensors": {n: p.contiguous().cpu() for n, p in state.bases.items()},
+             "weights.safetensors": {n: _host(layer.base_layer.weight) for n, layer in layers.items()}}
+    if state.in_task:
+        adapter = config.adapter_name
         tensors = {}
-        for n, layer in kl.layers.items():
-            tensors[f"{n}.lora_A"] = _host(layer.lora_A[kl.adapter_name].weight)
-            tensors[f"{n}.lora_B"] = _host(layer.lora_B[kl.adapter_name].weight)
-            tensors[f"{n}.lora_B_start"] = kl._b_start[n].contiguous().cpu()
+        for n, layer in layers.items():
+            tensors[f"{n}.lora_A"] = _host(layer.lora_A[adapter].weight)
+            tensors[f"{n}.lora_B"] = _host(layer.lora_B[adapter].weight)
+            tensors[f"{n}.lora_B_start"] = state.b_start[n].contiguous().cpu()
         files["adapter.safetensors"] = tensors
     with distributed.failures_shared(f"save to {directory}"):
         if distributed.rank() != 0:
@@ -88,42 +90,37 @@ def save_state(kl: "KeepLoRA", directory: str | os.PathLike) -> None:
                 save_file(tensors, str(tmp / file))
 
 
-def load_state(cls, directory: str | os.PathLike, model: torch.nn.Module) -> "KeepLoRA":
-    """Read and check everything (files, checksums, config, targets, shapes, dtypes, values) before the model is
-    touched, then apply it: on any error the model is as it was (no adapter attached, no weight changed)."""
+def read_state(directory: str | os.PathLike, model: torch.nn.Module) -> SavedState:
+    """Read a state folder for ``model`` and check everything (files, checksums, config, targets, shapes, dtypes,
+    values, and that the model's target weights are the pre-trained ones the state started from or the saved ones)
+    without touching the model. :meth:`keeplora.KeepLoRA.load` applies the result."""
     folder = durable.readable_folder(directory)
     with distributed.failures_shared(f"load from {directory}"):  # local checks: a rank that fails stops all
-        config, meta, bases, weights, adapter, targets = _read_state(folder, model)
+        config, meta, bases, weights, adapter, targets = _read_folder(folder, model)
     _check_fingerprint(targets, meta, folder)  # sums over shards (collectives): every rank decides alike
-    kl = cls(model, config, _bases={})
-    with torch.no_grad():
-        for name, layer in kl.layers.items():
-            distributed.copy_full_(layer.base_layer.weight, weights[name])
-        kl.bases = {n: bases[n].to(device=kl.device, dtype=config.torch_stats_dtype) for n in kl.layers}
-        if adapter is not None:
-            for name, layer in kl.layers.items():
-                lora_b = layer.lora_B[kl.adapter_name].weight
-                distributed.copy_full_(layer.lora_A[kl.adapter_name].weight, adapter[f"{name}.lora_A"])
-                distributed.copy_full_(lora_b, adapter[f"{name}.lora_B"])
-                kl._b_start[name] = adapter[f"{name}.lora_B_start"].to(device=kl.device, dtype=lora_b.dtype)
-    kl.initial_fingerprint = meta["initial_fingerprint"]
-    kl.tasks_done = int(meta["tasks_done"])
-    kl.in_task = bool(meta["in_task"])
-    kl.history = list(meta["history"])
-    kl._task_record = dict(meta.get("task_record") or {})
-    return kl
+    state = ContinualState(
+        bases=bases,
+        initial_fingerprint=meta["initial_fingerprint"],
+        tasks_done=int(meta["tasks_done"]),
+        in_task=bool(meta["in_task"]),
+        history=list(meta["history"]),
+        task_record=dict(meta.get("task_record") or {}),
+        b_start={n: adapter[f"{n}.lora_B_start"] for n in targets} if adapter is not None else {},
+    )
+    adapters = None
+    if adapter is not None:
+        adapters = {n: (adapter[f"{n}.lora_A"], adapter[f"{n}.lora_B"]) for n in targets}
+    return SavedState(config=config, state=state, weights=weights, adapters=adapters)
 
 
 _META_KEYS = ("config", "tasks_done", "in_task", "history", "targets", "initial_fingerprint", "current_fingerprint")
 
 
-def _read_state(folder: Path, model: torch.nn.Module):
+def _read_folder(folder: Path, model: torch.nn.Module):
     """``(config, meta, bases, weights, adapter or None, {target: weight})`` of a state folder, every part checked
     against itself and against ``model`` (all but the weights' fingerprint), without collectives. Raises
     ``FileNotFoundError`` (no state), ``IntegrityError`` (a damaged file, named) or ``ValueError`` (a state that
     does not fit this model or this keeplora). Reads the model, never writes it."""
-    from .config import KeepLoRAConfig
-
     if not (folder / STATE_FILE).is_file():
         raise FileNotFoundError(f"{folder} holds no KeepLoRA state ({STATE_FILE} is missing)")
     if not durable.verify(folder):
@@ -237,29 +234,32 @@ def _check_model_matches(model, config, meta, folder) -> dict[str, torch.nn.Modu
 def _check_fingerprint(weights: dict[str, torch.Tensor], meta: dict, folder: Path) -> None:
     """The model's target weights must be the pre-trained ones the state started from, or the saved ones."""
     found = fingerprint(weights)
-    if not (_same_fingerprint(found, meta["initial_fingerprint"])
-            or _same_fingerprint(found, meta["current_fingerprint"])):
+    if not (same_fingerprint(found, meta["initial_fingerprint"])
+            or same_fingerprint(found, meta["current_fingerprint"])):
         raise ValueError(f"{folder} was saved from a model with other weights in the target modules; load it into "
                          "the same pre-trained model (or the model it was saved from)")
 
 
-def export_peft_adapter(kl: "KeepLoRA", directory: str | os.PathLike) -> None:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` of the task's change (B − B_start)."""
+def export_peft_adapter(directory: str | os.PathLike, model: torch.nn.Module, config: KeepLoRAConfig,
+                        layers: Mapping[str, Any], b_start: Mapping[str, torch.Tensor]) -> None:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` of the task's change (B − B_start) of the
+    adapter ``config.adapter_name`` on ``layers`` (the targets' PEFT LoRA layers in ``model``)."""
     from peft import LoraConfig
 
     from .adapters import unwrap_model
 
+    adapter = config.adapter_name
     tensors = {}
-    for name, layer in kl.layers.items():
-        b = distributed.full_tensor(layer.lora_B[kl.adapter_name].weight.detach())
-        tensors[f"base_model.model.{name}.lora_A.weight"] = _host(layer.lora_A[kl.adapter_name].weight)
-        tensors[f"base_model.model.{name}.lora_B.weight"] = (b - kl._b_start[name]).contiguous().cpu()
+    for name, layer in layers.items():
+        b = distributed.full_tensor(layer.lora_B[adapter].weight.detach())
+        tensors[f"base_model.model.{name}.lora_A.weight"] = _host(layer.lora_A[adapter].weight)
+        tensors[f"base_model.model.{name}.lora_B.weight"] = (b - b_start[name]).contiguous().cpu()
     with distributed.failures_shared(f"adapter export to {directory}"):
         if distributed.rank() != 0:
             return
         with durable.atomic_folder(directory) as tmp:
-            root = unwrap_model(kl.model)
+            root = unwrap_model(model)
             base_name = getattr(getattr(root, "config", None), "_name_or_path", None) or None
-            LoraConfig(r=kl.config.r, lora_alpha=kl.config.alpha, target_modules=list(kl.layers), bias="none",
+            LoraConfig(r=config.r, lora_alpha=config.alpha, target_modules=list(layers), bias="none",
                        base_model_name_or_path=base_name).save_pretrained(str(tmp))
             save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})

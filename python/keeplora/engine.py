@@ -17,7 +17,7 @@ import contextlib
 import time
 import warnings
 from collections import defaultdict
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -30,6 +30,7 @@ from .adapters import (adapters_bypassed, attach_adapters, check_shapes, freeze_
 from .basis import expand_bases, orthonormalize_against, random_residual_directions
 from .batching import bounded_batches
 from .config import KeepLoRAConfig
+from .state import ContinualState, fingerprint
 from .statistics import EmptyDataError, LossFn, collect_second_moments, estimate_gradients
 
 
@@ -53,14 +54,43 @@ class KeepLoRA:
         model: the model, adapted in place.
         config: the :class:`KeepLoRAConfig`.
         layers: ``{module name: PEFT LoRA layer}`` of the targets (names relative to the unwrapped model).
-        bases: ``{module name: P}``, the unified protected basis (``d_in × k``, orthonormal, stats dtype).
-        tasks_done: number of finished tasks. ``in_task``: between begin_task and end_task.
-        history: one dict per finished task (basis sizes, adapter ranks, token counts, timings, and ``memory``: per
-            rank the parameter bytes it holds and, on CUDA, its peak allocated bytes).
+        state: the :class:`~keeplora.state.ContinualState` (bases, task counter, history, B at task start, the
+            pre-trained weights' fingerprint); everything KeepLoRA keeps between calls besides the model's tensors.
+        bases, tasks_done, in_task, history, initial_fingerprint: the fields of ``state`` of these names. ``bases``:
+            ``{module name: P}``, the unified protected basis (``d_in × k``, orthonormal, stats dtype);
+            ``in_task``: between begin_task and end_task; ``history``: one dict per finished task (basis sizes,
+            adapter ranks, token counts, timings, and ``memory``: per rank the parameter bytes it holds and, on
+            CUDA, its peak allocated bytes).
     """
 
-    def __init__(self, model: nn.Module, config: Optional[KeepLoRAConfig] = None, *,
-                 _bases: Optional[dict[str, torch.Tensor]] = None):
+    def __init__(self, model: nn.Module, config: Optional[KeepLoRAConfig] = None):
+        self._attach(model, config)
+
+    @classmethod
+    def from_state(cls, model: nn.Module, config: KeepLoRAConfig, state: ContinualState, *,
+                   weights: Optional[Mapping[str, torch.Tensor]] = None,
+                   adapters: Optional[Mapping[str, tuple[torch.Tensor, torch.Tensor]]] = None) -> "KeepLoRA":
+        """KeepLoRA continuing ``state`` on ``model`` instead of starting a new run (no pre-trained bases are
+        computed). It keeps a copy of ``state`` on the model's device (``kl.state``); ``state`` is left as it was.
+
+        Args:
+            model, config: as for the constructor; ``config`` must be the one the state was made with.
+            state: the continual state to continue (e.g. :func:`keeplora.checkpoint.read_state`'s).
+            weights: ``{target: W}`` (``d_out × d_in``) written into the target weights; None keeps the model's,
+                which must then already carry the state's merged tasks.
+            adapters: ``{target: (A r×d_in, B d_out×r)}``, the adapter of the task in progress: required exactly
+                when ``state.in_task``.
+
+        Everything is checked before the model is touched. :meth:`load` is this applied to a saved folder.
+        """
+        kl = cls.__new__(cls)
+        kl._attach(model, config, state, weights, adapters)
+        return kl
+
+    def _attach(self, model: nn.Module, config: Optional[KeepLoRAConfig], state: Optional[ContinualState] = None,
+                weights: Optional[Mapping[str, torch.Tensor]] = None,
+                adapters: Optional[Mapping[str, tuple[torch.Tensor, torch.Tensor]]] = None) -> None:
+        """Check, attach the adapters, then start a new state (``state`` None) or continue ``state``."""
         config = config if config is not None else KeepLoRAConfig()
         if not isinstance(config, KeepLoRAConfig):
             raise TypeError(f"config must be a KeepLoRAConfig, got {type(config).__name__}")
@@ -69,25 +99,75 @@ class KeepLoRA:
         check_shapes(bare, names, config)
         modules = dict(unwrap_model(bare).named_modules())
         distributed.check_wrapping(model, bare, {n: modules[n] for n in names}, config.adapter_name)
-        weights = {n: (m.get_base_layer() if hasattr(m, "get_base_layer") else m).weight
+        targets = {n: (m.get_base_layer() if hasattr(m, "get_base_layer") else m).weight
                    for n, m in ((n, modules[n]) for n in names)}
-        bad = finite.nonfinite(weights, across_ranks=True)
+        bad = finite.nonfinite(targets, across_ranks=True)
         if bad:
             raise ValueError(f"the weights of targets {bad[:4]} ({len(bad)} in all) hold inf or NaN: KeepLoRA cannot "
                              "protect or adapt them (load the model's weights again)")
+        if state is not None:
+            _check_resume(state, {n: tuple(w.shape) for n, w in targets.items()}, config.r, weights, adapters)
+        elif weights is not None or adapters is not None:
+            raise ValueError("weights and adapters are only accepted with a state to continue")
         model = bare
         self.model = model
         self.config = config
         self.layers = attach_adapters(model, names, config)
         first = next(iter(self.layers.values())).base_layer.weight
         self.device = first.device
-        self.tasks_done = 0
-        self.in_task = False
-        self.history: list[dict[str, Any]] = []
-        self._task_record: dict[str, Any] = {}
-        self._b_start: dict[str, torch.Tensor] = {}
-        self.initial_fingerprint = checkpoint.fingerprint(checkpoint.target_weights(self))
-        self.bases = _bases if _bases is not None else self._pretrained_bases()
+        if state is None:
+            initial = fingerprint(checkpoint.target_weights(self.layers))
+            self.state = ContinualState(bases=self._pretrained_bases(), initial_fingerprint=initial)
+            return
+        b_dtypes = {n: layer.lora_B[config.adapter_name].weight.dtype for n, layer in self.layers.items()}
+        self.state = state.to(self.device, config.torch_stats_dtype, b_dtypes)
+        self.state.bases = {n: self.state.bases[n] for n in self.layers}  # in the targets' order, as computed
+        self.state.b_start = {n: self.state.b_start[n] for n in self.layers} if self.state.in_task else {}
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                if weights is not None:
+                    distributed.copy_full_(layer.base_layer.weight, weights[name])
+                if adapters is not None:
+                    a, b = adapters[name]
+                    distributed.copy_full_(layer.lora_A[config.adapter_name].weight, a)
+                    distributed.copy_full_(layer.lora_B[config.adapter_name].weight, b)
+
+    # ------------------------------------------------------------------ the state's fields
+    @property
+    def bases(self) -> dict[str, torch.Tensor]:
+        return self.state.bases
+
+    @bases.setter
+    def bases(self, value: dict[str, torch.Tensor]) -> None:
+        self.state.bases = value
+
+    @property
+    def tasks_done(self) -> int:
+        return self.state.tasks_done
+
+    @tasks_done.setter
+    def tasks_done(self, value: int) -> None:
+        self.state.tasks_done = value
+
+    @property
+    def in_task(self) -> bool:
+        return self.state.in_task
+
+    @in_task.setter
+    def in_task(self, value: bool) -> None:
+        self.state.in_task = value
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.state.history
+
+    @history.setter
+    def history(self, value: list[dict[str, Any]]) -> None:
+        self.state.history = value
+
+    @property
+    def initial_fingerprint(self) -> dict[str, list[float]]:
+        return self.state.initial_fingerprint
 
     # ------------------------------------------------------------------ public API
     @property
@@ -112,8 +192,8 @@ class KeepLoRA:
         A target whose basis already spans its whole input space keeps a zero adapter (with a warning).
         Returns ``{module name: adapter rank used}``. On any error nothing is changed.
         """
-        if self.in_task:
-            raise RuntimeError(f"begin_task called during task {self.tasks_done + 1}: call end_task first")
+        if self.state.in_task:
+            raise RuntimeError(f"begin_task called during task {self.state.tasks_done + 1}: call end_task first")
         start = time.perf_counter()
         stats_dtype = self.config.torch_stats_dtype
         need_gradient = self.config.a_init == "gradient" or self.config.b_init == "gradient"
@@ -125,12 +205,12 @@ class KeepLoRA:
                 grads = estimate_gradients(self.model, self.layers, dataloader, loss_fn, device=self.device,
                                            dtype=stats_dtype, fraction=self.config.grad_data_fraction,
                                            progress=self.config.progress,
-                                           desc=f"task {self.tasks_done + 1} gradient",
+                                           desc=f"task {self.state.tasks_done + 1} gradient",
                                            micro_batch_tokens=self.config.grad_micro_batch,
                                            offload=self.config.grad_offload)
         else:
             _require_nonempty(dataloader)
-        with distributed.failures_shared(f"task {self.tasks_done + 1} adapter initialisation"):
+        with distributed.failures_shared(f"task {self.state.tasks_done + 1} adapter initialisation"):
             factors = self._adapter_factors(grads)
         grads = None  # the d_out × d_in sums are not needed once A and B exist: free them before W is updated
         synced = distributed.sync_from_rank0([t for pair in factors.values() for t in pair])
@@ -142,14 +222,14 @@ class KeepLoRA:
                 lora_a, lora_b = layer.lora_A[self.adapter_name].weight, layer.lora_B[self.adapter_name].weight
                 distributed.copy_full_(lora_a, a.t())
                 distributed.copy_full_(lora_b, b.t())
-                self._b_start[name] = b.t().contiguous().to(device=self.device, dtype=lora_b.dtype)
+                self.state.b_start[name] = b.t().contiguous().to(device=self.device, dtype=lora_b.dtype)
                 if self.config.b_init == "gradient":
                     distributed.add_full_(layer.base_layer.weight, -self.config.scale * (b.t() @ a.t()))
                 ranks[name] = int((a.abs().sum(0) > 0).sum())
         freeze_adapters(self.layers, self.adapter_name)
-        self.in_task = True
-        self._task_record = {"task": self.tasks_done + 1, "adapter_rank": ranks,
-                             "seconds_begin": time.perf_counter() - start}
+        self.state.in_task = True
+        self.state.task_record = {"task": self.state.tasks_done + 1, "adapter_rank": ranks,
+                                  "seconds_begin": time.perf_counter() - start}
         return ranks
 
     def _adapters_are_zero(self) -> bool:
@@ -177,14 +257,14 @@ class KeepLoRA:
         or merged weights raise ``FloatingPointError`` naming the targets, with nothing changed. Returns
         ``{module name: columns added}``.
         """
-        if not self.in_task:
+        if not self.state.in_task:
             raise RuntimeError("end_task called without begin_task: there is no task to end")
         start = time.perf_counter()
         if export_adapter_to is not None:
             self.export_adapter(export_adapter_to)
-        task = self.tasks_done + 1
+        task = self.state.tasks_done + 1
         moments, tokens = self._task_statistics(dataloader, loss_fn)
-        bases = dict(self.bases)
+        bases = dict(self.state.bases)
         if moments is not None:
             bad = finite.nonfinite(moments)  # summed over the ranks already: every rank decides alike
             if bad:
@@ -193,9 +273,10 @@ class KeepLoRA:
                     f"({len(bad)} targets): their inputs held inf or NaN in end_task's pass over the data; nothing "
                     "was changed")
             with distributed.failures_shared(f"task {task} memory update"):
-                grown = expand_bases(self.bases, moments, self.config.feature_energy, method=self.config.svd_method,
-                                     oversample=self.config.svd_oversample, power_iters=self.config.svd_power_iters,
-                                     seed=self.config.seed + self.tasks_done)
+                grown = expand_bases(self.state.bases, moments, self.config.feature_energy,
+                                     method=self.config.svd_method, oversample=self.config.svd_oversample,
+                                     power_iters=self.config.svd_power_iters,
+                                     seed=self.config.seed + self.state.tasks_done)
             bases = dict(zip(self.layers, distributed.sync_from_rank0([grown[n] for n in self.layers])))
         self._check_merge(bases, task)
         with torch.no_grad():
@@ -205,14 +286,14 @@ class KeepLoRA:
                 distributed.add_full_(layer.base_layer.weight, self.config.scale * (b.float() @ a.float()))
                 distributed.local_tensor(lora_a).zero_()
                 distributed.local_tensor(lora_b).zero_()
-        added = {name: int(bases[name].shape[1] - self.bases[name].shape[1]) for name in self.layers}
-        self.bases = bases
-        self._b_start.clear()
-        self.tasks_done += 1
-        self.in_task = False
+        added = {name: int(bases[name].shape[1] - self.state.bases[name].shape[1]) for name in self.layers}
+        self.state.bases = bases
+        self.state.b_start.clear()
+        self.state.tasks_done += 1
+        self.state.in_task = False
         memory = distributed.all_gather_objects(distributed.memory_report(self.model, self.device))
-        self.history.append({**self._task_record, "added": added, "tokens": tokens,
-                             "basis_size": {n: int(p.shape[1]) for n, p in self.bases.items()},
+        self.state.history.append({**self.state.task_record, "added": added, "tokens": tokens,
+                             "basis_size": {n: int(p.shape[1]) for n, p in self.state.bases.items()},
                              "memory": memory, "seconds_end": time.perf_counter() - start})
         return added
 
@@ -222,7 +303,7 @@ class KeepLoRA:
         flags = {}
         with torch.no_grad():
             for name, layer in self.layers.items():
-                if bases[name] is not self.bases[name]:
+                if bases[name] is not self.state.bases[name]:
                     flags[f"{name} (grown basis)"] = finite.all_finite(bases[name])
                 lora_a, lora_b = layer.lora_A[self.adapter_name].weight, layer.lora_B[self.adapter_name].weight
                 a, b = distributed.full_tensor(lora_a.detach()), distributed.full_tensor(lora_b.detach())
@@ -242,27 +323,28 @@ class KeepLoRA:
         was before the task (the pre-trained model for task 1; the previous tasks' adapters merged in order after
         that), it reproduces the model after this task.
         """
-        if not self.in_task:
+        if not self.state.in_task:
             raise RuntimeError("export_adapter needs an active task (call it between begin_task and end_task)")
-        checkpoint.export_peft_adapter(self, directory)
+        checkpoint.export_peft_adapter(directory, self.model, self.config, self.layers, self.state.b_start)
 
     def save(self, directory: str) -> None:
         """Save the whole continual state (config, bases, target weights, task counter, an active adapter)."""
-        checkpoint.save_state(self, directory)
+        checkpoint.save_state(directory, self.config, self.state, self.layers)
 
     @classmethod
     def load(cls, directory: str, model: nn.Module) -> "KeepLoRA":
         """Restore a state saved by :meth:`save` into ``model`` (the same pre-trained model, or the saved one)."""
-        return checkpoint.load_state(cls, directory, model)
+        saved = checkpoint.read_state(directory, model)
+        return cls.from_state(model, saved.config, saved.state, weights=saved.weights, adapters=saved.adapters)
 
     def basis_sizes(self) -> dict[str, int]:
-        return {name: int(p.shape[1]) for name, p in self.bases.items()}
+        return self.state.basis_sizes()
 
     def __repr__(self) -> str:
         sizes = self.basis_sizes()
         mean_k = sum(sizes.values()) / max(1, len(sizes))
-        return (f"KeepLoRA(targets={len(self.layers)}, r={self.config.r}, tasks_done={self.tasks_done}, "
-                f"in_task={self.in_task}, mean basis size={mean_k:.1f})")
+        return (f"KeepLoRA(targets={len(self.layers)}, r={self.config.r}, tasks_done={self.state.tasks_done}, "
+                f"in_task={self.state.in_task}, mean basis size={mean_k:.1f})")
 
     # ------------------------------------------------------------------ internals
     def _pretrained_bases(self) -> dict[str, torch.Tensor]:
@@ -286,18 +368,19 @@ class KeepLoRA:
                          ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{name: (A d_in×r, B r×d_out)}`` in the stats dtype; zero columns/rows where fewer than r exist."""
         cfg = self.config
-        generator = torch.Generator().manual_seed(cfg.seed + 7919 * self.tasks_done)
+        generator = torch.Generator().manual_seed(cfg.seed + 7919 * self.state.tasks_done)
         left = self._residual_singular_vectors(grads) if cfg.a_init == "gradient" else {}
         factors = {}
         for name, layer in self.layers.items():
-            basis = self.bases[name]
+            basis = self.state.bases[name]
             d_in, d_out = layer.in_features, layer.out_features
             a = basis.new_zeros(d_in, cfg.r)
             b = basis.new_zeros(cfg.r, d_out)
             available = d_in - basis.shape[1]
             if available <= 0:
                 warnings.warn(f"{name}: the protected basis spans all of R^{d_in}, so the residual gradient is zero; "
-                              f"its adapter stays zero for task {self.tasks_done + 1}", KeepLoRAWarning, stacklevel=3)
+                              f"its adapter stays zero for task {self.state.tasks_done + 1}", KeepLoRAWarning,
+                              stacklevel=3)
                 factors[name] = (a, b)
                 continue
             rank = min(cfg.r, available)
@@ -330,16 +413,16 @@ class KeepLoRA:
                    for names in bounded_batches(group, item_bytes * shape[0] * shape[1])]
         for (d_in, d_out), names in batches:
             rank = min(cfg.r, d_in, d_out)
-            width = max(self.bases[n].shape[1] for n in names)
+            width = max(self.state.bases[n].shape[1] for n in names)
             padded = torch.zeros(len(names), d_in, width, device=self.device, dtype=cfg.torch_stats_dtype)
             for i, n in enumerate(names):
-                padded[i, :, : self.bases[n].shape[1]] = self.bases[n]
+                padded[i, :, : self.state.bases[n].shape[1]] = self.state.bases[n]
             grads_t = torch.stack([grads[n].t() for n in names])
             randomized = cfg.svd_method == "randomized" or (
                 cfg.svd_method == "auto" and 4 * (rank + cfg.svd_oversample) <= min(d_in, d_out))
             if randomized:
                 u, _, _ = kk.rsvd(grads_t, rank, oversample=cfg.svd_oversample, power_iters=cfg.svd_power_iters,
-                                  project_out=padded, seed=cfg.seed + self.tasks_done)
+                                  project_out=padded, seed=cfg.seed + self.state.tasks_done)
             else:
                 u = torch.linalg.svd(kk.residual_project(grads_t, padded), full_matrices=False)[0][..., :rank]
             for i, n in enumerate(names):
@@ -357,7 +440,7 @@ class KeepLoRA:
                                           dtype=cfg.torch_stats_dtype, progress=cfg.progress)
         grads = estimate_gradients(self.model, self.layers, dataloader, loss_fn, device=self.device,
                                    dtype=cfg.torch_stats_dtype, progress=cfg.progress,
-                                   desc=f"task {self.tasks_done + 1} memory gradient")
+                                   desc=f"task {self.state.tasks_done + 1} memory gradient")
         return {name: g.t() @ g for name, g in grads.items()}, {}
 
 
@@ -370,3 +453,34 @@ def _require_nonempty(dataloader: Iterable[Any]) -> None:
             break
     if not any(distributed.all_gather_objects(found)):
         raise EmptyDataError("the dataloader yielded no batch")
+
+
+def _check_resume(state: ContinualState, shapes: dict[str, tuple[int, int]], r: int,
+                  weights: Optional[Mapping[str, torch.Tensor]],
+                  adapters: Optional[Mapping[str, tuple[torch.Tensor, torch.Tensor]]]) -> None:
+    """Raise before the model is touched unless ``state``, ``weights`` and ``adapters`` fit targets
+    ``{name: (d_out, d_in)}`` with adapter rank ``r`` (see :meth:`KeepLoRA.from_state`)."""
+    if not isinstance(state, ContinualState):
+        raise TypeError(f"state must be a keeplora.state.ContinualState, got {type(state).__name__}")
+    state.check(shapes, r)
+    if state.in_task and adapters is None:
+        raise ValueError("state.in_task is True, so adapters (every target's (A, B) of the task in progress) are "
+                         "required")
+    if adapters is not None and not state.in_task:
+        raise ValueError("adapters are only accepted for a state in a task (state.in_task is False)")
+    for argument, given in (("weights", weights), ("adapters", adapters)):
+        if given is not None and sorted(given) != sorted(shapes):
+            raise ValueError(f"{argument} must cover exactly the targets {sorted(shapes)[:4]} ({len(shapes)}), got "
+                             f"{sorted(given)[:4]} ({len(given)})")
+    tensors = {}
+    for name, (d_out, d_in) in shapes.items():
+        if weights is not None:
+            tensors[f"weights[{name!r}]"] = (weights[name], (d_out, d_in))
+        if adapters is not None:
+            a, b = adapters[name]
+            tensors[f"adapters[{name!r}][0] (A)"] = (a, (r, d_in))
+            tensors[f"adapters[{name!r}][1] (B)"] = (b, (d_out, r))
+    for what, (t, shape) in tensors.items():
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not t.is_floating_point():
+            got = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{what} must be a floating-point tensor of shape {shape}, got {got}")
