@@ -2,7 +2,8 @@
 # Run on a lent GPU machine (device tool), from the repository root:
 #   bash benchmarks/gpu_check.sh            # results under $OUT, the summary table printed last
 # (device tool: timeout_s 540; the Python part stops at GPU_CHECK_TIMEOUT, default 470 s, then the bundle is made)
-# Uses the machine's preinstalled torch/triton/transformers/peft; nothing is installed there.
+# Uses the machine's preinstalled torch/triton/transformers/peft; nothing is installed there: the library, its kernels
+# and the benchmark app (benchmarks/keeplora_bench) are imported from this checkout through PYTHONPATH.
 # Everything is written to a work folder first and bundled at the end: the device returns at most 8 files,
 # so $OUT gets gpu_check.tar.gz (all logs and CSVs) and summary.json (also inside the bundle).
 set -uo pipefail
@@ -10,11 +11,11 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
 WORK=${GPU_CHECK_WORK:-$(mktemp -d)}
 PY=$(command -v python3 || command -v python)
-export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD:$PWD/python:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT" "$WORK"
 nvidia-smi > "$WORK/nvidia-smi.txt" 2>&1 || true
-timeout "${GPU_CHECK_TIMEOUT:-470}" "$PY" benchmarks/gpu_check.py --out "$WORK" "$@"
+timeout "${GPU_CHECK_TIMEOUT:-470}" "$PY" -m keeplora_bench.gpu_check --out "$WORK" "$@"
 rc=$?
 # The device's .git is the session's starting commit plus the working tree as uncommitted changes, so the sha in the
 # rows reads "<start>-dirty". The tree hash of the files that ran identifies the commit: compare it with

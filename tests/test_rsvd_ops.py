@@ -195,11 +195,11 @@ def test_rsvd_beyond_the_one_block_cholesky_takes_the_library_path():
 
 @_needs("rsvd")
 def test_a_power_iteration_costs_two_gemms_and_two_shifted_passes():
-    """Launch overhead per power iteration, counted on the CPU path (benchmarks.harness.library_calls): per
+    """Launch overhead per power iteration, counted on the CPU path (keeplora_bench.micro.harness.library_calls): per
     product, a cast and a GEMM (2); per intermediate basis (one shifted CholeskyQR pass), a cast, the Gram GEMM,
     one shifted_cholesky call and the Q·R⁻¹ GEMM (4), plus the CPU-only Householder-repair check (3). With
     CholeskyQR2 for every basis it was 2 · (7 + 3) per iteration; the library-call version of a pass was 12 calls."""
-    from benchmarks.harness import library_calls
+    from keeplora_bench.micro.harness import library_calls
 
     a = torch.randn(3, 96, 80)
     calls = [library_calls(lambda q=q: torch.ops.keeplora.rsvd(a, 8, 8, q, None, 0))["calls"] for q in (1, 2)]

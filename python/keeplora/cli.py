@@ -1,4 +1,6 @@
-"""The ``keeplora`` command line. Each subcommand is a function ``cmd_<name>(args) -> int`` registered below."""
+"""The ``keeplora`` command line. ``keeplora info`` belongs to the library; the benchmark app's subcommands (run,
+sweep, aggregate, data, bench, profile) are parsed and run by ``keeplora_bench.cli``, which is imported only when
+one of them is called."""
 
 from __future__ import annotations
 
@@ -6,40 +8,32 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-def _benchmarks_module(name: str):
-    """Import ``benchmarks.<name>`` from the source checkout this package runs from (benchmarks are not installed)."""
-    import importlib
-    from pathlib import Path
+# The benchmark app's subcommands with their one-line help: ``keeplora --help`` lists them without importing the app.
+APP_COMMANDS = {
+    "run": "run a continual-learning config: every method, T x T accuracies, metrics, plots",
+    "sweep": "sensitivity of a method to its hyper-parameters (one factor at a time)",
+    "aggregate": "mean ± std of Transfer/Average/Last over runs (seeds) of one config",
+    "data": "the benchmark's data sources: fetch, status, build processed splits",
+    "bench": "kernel microbenchmarks: keeplora bench {kernels,lora-variants,rsvd} [options]",
+    "profile": "time and peak memory of a task lifecycle and training steps vs the authors' pipeline and PEFT LoRA "
+               "(options: keeplora profile -h)",
+}
 
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "benchmarks" / "harness.py").is_file():
-        raise SystemExit(f"keeplora: the benchmarks live in the source checkout, not found next to {root}; "
-                         "run from a clone (pip install -e .)")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    return importlib.import_module(f"benchmarks.{name}")
-
-
-def cmd_profile(argv: list[str]) -> int:
-    return int(_benchmarks_module("profile_lifecycle").main(argv))
+APP_MISSING = ("keeplora {command}: the benchmark app (package keeplora_bench, in benchmarks/ of the source tree) is "
+               "not installed; from a clone of the repository, (re)install keeplora, which installs the app with it: "
+               "pip install --no-build-isolation -e '.[bench]'")
 
 
-_BENCHES = {"kernels": "bench_kernels", "lora-variants": "bench_lora_variants", "rsvd": "bench_rsvd"}
-
-
-def cmd_bench(argv: list[str]) -> int:
-    if not argv or argv[0] not in _BENCHES:
-        print(f"usage: keeplora bench {{{','.join(_BENCHES)}}} [options]   (keeplora bench kernels -h for options)\n"
-              "  kernels: frozen-A LoRA linear, residual projection, second moment vs their baselines\n"
-              "  rsvd:    batched randomized SVD and principal subspace vs svd_lowrank loops and linalg.svd",
-              file=sys.stderr)
+def run_app(argv: list[str]) -> int:
+    """Hand an app subcommand (``argv[0]``) and its arguments to the benchmark app."""
+    try:
+        from keeplora_bench.cli import main as app_main
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("keeplora_bench", "keeplora_bench.cli"):
+            raise  # the app is there but one of its dependencies is not: the error names it
+        print(APP_MISSING.format(command=argv[0]), file=sys.stderr)
         return 2
-    result = _benchmarks_module(_BENCHES[argv[0]]).main(argv[1:])
-    return int(result or 0)
-
-
-# subcommands that parse their own arguments (everything after the name is passed through)
-_PASSTHROUGH = {"profile": cmd_profile, "bench": cmd_bench}
+    return int(app_main(argv))
 
 
 def cmd_info(_args: argparse.Namespace) -> int:
@@ -66,20 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, compiled extension and device")
     info.set_defaults(func=cmd_info)
-    from .benchmark.cli import add_subcommands  # run, sweep, data
-
-    add_subcommands(sub)
-    sub.add_parser("bench", help="kernel microbenchmarks: keeplora bench {kernels,lora-variants,rsvd} [options]",
-                   add_help=False)
-    sub.add_parser("profile", help="time and peak memory of a task lifecycle and training steps vs the authors' "
-                                   "pipeline and PEFT LoRA (options: keeplora profile -h)", add_help=False)
+    for name, text in APP_COMMANDS.items():  # listed here, parsed by the app (main never parses them)
+        sub.add_parser(name, help=text, add_help=False)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in _PASSTHROUGH:
-        return _PASSTHROUGH[argv[0]](argv[1:])
+    if argv and argv[0] in APP_COMMANDS:
+        return run_app(argv)
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 

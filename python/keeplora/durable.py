@@ -118,19 +118,6 @@ def verify(folder: str | os.PathLike) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- writing
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Replace a file atomically and durably: write a sibling, fsync it, rename it over ``path``, fsync the
-    directory."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def old_folder(target: Path) -> Path:
     """Where a save keeps the previous version of ``target`` between its two renames."""
     return target.with_name(f".{target.name}.old")

@@ -1,0 +1,173 @@
+"""The benchmark app's subcommands of the ``keeplora`` command line: ``run``, ``sweep``, ``aggregate``, ``data`` (the
+embedded continual benchmark), ``bench`` and ``profile`` (microbenchmarks). ``keeplora.cli`` lists them and hands
+them to :func:`main`.
+
+Heavy imports (torch, transformers) happen inside the commands, so ``keeplora <command> -h`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+from keeplora.cli import APP_COMMANDS
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .continual.model import ModelMissing
+    from .continual.runconfig import ConfigError
+    from .continual.runner import CheckpointError, run
+    from .continual.sources import SourceMissing
+
+    try:
+        result = run(args.config, output=args.output, quick=args.quick, resume=args.resume,
+                     methods=[m.strip() for m in args.methods.split(",")] if args.methods else None,
+                     progress=not args.no_progress)
+    except (ConfigError, SourceMissing, ModelMissing, CheckpointError) as e:
+        print(f"keeplora run: {e}", file=sys.stderr)
+        return 2
+    print((result.output / "results.md").read_text())
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .continual.model import ModelMissing
+    from .continual.runconfig import ConfigError
+    from .continual.sources import SourceMissing
+    from .continual.sweep import parse_params, sweep
+
+    try:
+        params = parse_params(args.param or [])
+        if not params:
+            raise ConfigError("give at least one --param NAME=V1,V2,...")
+        sweep(args.config, params, method=args.method, output=args.output, quick=args.quick, grid=args.grid,
+              progress=not args.no_progress)
+    except (ConfigError, SourceMissing, ModelMissing) as e:
+        print(f"keeplora sweep: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from .continual import sources
+
+    if args.action == "fetch":
+        try:
+            sources.fetch(args.names or None, args.cache)
+        except Exception as e:  # report the failing command and its output, exit non-zero
+            print(f"keeplora data fetch: {e}", file=sys.stderr)
+            return 1
+        return 0
+    if args.action == "status":
+        for row in sources.source_status(args.cache):
+            print(f"{'cached ' if row['cached'] else 'MISSING'}  {row['name']:<20} {row['version']:<16} "
+                  f"{row['kind']:<6} {row['bytes'] / 1e6:6.2f} MB  {row['path']}")
+        return 0
+    # build: the processed splits of a config (after this, runs need neither the registries nor the raw sources)
+    from .continual.runconfig import load_config
+    from .continual.tasks import TaskSpec, load_task
+
+    cfg = load_config(args.config, quick=args.quick)
+    cache = args.cache or cfg["data"].get("cache")
+    for t in cfg["tasks"]:
+        task = load_task(TaskSpec.from_dict(t, cfg["data"]), int(cfg["seed"]), cache)
+        print(f"{task.name:<22} {len(task.classes)} classes  train {len(task.train):5d}  test {len(task.test):5d}  "
+              f"{task.fingerprint()}")
+    return 0
+
+
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    from .continual.aggregate import aggregate, to_markdown, write_csv
+
+    try:
+        rows = aggregate(args.runs, baseline=args.baseline)
+    except (FileNotFoundError, ValueError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(to_markdown(rows, args.baseline))
+    if args.output:
+        write_csv(rows, args.output)
+    return 0
+
+
+_BENCHES = {"kernels": "bench_kernels", "lora-variants": "bench_lora_variants", "rsvd": "bench_rsvd"}
+
+
+def cmd_bench(argv: list[str]) -> int:
+    if not argv or argv[0] not in _BENCHES:
+        print(f"usage: keeplora bench {{{','.join(_BENCHES)}}} [options]   (keeplora bench kernels -h for options)\n"
+              "  kernels: frozen-A LoRA linear, residual projection, second moment vs their baselines\n"
+              "  rsvd:    batched randomized SVD and principal subspace vs svd_lowrank loops and linalg.svd",
+              file=sys.stderr)
+        return 2
+    result = importlib.import_module(f"{__package__}.micro.{_BENCHES[argv[0]]}").main(argv[1:])
+    return int(result or 0)
+
+
+def cmd_profile(argv: list[str]) -> int:
+    from .micro import profile_lifecycle
+
+    return int(profile_lifecycle.main(argv))
+
+
+# subcommands that parse their own arguments (everything after the name is passed through)
+_PASSTHROUGH = {"profile": cmd_profile, "bench": cmd_bench}
+
+
+def add_subcommands(sub) -> None:
+    p = sub.add_parser("run", help=APP_COMMANDS["run"])
+    p.add_argument("config", help="YAML config, e.g. configs/default.yaml")
+    p.add_argument("--output", "-o", help="run folder (default runs/<config name>[-quick])")
+    p.add_argument("--quick", action="store_true", help="apply the config's `quick` section (CI-sized)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output")
+    p.add_argument("--methods", help="comma-separated subset of the config's method names")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sweep", help=APP_COMMANDS["sweep"])
+    p.add_argument("config")
+    p.add_argument("--param", action="append", metavar="NAME=V1,V2",
+                   help="a parameter and its values, e.g. weight_energy=0.6,0.85 (repeatable)")
+    p.add_argument("--method", default="keeplora", help="the config's method to vary (default keeplora)")
+    p.add_argument("--grid", action="store_true", help="full grid instead of one factor at a time")
+    p.add_argument("--output", "-o")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("aggregate", help=APP_COMMANDS["aggregate"])
+    p.add_argument("runs", nargs="+", help="run folders written by `keeplora run`")
+    p.add_argument("--baseline", help="a method name: also report each method's per-run difference to it")
+    p.add_argument("--output", "-o", help="also write the rows to this CSV file")
+    p.set_defaults(func=cmd_aggregate)
+
+    p = sub.add_parser("data", help=APP_COMMANDS["data"])
+    dsub = p.add_subparsers(dest="action", required=True)
+    f = dsub.add_parser("fetch", help="download (pinned, sha256-checked) and unpack sources into the cache")
+    f.add_argument("names", nargs="*", help="sources (default: all)")
+    f.add_argument("--cache", help="cache folder (default $KEEPLORA_CACHE or ~/.cache/keeplora)")
+    s = dsub.add_parser("status", help="which sources are cached")
+    s.add_argument("--cache")
+    b = dsub.add_parser("build", help="build and cache a config's processed task splits")
+    b.add_argument("config")
+    b.add_argument("--quick", action="store_true")
+    b.add_argument("--cache")
+    p.set_defaults(func=cmd_data)
+    for name in _PASSTHROUGH:
+        sub.add_parser(name, help=APP_COMMANDS[name], add_help=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keeplora", description="the KeepLoRA benchmark app")
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _PASSTHROUGH:
+        return _PASSTHROUGH[argv[0]](argv[1:])
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))

@@ -1,0 +1,443 @@
+"""``keeplora run``: one task sequence, every configured method, the T x T accuracy matrices, metrics and plots.
+
+Run folder (``--output``, default ``runs/<config name>[-quick]``)::
+
+    config.yaml                  the resolved config (what ran); config.source.yaml: the file as given
+    data.json                    per task: classes, prompts, split sizes, fingerprints, source versions
+    zero_shot.json               accuracy of the untouched model on every task (step 0 of the curves)
+    progress.json                tasks finished per method (updated after every checkpoint)
+    checkpoints/<method>/        the latest finished task of a method: changed model tensors, heads, engine state
+    checkpoints/<method>.previous/  the task before (a fallback)
+    methods/<method>/accuracy.{csv,json}, heatmap.png
+    results.{md,json,csv}        Transfer / Average / Last and wall time per method
+    accuracy_over_steps.png      accuracy of each task after each step, one panel per task, one line per method
+    log.jsonl                    one line per (method, task): training loss per epoch, seconds, accuracies
+
+Checkpoints: after every task of every method the runner writes the method's state crash-safely (a new folder with a
+checksum manifest, fsynced, then renamed into place; see :mod:`keeplora.durable`) and keeps the one of the task
+before as ``checkpoints/<method>.previous``. ``--resume`` reloads the config snapshot (it must equal the resolved
+config given; the differing keys are named), skips finished methods, restores a partly finished one from its
+verified checkpoint and continues with the next task: nothing finished is recomputed. A damaged checkpoint is
+reported with its file and how to restart from the task before. Each task seeds torch from ``(seed, method,
+task)`` and shuffles from ``(seed, task, epoch)``, so a resumed run computes exactly what the uninterrupted run
+computes (same machine, same thread count).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import numpy as np
+import torch
+import yaml
+
+from keeplora import durable
+
+from . import metrics as M
+from .data import TaskData, seed_from
+from .methods import Method, build_method
+from .model import load_encoder
+from .runconfig import ConfigError, load_config
+from .tasks import TaskSpec, load_task
+
+CHECKPOINT_DELAY_ENV = "KEEPLORA_CHECKPOINT_DELAY_S"  # seconds to sleep after each checkpoint (crash tests only)
+
+
+@dataclass
+class RunResult:
+    output: Path
+    tasks: list[str]
+    matrices: dict[str, np.ndarray] = field(default_factory=dict)  # method name -> T x T accuracies in [0, 1]
+    metrics: dict[str, dict] = field(default_factory=dict)
+    wall_s: dict[str, float] = field(default_factory=dict)
+    zero_shot: list[float] = field(default_factory=list)
+
+
+class CheckpointError(RuntimeError):
+    """A method's checkpoint cannot be read; the message names the damaged file and how to restart before it."""
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Replace a file atomically and durably: write a sibling, fsync it, rename it over ``path``, fsync the
+    directory."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    durable.fsync_dir(path.parent)
+
+
+def _dump_json(path: Path, obj) -> None:
+    _write_text(path, json.dumps(obj, indent=1, ensure_ascii=False))
+
+
+def _canonical(cfg) -> str:
+    return json.dumps(cfg, sort_keys=True, default=str)
+
+
+def _differing_keys(a, b, prefix: str = "") -> list[str]:
+    """Dotted paths where two configs differ (``training.lr``, ``methods[2].epochs``), down to the leaves."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [key for k in sorted(set(a) | set(b), key=str)
+                for key in _differing_keys(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [key for i, (x, y) in enumerate(zip(a, b)) for key in _differing_keys(x, y, f"{prefix}[{i}]")]
+    return [] if _canonical(a) == _canonical(b) else [prefix or "(the whole config)"]
+
+
+def default_output(cfg: dict) -> Path:
+    return Path("runs") / (cfg["name"] + ("-quick" if cfg.get("quick") else ""))
+
+
+def prepare_output(cfg: dict, output: Optional[Path], resume: bool, source: Optional[Path] = None) -> Path:
+    out = Path(output) if output else default_output(cfg)
+    snapshot = out / "config.yaml"
+    if resume:
+        if not snapshot.is_file():
+            raise ConfigError(f"--resume: {out} holds no run (no config.yaml); start it without --resume")
+        try:
+            previous = yaml.safe_load(snapshot.read_text())
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--resume: {snapshot} is damaged ({error}); start the run again in another "
+                              "--output") from None
+        if _canonical(previous) != _canonical(cfg):
+            diff = _differing_keys(previous, cfg)
+            raise ConfigError(f"--resume: the config differs from the one {out} was started with (keys: {diff}); "
+                              f"resume with the same config and flags, or use another --output")
+        return out
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} already holds a run: pass --resume to continue it, or another --output")
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(snapshot, yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
+    if source is not None:
+        shutil.copyfile(source, out / "config.source.yaml")
+    return out
+
+
+class Runner:
+    def __init__(self, cfg: dict, out: Path, progress: bool = True, log: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.out = out
+        self.progress = progress
+        self.log = log
+        self.seed = int(cfg["seed"])
+        if cfg["training"].get("threads"):
+            torch.set_num_threads(int(cfg["training"]["threads"]))
+        self.specs = [TaskSpec.from_dict(t, cfg["data"]) for t in cfg["tasks"]]
+        self.tasks = [load_task(s, self.seed, cfg["data"].get("cache")) for s in self.specs]
+        self.names = [t.name for t in self.tasks]
+        first = self._fresh_encoder()
+        self.datas = [TaskData(t, first, i) for i, t in enumerate(self.tasks)]
+        self.eval_batches = [d.batches("test", int(cfg["training"]["eval_batch_size"]), sort_by_length=True)
+                             for d in self.datas]
+        self._write_data_json()
+
+    # ------------------------------------------------------------------ helpers
+    def _fresh_encoder(self):
+        m = self.cfg["model"]
+        return load_encoder(m["path"], m["kind"], int(m["max_length"]), m["logit_scale"])
+
+    def _write_data_json(self) -> None:
+        rows = [{"name": t.name, "classes": t.classes, "prompts": t.prompts, "train": len(t.train),
+                 "test": len(t.test), "fingerprint": t.fingerprint(), "builder": t.meta.get("builder"),
+                 "params": t.meta.get("params"), "sources": t.meta.get("sources")} for t in self.tasks]
+        _dump_json(self.out / "data.json", rows)
+
+    def _progress_state(self) -> dict:
+        path = self.out / "progress.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def _bar(self, total: int, desc: str, leave: bool = True, position: int = 0):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, leave=leave, disable=not self.progress, dynamic_ncols=True,
+                    position=position)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, method: Method) -> list[float]:
+        enc = method.encoder
+        enc.model.eval()
+        accs = []
+        for i, (data, batches) in enumerate(zip(self.datas, self.eval_batches)):
+            prompts = enc.embed(data.prompt_ids, data.prompt_mask)
+            head = method.heads.get(i)
+            correct = total = 0
+            for b in batches:
+                emb = enc.embed(b.input_ids, b.attention_mask)
+                logits = enc.logit_scale * emb @ prompts.t()
+                if head is not None:
+                    logits = logits + head(emb)
+                correct += int((logits.argmax(1) == b.labels).sum())
+                total += len(b.labels)
+            accs.append(correct / total)
+        return accs
+
+    def zero_shot_row(self) -> tuple[list[float], float]:
+        path = self.out / "zero_shot.json"
+        if path.is_file():
+            z = json.loads(path.read_text())
+            return z["accuracy"], z["seconds"]
+        t0 = time.perf_counter()
+        enc = self._fresh_encoder()
+        row = self.evaluate(build_method({"type": "zero_shot", "name": "zero-shot"}, enc, self.seed))
+        seconds = time.perf_counter() - t0
+        _dump_json(path, {"tasks": self.names, "accuracy": row, "seconds": seconds})
+        return row, seconds
+
+    # ------------------------------------------------------------------ training
+    def train_task(self, method: Method, t: int) -> dict:
+        spec = method.spec
+        data = self.datas[t]
+        torch.manual_seed(seed_from(self.seed, spec["slug"], t))
+        bs = int(spec["batch_size"])
+        fixed_loader = data.batches("train", bs)  # stored (shuffled-once) order: gradient estimate / features
+        method.begin_task(t, data, fixed_loader)
+        params = method.parameters(t)
+        if not params:
+            raise RuntimeError(f"method {spec['name']!r} has nothing to train on task {self.names[t]!r}")
+        epochs = int(spec["epochs"])
+        opt = torch.optim.AdamW(params, lr=float(spec["lr"]), weight_decay=float(spec["weight_decay"]))
+        steps = epochs * len(fixed_loader)
+        sched = None
+        if spec["schedule"] == "onecycle":
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(spec["lr"]), total_steps=steps)
+        losses = []
+        bar = self._bar(steps, f"  {spec['name']} · {self.names[t]}", leave=False, position=1)
+        method.model.train()
+        for epoch in range(epochs):
+            total, n = 0.0, 0
+            for b in data.batches("train", bs, shuffle_seed=seed_from(self.seed, "shuffle", t, epoch)):
+                loss = method.loss_fn(t)(method.model, b)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{spec['name']}: non-finite loss on task {self.names[t]!r}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if spec.get("max_grad_norm"):
+                    torch.nn.utils.clip_grad_norm_(params, float(spec["max_grad_norm"]))
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                total += float(loss.detach()) * len(b.labels)
+                n += len(b.labels)
+                bar.update(1)
+                bar.set_postfix(loss=f"{total / n:.3f}")
+            losses.append(total / n)
+        bar.close()
+        opt.zero_grad(set_to_none=True)
+        method.model.eval()
+        method.end_task(t, data, fixed_loader)
+        for p in params:
+            p.requires_grad_(False)
+        return {"train_loss": losses}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _ckpt_dir(self, method: Method) -> Path:
+        return self.out / "checkpoints" / method.spec["slug"]
+
+    def save_checkpoint(self, method: Method, pristine: dict, state: dict) -> None:
+        """Write the method's state after a task crash-safely (:func:`keeplora.durable.atomic_folder`); the
+        checkpoint of the task before is kept as ``<slug>.previous`` (a fallback if the latest is damaged)."""
+        final = self._ckpt_dir(method)
+        changed = {}
+        for name, tensor in method.model.state_dict().items():
+            base = pristine.get(name.replace(".base_layer.", "."))
+            if base is None or base.shape != tensor.shape or not torch.equal(base, tensor):
+                changed[name] = tensor.detach().clone()
+        with durable.atomic_folder(final, keep_previous=self._previous_dir(final)) as tmp:
+            extra = method.extra_state(tmp)
+            torch.save({"state": state, "tensors": changed, "extra": extra, "info": method.info}, tmp / "state.pt")
+        progress = self._progress_state()
+        progress[method.spec["slug"]] = state["tasks_done"]
+        _dump_json(self.out / "progress.json", progress)
+        delay = float(os.environ.get(CHECKPOINT_DELAY_ENV, "0") or 0)
+        if delay > 0:
+            time.sleep(delay)
+
+    @staticmethod
+    def _previous_dir(final: Path) -> Path:
+        return final.with_name(final.name + ".previous")
+
+    def _damaged(self, spec: dict, folder: Path, error: BaseException) -> CheckpointError:
+        final = self.out / "checkpoints" / spec["slug"]
+        previous = self._previous_dir(final)
+        if previous.is_dir():
+            how = (f"replace it with the checkpoint of the task before (rm -r {final} && mv {previous} {final}) and "
+                   "run again with --resume")
+        else:
+            how = f"delete it (rm -r {final}) and run again with --resume: {spec['name']!r} restarts from task 1"
+        return CheckpointError(f"the checkpoint of method {spec['name']!r} in {folder} is damaged: {error}. To "
+                               f"restart from the task before, {how}")
+
+    def read_checkpoint(self, spec: dict) -> Optional[tuple[Path, dict]]:
+        """``(folder, saved dict)`` of a method's latest checkpoint, verified; None when there is none."""
+        folder = durable.readable_folder(self.out / "checkpoints" / spec["slug"])
+        if not folder.is_dir():
+            return None
+        try:
+            if not durable.verify(folder):
+                warnings.warn(f"{folder} has no {durable.MANIFEST} (written by an older keeplora): its integrity "
+                              "cannot be verified", durable.UnverifiedWarning, stacklevel=2)
+            if not (folder / "state.pt").is_file():
+                raise durable.IntegrityError(f"{folder / 'state.pt'} is missing")
+            try:
+                saved = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
+            except Exception as error:  # noqa: BLE001 - unpickling a damaged file raises many kinds of errors
+                raise durable.IntegrityError(f"{folder / 'state.pt'} cannot be read: {type(error).__name__}: "
+                                             f"{error}") from None
+            if not isinstance(saved, dict) or not {"state", "tensors", "extra", "info"} <= set(saved):
+                raise durable.IntegrityError(f"{folder / 'state.pt'} does not hold a checkpoint")
+        except durable.IntegrityError as error:
+            raise self._damaged(spec, folder, error) from error
+        return folder, saved
+
+    def load_checkpoint(self, method: Method, found: tuple[Path, dict]) -> dict:
+        """Restore a checkpoint read by :meth:`read_checkpoint` into a fresh method; returns its run state."""
+        folder, saved = found
+        try:
+            method.load_extra_state(saved["extra"], folder)  # first: it may attach the adapters the tensors fill
+        except durable.IntegrityError as error:
+            raise self._damaged(method.spec, folder, error) from error
+        missing_keys = set(saved["tensors"]) - set(method.model.state_dict())
+        if missing_keys:
+            raise CheckpointError(f"checkpoint {folder} does not fit the model: {sorted(missing_keys)[:5]} ...")
+        method.model.load_state_dict(saved["tensors"], strict=False)
+        method.info = saved["info"]
+        return saved["state"]
+
+    # ------------------------------------------------------------------ one method
+    def run_method(self, spec: dict, zero_row: list[float], zero_seconds: float, outer) -> dict:
+        T = len(self.tasks)
+        if spec["type"] == "zero_shot":
+            outer.update(T)
+            return {"rows": [list(zero_row) for _ in range(T)], "seconds": zero_seconds, "info": []}
+        found = self.read_checkpoint(spec)
+        if found is not None and found[1]["state"]["tasks_done"] == T:
+            saved = found[1]
+            outer.update(T)
+            return {"rows": saved["state"]["rows"], "seconds": saved["state"]["seconds"], "info": saved["info"]}
+        enc = self._fresh_encoder()
+        pristine = {k: v.detach().clone() for k, v in enc.model.state_dict().items()}
+        method = build_method(spec, enc, self.seed)
+        state = {"tasks_done": 0, "rows": [], "seconds": 0.0}
+        if found is not None:
+            state = self.load_checkpoint(method, found)
+        outer.update(state["tasks_done"])
+        for t in range(state["tasks_done"], T):
+            outer.set_description(f"{spec['name']} · task {t + 1}/{T} {self.names[t]}")
+            t0 = time.perf_counter()
+            log = self.train_task(method, t)
+            row = self.evaluate(method)
+            seconds = time.perf_counter() - t0
+            state = {"tasks_done": t + 1, "rows": state["rows"] + [row], "seconds": state["seconds"] + seconds}
+            with open(self.out / "log.jsonl", "a") as f:  # before the checkpoint: a task logged twice = recomputed
+                f.write(json.dumps({"method": spec["name"], "task": self.names[t], "seconds": round(seconds, 2),
+                                    **log, "accuracy": row, **(method.info[-1] if method.info else {})}) + "\n")
+            self.save_checkpoint(method, pristine, state)
+            outer.update(1)
+        return {"rows": state["rows"], "seconds": state["seconds"], "info": method.info}
+
+    # ------------------------------------------------------------------ everything
+    def run(self) -> RunResult:
+        T = len(self.tasks)
+        methods = self.cfg["methods"]
+        result = RunResult(self.out, self.names)
+        t0 = time.perf_counter()
+        zero_row, zero_seconds = self.zero_shot_row()
+        result.zero_shot = zero_row
+        self.log("[keeplora] zero-shot: " + ", ".join(f"{n} {a * 100:.1f}" for n, a in zip(self.names, zero_row)))
+        outer = self._bar(T * len(methods), "methods x tasks")
+        for spec in methods:
+            out = self.run_method(spec, zero_row, zero_seconds, outer)
+            acc = np.array(out["rows"])
+            result.matrices[spec["name"]] = acc
+            result.metrics[spec["name"]] = M.summarize(acc)
+            result.wall_s[spec["name"]] = float(out["seconds"])
+            write_method_outputs(self.out, spec, self.names, acc, result.metrics[spec["name"]], out["seconds"],
+                                 out["info"])
+            write_summary(self.out, self.cfg, result)
+        outer.close()
+        write_summary(self.out, self.cfg, result, plots=True)
+        self.log(f"[keeplora] done in {time.perf_counter() - t0:.0f} s -> {self.out}")
+        return result
+
+
+# ---------------------------------------------------------------------- outputs
+def write_method_outputs(out: Path, spec: dict, tasks: list[str], acc: np.ndarray, summary: dict, seconds: float,
+                         info: list) -> None:
+    folder = out / "methods" / spec["slug"]
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "accuracy.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["after \\ on"] + tasks)
+        for j, row in enumerate(acc):
+            w.writerow([tasks[j]] + [f"{100 * a:.2f}" for a in row])
+    _dump_json(folder / "accuracy.json", {"method": spec["name"], "spec": spec, "tasks": tasks,
+                                          "accuracy": acc.tolist(), "metrics": summary, "seconds": seconds,
+                                          "info": info})
+    try:
+        from .plots import heatmap
+        heatmap(acc, tasks, f"{spec['name']}: accuracy (%) after each task", folder / "heatmap.png")
+    except ImportError:
+        pass
+
+
+def write_summary(out: Path, cfg: dict, result: RunResult, plots: bool = False) -> None:
+    rows = [{"method": name, **result.metrics[name], "seconds": result.wall_s[name]} for name in result.matrices]
+    _dump_json(out / "results.json", {"config": cfg["name"], "quick": cfg.get("quick", False),
+                                      "tasks": result.tasks, "zero_shot": result.zero_shot, "methods": rows,
+                                      "matrices": {k: v.tolist() for k, v in result.matrices.items()}})
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["method", "transfer", "average", "last", "seconds"])
+        w.writeheader()
+        w.writerows(rows)
+    table = M.markdown_table(
+        [dict(r, seconds=f"{r['seconds']:.0f}") for r in rows],
+        [("method", "method"), ("transfer", "Transfer"), ("average", "Average"), ("last", "Last"),
+         ("seconds", "wall s")])
+    (out / "results.md").write_text(f"# {cfg['name']}{' (quick)' if cfg.get('quick') else ''}\n\n"
+                                    f"Tasks in order: {', '.join(result.tasks)}\n\n{table}\n")
+    if plots:
+        try:
+            from .plots import accuracy_over_steps
+            accuracy_over_steps(result.matrices, result.zero_shot, result.tasks, out / "accuracy_over_steps.png")
+        except ImportError:
+            pass
+
+
+def run(config: Union[str, Path, dict], output: Optional[Union[str, Path]] = None, quick: bool = False,
+        resume: bool = False, methods: Optional[list[str]] = None, progress: bool = True,
+        log: Callable[[str], None] = print) -> RunResult:
+    """Run (or resume) a config; see the module docstring. ``methods`` keeps only the named methods."""
+    source = None
+    if isinstance(config, dict):
+        cfg = config
+    else:
+        source = Path(config)
+        cfg = load_config(source, quick=quick)
+    if methods:
+        known = [m["name"] for m in cfg["methods"]]
+        unknown = [m for m in methods if m not in known]
+        if unknown:
+            raise ConfigError(f"--methods: unknown {unknown}; the config has {known}")
+        cfg = dict(cfg, methods=[m for m in cfg["methods"] if m["name"] in methods])
+    for m in cfg["methods"]:
+        if m["type"] == "keeplora":
+            try:
+                from keeplora import KeepLoRA  # noqa: F401
+            except ImportError:
+                raise RuntimeError(f"method {m['name']!r} needs the KeepLoRA engine (keeplora.KeepLoRA), which this "
+                                   f"installation lacks; run the other methods with --methods") from None
+    out = prepare_output(cfg, Path(output) if output else None, resume, source)
+    return Runner(cfg, out, progress=progress, log=log).run()

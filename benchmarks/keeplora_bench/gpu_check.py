@@ -1,0 +1,255 @@
+"""The one GPU script: everything a lent H200 session should measure, in one prepared run (< 8 minutes).
+
+    bash benchmarks/gpu_check.sh                              # on the GPU machine: sets the path, runs this
+    python -m keeplora_bench.gpu_check --dry --out /tmp/x     # CPU rehearsal with tiny shapes (tested in CI)
+
+Steps, each time-boxed and independent (a failing step is recorded, the others still run):
+  1. environment: GPU, driver, torch/triton/transformers/peft versions, git sha;
+  2. build the C++/CUDA extension for sm_90 in place (skipped in dry mode unless a compiler is there);
+  3. the GPU-marked tests (pytest -m gpu) — the whole suite's CUDA paths;
+  4. the LoRA linear's variants side by side, eager and graph-replayed (keeplora_bench.micro.bench_lora_variants);
+  5. the end-to-end profile (keeplora_bench.micro.profile_lifecycle) on a Llama-like random model, bf16, T=8192 tokens,
+     and KeepLoRA's lifecycle again under each alternative GEMM order of the LoRA linear (profile_orders);
+  6. the Triton GEMM main loop against cuBLAS: go / no-go for the full-GEMM LoRA kernels
+     (keeplora_bench.micro.bench_triton_gemm);
+  7. the batched rSVD and principal-subspace benchmarks (keeplora_bench.micro.bench_rsvd) with a profiler trace;
+  8. kernel microbenchmarks (keeplora_bench.micro.bench_kernels) with a per-kernel trace of the Triton LoRA step.
+Everything goes under --out (logs, CSVs, summary.json); a short table (op, time, % of floor, ratio) prints last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+APP = Path(__file__).resolve().parents[1]  # the folder that holds the keeplora_bench package
+ROOT = APP.parent  # the source tree: the extension is built and the tests run there
+
+# (step name, seconds allowed), each a hard box; gpu_check.sh stops everything at its own limit, so the steps are
+# ordered by value and the last ones are the first to be cut.
+BUDGET = {"environment": 20, "build_extension": 150, "gpu_tests": 150, "lora_variants": 70, "profile": 100,
+          "profile_orders": 60, "triton_gemm": 50, "bench_rsvd": 100, "bench_kernels": 60}
+
+
+class StepTimeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise StepTimeout("step ran past its time box")
+
+
+def _run(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> int:
+    with log.open("w") as f:
+        try:
+            return subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
+                                  env={**os.environ, **(env or {})}).returncode
+        except subprocess.TimeoutExpired:
+            f.write(f"\n[gpu_check] timed out after {timeout:.0f} s\n")
+            return 124
+
+
+def step_environment(out: Path, dry: bool) -> list[dict[str, Any]]:
+    import torch
+
+    from .micro.harness import environment
+
+    info = dict(environment())
+    for module in ("transformers", "peft", "triton"):
+        try:
+            info[module] = importlib.import_module(module).__version__
+        except ImportError:
+            info[module] = "missing"
+    info["cuda_available"] = torch.cuda.is_available()
+    if torch.cuda.is_available():
+        info["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+    (out / "environment.json").write_text(json.dumps(info, indent=1))
+    return []
+
+
+def step_build_extension(out: Path, dry: bool) -> list[dict[str, Any]]:
+    import torch
+
+    if dry and not torch.cuda.is_available():
+        return [dict(op="build_extension", note="dry run: CPU build only")] if _build(out, cuda=False) == 0 else []
+    rc = _build(out, cuda=True)
+    if rc != 0:
+        raise RuntimeError(f"extension build failed (rc={rc}); see build_extension.log")
+    return []
+
+
+def _build(out: Path, cuda: bool) -> int:
+    env = {"MAX_JOBS": str(os.cpu_count() or 4), "TORCH_CUDA_ARCH_LIST": "9.0"}
+    if not cuda:
+        env["CUDA_HOME"] = ""
+    return _run([sys.executable, "setup.py", "build_ext", "--inplace"], out / "build_extension.log",
+                BUDGET["build_extension"], env)
+
+
+def step_gpu_tests(out: Path, dry: bool) -> list[dict[str, Any]]:
+    import torch
+
+    if not torch.cuda.is_available() and not dry:
+        raise RuntimeError("no CUDA device")
+    marker = "gpu" if torch.cuda.is_available() else "gpu or not gpu"
+    args = [sys.executable, "-m", "pytest", "-q", "-rfE", "-m", marker, "--no-header", "-p", "no:cacheprovider"]
+    if dry and not torch.cuda.is_available():
+        args += ["tests/test_reference_ops.py"]  # rehearsal: the mechanics only
+    rc = _run(args, out / "gpu_tests.log", BUDGET["gpu_tests"],
+              {"PYTHONPATH": os.pathsep.join(map(str, (ROOT, ROOT / "python", APP))), "JUNIT": ""})
+    tail = (out / "gpu_tests.log").read_text().strip().splitlines()[-1:] or [""]
+    return [dict(op="gpu tests", note=tail[0], rc=rc)]
+
+
+def _bench_step(module: str, **extra) -> Callable[[Path, bool], list[dict[str, Any]]]:
+    def step(out: Path, dry: bool) -> list[dict[str, Any]]:
+        try:
+            mod = importlib.import_module(f"{__package__}.micro.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"{__package__}.micro.{module}":
+                return [dict(op=module, note="not in this checkout")]
+            raise
+        return mod.run(out, quick=True, smoke=dry, **extra)  # the GPU script's subset; dry: tiny shapes
+
+    return step
+
+
+def _profile_kwargs(dry: bool) -> dict[str, Any]:
+    import torch
+
+    if dry or not torch.cuda.is_available():
+        kwargs = dict(model_spec="llama:d=64,layers=1,heads=4,ff=128,vocab=128", device="cpu", dtype="float32",
+                      batch=2, seq=16, steps=2, tasks=1, batches_per_task=2, r=4, warmup_task=True)
+    else:  # Llama-7B-like width, two layers, bf16, 8192 tokens per step
+        kwargs = dict(model_spec="llama:d=4096,layers=2,heads=32,ff=11008,vocab=1024,max_pos=8192",
+                      device="cuda", dtype="bfloat16", batch=1, seq=8192, steps=5, tasks=1, batches_per_task=4, r=16)
+    return kwargs
+
+
+def step_lora_variants(out: Path, dry: bool) -> list[dict[str, Any]]:
+    """The LoRA variants in a subprocess: a CUDA graph capture that fails can leave the process's CUDA state
+    unusable (the RNG offset of a broken capture), which must not cost the later steps."""
+    import csv
+
+    from .micro import bench_lora_variants
+
+    args = [sys.executable, "-m", bench_lora_variants.__name__, "--out", str(out)]
+    if dry:
+        args.append("--cpu-smoke")
+    rc = _run(args, out / "lora_variants.log", BUDGET["lora_variants"] - 5)
+    path = out / "lora_variants.csv"
+    rows = list(csv.DictReader(path.open())) if path.is_file() else []
+    summary = bench_lora_variants.summarize(rows)
+    if rc != 0:
+        summary.append(dict(op="lora_variants", note=f"FAILED: rc={rc}, see lora_variants.log"))
+    return summary
+
+
+def step_profile(out: Path, dry: bool) -> list[dict[str, Any]]:
+    from .micro import profile_lifecycle
+
+    # timed after one untimed warm-up task per method (JIT, library set-up); one traced keeplora task at the end
+    rows = profile_lifecycle.run(out, trace_dir=out, **_profile_kwargs(dry))
+    return [dict(op=f"{r['method']} {r['phase']}", time_ms=r["time_ms"], peak_mb=r["peak_mb"],
+                 ratio=r.get("time_vs_keeplora", "")) for r in rows]
+
+
+PROFILED_ORDERS = ("expand_first,expand_first", "expand_first,fused_dy")
+
+
+def step_profile_orders(out: Path, dry: bool) -> list[dict[str, Any]]:
+    """KeepLoRA's lifecycle again under each alternative GEMM order of the LoRA linear (``KEEPLORA_LORA_ORDERS``):
+    the training step of the candidates for the CUDA default, next to the default's own row of step ``profile``."""
+    import torch
+
+    from .micro import profile_lifecycle
+    from .micro.harness import append_rows
+    from keeplora_kernels import _dispatch
+
+    summary = []
+    for orders in PROFILED_ORDERS:
+        fwd, bwd = orders.split(",")
+        kwargs = _profile_kwargs(dry)
+        if bwd == "fused_dy" and not _dispatch.triton_runs(torch.device(kwargs["device"])):
+            continue
+        os.environ["KEEPLORA_LORA_ORDERS"] = orders
+        try:
+            rows = profile_lifecycle.profile(methods=("keeplora",), **kwargs)
+        finally:
+            del os.environ["KEEPLORA_LORA_ORDERS"]
+        for row in rows:
+            row["lora_orders"] = orders
+        append_rows("profile_orders", rows, results_dir=out)
+        summary += [dict(op=f"keeplora[{orders}] {r['phase']}", time_ms=r["time_ms"], peak_mb=r["peak_mb"])
+                    for r in rows]
+    return summary
+
+
+STEPS: dict[str, Callable[[Path, bool], list[dict[str, Any]]]] = {
+    "environment": step_environment,
+    "build_extension": step_build_extension,
+    "gpu_tests": step_gpu_tests,
+    "lora_variants": step_lora_variants,
+    "profile": step_profile,
+    "profile_orders": step_profile_orders,
+    "triton_gemm": _bench_step("bench_triton_gemm"),
+    # no bench_rsvd case starts after 60 s: the last ones (memory update) are the least important, and the trace
+    # and the summary still fit the box
+    "bench_rsvd": _bench_step("bench_rsvd", trace=True, time_box_s=BUDGET["bench_rsvd"] - 40),
+    "bench_kernels": _bench_step("bench_kernels", trace=True),
+}
+
+SUMMARY_COLUMNS = ["op", "time_ms", "pct_of_floor", "ratio", "peak_mb", "note"]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_check_out")))
+    parser.add_argument("--dry", action="store_true", help="CPU rehearsal with tiny shapes")
+    parser.add_argument("--steps", default=",".join(STEPS), help=f"subset of {list(STEPS)}")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    chosen = [s.strip() for s in args.steps.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in STEPS]
+    if unknown:
+        parser.error(f"--steps: unknown {unknown}; accepted: {list(STEPS)}")
+    from .micro.harness import print_table
+
+    summary, status = [], {}
+    for name in chosen:
+        t0 = time.perf_counter()
+        # In-process steps get a hard time box too (subprocess steps have their own, a little shorter).
+        signal.signal(signal.SIGALRM, _alarm)
+        signal.alarm(BUDGET[name] + 10)
+        try:
+            rows = STEPS[name](args.out, args.dry)
+            status[name] = "ok"
+        except Exception as exc:  # a failing step must not cost the others their device time
+            rows = [dict(op=name, note=f"FAILED: {type(exc).__name__}: {str(exc)[:120]}")]
+            status[name] = "failed"
+            (args.out / f"{name}.error.txt").write_text(traceback.format_exc())
+        finally:
+            signal.alarm(0)
+        seconds = time.perf_counter() - t0
+        status[name] += f" ({seconds:.0f} s)"
+        summary += rows
+        print(f"[gpu_check] {name}: {status[name]}", flush=True)
+        # written after every step: a run killed by its time limit keeps what it measured
+        (args.out / "summary.json").write_text(json.dumps({"status": status, "rows": summary}, indent=1,
+                                                          default=str))
+    print()
+    print_table(summary, SUMMARY_COLUMNS)
+    return 0 if all(v.startswith("ok") for v in status.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
