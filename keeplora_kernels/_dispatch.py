@@ -48,6 +48,9 @@ _TABLE: dict[str, dict[str, str]] = {
 
 
 def implemented(op: str) -> frozenset[str]:
+    """The backends that implement ``op``."""
+    if op not in _TABLE:
+        raise KeyError(f"no dispatch row for op {op!r}; ops: {sorted(_TABLE)}")
     return frozenset(_TABLE[op])
 
 

@@ -41,7 +41,7 @@ def test_variant_gradcheck_fp64(variant):
 @pytest.mark.parametrize("lead,d_in,d_out,r", RAGGED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
-def test_variant_matches_reference(variant, lead, d_in, d_out, r, dtype, bias):
+def test_order_matches_the_oracle(variant, lead, d_in, d_out, r, dtype, bias):
     """Outputs and all gradients against the fp64 reference, within the dtype's tolerance; fp32 adapters under
     bf16 input (the engine's configuration) for bf16."""
     x, w, b, a, lb = _inputs(lead, d_in, d_out, r, dtype, bias)
@@ -53,19 +53,19 @@ def test_variant_matches_reference(variant, lead, d_in, d_out, r, dtype, bias):
     assert y.dtype == dtype and y.shape == (*lead, d_out)
     dy = torch.randn_like(y)
     grads = torch.autograd.grad(y, [t for t in (xs, ls, bs) if t is not None], dy)
-    refs = _reference(x, w, b, a, lb, dy, torch.float64)
+    refs = _oracle(x, w, b, a, lb, dy, torch.float64)
     if dtype == torch.float32:
         assert_close(y, refs[0].to(dtype))
         for got, ref in zip(grads, refs[1:]):
             assert_close(got, ref.to(got.dtype))
     else:  # the suite's low-precision rule: within 2× the error of PyTorch's own ops at this dtype
-        lows = _reference(x, w, b, a, lb, dy, dtype)
+        lows = _oracle(x, w, b, a, lb, dy, dtype)
         for got, low, ref in zip((y,) + grads, lows, refs):
             assert_within_torch_error(got, low, ref, dtype)
     assert grads[1].dtype == lb.dtype
 
 
-def _reference(x, w, b, a, lb, dy, dtype):
+def _oracle(x, w, b, a, lb, dy, dtype):
     """``(y, dX, dB[, db])`` of the oracle with every operand in ``dtype`` (plain autograd)."""
     return oracle_grads(x, w, b, a, lb, dy, dtype)
 
@@ -219,7 +219,7 @@ def test_variants_on_cuda_within_the_bf16_rule(variant):
         y = _apply(variant, xs, w, b, a, ls, 0.5)
     dy = torch.randn_like(y)
     grads = torch.autograd.grad(y, (xs, ls), dy)
-    refs = _reference(x, w, b, a, lb, dy, torch.float64)
-    lows = _reference(x, w, b, a, lb, dy, torch.bfloat16)
+    refs = _oracle(x, w, b, a, lb, dy, torch.float64)
+    lows = _oracle(x, w, b, a, lb, dy, torch.bfloat16)
     for got, low, ref in zip((y, *grads), lows[:3], refs[:3]):
         assert_within_torch_error(got, low, ref, torch.bfloat16)

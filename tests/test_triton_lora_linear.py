@@ -59,7 +59,7 @@ def test_dispatch_never_picks_the_experimental_kernels():
 @pytest.mark.parametrize("r", [1, 8, 16, 64])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("transpose_x", [False, True])
-def test_matches_reference_fp32(lead, d_in, d_out, r, bias, transpose_x):
+def test_matches_the_oracle_fp32(lead, d_in, d_out, r, bias, transpose_x):
     x, w, b, a, lb = _inputs(lead, d_in, d_out, r, bias=bias, transpose_x=transpose_x)
     dy = torch.randn(*lead, d_out, device=DEVICE)
     got = _run(lora_linear_triton, x, w, b, a, lb, 0.5, dy)
@@ -205,7 +205,7 @@ def _shared_run(fn, x, ws, bs, as_, lbs, scales, dys, used):
 
 
 @pytest.mark.parametrize("n_proj,used", [(3, (0, 1, 2)), (3, (0, 2)), (5, (0, 1, 2, 3, 4))])
-def test_shared_matches_reference(n_proj, used):
+def test_shared_matches_the_oracle(n_proj, used):
     d_in = 40
     outs = [33, 17, 40, 24, 16][:n_proj]
     ranks = [1, 8, 16, 4, 2][:n_proj]
