@@ -1,14 +1,19 @@
 """The one place that decides which implementation runs each op.
 
-Order of preference for ``KEEPLORA_BACKEND=auto`` (the default): the compiled extension when it is loaded and
-implements the op for the tensor's device, then Triton for CUDA tensors where it measured faster than the
-PyTorch path (``TRITON_AUTO_ON_CUDA``), then the pure-PyTorch reference.
-``KEEPLORA_BACKEND=reference|triton|extension`` forces that path for every op that has it (and raises if it cannot
+Backends: ``torch`` (the PyTorch production path: every op has it), ``triton`` and ``extension`` (the compiled
+C++/CUDA library) where an op has them. Order of preference for ``KEEPLORA_BACKEND=auto`` (the default): the
+compiled extension when it is loaded and implements the op for the tensor's device, then Triton for CUDA tensors
+where it measured faster than the PyTorch path (``TRITON_AUTO_ON_CUDA``), then ``torch``.
+``KEEPLORA_BACKEND=torch|triton|extension`` forces that path for every op that has it (and raises if it cannot
 run, e.g. triton on a CPU tensor without ``TRITON_INTERPRET=1``); ops without it keep the automatic choice, so the
-whole engine runs under a forced backend. Tests use ``triton`` on CPU together with ``TRITON_INTERPRET=1``. Nothing here touches CUDA at import time.
+whole engine runs under a forced backend. Tests use ``triton`` on CPU together with ``TRITON_INTERPRET=1``. Nothing
+here touches CUDA at import time.
 
-Triton compiles no float64 ``tl.dot`` for a GPU (triton 3.6 on an H200: an assertion in its dot lowering; the
-interpreter does run it), so on CUDA, ops whose operands include float64 take the reference path.
+Triton compiles no float64 ``tl.dot`` for a GPU (its dot lowering asserts; the interpreter does run it), so on
+CUDA, ops whose operands include float64 take the ``torch`` path.
+
+Kernels that lost to these paths wherever they were measured are not rows here: they live in
+``keeplora_kernels.experimental``, each with what it must beat to be dispatched.
 """
 
 from __future__ import annotations
@@ -21,28 +26,36 @@ from typing import Callable, Optional
 
 import torch
 
-BACKENDS = ("reference", "triton", "extension")
+BACKENDS = ("torch", "triton", "extension")
 _ENV = "KEEPLORA_BACKEND"
+_RENAMED = {"reference": "torch"}  # old value -> its current name (a clear error instead of a silent fallback)
 
-# op -> {backend: "module:function"} for every non-reference implementation. The reference lives next to each
-# op's public function and is always available. Modules are imported on first use (importing triton is slow).
+# op -> {backend: "module:function"}: every implementation of every op, the ``torch`` one included. Modules are
+# imported on first use (importing triton is slow).
 _TABLE: dict[str, dict[str, str]] = {
-    "lora_linear": {"triton": ".triton_lora_linear:lora_linear_triton",
+    "lora_linear": {"torch": ".lora_linear:lora_linear_torch",
                     "extension": ".lora_linear:lora_linear_extension"},
-    "lora_linear_shared": {"triton": ".triton_lora_linear:lora_linear_shared_triton"},
-    "residual_project": {"triton": ".triton_residual_project:residual_project_triton"},
-    "second_moment_update": {"triton": ".triton_second_moment:second_moment_update_triton"},
-    "rsvd": {"extension": ".rsvd:rsvd_extension"},
-    "principal_subspace": {"extension": ".principal_subspace:principal_subspace_extension"},
+    "lora_linear_shared": {"torch": ".lora_linear:lora_linear_shared_torch"},
+    "residual_project": {"torch": ".residual_project:residual_project_torch",
+                         "triton": ".triton_residual_project:residual_project_triton"},
+    "second_moment_update": {"torch": ".second_moment:second_moment_update_torch",
+                             "triton": ".triton_second_moment:second_moment_update_triton"},
+    "outer_sum": {"torch": ".outer_sum:outer_sum_torch"},
+    "rsvd": {"torch": ".rsvd:_rsvd_fallback", "extension": ".rsvd:rsvd_extension"},
+    "principal_subspace": {"torch": ".principal_subspace:principal_subspace_torch",
+                           "extension": ".principal_subspace:principal_subspace_extension"},
 }
 
 
 def implemented(op: str) -> frozenset[str]:
-    return frozenset({"reference", *_TABLE.get(op, {})})
+    """The backends that implement ``op``."""
+    if op not in _TABLE:
+        raise KeyError(f"no dispatch row for op {op!r}; ops: {sorted(_TABLE)}")
+    return frozenset(_TABLE[op])
 
 
 def implementation(op: str, backend: str) -> Callable:
-    """The function implementing ``op`` on a non-reference ``backend``."""
+    """The function implementing ``op`` on ``backend``."""
     module_name, fn_name = _TABLE[op][backend].split(":")
     return getattr(importlib.import_module(module_name, __package__), fn_name)
 
@@ -67,21 +80,25 @@ def extension_ops(device_type: Optional[str] = None) -> frozenset[str]:
 
 
 def requested_backend() -> str:
+    """The value of ``KEEPLORA_BACKEND``: "auto" (unset or empty) or one of :data:`BACKENDS`."""
     value = os.environ.get(_ENV, "auto").strip().lower() or "auto"
+    accepted = ", ".join(repr(v) for v in ("auto",) + BACKENDS)
+    if value in _RENAMED:
+        raise ValueError(f"{_ENV}={value!r} is now called {_RENAMED[value]!r} (the PyTorch production path); "
+                         f"accepted values: {accepted}")
     if value != "auto" and value not in BACKENDS:
-        raise ValueError(f"{_ENV} must be 'auto' or one of {BACKENDS}, got {value!r}")
+        raise ValueError(f"{_ENV} must be one of {accepted}, got {value!r}")
     return value
 
 
 TRITON_GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what Triton's dot compiles for a GPU
 
-# op -> data-operand dtypes for which the automatic choice on CUDA is Triton. Measured side by side on an H200
-# (benchmarks/results/h200/bench_kernels.csv, triton 3.6, torch 2.11); elsewhere the kernels stay available under
-# KEEPLORA_BACKEND=triton until tuned:
-#   second_moment_update, bf16 N=8192 d=4096: 0.45 ms vs 5.46 ms for the reference (fp32 upcast + masked addmm);
-#   residual_project, d=n=4096 k=64: bf16 0.27 vs 0.31 ms with no temporaries (chosen); fp32 0.38 vs 0.18 ms (not);
-#   lora_linear, bf16 train step: 1.23 vs 1.08 ms (unfused PyTorch) at T=8192 d=4096 r=16, 1.14 vs 0.38 ms at
-#   T=12608 d=768: slower than cuBLAS, so not chosen (the PyTorch path keeps only s = x·Aᵀ for backward too).
+# op -> data-operand dtypes for which the automatic choice on CUDA is Triton, from the side-by-side kernel benchmark
+# (benchmarks/results/h200/bench_kernels.csv). The second moment kernel (measured with bf16 x) computes only the
+# upper triangle and reads masked rows as zeros, where the torch path makes an fp32 copy and a masked copy of x
+# first: chosen for every dtype Triton compiles on a GPU. The residual projection kernel reads and writes g once
+# with no upcast copy: faster for bf16/fp16 g, slower than the two library GEMMs for fp32 g. Elsewhere the kernels
+# stay available under KEEPLORA_BACKEND=triton.
 TRITON_AUTO_ON_CUDA: dict[str, tuple[torch.dtype, ...]] = {
     "second_moment_update": TRITON_GPU_DTYPES,
     "residual_project": (torch.float16, torch.bfloat16),
@@ -117,7 +134,7 @@ def select(op: str, device: torch.device, *dtypes: torch.dtype) -> str:
     if ("triton" in impl and device.type == "cuda" and triton_runs(device, dtypes)
             and dtypes and dtypes[0] in TRITON_AUTO_ON_CUDA.get(op, ())):
         return "triton"
-    return "reference"
+    return "torch"
 
 
 @functools.lru_cache(maxsize=None)
@@ -132,52 +149,74 @@ def mixed_dtype_gemm(op: str, device_type: str) -> bool:
 
 
 _ORDERS_ENV = "KEEPLORA_LORA_ORDERS"
+FORWARD_ORDERS = ("base_first", "expand_first")
+BACKWARD_ORDERS = ("base_first", "expand_first")
 
-# (forward order, backward order) of the PyTorch LoRA path and the compiled op per device type, chosen by the H200
-# side-by-side run (benchmarks/results/h200/lora_variants.csv): on CUDA expand_first in both directions gave the
-# fastest bf16 step at the Llama layer, eager and graph-replayed, and at the CLIP layer through the compiled op; the
-# Triton dY pass (fused_dy) was slower than the two cuBLAS GEMMs it replaces at both shapes. The CPU keeps base_first.
+# (forward order, backward order) of the torch LoRA path and the compiled op per device type: on CUDA expand_first
+# in both directions gave the fastest bf16 training step at the Llama and CLIP layer shapes of the side-by-side
+# benchmark (benchmarks/results/h200/lora_variants.csv), eager and graph-replayed; the CPU keeps base_first.
 LORA_ORDERS: dict[str, tuple[str, str]] = {"cpu": ("base_first", "base_first"),
                                            "cuda": ("expand_first", "expand_first")}
 
 
 def lora_orders(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
     """The GEMM orders of the LoRA linear on ``device`` (see ``lora_linear._forward`` / ``_backward``); the measured
-    winner did not depend on the shape, so there is no shape class.
+    winner did not depend on the shape or dtype, so there is no shape class (``dtype`` is part of the signature for
+    the callers' sake).
 
-    ``KEEPLORA_LORA_ORDERS=<forward>,<backward>`` forces them (e.g. ``expand_first,fused_dy``); the ``fused_dy``
-    backward needs Triton to run on ``device`` (a GPU, or the interpreter).
+    ``KEEPLORA_LORA_ORDERS=<forward>,<backward>`` forces them (e.g. ``expand_first,base_first``). The experimental
+    orders (the Triton ``fused_dy`` backward, the stacked ``[W; A]`` forward) are not accepted here: they run only
+    through ``keeplora_kernels.experimental``.
     """
-    from .lora_linear import BACKWARD_ORDERS, FORWARD_ORDERS
-
     forced = os.environ.get(_ORDERS_ENV, "").strip()
-    if forced:
-        parts = [p.strip().lower() for p in forced.split(",")]
-        if len(parts) != 2 or parts[0] not in FORWARD_ORDERS or parts[1] not in BACKWARD_ORDERS:
-            raise ValueError(f"{_ORDERS_ENV} must be '<forward>,<backward>' with forward in {FORWARD_ORDERS} and "
-                             f"backward in {BACKWARD_ORDERS}, got {forced!r}")
-        # checked in eager calls only: probing for triton is not traceable (a traced call trusts the eager one)
-        if parts[1] == "fused_dy" and not torch.compiler.is_compiling() and not triton_runs(device, (dtype,)):
-            raise RuntimeError(f"{_ORDERS_ENV}={forced!r}: the fused_dy backward needs Triton on {device.type} "
-                               f"tensors of {dtype} (a GPU, or TRITON_INTERPRET=1)")
-        forward, backward = parts
-    else:
-        forward, backward = LORA_ORDERS.get(device.type, ("base_first", "base_first"))
-        if backward == "fused_dy" and not torch.compiler.is_compiling() and not triton_runs(device, (dtype,)):
-            backward = "expand_first"
-    return forward, backward
+    if not forced:
+        return LORA_ORDERS.get(device.type, ("base_first", "base_first"))
+    parts = [p.strip().lower() for p in forced.split(",")]
+    if len(parts) != 2 or parts[0] not in FORWARD_ORDERS or parts[1] not in BACKWARD_ORDERS:
+        hint = ""
+        if any(p in ("fused_dy", "stacked") for p in parts):
+            hint = "; fused_dy and stacked are experimental (keeplora_kernels.experimental.lora_variants)"
+        raise ValueError(f"{_ORDERS_ENV} must be '<forward>,<backward>' with forward in {FORWARD_ORDERS} and "
+                         f"backward in {BACKWARD_ORDERS}, got {forced!r}{hint}")
+    return parts[0], parts[1]
+
+
+OUTER_SUM_PATHS = ("mixed_dtype_addmm", "addmm", "converted_chunks")
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def outer_sum_path(device_type: str, acc_dtype: torch.dtype, dy_dtype: torch.dtype, x_dtype: torch.dtype) -> str:
+    """How the torch ``outer_sum`` computes ``acc + dyᵀ·x`` (one of :data:`OUTER_SUM_PATHS`):
+
+    * ``"mixed_dtype_addmm"``: fp32 ``acc``, both inputs bf16 (or both fp16), and a mixed-dtype ``addmm`` kernel on
+      this device (CUDA): the tensor cores multiply the 16-bit values and write fp32, no converted copies;
+    * ``"addmm"``: both inputs already in ``acc``'s dtype: one in-place ``addmm_``;
+    * ``"converted_chunks"``: anything else: inputs converted to ``acc``'s dtype in row chunks no larger than ``acc``.
+    """
+    if (acc_dtype == torch.float32 and dy_dtype == x_dtype and dy_dtype in _LOW_PRECISION
+            and mixed_dtype_gemm("addmm", device_type)):
+        return "mixed_dtype_addmm"
+    if dy_dtype == acc_dtype and x_dtype == acc_dtype:
+        return "addmm"
+    return "converted_chunks"
 
 
 def choices(device: torch.device) -> dict[str, dict[str, str]]:
     """What ``select`` picks on ``device`` for each op and data dtype (``keeplora info`` prints it); "unavailable"
-    where a forced backend cannot run (the call would raise)."""
+    where a forced backend cannot run (the call would raise). ``outer_sum`` also names its torch path
+    (:func:`outer_sum_path`, with an fp32 accumulator for 16-bit and fp32 data, fp64 for fp64 data)."""
     out: dict[str, dict[str, str]] = {}
     for op in _TABLE:
         row = {}
         for dtype in (torch.bfloat16, torch.float32, torch.float64):
+            name = str(dtype).replace("torch.", "")
             try:
-                row[str(dtype).replace("torch.", "")] = select(op, device, dtype)
+                row[name] = select(op, device, dtype)
             except RuntimeError:
-                row[str(dtype).replace("torch.", "")] = "unavailable"
+                row[name] = "unavailable"
+                continue
+            if op == "outer_sum":
+                acc = torch.float64 if dtype == torch.float64 else torch.float32
+                row[name] += f" ({outer_sum_path(device.type, acc, dtype, dtype)})"
         out[op] = row
     return out

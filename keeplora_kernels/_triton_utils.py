@@ -35,7 +35,7 @@ def interpreted() -> bool:
 
 def cdiv(a: int, b: int) -> int:
     """Ceiling division of host integers. ``triton.cdiv`` is a constexpr function in recent Triton (usable inside
-    kernels): calling it from Python costs ~4 µs, and a launch plan needs a dozen."""
+    kernels): calling it from Python costs microseconds, and a launch plan needs a dozen."""
     return -(-a // b)
 
 

@@ -13,15 +13,11 @@ from typing import Optional, Sequence
 import torch
 
 from . import _dispatch
+from ._dispatch import BACKWARD_ORDERS, FORWARD_ORDERS
 
-__all__ = ["lora_linear", "lora_linear_ref", "lora_linear_unfused", "lora_linear_shared", "lora_linear_shared_ref",
-           "LoRALinearFunction", "StackedLoRALinearFunction", "stack_frozen", "FORWARD_ORDERS", "BACKWARD_ORDERS"]
-
-
-def lora_linear_ref(x, weight, bias, lora_a, lora_b, scale):
-    """Plain-autograd reference (differentiable in every argument); the tests compare against it."""
-    y = torch.nn.functional.linear(x, weight, bias)
-    return y + scale * torch.nn.functional.linear(torch.nn.functional.linear(x, lora_a), lora_b)
+__all__ = ["lora_linear", "lora_linear_unfused", "lora_linear_shared", "lora_linear_torch",
+           "lora_linear_shared_torch", "lora_linear_extension", "LoRALinearFunction", "FORWARD_ORDERS",
+           "BACKWARD_ORDERS"]
 
 
 def lora_linear_unfused(x, weight, bias, lora_a, lora_b, scale):
@@ -32,33 +28,8 @@ def lora_linear_unfused(x, weight, bias, lora_a, lora_b, scale):
     return y + (x @ lora_a.to(x.dtype).t()) @ lora_b.to(x.dtype).t() * scale
 
 
-def lora_linear_shared_ref(x, weights, biases, lora_as, lora_bs, scales):
-    """Plain-autograd reference of :func:`lora_linear_shared`: one :func:`lora_linear_ref` per projection."""
-    return tuple(lora_linear_ref(x, w, b, a, lb, s)
-                 for w, b, a, lb, s in zip(weights, biases, lora_as, lora_bs, scales))
-
-
 def _flatten_tokens(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
-
-
-@torch.library.custom_op("keeplora::lora_dy_pass", mutates_args=())
-def _lora_dy_pass(dy2: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, scale: float,
-                  need_dbias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The Triton pass over dY of the ``fused_dy`` backward (``triton_lora_linear.lora_dy_pass``) as an opaque
-    registered op: ``torch.compile`` and CUDA graphs take it whole, it is registered when this module is imported
-    (so a traced call finds it), and triton itself is imported only on the first call (``triton_op`` would import it
-    at registration)."""
-    from .triton_lora_linear import lora_dy_pass  # imports triton (slow): on first use only
-
-    return lora_dy_pass(dy2, s, lora_b, scale, need_dbias)
-
-
-@_lora_dy_pass.register_fake
-def _(dy2, s, lora_b, scale, need_dbias):
-    acc = torch.float64 if dy2.dtype == torch.float64 else torch.float32
-    return (dy2.new_empty((dy2.shape[0], s.shape[1]), dtype=acc), dy2.new_empty((dy2.shape[1], s.shape[1]), dtype=acc),
-            dy2.new_empty((dy2.shape[1] if need_dbias else 1,), dtype=acc))
 
 
 def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, scale: float) -> torch.Tensor:
@@ -71,8 +42,6 @@ def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, scale: float) -> torch.Tensor
     return out.addmm_(m1, m2, beta=0, alpha=scale)
 
 
-FORWARD_ORDERS = ("base_first", "expand_first")
-BACKWARD_ORDERS = ("base_first", "expand_first", "fused_dy")
 
 
 def _forward(x, weight, bias, lora_a, lora_b, scale, order: str = "base_first"):
@@ -116,19 +85,9 @@ def _backward(dy2, s, weight, a, b, scale: float, order: str, need_dx: bool, db_
     ``order``:
     * ``"base_first"``: ``dB = scale·dYᵀ·s``, ``ds = dY·B``, ``dX = dY·W`` then ``dX += scale·ds·A``;
     * ``"expand_first"``: the same dB and ds, then ``dX = scale·ds·A`` and ``dX += dY·W`` in place (the dX GEMM reads
-      the rank-r term as its C operand);
-    * ``"fused_dy"``: one Triton pass over dY gives ``scale·ds``, dB and db together (dY is read once for the
-      rank-r part instead of three times), then ``dX`` as in ``"expand_first"``.
+      the rank-r term as its C operand).
     """
     dx2 = db_ = dbias = None
-    if order == "fused_dy":
-        ds_scaled, db32, dbias32 = torch.ops.keeplora.lora_dy_pass(dy2, s, b, float(scale), need_dbias)
-        db_ = None if db_dtype is None else db32.to(db_dtype)
-        dbias = dbias32 if need_dbias else None
-        if need_dx:
-            dx2 = ds_scaled.to(dy2.dtype) @ a
-            dx2.addmm_(dy2, weight.to(dy2.dtype))
-        return dx2, db_, dbias
     if db_dtype is not None:
         db_ = _scaled_outer(dy2, s, scale, db_dtype)
     if need_dx:
@@ -160,7 +119,7 @@ class LoRALinearFunction(torch.autograd.Function):
     A and B are cast to x's dtype once per step: backward reuses the forward's casts (r×d each).
     ``forward_order`` / ``backward_order`` choose the order of the GEMMs (:func:`_forward`, :func:`_backward`);
     ``_dispatch.lora_orders`` picks them per device. Dynamo traces this Function (no graph break under
-    ``torch.compile``); the Triton dY pass it may call is a registered ``torch.library`` op.
+    ``torch.compile``).
     """
 
     @staticmethod
@@ -168,7 +127,7 @@ class LoRALinearFunction(torch.autograd.Function):
                 backward_order="base_first"):
         if weight.requires_grad or lora_a.requires_grad:
             raise RuntimeError("lora_linear treats `weight` and `lora_a` as frozen, but one of them requires grad; "
-                               "call .requires_grad_(False) on it or use lora_linear_ref")
+                               "call .requires_grad_(False) on it, or use lora_linear_unfused (plain autograd)")
         y2, s, a, b = _forward(x, weight, bias, lora_a, lora_b, scale, forward_order)
         ctx.save_for_backward(s, weight, a, b)
         ctx.scale = scale
@@ -190,54 +149,11 @@ class LoRALinearFunction(torch.autograd.Function):
         return dx, None, db, None, dlora_b, None, None, None
 
 
-def stack_frozen(weight: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
-    """``[W; A]`` ((d_out + r) × d_in, W's dtype): both are frozen for a whole task, so this is formed once per task
-    for :class:`StackedLoRALinearFunction`."""
-    return torch.cat([weight, lora_a.to(weight.dtype)], dim=0)
-
-
-class StackedLoRALinearFunction(torch.autograd.Function):
-    """The frozen-A LoRA linear with ``[W; A]`` stacked: one GEMM ``X·[W; A]ᵀ`` gives ``X·Wᵀ`` and ``s = X·Aᵀ`` while
-    reading X once, then ``Y += scale·s·Bᵀ`` in place. Y is a view with row stride d_out + r (the s columns are
-    copied out, so only s is kept for backward). Backward as :func:`_backward` with W and A as views of the stack.
-    Args: ``(x, stacked, bias, lora_b, scale, d_out, backward_order)``."""
-
-    @staticmethod
-    def forward(ctx, x, stacked, bias, lora_b, scale, d_out, backward_order="base_first"):
-        if stacked.requires_grad:
-            raise RuntimeError("the stacked [W; A] is frozen but requires grad; call .requires_grad_(False) on it")
-        x2 = _flatten_tokens(x)
-        b = lora_b.to(x.dtype)
-        if bias is not None:
-            padded = torch.cat([bias.to(x.dtype), bias.new_zeros(stacked.shape[0] - d_out, dtype=x.dtype)])
-            z = torch.addmm(padded, x2, stacked.t())
-        else:
-            z = x2 @ stacked.t()
-        y2, s = z[:, :d_out], z[:, d_out:].contiguous()
-        y2.addmm_(s, b.t(), alpha=scale)
-        ctx.save_for_backward(s, stacked, b)
-        ctx.scale, ctx.order, ctx.d_out, ctx.x_shape = scale, backward_order, d_out, x.shape
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.lora_b_dtype = lora_b.dtype
-        return y2.reshape(*x.shape[:-1], d_out)
-
-    @staticmethod
-    def backward(ctx, dy):
-        s, stacked, b = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        dy2 = _flatten_tokens(dy).to(s.dtype)
-        weight, a = stacked[:ctx.d_out], stacked[ctx.d_out:].to(s.dtype)
-        dx2, dlora_b, dbias = _backward(dy2, s, weight, a, b, ctx.scale, ctx.order, need[0],
-                                        ctx.lora_b_dtype if need[3] else None, need[2])
-        dx = None if dx2 is None else dx2.reshape(ctx.x_shape)
-        db = None if dbias is None else dbias.to(ctx.bias_dtype)
-        return dx, None, db, dlora_b, None, None, None
-
-
-def _lora_linear_torch(x, weight, bias, lora_a, lora_b, scale: float,
-                       orders: Optional[tuple[str, str]] = None) -> torch.Tensor:
-    """The PyTorch path: :class:`LoRALinearFunction`, or its forward alone when there is no graph to build
-    (no_grad, or nothing requires grad: the feature pass, evaluation), without the Function's overhead."""
+def lora_linear_torch(x, weight, bias, lora_a, lora_b, scale: float,
+                      orders: Optional[tuple[str, str]] = None) -> torch.Tensor:
+    """The torch backend of :func:`lora_linear`: :class:`LoRALinearFunction` in the orders ``lora_orders`` picks
+    (or ``orders``), or its forward alone when there is no graph to build (no_grad, or nothing requires grad: the
+    feature pass, evaluation), without the Function's overhead."""
     forward_order, backward_order = orders or _dispatch.lora_orders(x.device, x.dtype)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b)):
         return LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, scale, forward_order, backward_order)
@@ -245,13 +161,16 @@ def _lora_linear_torch(x, weight, bias, lora_a, lora_b, scale: float,
                                                                                       weight.shape[0])
 
 
+def lora_linear_shared_torch(x, weights, biases, lora_as, lora_bs, scales) -> tuple[torch.Tensor, ...]:
+    """The torch backend of :func:`lora_linear_shared`: one :func:`lora_linear_torch` per projection."""
+    return tuple(lora_linear_torch(x, w, b, a, lb, float(s))
+                 for w, b, a, lb, s in zip(weights, biases, lora_as, lora_bs, scales))
+
+
 def lora_linear_extension(x, weight, bias, lora_a, lora_b, scale: float) -> torch.Tensor:
     """The compiled extension's ``keeplora::lora_linear`` (csrc/lora_linear.cpp): the same GEMMs as
-    :class:`LoRALinearFunction`, one dispatcher call forward and a C++ backward (no Python per step). For the
-    ``fused_dy`` backward (a Triton op) the Python Function runs instead."""
+    :class:`LoRALinearFunction`, one dispatcher call forward and a C++ backward (no Python per step)."""
     forward_order, backward_order = _dispatch.lora_orders(x.device, x.dtype)
-    if backward_order == "fused_dy":
-        return _lora_linear_torch(x, weight, bias, lora_a, lora_b, scale, (forward_order, backward_order))
     return torch.ops.keeplora.lora_linear(x, weight, bias, lora_a, lora_b, scale, forward_order, backward_order)
 
 
@@ -268,14 +187,13 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         scale: ``alpha / r``.
 
     Returns ``(..., d_out)`` in x's dtype. Saved for backward: ``s = x·lora_aᵀ`` (T×r) and the (frozen) weights.
-    Under ``torch.compile`` the PyTorch path runs whatever the backend: dynamo traces it, not the compiled op or the
-    Triton launchers.
+    Under ``torch.compile`` the torch path runs whatever the backend: dynamo traces it, not the compiled op.
     """
     if torch.compiler.is_compiling():
-        return _lora_linear_torch(x, weight, bias, lora_a, lora_b, float(scale))
+        return lora_linear_torch(x, weight, bias, lora_a, lora_b, float(scale))
     backend = _dispatch.select("lora_linear", x.device, x.dtype, weight.dtype, lora_a.dtype, lora_b.dtype)
-    if backend == "reference":
-        return _lora_linear_torch(x, weight, bias, lora_a, lora_b, float(scale))
+    if backend == "torch":
+        return lora_linear_torch(x, weight, bias, lora_a, lora_b, float(scale))
     if backend == "extension":
         return lora_linear_extension(x, weight, bias, lora_a, lora_b, float(scale))
     return _dispatch.implementation("lora_linear", backend)(x, weight, bias, lora_a, lora_b, float(scale))
@@ -286,13 +204,13 @@ def lora_linear_shared(x: torch.Tensor, weights: Sequence[torch.Tensor], biases:
                        scales: Sequence[float]) -> tuple[torch.Tensor, ...]:
     """Several frozen-A LoRA linears of one input (e.g. q, k, v): ``tuple(lora_linear(x, W_i, b_i, A_i, B_i, s_i))``.
 
-    The Triton path shrinks x once with the concatenated ``[A_1; …; A_p]`` (x is read once for all adapters, and
-    backward keeps one ``T×ΣR_i`` activation) and computes ``dX`` in one GEMM over all projections.
+    The torch path runs one :func:`lora_linear_torch` per projection. (An experimental Triton form that shrinks x
+    once for all projections is in ``keeplora_kernels.experimental.triton_lora_linear``.)
 
     Args:
         x: ``(..., d_in)`` as in :func:`lora_linear`.
         weights, biases, lora_as, lora_bs, scales: one entry per projection, each as in :func:`lora_linear`
-            (biases may hold None; every ``lora_as[i]`` is ``(r_i, d_in)`` with 1 ≤ r_i ≤ 128).
+            (biases may hold None; every ``lora_as[i]`` is ``(r_i, d_in)``).
 
     Returns a tuple of ``(..., d_out_i)`` tensors in x's dtype.
     """
@@ -303,9 +221,8 @@ def lora_linear_shared(x: torch.Tensor, weights: Sequence[torch.Tensor], biases:
                          f"{len(scales)})")
     backend = _dispatch.select("lora_linear_shared", x.device, x.dtype,
                                *(t.dtype for group in (weights, lora_as, lora_bs) for t in group))
-    if backend == "reference":
-        return tuple(_lora_linear_torch(x, w, b, a, lb, float(s))
-                     for w, b, a, lb, s in zip(weights, biases, lora_as, lora_bs, scales))
+    if backend == "torch":
+        return lora_linear_shared_torch(x, weights, biases, lora_as, lora_bs, scales)
     return tuple(_dispatch.implementation("lora_linear_shared", backend)(x, list(weights), list(biases),
                                                                          list(lora_as), list(lora_bs),
                                                                          [float(s) for s in scales]))

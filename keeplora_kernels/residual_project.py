@@ -9,11 +9,11 @@ import torch
 
 from . import _dispatch
 
-__all__ = ["residual_project", "residual_project_ref", "residual_project_dense"]
+__all__ = ["residual_project", "residual_project_torch", "residual_project_dense"]
 
 
-def residual_project_ref(g: torch.Tensor, basis: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
-    """Reference: ``g − basis·(basisᵀ·g)`` computed in fp32 (or fp64 when either input is fp64).
+def residual_project_torch(g: torch.Tensor, basis: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+    """The torch backend: ``g − basis·(basisᵀ·g)`` computed in fp32 (or fp64 when either input is fp64).
 
     ``g`` is ``(d, n)`` or ``(b, d, n)``; ``basis`` is ``(d, k)`` or ``(b, d, k)``; ``k = 0`` returns g unchanged.
     """
@@ -58,6 +58,6 @@ def residual_project(g: torch.Tensor, basis: torch.Tensor, *, inplace: bool = Fa
     """
     _check(g, basis)
     backend = _dispatch.select("residual_project", g.device, g.dtype, basis.dtype)
-    if backend == "reference":
-        return residual_project_ref(g, basis, inplace=inplace)
+    if backend == "torch":
+        return residual_project_torch(g, basis, inplace=inplace)
     return _dispatch.implementation("residual_project", backend)(g, basis, inplace=inplace)

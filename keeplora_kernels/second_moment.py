@@ -8,11 +8,13 @@ import torch
 
 from . import _dispatch
 
-__all__ = ["second_moment_update", "second_moment_update_ref"]
+__all__ = ["second_moment_update", "second_moment_update_torch"]
 
 
-def second_moment_update_ref(acc: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Reference: rows where ``mask`` is false are zeroed (no boolean indexing, so no device sync), then one GEMM."""
+def second_moment_update_torch(acc: torch.Tensor, x: torch.Tensor,
+                               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The torch backend: rows where ``mask`` is false are zeroed (no boolean indexing, so no device sync), then
+    one GEMM."""
     x2 = x.reshape(-1, x.shape[-1]).to(acc.dtype)
     if mask is not None:
         x2 = x2 * mask.reshape(-1, 1).to(acc.dtype)
@@ -37,6 +39,6 @@ def second_moment_update(acc: torch.Tensor, x: torch.Tensor, mask: Optional[torc
         raise ValueError(f"second_moment_update: mask shape {tuple(mask.shape)} must equal x.shape[:-1] "
                          f"= {tuple(x.shape[:-1])}")
     backend = _dispatch.select("second_moment_update", x.device, x.dtype, acc.dtype)
-    if backend == "reference":
-        return second_moment_update_ref(acc, x, mask)
+    if backend == "torch":
+        return second_moment_update_torch(acc, x, mask)
     return _dispatch.implementation("second_moment_update", backend)(acc, x, mask)

@@ -1,6 +1,6 @@
 """Triton residual projection ``out = g − P·(Pᵀ·g)`` (out of place or into g), fp32 accumulation.
 
-Layout (style.md): kernel, launcher, entry point. The reference and the public function are in
+Layout: kernel, launcher, entry point. The torch backend and the public function are in
 ``keeplora_kernels/residual_project.py``.
 
 * k ≤ :data:`FUSED_MAX_K` (memory-bound regime, arithmetic intensity ≈ k FLOP/byte for bf16 g, below the H200
@@ -27,7 +27,7 @@ from ._triton_utils import Launch, acc_dtype, cdiv, dot_mode, load, next_pow2
 
 __all__ = ["residual_project_triton", "FUSED_MAX_K"]
 
-FUSED_MAX_K = 184  # H200 bf16 ridge point (performance.md): above it the projection is compute-bound
+FUSED_MAX_K = 184  # the H200's bf16 ridge point (790 TFLOP/s over 4.3 TB/s): above it, compute-bound
 
 
 @triton.jit
@@ -107,7 +107,7 @@ def _project_gemm(g: torch.Tensor, basis: torch.Tensor, inplace: bool) -> torch.
 
 
 def residual_project_triton(g: torch.Tensor, basis: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
-    """Triton implementation of :func:`keeplora_kernels.residual_project` (the dispatcher calls this)."""
+    """The triton backend of :func:`keeplora_kernels.residual_project` (``_dispatch`` selects it)."""
     k = basis.shape[-1]
     if k == 0:
         return g if inplace else g.clone()

@@ -1,6 +1,6 @@
 """Triton streaming second moment ``acc += Xᵀ·X`` over the unmasked rows of X, fp32 (or fp64) accumulation.
 
-Layout (style.md): kernel, launcher, entry point. The reference and the public function are in
+Layout: kernel, launcher, entry point. The torch backend and the public function are in
 ``keeplora_kernels/second_moment.py``.
 
 Only the tiles on and above the diagonal are computed (d_t·(d_t+1)/2 of d_t² tiles, so ≈ half the FLOPs of
@@ -10,9 +10,9 @@ transpose in registers, so the whole update is exactly symmetric).
 
 Accuracy: the products are summed in windows of ``WINDOW`` row blocks, and each window's sum is added to the running
 total with an ordinary (round-to-nearest) fp32 add. Without windows one accumulator absorbs every row: on Hopper the
-tensor cores' fp32 accumulation truncates, and its bias over 8192 rows cost ~5x the error of PyTorch's fp32 GEMM
-(measured on an H200: 0.20 vs 0.04 on entries of ~7.6e3); with fp32 FMA chains it is the length of the chain
-(3x, 1.7e-2 vs 5.8e-3). Windows cut both by the window length at one extra tile add per window. Masked rows are loaded as zeros
+tensor cores' fp32 accumulation truncates, and its bias grows with the number of rows to several times the error of
+PyTorch's fp32 GEMM over a few thousand rows; with fp32 FMA chains the error grows with the chain's length. Windows
+cut both by the window length at one extra tile add per window. Masked rows are loaded as zeros
 (``mask`` is read per row block; nothing is gathered, nothing syncs with the host). When there are fewer tile
 pairs than the GPU has room for (small d), the rows are split into chunks whose fp32 partial d×d results are
 summed on the device (deterministic, no atomics).
@@ -141,8 +141,8 @@ def plan_second_moment(acc: torch.Tensor, x2: torch.Tensor, mask1: Optional[torc
 
 def second_moment_update_triton(acc: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
                                 *, split: Optional[int] = None) -> torch.Tensor:
-    """Triton implementation of :func:`keeplora_kernels.second_moment_update` (the dispatcher calls this; shapes
-    and dtypes were checked there). ``split`` forces the number of row chunks (tests)."""
+    """The triton backend of :func:`keeplora_kernels.second_moment_update` (``_dispatch`` selects it; shapes and
+    dtypes were checked there). ``split`` forces the number of row chunks (tests)."""
     if acc.device != x.device:
         raise ValueError(f"second_moment_update: acc is on {acc.device} but x on {x.device}")
     x2 = x.reshape(-1, x.shape[-1])

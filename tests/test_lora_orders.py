@@ -1,50 +1,35 @@
-"""The GEMM orders of the PyTorch LoRA path and the stacked ``[W; A]`` variant: every combination exact against
-autograd (fp64 gradcheck, fp32 and bf16 against the reference), saving only ``s = x·Aᵀ``; the ``fused_dy`` backward
-(a Triton pass over dY) under the interpreter on CPU, compiled on a GPU."""
+"""The GEMM orders of the torch LoRA path (``LoRALinearFunction``) and the compiled op: every combination exact
+against autograd (fp64 gradcheck, fp32 and bf16 against the oracle ``ref_ops.lora_linear_ref``), saving only
+``s = x·Aᵀ``. The experimental orders (fused_dy, stacked) are tested in ``test_lora_variants.py``."""
 
 import pytest
 import torch
 
 import keeplora_kernels as kk
 from keeplora_kernels import _dispatch
-from keeplora_kernels.lora_linear import (BACKWARD_ORDERS, FORWARD_ORDERS, LoRALinearFunction,
-                                          StackedLoRALinearFunction, stack_frozen)
+from keeplora_kernels.lora_linear import BACKWARD_ORDERS, FORWARD_ORDERS, LoRALinearFunction
+from lora_checks import oracle_grads, seeded_inputs
+from ref_ops import lora_linear_ref
 from tolerances import assert_close, assert_within_torch_error
-from triton_env import DEVICE
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ORDERS = [(f, b) for f in FORWARD_ORDERS for b in BACKWARD_ORDERS]
 RAGGED = [((37,), 70, 45, 5), ((3, 11), 64, 33, 16), ((2,), 16, 17, 1)]  # (leading dims, d_in, d_out, r)
 
 
 def _inputs(lead, d_in, d_out, r, dtype, bias=True, device=DEVICE, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*lead, d_in, generator=g, dtype=torch.float64)
-    w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64) / d_in**0.5
-    b = torch.randn(d_out, generator=g, dtype=torch.float64) if bias else None
-    a = torch.linalg.qr(torch.randn(d_in, r, generator=g, dtype=torch.float64)).Q.T.contiguous()
-    lb = torch.randn(d_out, r, generator=g, dtype=torch.float64)
-    to = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
-    return to(x), to(w), to(b), to(a), to(lb)
+    return seeded_inputs(lead, d_in, d_out, r, dtype, bias, device, seed)
 
 
 def _apply(variant, x, w, b, a, lb, scale):
-    fwd, bwd = variant
-    if fwd == "stacked":
-        return StackedLoRALinearFunction.apply(x, stack_frozen(w, a), b, lb, scale, w.shape[0], bwd)
-    return LoRALinearFunction.apply(x, w, b, a, lb, scale, fwd, bwd)
+    return LoRALinearFunction.apply(x, w, b, a, lb, scale, *variant)
 
 
-VARIANTS = ORDERS + [("stacked", b) for b in BACKWARD_ORDERS]
-
-
-def _needs_triton(variant):
-    return variant[1] == "fused_dy"
+VARIANTS = ORDERS
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(v))
 def test_variant_gradcheck_fp64(variant):
-    if _needs_triton(variant) and DEVICE.type == "cuda":
-        pytest.skip("Triton compiles no float64 dot for a GPU; the fp32/bf16 tests cover fused_dy there")
     x, w, b, a, lb = _inputs((2, 3), 9, 7, 3, torch.float64)
     x.requires_grad_()
     b.requires_grad_()
@@ -56,7 +41,7 @@ def test_variant_gradcheck_fp64(variant):
 @pytest.mark.parametrize("lead,d_in,d_out,r", RAGGED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
-def test_variant_matches_reference(variant, lead, d_in, d_out, r, dtype, bias):
+def test_order_matches_the_oracle(variant, lead, d_in, d_out, r, dtype, bias):
     """Outputs and all gradients against the fp64 reference, within the dtype's tolerance; fp32 adapters under
     bf16 input (the engine's configuration) for bf16."""
     x, w, b, a, lb = _inputs(lead, d_in, d_out, r, dtype, bias)
@@ -68,24 +53,21 @@ def test_variant_matches_reference(variant, lead, d_in, d_out, r, dtype, bias):
     assert y.dtype == dtype and y.shape == (*lead, d_out)
     dy = torch.randn_like(y)
     grads = torch.autograd.grad(y, [t for t in (xs, ls, bs) if t is not None], dy)
-    refs = _reference(x, w, b, a, lb, dy, torch.float64)
+    refs = _oracle(x, w, b, a, lb, dy, torch.float64)
     if dtype == torch.float32:
         assert_close(y, refs[0].to(dtype))
         for got, ref in zip(grads, refs[1:]):
             assert_close(got, ref.to(got.dtype))
     else:  # the suite's low-precision rule: within 2× the error of PyTorch's own ops at this dtype
-        lows = _reference(x, w, b, a, lb, dy, dtype)
+        lows = _oracle(x, w, b, a, lb, dy, dtype)
         for got, low, ref in zip((y,) + grads, lows, refs):
             assert_within_torch_error(got, low, ref, dtype)
     assert grads[1].dtype == lb.dtype
 
 
-def _reference(x, w, b, a, lb, dy, dtype):
-    """``(y, dX, dB[, db])`` of :func:`kk.lora_linear_ref` with every operand in ``dtype`` (plain autograd)."""
-    xr, lr = x.to(dtype).requires_grad_(), lb.to(dtype).requires_grad_()
-    br = None if b is None else b.to(dtype).requires_grad_()
-    yr = kk.lora_linear_ref(xr, w.to(dtype), br, a.to(dtype), lr, 0.5)
-    return (yr,) + torch.autograd.grad(yr, [t for t in (xr, lr, br) if t is not None], dy.to(dtype))
+def _oracle(x, w, b, a, lb, dy, dtype):
+    """``(y, dX, dB[, db])`` of the oracle with every operand in ``dtype`` (plain autograd)."""
+    return oracle_grads(x, w, b, a, lb, dy, dtype)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(v))
@@ -101,27 +83,22 @@ def test_variant_saves_only_s(variant):
     assert activations == [(40, 4)]
 
 
-def test_stacked_output_is_a_strided_view_that_reshapes():
-    """Y shares the stacked GEMM's storage (row stride d_out + r); leading dims come back as a view."""
-    x, w, b, a, lb = _inputs((3, 5), 16, 12, 4, torch.float32)
-    y = StackedLoRALinearFunction.apply(x, stack_frozen(w, a), b, lb, 1.0, 12, "base_first")
-    assert y.shape == (3, 5, 12) and y.stride()[-2] == 16
-    assert_close(y, kk.lora_linear_ref(x, w, b, a, lb, 1.0))
-
-
 def test_orders_env_selects_and_validates(monkeypatch):
     monkeypatch.setenv("KEEPLORA_LORA_ORDERS", "expand_first,expand_first")
     assert _dispatch.lora_orders(torch.device("cpu"), torch.float32) == ("expand_first", "expand_first")
     monkeypatch.setenv("KEEPLORA_LORA_ORDERS", "stacked,base_first")
     with pytest.raises(ValueError, match="KEEPLORA_LORA_ORDERS.*forward in"):
         _dispatch.lora_orders(torch.device("cpu"), torch.float32)
+    monkeypatch.setenv("KEEPLORA_LORA_ORDERS", "expand_first,fused_dy")  # experimental: not an order of the op
+    with pytest.raises(ValueError, match="experimental"):
+        _dispatch.lora_orders(torch.device("cpu"), torch.float32)
     monkeypatch.delenv("KEEPLORA_LORA_ORDERS")
     assert _dispatch.lora_orders(torch.device("cpu"), torch.float32) == _dispatch.LORA_ORDERS["cpu"]
 
 
 def test_lora_linear_follows_the_chosen_orders(monkeypatch):
-    """``kk.lora_linear`` on the PyTorch path runs the orders ``lora_orders`` picks (here forced), stays exact."""
-    monkeypatch.setenv("KEEPLORA_BACKEND", "reference")
+    """``kk.lora_linear`` on the torch backend runs the orders ``lora_orders`` picks (here forced), stays exact."""
+    monkeypatch.setenv("KEEPLORA_BACKEND", "torch")
     x, w, b, a, lb = _inputs((9,), 20, 11, 3, torch.float32, device=torch.device("cpu"))
     seen = []
     original = LoRALinearFunction.forward
@@ -135,23 +112,7 @@ def test_lora_linear_follows_the_chosen_orders(monkeypatch):
     lb.requires_grad_()
     y = kk.lora_linear(x, w, b, a, lb, 0.5)
     assert seen == [("expand_first", "expand_first")]
-    assert_close(y, kk.lora_linear_ref(x, w, b, a, lb.detach(), 0.5))
-
-
-def test_dy_pass_op_matches_its_reference():
-    """The registered Triton op alone: ``(scale·dY·B, scale·dYᵀ·s, Σ dY)`` in fp32 on ragged shapes."""
-    from keeplora_kernels.triton_lora_linear import lora_dy_pass
-
-    g = torch.Generator().manual_seed(3)
-    for T, N, R in [(37, 45, 5), (70, 33, 16)]:
-        dy = torch.randn(T, N, generator=g).to(DEVICE)
-        s = torch.randn(T, R, generator=g).to(DEVICE)
-        b = torch.randn(N, R, generator=g).to(DEVICE)
-        ds, db, dbias = lora_dy_pass(dy, s, b, 0.25, True)
-        assert_close(ds, 0.25 * dy.double() @ b.double())
-        assert_close(db, 0.25 * dy.double().t() @ s.double())
-        assert_close(dbias, dy.double().sum(0))
-        assert torch.ops.keeplora.lora_dy_pass.default is not None
+    assert_close(y, lora_linear_ref(x, w, b, a, lb.detach(), 0.5))
 
 
 # ------------------------------------------------------------------- the compiled op (csrc/lora_linear.cpp)
@@ -242,7 +203,7 @@ def test_extension_op_backward_accumulates_like_the_function(bias, x_grad):
 @pytest.mark.parametrize("variant", VARIANTS + [("ext", o) for o in ("base_first", "expand_first")],
                          ids=lambda v: "-".join(v))
 def test_variants_on_cuda_within_the_bf16_rule(variant):
-    """Every variant compiled on a GPU (cuBLAS orders, the Triton dY pass, the extension op) at a ragged shape of
+    """Every order on a GPU (cuBLAS through LoRALinearFunction, and the extension op) at a ragged shape of
     realistic width, bf16 input with fp32 adapters: y, dX, dB within 2× PyTorch's own bf16 error."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
@@ -258,7 +219,7 @@ def test_variants_on_cuda_within_the_bf16_rule(variant):
         y = _apply(variant, xs, w, b, a, ls, 0.5)
     dy = torch.randn_like(y)
     grads = torch.autograd.grad(y, (xs, ls), dy)
-    refs = _reference(x, w, b, a, lb, dy, torch.float64)
-    lows = _reference(x, w, b, a, lb, dy, torch.bfloat16)
+    refs = _oracle(x, w, b, a, lb, dy, torch.float64)
+    lows = _oracle(x, w, b, a, lb, dy, torch.bfloat16)
     for got, low, ref in zip((y, *grads), lows[:3], refs[:3]):
         assert_within_torch_error(got, low, ref, torch.bfloat16)

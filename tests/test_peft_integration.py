@@ -145,8 +145,8 @@ def _train_once(case, backend, monkeypatch):
     return kl
 
 
-def test_engine_through_the_triton_kernels_matches_the_reference(monkeypatch):
-    """The whole lifecycle with every Triton op (interpreter on CPU) gives the reference path's result."""
+def test_engine_through_the_triton_kernels_matches_the_torch_backend(monkeypatch):
+    """The whole lifecycle with every dispatched Triton op (interpreter on CPU) gives the torch backend's result."""
     pytest.importorskip("triton")
     if not torch.cuda.is_available():
         import os
@@ -157,7 +157,7 @@ def test_engine_through_the_triton_kernels_matches_the_reference(monkeypatch):
     torch.set_num_threads(1)  # tiny shapes: a 2-thread pool only spins
     try:
         case = CASES["bert"]
-        ref = _train_once(case, "reference", monkeypatch)
+        ref = _train_once(case, "torch", monkeypatch)
         tri = _train_once(case, "triton", monkeypatch)
     finally:
         torch.set_num_threads(threads)

@@ -1,7 +1,7 @@
 """Batched randomized SVD (``keeplora_kernels.rsvd``) and the energy-rule principal subspace, on both backends.
 
 Every test runs twice: with the compiled extension (``KEEPLORA_BACKEND=extension``; skipped when it is not built)
-and with the PyTorch implementation of the same algorithm (``KEEPLORA_BACKEND=reference``).
+and with the PyTorch implementation of the same algorithm (``KEEPLORA_BACKEND=torch``).
 """
 
 import math
@@ -16,7 +16,7 @@ from keeplora_kernels.rsvd import rsvd_ref, rsvd_torch
 from tolerances import assert_close, assert_within_torch_error
 
 
-@pytest.fixture(params=["extension", "reference"])
+@pytest.fixture(params=["extension", "torch"])
 def backend(request, monkeypatch):
     if request.param == "extension" and "rsvd" not in _dispatch.extension_ops("cpu"):
         pytest.skip("the C++ extension is not built (KEEPLORA_BUILD_EXT=0 or no compiler)")
@@ -132,7 +132,7 @@ def test_rsvd_backends_agree(monkeypatch):
     """The extension and the PyTorch fallback run the same algorithm on the same sketch."""
     if "rsvd" not in _dispatch.extension_ops("cpu"):
         pytest.skip("the C++ extension is not built (KEEPLORA_BUILD_EXT=0 or no compiler)")
-    monkeypatch.setenv("KEEPLORA_BACKEND", "extension")  # compared with rsvd_torch (the reference backend)
+    monkeypatch.setenv("KEEPLORA_BACKEND", "extension")  # compared with rsvd_torch (the torch backend)
     a = torch.randn(3, 70, 55)
     basis = _orthonormal(3, 70, 4, dtype=torch.float32)
     u, s, v = kk.rsvd(a, 6, oversample=6, power_iters=2, project_out=basis, seed=3)

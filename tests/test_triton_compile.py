@@ -21,7 +21,8 @@ NVIDIA_BACKEND = os.path.join(os.path.dirname(triton.__file__), "backends", "nvi
 SCRIPT = textwrap.dedent(r"""
     import torch
     from keeplora_kernels._triton_utils import aot_compile
-    from keeplora_kernels import triton_lora_linear as tll, triton_residual_project as trp, triton_second_moment as tsm
+    from keeplora_kernels import triton_residual_project as trp, triton_second_moment as tsm
+    from keeplora_kernels.experimental import triton_lora_linear as tll
 
     import os, re, subprocess, tempfile
     import triton

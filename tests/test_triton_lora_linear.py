@@ -1,7 +1,8 @@
-"""Triton frozen-A LoRA linear (single and shared-input forms) against the PyTorch reference.
+"""The experimental Triton frozen-A LoRA linear (``keeplora_kernels.experimental.triton_lora_linear``, single and
+shared-input forms) against the oracle (``ref_ops``) and the torch backend.
 
-CPU: kernels under the Triton interpreter with ``KEEPLORA_BACKEND=triton``; GPU: the same tests compiled, plus the
-``gpu``-marked ones at larger shapes.
+CPU: kernels under the Triton interpreter; GPU: the same tests compiled, plus the ``gpu``-marked ones at larger
+shapes. The kernels are called through their own entry points: the dispatcher never selects them.
 """
 
 import pytest
@@ -11,8 +12,10 @@ from triton_env import DEVICE, force_triton  # noqa: F401  (skips without triton
 
 import keeplora_kernels as kk
 from keeplora_kernels import _dispatch
-from keeplora_kernels.lora_linear import LoRALinearFunction, lora_linear_shared_ref
+from keeplora_kernels.experimental.triton_lora_linear import lora_linear_shared_triton, lora_linear_triton
+from keeplora_kernels.lora_linear import LoRALinearFunction
 from lora_checks import assert_saves_only_s
+from ref_ops import lora_linear_ref, lora_linear_shared_ref
 from tolerances import assert_close, assert_within_torch_error
 
 pytestmark = pytest.mark.usefixtures("force_triton")
@@ -45,20 +48,22 @@ def _run(fn, x, w, b, a, lb, scale, dy, cast=None):
     return y.detach(), x_.grad, lb_.grad, None if b is None else b_.grad
 
 
-def test_dispatch_picks_triton():
-    assert _dispatch.select("lora_linear", DEVICE) == "triton"
-    assert _dispatch.select("lora_linear_shared", DEVICE) == "triton"
+def test_dispatch_never_picks_the_experimental_kernels():
+    """Even with ``KEEPLORA_BACKEND=triton`` (the fixture) the LoRA ops keep the automatic choice."""
+    assert "triton" not in _dispatch.implemented("lora_linear")
+    assert _dispatch.select("lora_linear", DEVICE, torch.float32) in ("torch", "extension")
+    assert _dispatch.select("lora_linear_shared", DEVICE, torch.float32) == "torch"
 
 
 @pytest.mark.parametrize("lead,d_in,d_out", SHAPES)
 @pytest.mark.parametrize("r", [1, 8, 16, 64])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("transpose_x", [False, True])
-def test_matches_reference_fp32(lead, d_in, d_out, r, bias, transpose_x):
+def test_matches_the_oracle_fp32(lead, d_in, d_out, r, bias, transpose_x):
     x, w, b, a, lb = _inputs(lead, d_in, d_out, r, bias=bias, transpose_x=transpose_x)
     dy = torch.randn(*lead, d_out, device=DEVICE)
-    got = _run(kk.lora_linear, x, w, b, a, lb, 0.5, dy)
-    ref = _run(kk.lora_linear_ref, x, w, b, a, lb, 0.5, dy)
+    got = _run(lora_linear_triton, x, w, b, a, lb, 0.5, dy)
+    ref = _run(lora_linear_ref, x, w, b, a, lb, 0.5, dy)
     for g, e in zip(got, ref):
         if e is None:
             assert g is None
@@ -76,9 +81,9 @@ def test_low_precision_within_twice_torch_error(dtype, r, adapter_dtype):
     lead, d_in, d_out = (37,), 70, 45
     x, w, b, a, lb = _inputs(lead, d_in, d_out, r, dtype=dtype, adapter_dtype=adapter_dtype)
     dy = torch.randn(*lead, d_out, device=DEVICE).to(dtype)
-    got = _run(kk.lora_linear, x, w, b, a, lb, 0.25, dy)
+    got = _run(lora_linear_triton, x, w, b, a, lb, 0.25, dy)
     low = _run(LoRALinearFunction.apply, x, w, b, a, lb, 0.25, dy)  # PyTorch ops at this dtype
-    exact = _run(kk.lora_linear_ref, x, w, b, a, lb, 0.25, dy, cast=lambda t: t.double())
+    exact = _run(lora_linear_ref, x, w, b, a, lb, 0.25, dy, cast=lambda t: t.double())
     names = ["y", "dx", "dB", "dbias"]
     for name, g, t, e in zip(names, got, low, exact):
         assert g.dtype == t.dtype, name  # y, dx in x's dtype; dB in B's dtype; dbias in the bias dtype
@@ -98,9 +103,9 @@ def test_fp16_native_dot_path(monkeypatch, adapter_dtype):
     lead, d_in, d_out, r = (37,), 70, 45, 8
     x, w, b, a, lb = _inputs(lead, d_in, d_out, r, dtype=torch.float16, adapter_dtype=adapter_dtype)
     dy = torch.randn(*lead, d_out, device=DEVICE).to(torch.float16)
-    got = _run(kk.lora_linear, x, w, b, a, lb, 0.25, dy)
+    got = _run(lora_linear_triton, x, w, b, a, lb, 0.25, dy)
     low = _run(LoRALinearFunction.apply, x, w, b, a, lb, 0.25, dy)
-    exact = _run(kk.lora_linear_ref, x, w, b, a, lb, 0.25, dy, cast=lambda t: t.double())
+    exact = _run(lora_linear_ref, x, w, b, a, lb, 0.25, dy, cast=lambda t: t.double())
     for g, t, e in zip(got, low, exact):
         assert_within_torch_error(g, t, e, torch.float16)
 
@@ -108,7 +113,7 @@ def test_fp16_native_dot_path(monkeypatch, adapter_dtype):
 def test_fp32_adapters_under_bf16_input_return_fp32_grad():
     x, w, b, a, lb = _inputs((10,), 32, 24, 4, dtype=torch.bfloat16, adapter_dtype=torch.float32)
     lb.requires_grad_()
-    y = kk.lora_linear(x, w, b, a, lb, 1.0)
+    y = lora_linear_triton(x, w, b, a, lb, 1.0)
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert lb.grad.dtype == torch.float32
@@ -120,13 +125,13 @@ def test_gradcheck_fp64():
     x.requires_grad_()
     b.requires_grad_()
     lb.requires_grad_()
-    assert torch.autograd.gradcheck(lambda x_, b_, lb_: kk.lora_linear(x_, w, b_, a, lb_, 0.7), (x, b, lb))
+    assert torch.autograd.gradcheck(lambda x_, b_, lb_: lora_linear_triton(x_, w, b_, a, lb_, 0.7), (x, b, lb))
 
 
 def test_saves_only_the_shrunk_activation():
     lead, d_in, d_out, r = (5, 7), 48, 40, 4
     x, w, b, a, lb = _inputs(lead, d_in, d_out, r)
-    y = assert_saves_only_s(x, w, b, a, lb)
+    y = assert_saves_only_s(x, w, b, a, lb, lora_linear_triton)
     y.sum().backward()  # backward runs from s alone
     assert x.grad is not None and lb.grad is not None
 
@@ -134,9 +139,9 @@ def test_saves_only_the_shrunk_activation():
 def test_refuses_trainable_frozen_operands():
     x, w, b, a, lb = _inputs((4,), 16, 16, 2)
     with pytest.raises(RuntimeError, match="frozen"):
-        kk.lora_linear(x, w.requires_grad_(), b, a, lb, 1.0)
+        lora_linear_triton(x, w.requires_grad_(), b, a, lb, 1.0)
     with pytest.raises(RuntimeError, match="frozen"):
-        kk.lora_linear(x, w.detach(), b, a.requires_grad_(), lb, 1.0)
+        lora_linear_triton(x, w.detach(), b, a.requires_grad_(), lb, 1.0)
 
 
 def test_only_the_needed_gradients():
@@ -144,13 +149,13 @@ def test_only_the_needed_gradients():
     x, w, b, a, lb = _inputs((9,), 20, 18, 3)
     dy = torch.randn(9, 18, device=DEVICE)
     lb1 = lb.clone().requires_grad_()
-    kk.lora_linear(x, w, b, a, lb1, 0.5).backward(dy)
+    lora_linear_triton(x, w, b, a, lb1, 0.5).backward(dy)
     lb2 = lb.clone().requires_grad_()
-    kk.lora_linear_ref(x, w, b, a, lb2, 0.5).backward(dy)
+    lora_linear_ref(x, w, b, a, lb2, 0.5).backward(dy)
     assert_close(lb1.grad, lb2.grad)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    kk.lora_linear(x1, w, b, a, lb, 0.5).backward(dy)
-    kk.lora_linear_ref(x2, w, b, a, lb, 0.5).backward(dy)
+    lora_linear_triton(x1, w, b, a, lb, 0.5).backward(dy)
+    lora_linear_ref(x2, w, b, a, lb, 0.5).backward(dy)
     assert_close(x1.grad, x2.grad)
 
 
@@ -158,7 +163,7 @@ def test_empty_token_batch():
     x, w, b, a, lb = _inputs((0,), 16, 8, 2)
     x.requires_grad_()
     lb.requires_grad_()
-    y = kk.lora_linear(x, w, b, a, lb, 1.0)
+    y = lora_linear_triton(x, w, b, a, lb, 1.0)
     assert y.shape == (0, 8)
     y.sum().backward()
     assert x.grad.shape == (0, 16) and torch.count_nonzero(lb.grad) == 0
@@ -166,7 +171,7 @@ def test_empty_token_batch():
 
 @pytest.mark.parametrize("split_k", [1, 2, 4])
 def test_shrink_split_k_equals_one_pass(split_k):
-    from keeplora_kernels.triton_lora_linear import plan_shrink
+    from keeplora_kernels.experimental.triton_lora_linear import plan_shrink
 
     x = torch.randn(5, 100, device=DEVICE)
     a = torch.randn(12, 100, device=DEVICE)
@@ -200,7 +205,7 @@ def _shared_run(fn, x, ws, bs, as_, lbs, scales, dys, used):
 
 
 @pytest.mark.parametrize("n_proj,used", [(3, (0, 1, 2)), (3, (0, 2)), (5, (0, 1, 2, 3, 4))])
-def test_shared_matches_reference(n_proj, used):
+def test_shared_matches_the_oracle(n_proj, used):
     d_in = 40
     outs = [33, 17, 40, 24, 16][:n_proj]
     ranks = [1, 8, 16, 4, 2][:n_proj]
@@ -208,7 +213,7 @@ def test_shared_matches_reference(n_proj, used):
     scales = [0.5, 2.0, 1 / 16, 1.0, 0.3][:n_proj]
     x, ws, bs, as_, lbs = _shared_inputs(d_in, outs, ranks, biases)
     dys = [torch.randn(*x.shape[:-1], n, device=DEVICE) for n in outs]
-    got = _shared_run(kk.lora_linear_shared, x, ws, bs, as_, lbs, scales, dys, used)
+    got = _shared_run(lora_linear_shared_triton, x, ws, bs, as_, lbs, scales, dys, used)
     ref = _shared_run(lora_linear_shared_ref, x, ws, bs, as_, lbs, scales, dys, used)
     for g, e in zip(got[0], ref[0]):
         assert_close(g, e)
@@ -229,7 +234,7 @@ def test_shared_saves_one_concatenated_activation():
         lb.requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        kk.lora_linear_shared(x, ws, bs, as_, lbs, [1.0, 1.0, 1.0])
+        lora_linear_shared_triton(x, ws, bs, as_, lbs, [1.0, 1.0, 1.0])
     activations = [tuple(t.shape) for t in saved if t.shape[0] == 6]
     assert activations == [(6, 16)]
 
@@ -248,8 +253,8 @@ def test_gpu_low_precision_within_twice_torch_error(dtype, shape):
     T, d_in, d_out, r = shape
     x, w, b, a, lb = _inputs((T,), d_in, d_out, r, dtype=dtype, adapter_dtype=torch.float32, device="cuda")
     dy = torch.randn(T, d_out, device="cuda").to(dtype)
-    got = _run(kk.lora_linear, x, w, b, a, lb, 2.0, dy)
+    got = _run(lora_linear_triton, x, w, b, a, lb, 2.0, dy)
     low = _run(LoRALinearFunction.apply, x, w, b, a, lb, 2.0, dy)
-    exact = _run(kk.lora_linear_ref, x, w, b, a, lb, 2.0, dy, cast=lambda t: t.double())
+    exact = _run(lora_linear_ref, x, w, b, a, lb, 2.0, dy, cast=lambda t: t.double())
     for g, t, e in zip(got, low, exact):
         assert_within_torch_error(g, t, e, dtype)

@@ -1,4 +1,4 @@
-"""Triton residual projection ``g − P·(Pᵀ·g)`` against the reference and the dense projector."""
+"""Triton residual projection ``g − P·(Pᵀ·g)`` against the dense fp64 projector (the oracle)."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from triton_env import DEVICE, force_triton  # noqa: F401  (skips without triton
 
 import keeplora_kernels as kk
 from keeplora_kernels import _dispatch
-from keeplora_kernels.residual_project import residual_project_ref
+from ref_ops import residual_project_ref
 from tolerances import assert_close, assert_within_torch_error
 
 pytestmark = pytest.mark.usefixtures("force_triton")

@@ -111,7 +111,7 @@ def test_gpu_large(dtype, n, d):
     acc = torch.zeros(d, d, device="cuda")
     kk.second_moment_update(acc, x, mask)
     rows = x.float() * mask[:, None]
-    torch_fp32 = rows.T @ rows  # what the reference computes
+    torch_fp32 = rows.T @ rows  # what the torch backend computes
     exact = rows.double().T @ rows.double()
     assert_within_torch_error(acc, torch_fp32, exact, torch.float32)
     assert torch.equal(acc, acc.T)

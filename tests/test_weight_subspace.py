@@ -17,7 +17,7 @@ from tiny_models import CASES
 from tolerances import SUBSPACE_SIN
 
 
-@pytest.fixture(params=["extension", "reference"])
+@pytest.fixture(params=["extension", "torch"])
 def backend(request, monkeypatch):
     if request.param == "extension" and "principal_subspace" not in _dispatch.extension_ops("cpu"):
         pytest.skip("the C++ extension is not built (KEEPLORA_BUILD_EXT=0 or no compiler)")

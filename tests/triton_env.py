@@ -20,7 +20,7 @@ DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 
 @pytest.fixture
 def force_triton(monkeypatch):
-    """``KEEPLORA_BACKEND=triton`` for one test (the reference tests in the same session keep ``auto``).
+    """``KEEPLORA_BACKEND=triton`` for one test (the other tests in the same session keep ``auto``).
 
     On the CPU also one intra-op thread for the test: the shapes are tiny, and on a shared 2-core machine a
     2-thread pool turns each small torch op into ~20 ms of spinning."""

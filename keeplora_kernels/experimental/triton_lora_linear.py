@@ -1,8 +1,14 @@
-"""Triton kernels for the frozen-A LoRA linear (forward and backward), single and shared-input (q/k/v) forms.
+"""Experimental: Triton kernels for the frozen-A LoRA linear (forward and backward), single and shared-input
+(q/k/v) forms, carrying the base GEMM ``x·Wᵀ`` in their own main loop.
 
-Layout of this module (style.md): kernels, launchers (each returns :class:`Launch` plans, then runs them), the
-``torch.autograd.Function``, the entry points the dispatcher calls. The reference and the public functions live in
-``keeplora_kernels/lora_linear.py``.
+Dispatched when: the bf16 training step of :func:`lora_linear_triton` beats the ``expand_first`` torch step and the
+compiled op at the Llama and CLIP layer shapes of ``benchmarks/bench_lora_variants.py``, and
+:func:`lora_linear_shared_triton` beats three such steps on the CLIP q/k/v shape. The pointer-load main loop here
+does not reach cuBLAS; a persistent, TMA-fed one did in ``benchmarks/bench_triton_gemm.py``
+(numbers: ``benchmarks/results/h200/``).
+
+Layout: kernels, launchers (each returns :class:`Launch` plans, then runs them), the ``torch.autograd.Function``,
+the entry points. The production op is ``keeplora_kernels.lora_linear``; this module is not in its dispatch table.
 
 Notation: X is T×K (tokens × d_in), W is N×K (d_out × d_in), A is R×K (``lora_A.weight``), B is N×R
 (``lora_B.weight``), s = X·Aᵀ (T×R). For the shared form, projection i has (W_i, b_i, A_i, B_i, scale_i) and
@@ -25,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import Launch, acc_dtype, cdiv, dot_mode, load, load_all, mma, next_pow2, target_programs
+from .._triton_utils import Launch, acc_dtype, cdiv, dot_mode, load, load_all, mma, next_pow2, target_programs
 
 __all__ = ["lora_linear_triton", "lora_linear_shared_triton", "LoRALinearTritonFunction", "lora_dy_pass"]
 
@@ -198,7 +204,7 @@ def _bwd_dx_kernel(DY0, W0, N0, s_dy0t, s_dy0n, s_w0n, s_w0k,
         a = load(A + offs_r[:, None] * stride_ar + cols[None, :] * stride_ak, in_r[:, None], UPCAST, ACC)
         if UPCAST:
             ds = ds.to(ACC)
-        else:  # ds is fp32 (summed partials); the tensor cores take it in dY's dtype, as the reference does
+        else:  # ds is fp32 (summed partials); the tensor cores take it in dY's dtype, as the torch path does
             ds = ds.to(DY0.dtype.element_ty)
         acc = mma(ds, a, acc, UPCAST, PREC)
     mask = (offs_t[:, None] < T) & (offs_k[None, :] < K)
@@ -208,9 +214,8 @@ def _bwd_dx_kernel(DY0, W0, N0, s_dy0t, s_dy0n, s_w0n, s_w0k,
 
 # --------------------------------------------------------------------------------------------------- launchers
 # Tile sizes on a GPU, per kernel and input width, in one place: benchmarks/tune_triton.py sweeps these entries
-# (untuned Hopper heuristics so far; the H200 numbers are in benchmarks/results/h200). Under the interpreter the
-# kernels use INTERPRETER_TILES (fewer numpy operations per program). Every entry here is compiled for sm_90 and
-# checked spill-free by tests/test_triton_compile.py.
+# (Hopper heuristics, not tuned). Under the interpreter the kernels use INTERPRETER_TILES (fewer numpy operations
+# per program). Every entry here is compiled for sm_90 and checked spill-free by tests/test_triton_compile.py.
 GPU_TILES: dict[str, dict[str, int]] = {
     "gemm_16bit": dict(BLOCK_T=128, BLOCK_N=256, BLOCK_K=64, GROUP_T=8, num_warps=8, num_stages=3),
     "gemm_32bit": dict(BLOCK_T=64, BLOCK_N=64, BLOCK_K=32, GROUP_T=8, num_warps=8, num_stages=3),
@@ -393,7 +398,7 @@ def _check(x, weights, biases, lora_as, lora_bs):
             raise ValueError(f"projection {i}: bias must be ({w.shape[0]},), got {tuple(b.shape)}")
         if w.requires_grad or a.requires_grad:
             raise RuntimeError("lora_linear treats `weight` and `lora_a` as frozen, but one of them requires grad; "
-                               "call .requires_grad_(False) on it or use lora_linear_ref")
+                               "call .requires_grad_(False) on it, or use lora_linear_unfused (plain autograd)")
         for t in (w, a, lb) + ((b,) if b is not None else ()):
             if t.device != x.device:
                 raise ValueError(f"projection {i}: all tensors must be on {x.device}, got one on {t.device}")
@@ -506,10 +511,10 @@ class LoRALinearTritonFunction(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------------ entry points
 def lora_dy_pass(dy2: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, scale: float,
                  need_dbias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Body of the registered op ``keeplora::lora_dy_pass`` (``keeplora_kernels.lora_linear``): one pass over
-    ``dy2`` (T×N) for the rank-r part of the LoRA backward, ``(scale·dy2·lora_b (T×R), scale·dy2ᵀ·s (N×R),
-    Σ_T dy2 (N,))``, all fp32 (fp64 for fp64 inputs); the bias sum is a 1-element placeholder when ``need_dbias``
-    is False."""
+    """Body of the registered op ``keeplora::lora_dy_pass`` (:mod:`keeplora_kernels.experimental.lora_variants`):
+    one pass over ``dy2`` (T×N) for the rank-r part of the LoRA backward, ``(scale·dy2·lora_b (T×R),
+    scale·dy2ᵀ·s (N×R), Σ_T dy2 (N,))``, all fp32 (fp64 for fp64 inputs); the bias sum is a 1-element
+    placeholder when ``need_dbias`` is False."""
     launches, (ds_part, db_part, dbias_part) = plan_backward_dy(dy2, s, lora_b, scale, need_dbias=need_dbias)
     for launch in launches:
         launch()
@@ -517,13 +522,13 @@ def lora_dy_pass(dy2: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, scale
 
 
 def lora_linear_triton(x, weight, bias, lora_a, lora_b, scale):
-    """Triton implementation of :func:`keeplora_kernels.lora_linear` (the dispatcher calls this)."""
+    """:func:`keeplora_kernels.lora_linear` in the Triton kernels (same arguments and results)."""
     (y,) = LoRALinearTritonFunction.apply(x, (float(scale),), 1, weight, bias, lora_a, lora_b)
     return y
 
 
 def lora_linear_shared_triton(x, weights, biases, lora_as, lora_bs, scales):
-    """Triton implementation of :func:`keeplora_kernels.lora_linear_shared` (the dispatcher calls this)."""
+    """:func:`keeplora_kernels.lora_linear_shared` in the Triton kernels: one shrink of x for all projections."""
     n = len(weights)
     return LoRALinearTritonFunction.apply(x, tuple(float(s) for s in scales), n, *weights, *biases, *lora_as,
                                           *lora_bs)
