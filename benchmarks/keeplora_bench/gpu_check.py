@@ -163,7 +163,7 @@ def step_profile(out: Path, dry: bool) -> list[dict[str, Any]]:
                  ratio=r.get("time_vs_keeplora", "")) for r in rows]
 
 
-PROFILED_ORDERS = ("expand_first,expand_first", "expand_first,fused_dy")
+PROFILED_ORDERS = ("expand_first,expand_first", "base_first,base_first")
 
 
 def step_profile_orders(out: Path, dry: bool) -> list[dict[str, Any]]:
@@ -179,8 +179,6 @@ def step_profile_orders(out: Path, dry: bool) -> list[dict[str, Any]]:
     for orders in PROFILED_ORDERS:
         fwd, bwd = orders.split(",")
         kwargs = _profile_kwargs(dry)
-        if bwd == "fused_dy" and not _dispatch.triton_runs(torch.device(kwargs["device"])):
-            continue
         os.environ["KEEPLORA_LORA_ORDERS"] = orders
         try:
             rows = profile_lifecycle.profile(methods=("keeplora",), **kwargs)

@@ -11,11 +11,13 @@ CPU smoke (tiny shapes, seconds; proves the harness and every provider run; time
                                                             # to run "ours" through the Triton interpreter
 Providers (baselines come from the library, never re-defined here):
 * ``base``       ``F.linear`` alone: the cuBLAS base GEMM (forward) and its dX GEMM (backward), the targets' anchor;
-* ``reference``  ``keeplora_kernels.lora_linear_ref`` under plain autograd;
+* ``reference``  the plain formula ``x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ`` under autograd (:func:`plain_lora_linear`);
 * ``peft-<dt>``  ``peft.tuners.lora.layer.Linear`` around the frozen ``nn.Linear``, A frozen, adapters in fp32
                  (PEFT's default adapter dtype) and in the input dtype;
 * ``unfused``    ``keeplora_kernels.lora_linear_unfused``: the authors' ``x@A@B*s`` + add;
-* ``ours``       ``keeplora_kernels.lora_linear`` (Triton on CUDA; the ``backend`` column says what ran).
+* ``ours``       the dispatched op, e.g. ``keeplora_kernels.lora_linear`` (the ``backend`` column says what ran);
+* ``experimental-triton``  the Triton full-GEMM LoRA kernels of ``keeplora_kernels.experimental`` (not dispatched),
+                 where Triton runs.
 Every row: median time, the floor (roofline of the counted FLOPs and bytes on an H200: 790 TFLOP/s bf16,
 4.3 TB/s), % of the floor, peak memory of the step, bytes of saved activations (autograd's saved tensors that are
 not weights), and the max relative error against an fp32 reference computed in the same run.
@@ -33,8 +35,8 @@ import torch.nn.functional as F
 
 import keeplora_kernels as kk
 from keeplora_kernels import _dispatch
-from keeplora_kernels.residual_project import residual_project_dense, residual_project_ref
-from keeplora_kernels.second_moment import second_moment_update_ref
+from keeplora_kernels.residual_project import residual_project_dense, residual_project_torch
+from keeplora_kernels.second_moment import second_moment_update_torch
 
 from . import harness
 
@@ -102,6 +104,18 @@ def _peft_layer(w, b, a, lb, scale, adapter_dtype):
     return layer, layer.lora_B["default"].weight
 
 
+def _experimental_triton():
+    """The Triton full-GEMM LoRA kernels (imported on use: importing them imports triton)."""
+    from keeplora_kernels.experimental import triton_lora_linear
+
+    return triton_lora_linear
+
+
+def plain_lora_linear(x, weight, bias, lora_a, lora_b, scale):
+    """``x·Wᵀ + b + scale·(x·Aᵀ)·Bᵀ`` under plain autograd: the accuracy anchor of the LoRA rows."""
+    return F.linear(x, weight, bias) + scale * F.linear(F.linear(x, lora_a), lora_b)
+
+
 def lora_providers(w, b, a, lb, scale, low_dtype) -> dict[str, tuple[Callable, Optional[torch.Tensor]]]:
     """name -> (forward function of x, the trainable B tensor or None)."""
     lb_ref = lb.detach().clone().requires_grad_()
@@ -109,17 +123,17 @@ def lora_providers(w, b, a, lb, scale, low_dtype) -> dict[str, tuple[Callable, O
     lb_ours = lb.detach().clone().requires_grad_()
     providers = {
         "base": (lambda x: F.linear(x, w, b), None),
-        "reference": (lambda x: kk.lora_linear_ref(x, w, b, a.to(x.dtype), lb_ref.to(x.dtype), scale), lb_ref),
+        "reference": (lambda x: plain_lora_linear(x, w, b, a.to(x.dtype), lb_ref.to(x.dtype), scale), lb_ref),
     }
     for adapter_dtype in dict.fromkeys([torch.float32, low_dtype]):
         layer, lb_peft = _peft_layer(w, b, a, lb, scale, adapter_dtype)
         providers[f"peft-{str(adapter_dtype).split('.')[-1]}"] = (layer, lb_peft)
     providers["unfused"] = (lambda x: kk.lora_linear_unfused(x, w, b, a, lb_unf, scale), lb_unf)
     providers["ours"] = (lambda x: kk.lora_linear(x, w, b, a, lb_ours, scale), lb_ours)  # the automatic choice
-    if _triton_forced_differs("lora_linear", w.device, w.dtype, w.dtype, a.dtype, lb.dtype):
+    if _dispatch.triton_runs(w.device, (w.dtype, w.dtype, a.dtype, lb.dtype)):
         lb_tri = lb.detach().clone().requires_grad_()
-        triton_fn = _dispatch.implementation("lora_linear", "triton")
-        providers["ours-triton"] = (lambda x: triton_fn(x, w, b, a, lb_tri, scale), lb_tri)
+        triton_fn = _experimental_triton().lora_linear_triton
+        providers["experimental-triton"] = (lambda x: triton_fn(x, w, b, a, lb_tri, scale), lb_tri)
     return providers
 
 
@@ -130,7 +144,7 @@ def _triton_forced_differs(op: str, device: torch.device, *dtypes: torch.dtype) 
 
 
 def _backend(name: str, op: str, device: torch.device, *dtypes: torch.dtype) -> str:
-    if name.endswith("-triton"):
+    if name.endswith("-triton"):  # forced Triton rows and the experimental Triton kernels
         return "triton"
     return _dispatch.select(op, device, *dtypes) if name.startswith("ours") else "torch"
 
@@ -211,7 +225,7 @@ def bench_lora(bench: _Bench, shapes, dtype) -> None:
         # fp32 reference of y, dX, dB in the same run
         x32 = x.float().requires_grad_()
         lb32 = lb.clone().requires_grad_()
-        y32 = kk.lora_linear_ref(x32, w.float(), b.float(), a, lb32, scale)
+        y32 = plain_lora_linear(x32, w.float(), b.float(), a, lb32, scale)
         ref = (y32.detach(),) + torch.autograd.grad(y32, (x32, lb32), dy.float())
         del x32, y32
         anchors: dict[str, dict[str, float]] = {}
@@ -257,9 +271,9 @@ def bench_qkv(bench: _Bench, shape, dtype) -> None:
                                          for w, b, a, lb in zip(ws, bs, as_, lbs)),
         "ours-shared": lambda x_: kk.lora_linear_shared(x_, ws, bs, as_, lbs, [scale] * 3),
     }
-    if _triton_forced_differs("lora_linear_shared", dev, dtype, dtype, torch.float32, torch.float32):
-        shared_triton = _dispatch.implementation("lora_linear_shared", "triton")
-        providers["ours-shared-triton"] = lambda x_: shared_triton(x_, ws, bs, as_, lbs, [scale] * 3)
+    if _dispatch.triton_runs(dev, (dtype, dtype, torch.float32, torch.float32)):
+        shared_triton = _experimental_triton().lora_linear_shared_triton
+        providers["experimental-shared-triton"] = lambda x_: shared_triton(x_, ws, bs, as_, lbs, [scale] * 3)
     anchors: dict[str, dict[str, float]] = {}
     for name, fwd in providers.items():
         xg = x.detach().clone().requires_grad_()
@@ -283,12 +297,12 @@ def bench_project(bench: _Bench, shapes) -> None:
         lead = (b,) if b > 1 else ()
         basis = torch.linalg.qr(torch.randn(*lead, d, k, device=dev)).Q
         g = torch.randn(*lead, d, n, device=dev).to(dtype)
-        exact = residual_project_ref(g.double(), basis.double())
+        exact = residual_project_torch(g.double(), basis.double())
         nbytes = b * (2 * d * n * g.element_size() + d * k * 4)
         floor = floor_ms(4.0 * b * d * n * k, nbytes)
         work = g.clone()
         providers = {
-            "reference": lambda: residual_project_ref(g, basis),
+            "reference": lambda: residual_project_torch(g, basis),
             "ours": lambda: kk.residual_project(g, basis),
             "ours-inplace": lambda: kk.residual_project(work, basis, inplace=True),
         }
@@ -318,7 +332,7 @@ def bench_moment(bench: _Bench, shapes, dtype) -> None:
         tiles_flops = 2.0 * n * d * (d + 1) / 2  # upper triangle incl. diagonal
         floor = floor_ms(tiles_flops, n * d * x.element_size() + d * d * 4 * 2)
         providers = {
-            "reference": lambda acc: second_moment_update_ref(acc, x, mask),
+            "reference": lambda acc: second_moment_update_torch(acc, x, mask),
             "addmm-out-dtype": lambda acc: acc.addmm_(x.t(), x) if x.dtype == torch.float32 else
             torch.addmm(acc, x.t(), x, out_dtype=torch.float32),
             "ours": lambda acc: kk.second_moment_update(acc, x, mask),
@@ -344,7 +358,7 @@ def bench_moment(bench: _Bench, shapes, dtype) -> None:
 def trace_lora_kernels(out_dir: Path, device: torch.device, shapes, dtype) -> Path:
     """torch.profiler table of five Triton LoRA train steps per shape (forward + backward): the time of each kernel
     (shrink, forward GEMM, the dY pass, dX GEMM, partial sums), to see which one misses its floor."""
-    triton_fn = _dispatch.implementation("lora_linear", "triton")
+    triton_fn = _experimental_triton().lora_linear_triton
     sections = []
     for T, d, r in shapes:
         x = torch.randn(T, d, device=device).to(dtype).requires_grad_()

@@ -36,11 +36,13 @@ import torch.nn.functional as F
 
 import keeplora_kernels as kk
 from keeplora_kernels import _dispatch
-from keeplora_kernels.lora_linear import (BACKWARD_ORDERS, FORWARD_ORDERS, LoRALinearFunction,
-                                          StackedLoRALinearFunction, stack_frozen)
+from keeplora_kernels.experimental import (BACKWARD_ORDERS, LoRALinearVariantFunction, StackedLoRALinearFunction,
+                                           stack_frozen)
+from keeplora_kernels.lora_linear import FORWARD_ORDERS, LoRALinearFunction
 
 from . import harness
-from .bench_kernels import _peft_layer, _rel_err, _saved_activation_bytes, floor_ms, lora_counts
+from .bench_kernels import (_experimental_triton, _peft_layer, _rel_err, _saved_activation_bytes, floor_ms,
+                           lora_counts, plain_lora_linear)
 
 SHAPES = [(8192, 4096, 16), (12608, 768, 16)]
 SHAPES_SMOKE = [(64, 48, 8)]
@@ -58,6 +60,11 @@ def _variants(device: torch.device, dtype: torch.dtype) -> list[tuple[str, str]]
     return [(f, b) for f in fwds for b in BACKWARD_ORDERS if b != "fused_dy" or triton_ok]
 
 
+def _function(backward_order: str):
+    """The autograd function of a backward order: the production one, or the experimental one for fused_dy."""
+    return LoRALinearVariantFunction if backward_order == "fused_dy" else LoRALinearFunction
+
+
 def lora_providers(w, b, a, lb, scale, device, dtype) -> dict[str, tuple[Callable, Optional[torch.Tensor]]]:
     """name -> (forward of x, the trainable B or None). Each provider owns its own B, A is frozen everywhere."""
     providers: dict[str, tuple[Callable, Optional[torch.Tensor]]] = {"base": (lambda x: F.linear(x, w, b), None)}
@@ -73,7 +80,7 @@ def lora_providers(w, b, a, lb, scale, device, dtype) -> dict[str, tuple[Callabl
             fn = (lambda x, lb_v=lb_v, bwd=bwd:
                   StackedLoRALinearFunction.apply(x, stacked, b, lb_v, scale, w.shape[0], bwd))
         else:
-            fn = lambda x, lb_v=lb_v, fwd=fwd, bwd=bwd: LoRALinearFunction.apply(x, w, b, a, lb_v, scale, fwd, bwd)
+            fn = lambda x, lb_v=lb_v, fwd=fwd, bwd=bwd: _function(bwd).apply(x, w, b, a, lb_v, scale, fwd, bwd)
         providers[f"{fwd}/{bwd}"] = (fn, lb_v)
     if "lora_linear" in _dispatch.extension_ops(device.type):  # the same GEMMs as one C++ op (no Python per step)
         for fwd in FORWARD_ORDERS:
@@ -84,7 +91,7 @@ def lora_providers(w, b, a, lb, scale, device, dtype) -> dict[str, tuple[Callabl
                                                                                            fwd, bwd), lb_e)
     if _dispatch.triton_runs(device, (dtype,)):
         lb_t = lb.detach().clone().requires_grad_()
-        triton_fn = _dispatch.implementation("lora_linear", "triton")
+        triton_fn = _experimental_triton().lora_linear_triton
         providers["triton-full"] = (lambda x: triton_fn(x, w, b, a, lb_t, scale), lb_t)
     return providers
 
@@ -179,7 +186,7 @@ def bench_single(timer: _Timer, rows: list[dict], shape, dtype, graph: bool = Fa
     x, w, b, a, lb, dy = _inputs(T, d, r, dev, dtype)
     x32 = x.float().requires_grad_()
     lb32 = lb.clone().requires_grad_()
-    y32 = kk.lora_linear_ref(x32, w.float(), b.float(), a, lb32, scale)
+    y32 = plain_lora_linear(x32, w.float(), b.float(), a, lb32, scale)
     adapter32 = scale * (x.float() @ a.t()) @ lb.t()
     ref = (y32.detach(), adapter32) + torch.autograd.grad(y32, (x32, lb32), dy.float())
     del x32, y32
@@ -240,13 +247,13 @@ def bench_qkv(timer: _Timer, rows: list[dict], shape, dtype, graph: bool = False
         if fwd == "stacked":
             continue
         providers[f"{fwd}/{bwd}"] = three(
-            lambda x_, w, b, a, lb, s, fwd=fwd, bwd=bwd: LoRALinearFunction.apply(x_, w, b, a, lb, s, fwd, bwd))
+            lambda x_, w, b, a, lb, s, fwd=fwd, bwd=bwd: _function(bwd).apply(x_, w, b, a, lb, s, fwd, bwd))
         if "lora_linear" in _dispatch.extension_ops(dev.type) and bwd != "fused_dy":
             providers[f"ext:{fwd}/{bwd}"] = three(
                 lambda x_, w, b, a, lb, s, fwd=fwd, bwd=bwd: torch.ops.keeplora.lora_linear(x_, w, b, a, lb, s, fwd,
                                                                                              bwd))
     if _dispatch.triton_runs(dev, (dtype,)):
-        shared = _dispatch.implementation("lora_linear_shared", "triton")
+        shared = _experimental_triton().lora_linear_shared_triton
         lbs_t = [lb.detach().clone().requires_grad_() for lb in lbs]
         providers["triton-shared"] = (lambda x_: tuple(shared(x_, ws, bs, as_, lbs_t, [scale] * 3)), lbs_t)
     anchors: dict[str, dict[tuple[str, str], float]] = {}

@@ -252,11 +252,11 @@ def run_case(case: Case, device: torch.device, quick: bool) -> list[dict]:
                         small_svd_method(before)
 
                 methods.append(("keeplora_rsvd_gesvdj", backend, cusolver_small_svd, False, (over, q), ""))
-        if backend != "reference" and name == "keeplora_rsvd":  # the PyTorch fallback of the same algorithm
+        if backend != "torch" and name == "keeplora_rsvd":  # the PyTorch fallback of the same algorithm
             def fallback(over=over, q=q):
                 return [rsvd_torch(a, r, oversample=over, power_iters=q, seed=0)[:3]]
 
-            methods.append((name, "reference", fallback, False, (over, q), ""))
+            methods.append((name, "torch", fallback, False, (over, q), ""))
 
     lowrank_over = min(4 * r, case.m, case.n) - r
     methods.append(("svd_lowrank_loop", "torch", lambda: _lowrank_loop([a], r), True, (lowrank_over, 4), ""))

@@ -1,6 +1,6 @@
 """Go / no-go for the Triton full-GEMM LoRA route: can a Triton GEMM main loop match cuBLAS on the H200?
 
-The full-GEMM LoRA kernels (``keeplora_kernels/triton_lora_linear.py``) carry the base GEMM ``x·Wᵀ`` inside a Triton
+The full-GEMM LoRA kernels (``keeplora_kernels/experimental/triton_lora_linear.py``) carry the base GEMM ``x·Wᵀ`` inside a Triton
 main loop. They are worth keeping only if a Triton main loop can run that GEMM at cuBLAS speed. Every provider here
 computes the plain GEMM ``y = x·Wᵀ`` (x: M×K bf16, W: N×K bf16, y bf16, fp32 accumulation), no adapter:
 
@@ -38,9 +38,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from keeplora_kernels import triton_lora_linear as tll
+from keeplora_kernels.experimental import triton_lora_linear as tll
 from keeplora_kernels._triton_utils import cdiv, interpreted
-from keeplora_kernels.triton_lora_linear import _grouped_pid
+from keeplora_kernels.experimental.triton_lora_linear import _grouped_pid
 
 from . import harness
 

@@ -21,16 +21,11 @@ from typing import Any, Optional
 
 import torch
 
-try:
-    from . import harness
-    from .bench_kernels import _grad_modes
-except ImportError:  # pragma: no cover - run as a plain script
-    import harness  # type: ignore
-    from bench_kernels import _grad_modes  # type: ignore
-
-import keeplora_kernels as kk
 from keeplora_kernels import _dispatch
 from keeplora_kernels.lora_linear import LoRALinearFunction
+
+from . import harness
+from .bench_kernels import _grad_modes, plain_lora_linear
 
 # Hopper-class candidates (bf16): square-ish 128-wide tiles with 4 or 8 warps and 3-4 stages, the current 128×256,
 # and narrower tiles for small d (more programs on 132 SMs at d = 768).
@@ -85,7 +80,7 @@ class _Patched:
 
 def tune(out_dir: Optional[Path] = None, *, smoke: bool = False, device: Optional[str] = None,
          shapes=None, dtype: torch.dtype = torch.bfloat16, time_box_s: float = float("inf")) -> list[dict[str, Any]]:
-    from keeplora_kernels import triton_lora_linear as tll
+    from keeplora_kernels.experimental import triton_lora_linear as tll
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not _dispatch.triton_runs(dev, (dtype,)):
@@ -98,7 +93,7 @@ def tune(out_dir: Optional[Path] = None, *, smoke: bool = False, device: Optiona
                    ("dy_pass", tll.GPU_TILES, f"dy_pass_{width}", DY_PASS_CANDIDATES)]
     else:  # the interpreter reads INTERPRETER_TILES
         entries = [(kernel, tll.INTERPRETER_TILES, kernel, SMOKE_CANDIDATES[kernel]) for kernel in ("gemm", "dy_pass")]
-    triton_fn = _dispatch.implementation("lora_linear", "triton")
+    triton_fn = tll.lora_linear_triton
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
     for T, d, r in shapes:
@@ -112,7 +107,7 @@ def tune(out_dir: Optional[Path] = None, *, smoke: bool = False, device: Optiona
         scale = 2.0 / r
         # fp32 truth and PyTorch's own error at this dtype (the frozen-A PyTorch path), once per shape
         x32 = x.float().requires_grad_()
-        y32 = kk.lora_linear_ref(x32, w.float(), b.float(), a, lb.detach().clone().requires_grad_(), scale)
+        y32 = plain_lora_linear(x32, w.float(), b.float(), a, lb.detach().clone().requires_grad_(), scale)
         truth = (y32.detach(),) + torch.autograd.grad(y32, (x32,), dy.float())
         xt = x.detach().clone().requires_grad_()
         yt = LoRALinearFunction.apply(xt, w, b, a, lb, scale)
