@@ -33,7 +33,6 @@ _TABLE: dict[str, dict[str, str]] = {
     "residual_project": {"triton": ".triton_residual_project:residual_project_triton"},
     "second_moment_update": {"triton": ".triton_second_moment:second_moment_update_triton"},
     "rsvd": {"extension": ".rsvd:rsvd_extension"},
-    "principal_subspace": {"extension": ".principal_subspace:principal_subspace_extension"},
 }
 
 
