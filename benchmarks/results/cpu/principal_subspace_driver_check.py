@@ -3,8 +3,6 @@ C++ driver torch.ops.keeplora.principal_subspace of a library that still has it,
 (every linear weight of all-MiniLM-L6-v2) and on random spectra. Run from the repository root with that library
 built into keeplora_kernels/:  python benchmarks/results/cpu/principal_subspace_driver_check.py"""
 
-import itertools
-
 import torch
 
 import keeplora_kernels as kk
