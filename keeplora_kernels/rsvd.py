@@ -12,8 +12,8 @@ Two implementations of one algorithm (the textbook version the tests compare wit
   CholeskyQR of ``Bᵀ`` and an ``l × l`` SVD. It earns its lines twice: it is the path of an install without a
   compiler (or ``KEEPLORA_BACKEND=reference``), with the extension's sketch, so results do not depend on whether
   the extension was built beyond rounding; and it is the readable oracle the extension's kernels are tested
-  against step by step. It costs up to a few times the extension's time on the CPU (the Philox sketch in tensor
-  ops, the per-pass Cholesky through LAPACK; ``benchmarks/results/cpu/principal_subspace_driver.md``).
+  against step by step. On the CPU it is somewhat slower than the extension (the Philox sketch in tensor ops,
+  the per-pass Cholesky through LAPACK; ``benchmarks/results/cpu/principal_subspace_driver.md``).
 """
 
 from __future__ import annotations
