@@ -161,7 +161,6 @@ TORCH_LIBRARY_IMPL(keeplora, CUDA, m) {
   m.impl("split_operand", &keeplora::split_operand_cuda);
   m.impl("cholesky_qr", &keeplora::cholesky_qr);
   m.impl("rsvd", &keeplora::rsvd);
-  m.impl("principal_subspace", &keeplora::principal_subspace);
   m.impl("lora_linear", &keeplora::lora_linear_forward);
 }
 

@@ -38,7 +38,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rsvd(const at::Tensor
                                                                 int64_t oversample, int64_t power_iters,
                                                                 const std::optional<at::Tensor>& project_out,
                                                                 int64_t seed, c10::string_view orthonormalize);
-std::vector<at::Tensor> principal_subspace(at::TensorList weights, double energy, bool input_side, bool strict);
 at::Tensor lora_linear_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                const at::Tensor& lora_a, const at::Tensor& lora_b, double scale,
                                c10::string_view forward_order, c10::string_view backward_order);

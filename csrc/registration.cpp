@@ -9,7 +9,7 @@ namespace keeplora {
 const std::vector<std::string>& op_names() {
   static const std::vector<std::string> names = {"gaussian_sketch", "jacobi_svd", "shifted_cholesky",
                                                  "split_operand", "cholesky_qr", "rsvd",
-                                                 "principal_subspace", "gesvdj_batched", "lora_linear"};
+                                                 "gesvdj_batched", "lora_linear"};
   return names;
 }
 
@@ -39,8 +39,6 @@ TORCH_LIBRARY(keeplora, m) {
   // Batched randomized SVD of (I - P P^T) a, a (b, m, n): U (b, m, rank), S (b, rank), V (b, n, rank), info (b,).
   m.def("rsvd(Tensor a, int rank, int oversample, int power_iters, Tensor? project_out, int seed, "
         "str orthonormalize=\"cholqr\") -> (Tensor U, Tensor S, Tensor V, Tensor info)");
-  // Energy-rule principal subspace of each weight (d_out, d_in): input side -> (d_in, p), output -> (d_out, p).
-  m.def("principal_subspace(Tensor[] weights, float energy, bool input_side=True, bool strict=False) -> Tensor[]");
 }
 
 // Every op but gesvdj_batched (cuSOLVER has no CPU side; the CPU small SVD is LAPACK or jacobi_svd's twin).
@@ -51,10 +49,8 @@ TORCH_LIBRARY_IMPL(keeplora, CPU, m) {
   m.impl("split_operand", &keeplora::split_operand_cpu);
   m.impl("cholesky_qr", &keeplora::cholesky_qr);
   m.impl("rsvd", &keeplora::rsvd);
-  m.impl("principal_subspace", &keeplora::principal_subspace);
 }
 
-// principal_subspace has no Meta kernel: its output shapes depend on the data (the energy rule).
 TORCH_LIBRARY_IMPL(keeplora, Meta, m) {
   m.impl("gaussian_sketch", &keeplora::gaussian_sketch_meta);
   m.impl("jacobi_svd", &keeplora::jacobi_svd_meta);

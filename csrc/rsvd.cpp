@@ -1,4 +1,5 @@
-// Batched randomized SVD with an implicit residual projection, and the energy-rule principal subspace.
+// Batched randomized SVD with an implicit residual projection (the energy-rule loops that call it are Python:
+// keeplora_kernels/sketch_growth.py).
 //
 // Device-generic: only ATen calls plus two ops reached through the dispatcher (keeplora::gaussian_sketch and,
 // on CUDA, keeplora::jacobi_svd), so the same code is the CPU kernel and the CUDA kernel of `rsvd`. On CUDA it
@@ -8,10 +9,7 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
 #include <cstdlib>
-#include <limits>
-#include <map>
 #include <string>
 #include <tuple>
 
@@ -25,10 +23,6 @@ using at::Tensor;
 constexpr double kUnitRoundoff64 = 1.1102230246251565e-16;  // 2^-53
 // Largest core size for which CUDA uses the Jacobi kernel (one block per matrix); larger ones use linalg_svd.
 constexpr int64_t kJacobiMaxCuda = 256;
-// principal_subspace: switch to the exact (Gram eigendecomposition) path when the sketch width would exceed
-// this fraction of min(m, n), where a sketch costs about as much as the exact path and is less accurate.
-constexpr double kExactFraction = 0.3;
-constexpr int64_t kSubspacePowerIters = 4;
 
 // ---------------------------------------------------------------------------------------------------------------
 // Ops reached through the dispatcher so the device-specific kernel runs.
@@ -135,9 +129,9 @@ std::tuple<Tensor, Tensor> shifted_cholesky_library(const Tensor& gram, double f
   return {r, x};
 }
 
-// G = Q^T Q for q (b, m, l). On CUDA, cuBLAS runs this batched GEMM with its l x l output as one CTA per matrix
-// looping over all m rows (H200 trace: 29 us per call for 8 x 4096 x 32 in float64, about 10x its bandwidth time),
-// so the rows are split into chunks that become extra batch entries, and the chunk Grams are summed.
+// G = Q^T Q for q (b, m, l). On CUDA, cuBLAS runs this batched GEMM with its small l x l output as one CTA per
+// matrix looping over all m rows, far below its bandwidth, so the rows are split into chunks that become extra
+// batch entries (more CTAs), and the chunk Grams are summed.
 Tensor gram(const Tensor& q) {
   const int64_t b = q.size(0), m = q.size(1), l = q.size(2);
   int64_t chunks = 1;
@@ -401,231 +395,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rsvd(const Tensor& a, int64_t rank, i
   std::optional<Tensor> p;
   if (project_out.has_value() && project_out->defined()) p = project_out->detach();
   return run_rsvd(a.detach(), p, cd, rank, oversample, power_iters, seed, householder);
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// principal_subspace
-
-namespace {
-
-// Number of leading directions the energy rule keeps, given the cumulative energy fractions `cum` (b, r) of the
-// first r directions (energy > 0, nonzero spectrum): paper rule p = #{i : cum_{i-1} < energy} (smallest p >= 1
-// with cum_p >= energy); strict (the authors' code) p = max(#{i : cum_i < energy}, 1): never none, as the authors
-// keep the top direction when it alone holds the energy.
-Tensor energy_counts(const Tensor& cum, double energy, bool strict) {
-  if (strict) return cum.lt(energy).sum(-1).clamp_min(1);
-  const Tensor before = at::cat({at::zeros_like(cum.narrow(-1, 0, 1)), cum.narrow(-1, 0, cum.size(-1) - 1)}, -1);
-  return before.lt(energy).sum(-1);
-}
-
-// Where to grow the sketch: the rank at which the energy is predicted to reach `energy`, extrapolating the tail
-// beyond the r Ritz values (squared: sq) by a power law and by a geometric decay, both fitted at i = r/4 and r;
-// the first model to reach wins (each is exact on its own family of spectra). A flat fit gives the rigorous lower
-// bound r + deficit / sigma_r^2 (no further direction holds more than sigma_r^2). Affects only speed.
-double predicted_rank(const double* sq, int64_t r, double total, double energy, int64_t mn) {
-  double captured = 0.0;
-  for (int64_t i = 0; i < r; ++i) captured += sq[i];
-  const double deficit = energy * total - captured;
-  if (deficit <= 0.0) return static_cast<double>(r);
-  const int64_t i1 = std::max<int64_t>(1, r / 4);
-  const double s1 = sq[i1 - 1], s2 = sq[r - 1];
-  if (!(s2 > 0.0) || !(s1 >= s2)) return static_cast<double>(mn);
-  const double beta = r > i1 ? std::log(s1 / s2) / std::log(static_cast<double>(r) / i1) : 0.0;
-  const double g = r > i1 ? std::pow(s2 / s1, 1.0 / static_cast<double>(r - i1)) : 1.0;
-  double power_sum = 0.0, geometric_sum = 0.0, gk = 1.0;
-  for (int64_t i = r + 1; i <= mn; ++i) {
-    gk *= g;
-    power_sum += s2 * std::pow(static_cast<double>(i) / r, -beta);
-    geometric_sum += s2 * gk;
-    if (power_sum >= deficit || geometric_sum >= deficit) return static_cast<double>(i);
-  }
-  return static_cast<double>(mn);
-}
-
-// Largest accepted estimate of the sine of the largest principal angle between a sketch's basis and the exact
-// principal subspace, by result dtype (keeplora_kernels.principal_subspace.SUBSPACE_TOLERANCE).
-double subspace_tolerance(at::ScalarType rd) { return rd == at::kDouble ? 1e-10 : 1e-5; }
-
-// Per matrix j of mat (b, s, o): estimate of sin of the largest principal angle between span(u[j, :, :p_j]) (Ritz
-// vectors of G = mat_j mat_j^T, descending) and G's top-p_j eigenvectors, p_j = counts[j] < u.size(-1). In float64
-// from the vectors as returned: theta_i = u_i^T G u_i, rho_i = |G u_i - theta_i u_i|; sin(u_i, top-p) <=
-// rho_i / (theta_i - lambda_{p+1}), and the span's largest angle is at most sqrt(sum_i of their squares), with
-// theta_{p+1} + rho_{p+1} standing for lambda_{p+1}. Infinite where a gap is not positive. Host vector out.
-std::vector<double> ritz_subspace_error(const Tensor& mat, const Tensor& u, const std::vector<int64_t>& counts) {
-  const int64_t width = *std::max_element(counts.begin(), counts.end()) + 1;
-  TORCH_CHECK(width <= u.size(-1), "keeplora::principal_subspace: the convergence test needs Ritz pair p + 1");
-  const Tensor x = mat.to(at::kDouble);
-  const Tensor q = u.narrow(-1, 0, width).to(at::kDouble);
-  const Tensor y = at::matmul(x.mT(), q);
-  const Tensor theta = y.square().sum(-2);
-  const Tensor residual = at::matmul(x, y) - q * theta.unsqueeze(-2);  // G u_i - theta_i u_i
-  const Tensor rho = at::linalg_vector_norm(residual, 2, at::IntArrayRef{-2}, false);
-  const Tensor theta_h = theta.cpu().contiguous(), rho_h = rho.cpu().contiguous();
-  const double* th = theta_h.data_ptr<double>();
-  const double* rh = rho_h.data_ptr<double>();
-  std::vector<double> error(counts.size());
-  for (size_t j = 0; j < counts.size(); ++j) {
-    const double* tj = th + j * width;
-    const double* rj = rh + j * width;
-    const int64_t p = counts[j];
-    const double bound = tj[p] + rj[p];
-    double sum = 0.0;
-    for (int64_t i = 0; i < p; ++i) {
-      const double gap = tj[i] - bound;
-      if (!(gap > 0.0)) {
-        sum = std::numeric_limits<double>::infinity();
-        break;
-      }
-      sum += (rj[i] / gap) * (rj[i] / gap);
-    }
-    error[j] = std::sqrt(sum);
-  }
-  return error;
-}
-
-// Exact path for a batch x (b, s, o) in float64 (we want its left singular vectors): eigendecomposition of the
-// smaller Gram matrix. Writes the bases of the matrices into out[targets[j]].
-void exact_subspace(const Tensor& mat, const Tensor& total, double energy, bool strict, at::ScalarType rd,
-                    const std::vector<int64_t>& targets, std::vector<Tensor>& out) {
-  const Tensor x = mat.to(at::kDouble);
-  const int64_t s = x.size(1), o = x.size(2);
-  const bool left_gram = s <= o;
-  const Tensor gram = left_gram ? at::matmul(x, x.mT()) : at::matmul(x.mT(), x);
-  auto [evals, evecs] = at::linalg_eigh(gram);
-  evals = evals.flip(-1).clamp_min(0);
-  evecs = evecs.flip(-1);
-  const Tensor cum = evals.cumsum(-1).div(total.unsqueeze(-1));
-  const Tensor counts = energy_counts(cum, energy, strict).cpu();
-  const int64_t* cnt = counts.data_ptr<int64_t>();
-  for (size_t j = 0; j < targets.size(); ++j) {
-    const int64_t p = cnt[j];
-    Tensor basis;
-    if (left_gram || p == 0) {
-      basis = evecs[j].narrow(-1, 0, p);
-    } else {
-      // left vectors u_i = x v_i / sigma_i, re-orthonormalised (they are orthonormal up to rounding already,
-      // so Q keeps their directions; R ~ I)
-      const Tensor sigma = evals[j].narrow(0, 0, p).sqrt();
-      const Tensor inv = at::where(sigma.gt(0), sigma.reciprocal(), at::zeros_like(sigma));
-      const Tensor u = at::matmul(x[j], evecs[j].narrow(-1, 0, p)).mul(inv);
-      const Tensor flags = at::zeros({1}, u.options().dtype(at::kInt));
-      basis = cholesky_qr_fp64(u.unsqueeze(0), 2, 2, false, flags).q[0];
-    }
-    out[targets[j]] = basis.to(rd).contiguous();
-  }
-}
-
-}  // namespace
-
-std::vector<Tensor> principal_subspace(at::TensorList weights, double energy, bool input_side, bool strict) {
-  TORCH_CHECK(energy >= 0.0 && energy <= 1.0, "keeplora::principal_subspace: energy must be in [0, 1], got ",
-              energy);
-  at::NoGradGuard no_grad;
-  std::vector<Tensor> out(weights.size());
-  // Group same-shaped weights (same dtype and device) so that each group is one batched computation.
-  std::map<std::tuple<int64_t, int64_t, int, std::string>, std::vector<int64_t>> groups;
-  std::vector<std::tuple<int64_t, int64_t, int, std::string>> order;
-  for (size_t i = 0; i < weights.size(); ++i) {
-    const Tensor& w = weights[i];
-    TORCH_CHECK(w.dim() == 2, "keeplora::principal_subspace: each weight must be 2-D (d_out, d_in), got ",
-                w.sizes());
-    TORCH_CHECK(at::isFloatingType(w.scalar_type()), "keeplora::principal_subspace: weights must be floating");
-    auto key = std::make_tuple(w.size(0), w.size(1), static_cast<int>(w.scalar_type()), w.device().str());
-    auto it = groups.find(key);
-    if (it == groups.end()) {
-      order.push_back(key);
-      groups[key] = {static_cast<int64_t>(i)};
-    } else {
-      it->second.push_back(static_cast<int64_t>(i));
-    }
-  }
-  for (const auto& key : order) {
-    const std::vector<int64_t>& members = groups[key];
-    const Tensor& first = weights[members[0]];
-    const at::ScalarType rd = compute_dtype(first);
-    const double tolerance = subspace_tolerance(rd);
-    const int64_t side = input_side ? first.size(1) : first.size(0);
-    const int64_t other = input_side ? first.size(0) : first.size(1);
-    const int64_t mn = std::min(side, other);
-    if (energy <= 0.0 || mn == 0) {
-      for (int64_t i : members) out[i] = at::zeros({side, 0}, first.options().dtype(rd));
-      continue;
-    }
-    std::vector<Tensor> ws;
-    for (int64_t i : members) ws.push_back(weights[i].detach());
-    const Tensor w = at::stack(ws);                // (b, d_out, d_in)
-    const Tensor mat = input_side ? w.mT() : w;    // (b, side, other): we want its left singular vectors
-    std::vector<Tensor> totals;
-    for (const Tensor& wi : ws) totals.push_back(at::sum(wi.to(at::kFloat).square(), at::kDouble));
-    const Tensor total = at::stack(totals);      // ||W||_F^2 per matrix, float64
-    const Tensor total_host = total.cpu();
-
-    std::vector<int64_t> remaining;  // positions within the group still to do
-    for (size_t j = 0; j < members.size(); ++j) {
-      if (total_host.data_ptr<double>()[j] > 0) {
-        remaining.push_back(static_cast<int64_t>(j));
-      } else {  // zero weight: nothing to protect (as energy_rank)
-        out[members[j]] = at::zeros({side, 0}, first.options().dtype(rd));
-      }
-    }
-    int64_t r = std::min<int64_t>(std::max<int64_t>(8, mn / 32), mn);
-    while (!remaining.empty()) {
-      const int64_t over = std::max<int64_t>(10, r / 2);
-      if (static_cast<double>(r + over) > kExactFraction * static_cast<double>(mn)) break;
-      const Tensor idx = at::tensor(remaining, at::TensorOptions().dtype(at::kLong)).to(w.device());
-      const bool all = remaining.size() == members.size();
-      const Tensor sub = all ? mat : mat.index_select(0, idx);
-      const Tensor sub_total = all ? total : total.index_select(0, idx);
-      // all l Ritz pairs of the same sketch (rank l, no oversampling): the convergence test needs pair p + 1
-      auto [u, s, v, info] = run_rsvd(sub, std::nullopt, rd, r + over, 0, kSubspacePowerIters, /*seed=*/0,
-                                      /*householder=*/false);
-      const Tensor sq = s.narrow(-1, 0, r).to(at::kDouble).square();
-      const Tensor cum = sq.cumsum(-1).div(sub_total.unsqueeze(-1));
-      const Tensor last = cum.select(-1, r - 1);
-      const Tensor reached = last.ge(energy).cpu();
-      const Tensor counts = energy_counts(cum, energy, strict).cpu();
-      const Tensor sq_host = sq.cpu().contiguous();
-      const Tensor total_sub_host = sub_total.cpu();
-      const bool* hit = reached.data_ptr<bool>();
-      const int64_t* cnt = counts.data_ptr<int64_t>();
-      std::vector<int64_t> done, done_counts;
-      for (size_t j = 0; j < remaining.size(); ++j) {
-        if (hit[j]) {
-          done.push_back(static_cast<int64_t>(j));
-          done_counts.push_back(cnt[j]);
-        }
-      }
-      std::vector<double> error(remaining.size(), std::numeric_limits<double>::infinity());
-      if (!done.empty()) {
-        const Tensor pick = at::tensor(done, at::TensorOptions().dtype(at::kLong)).to(w.device());
-        const std::vector<double> e = ritz_subspace_error(sub.index_select(0, pick), u.index_select(0, pick),
-                                                          done_counts);
-        for (size_t k = 0; k < done.size(); ++k) error[done[k]] = e[k];
-      }
-      std::vector<int64_t> next;
-      double most_needed = 0.0;
-      for (size_t j = 0; j < remaining.size(); ++j) {
-        if (hit[j] && error[j] <= tolerance) {
-          out[members[remaining[j]]] = u[j].narrow(-1, 0, cnt[j]).to(rd).contiguous();
-        } else {
-          next.push_back(remaining[j]);  // energy not reached, or reached by Ritz vectors not yet converged
-          if (!hit[j]) {
-            most_needed = std::max(most_needed, predicted_rank(sq_host.data_ptr<double>() + j * r, r,
-                                                               total_sub_host.data_ptr<double>()[j], energy, mn));
-          }
-        }
-      }
-      remaining = next;
-      r = std::max<int64_t>(2 * r, static_cast<int64_t>(std::ceil(std::min(1.2 * most_needed, double(mn)))));
-    }
-    if (!remaining.empty()) {
-      const Tensor idx = at::tensor(remaining, at::TensorOptions().dtype(at::kLong)).to(w.device());
-      std::vector<int64_t> targets;
-      for (int64_t j : remaining) targets.push_back(members[j]);
-      exact_subspace(mat.index_select(0, idx), total.index_select(0, idx), energy, strict, rd, targets, out);
-    }
-  }
-  return out;
 }
 
 // ---------------------------------------------------------------------------------------------------------------

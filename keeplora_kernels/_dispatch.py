@@ -42,8 +42,6 @@ _TABLE: dict[str, dict[str, str]] = {
                              "triton": ".triton_second_moment:second_moment_update_triton"},
     "outer_sum": {"torch": ".outer_sum:outer_sum_torch"},
     "rsvd": {"torch": ".rsvd:_rsvd_fallback", "extension": ".rsvd:rsvd_extension"},
-    "principal_subspace": {"torch": ".principal_subspace:principal_subspace_torch",
-                           "extension": ".principal_subspace:principal_subspace_extension"},
 }
 
 

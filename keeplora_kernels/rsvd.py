@@ -3,14 +3,17 @@
 Halko–Martinsson–Tropp range finder with power iterations. The projection is folded into every product
 (``Â·X = a·X − P·(Pᵀ·a·X)``, ``Âᵀ·Y = aᵀ·(Y − P·(Pᵀ·Y))``) so ``Â`` is never materialised.
 
-Three implementations, one algorithm contract:
+Two implementations of one algorithm (the textbook version the tests compare with is ``tests/ref_subspace.py``):
 
-* :func:`rsvd_ref`: the textbook version (Householder QR, LAPACK SVD); the tests compare against it.
-* :func:`rsvd_torch`: the batched algorithm of the C++/CUDA extension written in PyTorch: a counter-based Gaussian
-  sketch shared by the batch (:func:`gaussian_sketch`, the same numbers as the extension's), shifted CholeskyQR in
-  float64 through batched GEMMs (:func:`cholesky_qr`), Rayleigh–Ritz through a second CholeskyQR of ``Bᵀ`` and an
-  ``l × l`` SVD. It runs when the extension is not built (or with ``KEEPLORA_BACKEND=reference``).
 * :func:`rsvd_extension`: ``torch.ops.keeplora.rsvd`` from ``csrc/`` (CPU and CUDA kernels; see csrc/README.md).
+* :func:`rsvd_torch`: the same batched algorithm written in PyTorch: a counter-based Gaussian sketch shared by the
+  batch (:func:`gaussian_sketch`, Philox in integer tensor arithmetic: the same numbers as the extension's),
+  shifted CholeskyQR in float64 through batched GEMMs (:func:`cholesky_qr`), Rayleigh–Ritz through a second
+  CholeskyQR of ``Bᵀ`` and an ``l × l`` SVD. It earns its lines twice: it is the path of an install without a
+  compiler (or ``KEEPLORA_BACKEND=reference``), with the extension's sketch, so results do not depend on whether
+  the extension was built beyond rounding; and it is the readable oracle the extension's kernels are tested
+  against step by step. On the CPU it is somewhat slower than the extension (the Philox sketch in tensor ops,
+  the per-pass Cholesky through LAPACK; ``benchmarks/results/cpu/principal_subspace_driver.md``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 
 from . import _dispatch
 
-__all__ = ["rsvd", "rsvd_ref", "rsvd_torch", "rsvd_extension", "rsvd_graph_entry", "small_svd_method",
+__all__ = ["rsvd", "rsvd_torch", "rsvd_extension", "rsvd_graph_entry", "small_svd_method",
            "gaussian_sketch", "cholesky_qr", "shifted_cholesky"]
 
 SMALL_SVD_METHODS = ("jacobi", "cusolver")
@@ -50,50 +53,6 @@ def small_svd_method(method: Optional[str] = None) -> str:
 
 def _as_batch(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t if t is None or t.dim() == 3 else t.unsqueeze(0)
-
-
-def _orthonormal(y: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.qr(y, mode="reduced").Q
-
-
-def rsvd_ref(a: torch.Tensor, rank: int, *, oversample: int = 8, power_iters: int = 4,
-             project_out: Optional[torch.Tensor] = None, seed: int = 0):
-    """Pure-PyTorch reference of :func:`rsvd` (same algorithm, Householder QR, batched LAPACK/cuSOLVER calls)."""
-    squeeze = a.dim() == 2
-    compute = torch.float64 if a.dtype == torch.float64 else torch.float32
-    mat = _as_batch(a).to(compute)
-    basis = _as_batch(project_out)
-    if basis is not None:
-        basis = basis.to(compute)
-        if basis.shape[-1] == 0:
-            basis = None
-    b, m, n = mat.shape
-    width = min(rank + oversample, m, n)
-
-    def apply(x):  # Â·x
-        y = mat @ x
-        return y if basis is None else y - basis @ (basis.mT @ y)
-
-    def apply_t(y):  # Âᵀ·y
-        return mat.mT @ (y if basis is None else y - basis @ (basis.mT @ y))
-
-    if width == min(m, n):  # the sketch would span everything: the exact SVD is cheaper and exact
-        full = mat if basis is None else mat - basis @ (basis.mT @ mat)
-        u, s, vh = torch.linalg.svd(full, full_matrices=False)
-    else:
-        gen = torch.Generator(device=mat.device).manual_seed(int(seed))
-        omega = torch.randn((b, n, width), generator=gen, device=mat.device, dtype=compute)
-        q = _orthonormal(apply(omega))
-        for _ in range(power_iters):
-            q = _orthonormal(apply(_orthonormal(apply_t(q))))
-        small = apply_t(q).mT  # (b, width, n) = Qᵀ·Â
-        u_small, s, vh = torch.linalg.svd(small, full_matrices=False)
-        u = q @ u_small
-    u, s, v = u[..., :rank], s[..., :rank], vh[..., :rank, :].mT
-    if squeeze:
-        u, s, v = u[0], s[0], v[0]
-    return u, s, v
-
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -299,7 +258,7 @@ def _check_rsvd_args(a, rank, oversample, power_iters, project_out) -> None:
 
 def _rsvd_callable(backend: str, rank: int, oversample: int, power_iters: int, seed: int):
     """``(a, project_out) -> (U, S, V)`` on ``backend`` with the other arguments fixed (what a graph captures)."""
-    impl = _rsvd_fallback if backend == "reference" else _dispatch.implementation("rsvd", backend)
+    impl = _dispatch.implementation("rsvd", backend)
 
     def call(a, project_out):
         return impl(a, rank, oversample=oversample, power_iters=power_iters, project_out=project_out, seed=seed)

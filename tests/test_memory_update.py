@@ -5,7 +5,7 @@ import torch
 
 from keeplora import basis as basis_module
 from keeplora.basis import expand_bases
-from keeplora_kernels.principal_subspace import tail_count
+from keeplora_kernels.sketch_growth import tail_count
 
 D = 256
 

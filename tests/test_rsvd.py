@@ -11,8 +11,8 @@ import torch
 
 import keeplora_kernels as kk
 from keeplora_kernels import _dispatch
-from keeplora_kernels.principal_subspace import principal_subspace_ref
-from keeplora_kernels.rsvd import rsvd_ref, rsvd_torch
+from keeplora_kernels.rsvd import rsvd_torch
+from ref_subspace import principal_subspace_ref, rsvd_ref
 from tolerances import assert_close, assert_within_torch_error
 
 

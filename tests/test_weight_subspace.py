@@ -10,16 +10,17 @@ import torch
 import keeplora_kernels as kk
 from keeplora import KeepLoRA, KeepLoRAConfig
 from keeplora_kernels import _dispatch
-from keeplora_kernels.principal_subspace import (SUBSPACE_TOLERANCE, principal_subspace_ref, ritz_subspace_error,
-                                                 tail_count)
+from keeplora_kernels.principal_subspace import SUBSPACE_TOLERANCE, ritz_subspace_error
 from keeplora_kernels.rsvd import rsvd_torch
+from keeplora_kernels.sketch_growth import tail_count
+from ref_subspace import principal_subspace_ref
 from tiny_models import CASES
 from tolerances import SUBSPACE_SIN
 
 
 @pytest.fixture(params=["extension", "torch"])
 def backend(request, monkeypatch):
-    if request.param == "extension" and "principal_subspace" not in _dispatch.extension_ops("cpu"):
+    if request.param == "extension" and "rsvd" not in _dispatch.extension_ops("cpu"):
         pytest.skip("the C++ extension is not built (KEEPLORA_BUILD_EXT=0 or no compiler)")
     monkeypatch.setenv("KEEPLORA_BACKEND", request.param)
     return request.param

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 import keeplora_kernels as kk
-from keeplora_kernels.principal_subspace import grown_rank, tail_count
+from keeplora_kernels.sketch_growth import energy_counts, grow, tail_count
 
 from .batching import bounded_batches
 
@@ -64,12 +64,11 @@ def _orthonormalize_columns(v: torch.Tensor, basis: torch.Tensor, want: int,
     return out[:, :n]
 
 
-# The memory update's randomized path: only for inputs this wide (below, a batched eigh of the d×d moment takes
-# milliseconds; on an H200 the eigh at d = 4096/11008 was 80 % of end_task), starting from this many directions and
-# doubling while the energy is not reached, until the sketch would pass this fraction of d (then eigh).
+# The memory update's randomized path: only for inputs this wide (below, a batched eigh of the d×d moment is cheap;
+# above, it dominates the end of a task: benchmarks/results/), starting from this many directions and growing while
+# the energy is not reached, until the sketch would pass a fraction of d (then eigh: sketch_growth.EXACT_FRACTION).
 RANDOMIZED_MIN_DIM = 2048
 RANDOMIZED_START = 32
-RANDOMIZED_EXACT_FRACTION = 0.3
 
 
 def expand_bases(bases: dict[str, torch.Tensor], moments: dict[str, torch.Tensor], energy: float, *,
@@ -133,10 +132,10 @@ def _first_reaching(values: torch.Tensor, captured: torch.Tensor, totals: torch.
     """Per row: how many of the leading directions (energies ``values``, descending) the rule appends, or None
     when even all of them leave the captured energy below ``energy``."""
     fractions = values / totals[:, None]
-    # captured before appending direction i, for i = 0 … k (the last entry: after all k)
-    before = torch.cat([captured[:, None], captured[:, None] + torch.cumsum(fractions, -1)], -1)
-    reached = (before >= energy).cpu()
-    return [int(row.nonzero()[0]) if bool(row.any()) else None for row in reached]
+    after = captured[:, None] + torch.cumsum(fractions, -1)  # captured after appending directions 1 … k
+    counts = energy_counts(after, energy, captured=captured).cpu()
+    reached = (after[:, -1] >= energy).cpu() | (counts < values.shape[-1])
+    return [int(c) if bool(hit) else None for c, hit in zip(counts, reached)]
 
 
 def _eigen_directions(c_res, captured, totals, energy, free) -> list[torch.Tensor]:
@@ -148,41 +147,38 @@ def _eigen_directions(c_res, captured, totals, energy, free) -> list[torch.Tenso
 
 
 def _ritz_directions(c_res, captured, totals, energy, free, oversample, power_iters, seed) -> list[torch.Tensor]:
+    """The directions to append, from sketches of ``C_r`` grown by ``sketch_growth.grow`` (eigh past its limit)."""
     d = c_res.shape[-1]
-    chosen: list[Optional[torch.Tensor]] = [None] * len(free)
-    todo = list(range(len(free)))
-    k = RANDOMIZED_START
-    while todo:
-        k = min(k, max(free[i] for i in todo))
-        if k + oversample > RANDOMIZED_EXACT_FRACTION * d:
-            for i, directions in zip(todo, _eigen_directions(c_res[todo], captured[todo], totals[todo], energy,
-                                                             [free[i] for i in todo])):
-                chosen[i] = directions
-            break
-        c = c_res[todo]
+
+    def sketch(items, k):
+        c = c_res[items]
         u, _, _ = kk.rsvd(c, k, oversample=oversample, power_iters=power_iters, seed=seed)
         u = u.to(c.dtype)
         rayleigh = ((c @ u) * u).sum(-2)  # the energy each Ritz vector adds: uᵀ·C_r·u
         rayleigh, order = rayleigh.sort(-1, descending=True)
         u = torch.gather(u, -1, order[:, None, :].expand_as(u))
-        counts = _first_reaching(rayleigh, captured[todo], totals[todo], energy)
-        # directions still missing: the extrapolated tail (tail_count, shared with principal_subspace) predicts
-        # how many, never fewer than the lower bound (energy − captured after all k) / the smallest Ritz value
-        # (no later direction holds more: eigenvalue interlacing), so that a large need goes to eigh after one round
-        fractions = (rayleigh / totals[todo, None]).double().cpu()
-        after = captured[todo].double().cpu() + fractions.sum(-1)
-        remaining, predicted = [], k
-        for j, (i, count) in enumerate(zip(todo, counts)):
+        counts = _first_reaching(rayleigh, captured[items], totals[items], energy)
+        # directions still missing: the extrapolated tail predicts how many, never fewer than the lower bound
+        # (energy − captured after all k) / the smallest Ritz value (no later direction holds more: eigenvalue
+        # interlacing), so that a large need goes to eigh after one round
+        fractions = (rayleigh / totals[items, None]).double().cpu()
+        after = captured[items].double().cpu() + fractions.sum(-1)
+        outcome = []
+        for j, (i, count) in enumerate(zip(items, counts)):
             if count is not None:
-                chosen[i] = u[j, :, : min(count, free[i])]
+                outcome.append((True, u[j, :, : min(count, free[i])]))
             elif k >= free[i]:  # every direction left is needed
-                chosen[i] = u[j, :, : free[i]]
+                outcome.append((True, u[j, :, : free[i]]))
             else:
-                remaining.append(i)
-                deficit = energy - float(after[j])
-                predicted = max(predicted, k + tail_count(fractions[j].tolist(), deficit, d))
-        todo, k = remaining, grown_rank(k, predicted, d)
-    return chosen
+                outcome.append((False, k + tail_count(fractions[j].tolist(), energy - float(after[j]), d)))
+        return outcome
+
+    def exact(items):
+        return _eigen_directions(c_res[items], captured[items], totals[items], energy, [free[i] for i in items])
+
+    found = grow(range(len(free)), RANDOMIZED_START, d, width=lambda k: k + oversample, sketch=sketch, exact=exact,
+                 clamp=lambda k, items: min(k, max(free[i] for i in items)))
+    return [found[i] for i in range(len(free))]
 
 
 def random_residual_directions(basis: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:

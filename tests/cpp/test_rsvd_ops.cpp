@@ -102,23 +102,6 @@ void test_rsvd() {
   EXPECT(max_abs(s32.to(at::kDouble) - at::linalg_svdvals(a).narrow(-1, 0, 6)) < 1e-2);
 }
 
-void test_principal_subspace() {
-  auto ps = op("keeplora::principal_subspace")
-                .typed<std::vector<Tensor>(at::TensorList, double, bool, bool)>();
-  std::vector<double> spectrum;
-  for (int i = 0; i < 96; ++i) spectrum.push_back(std::pow(0.9, i));
-  const Tensor w = with_spectrum(1, 128, 96, spectrum)[0].to(at::kFloat);
-  const Tensor s2 = at::linalg_svdvals(w.to(at::kDouble)).square();
-  const Tensor cum = s2.cumsum(0) / s2.sum();
-  for (double energy : {0.5, 0.9, 0.99}) {
-    const int64_t expected = cum.lt(energy).sum().item<int64_t>() + 1;  // smallest p with cum_p >= energy
-    const std::vector<Tensor> out = ps.call({w, w}, energy, true, false);
-    EXPECT(out.size() == 2);
-    EXPECT(out[0].size(0) == 96 && out[0].size(1) == expected);
-    EXPECT(at::equal(out[0], out[1]));
-  }
-}
-
 }  // namespace
 
 int main() {
@@ -128,7 +111,6 @@ int main() {
   test_jacobi();
   test_shifted_cholesky();
   test_rsvd();
-  test_principal_subspace();
   if (failures == 0) std::printf("keeplora C++ tests passed\n");
   return failures == 0 ? 0 : 1;
 }
