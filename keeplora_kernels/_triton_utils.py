@@ -73,7 +73,7 @@ def target_programs(device: torch.device) -> int:
 @dataclass
 class Launch:
     """One kernel launch: ``kernel[grid](**args, **constexprs)``. Kept as data so that a test can compile every
-    launch a launcher makes ahead of time for a GPU target (``tests/test_triton_compile.py``) without a GPU."""
+    launch a launcher makes ahead of time for a GPU target (``tests/kernels/test_triton_compile.py``) without a GPU."""
 
     kernel: Any
     grid: tuple[int, ...]

@@ -75,7 +75,7 @@ def plan_project(g3: torch.Tensor, p3: torch.Tensor, out3: torch.Tensor, *, on_g
         prec = "tf32"  # output rounding of bf16/fp16 g is at least as coarse (module docstring)
     block_k = max(16, next_pow2(k))
     if on_gpu:
-        # checked spill-free with the sm_90 compile test (tests/test_triton_compile.py); untuned otherwise
+        # checked spill-free with the sm_90 compile test (tests/kernels/test_triton_compile.py); untuned otherwise
         if prec == "tf32":
             block_n, block_d, warps = (64 if block_k <= 64 else 32), (64 if block_k <= 128 else 32), 8
         else:  # "ieee" dots run on the FMA units from registers

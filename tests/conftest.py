@@ -5,7 +5,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# Without CUDA, Triton kernels run under the interpreter (tests/test_triton_*.py force KEEPLORA_BACKEND=triton).
+# Without CUDA, Triton kernels run under the interpreter (tests/kernels/test_triton_*.py force KEEPLORA_BACKEND=triton).
 # It has to be set before anything imports triton: triton's own jit helpers are built at its import.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

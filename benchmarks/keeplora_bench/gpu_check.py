@@ -103,7 +103,7 @@ def step_gpu_tests(out: Path, dry: bool) -> list[dict[str, Any]]:
     marker = "gpu" if torch.cuda.is_available() else "gpu or not gpu"
     args = [sys.executable, "-m", "pytest", "-q", "-rfE", "-m", marker, "--no-header", "-p", "no:cacheprovider"]
     if dry and not torch.cuda.is_available():
-        args += ["tests/test_reference_ops.py"]  # rehearsal: the mechanics only
+        args += ["tests/kernels/test_reference_ops.py"]  # rehearsal: the mechanics only
     rc = _run(args, out / "gpu_tests.log", BUDGET["gpu_tests"],
               {"PYTHONPATH": os.pathsep.join(map(str, (ROOT, ROOT / "python", APP))), "JUNIT": ""})
     tail = (out / "gpu_tests.log").read_text().strip().splitlines()[-1:] or [""]

@@ -215,7 +215,7 @@ def _bwd_dx_kernel(DY0, W0, N0, s_dy0t, s_dy0n, s_w0n, s_w0k,
 # --------------------------------------------------------------------------------------------------- launchers
 # Tile sizes on a GPU, per kernel and input width, in one place: benchmarks/tune_triton.py sweeps these entries
 # (Hopper heuristics, not tuned). Under the interpreter the kernels use INTERPRETER_TILES (fewer numpy operations
-# per program). Every entry here is compiled for sm_90 and checked spill-free by tests/test_triton_compile.py.
+# per program). Every entry here is compiled for sm_90 and checked spill-free by tests/kernels/test_triton_compile.py.
 GPU_TILES: dict[str, dict[str, int]] = {
     "gemm_16bit": dict(BLOCK_T=128, BLOCK_N=256, BLOCK_K=64, GROUP_T=8, num_warps=8, num_stages=3),
     "gemm_32bit": dict(BLOCK_T=64, BLOCK_N=64, BLOCK_K=32, GROUP_T=8, num_warps=8, num_stages=3),

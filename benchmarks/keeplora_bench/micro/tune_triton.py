@@ -8,7 +8,7 @@ checked against the PyTorch path in the same run (the suite's rule: error â‰¤ 2Ã
 floor), then forward, backward and step are timed (``do_bench``). A candidate that fails to compile or to agree is
 recorded as such. Rows are appended to ``<out>/tune_triton.csv`` as they come (a run stopped by its time box keeps
 them), and the best candidate per shape and entry is printed last. Nothing in the library changes: a winner goes
-into ``GPU_TILES`` by hand, after which tests/test_triton_compile.py checks it compiles spill-free for sm_90.
+into ``GPU_TILES`` by hand, after which tests/kernels/test_triton_compile.py checks it compiles spill-free for sm_90.
 """
 
 from __future__ import annotations

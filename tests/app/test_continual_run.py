@@ -1,0 +1,233 @@
+"""``keeplora run`` / ``keeplora sweep`` end to end on tiny random models and fixture sources (offline, seconds):
+outputs, metrics, the methods' invariants, crash -> resume == uninterrupted, the CLI's errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from support.app_fixtures import make_tiny_bert, make_tiny_clip, tiny_config, write_all_sources
+from keeplora_bench.continual import metrics as M
+from keeplora_bench.continual.runconfig import ConfigError, load_config
+from keeplora_bench.continual.runner import CHECKPOINT_DELAY_ENV, run
+
+ALL_METHODS = [
+    {"name": "zero-shot", "type": "zero_shot"},
+    {"name": "full-ft", "type": "full_ft", "lr": 1e-3},
+    {"name": "lora-ft", "type": "lora_ft"},
+    {"name": "keeplora", "type": "keeplora"},
+    {"name": "keeplora+", "type": "keeplora", "head": True},
+    {"name": "keeplora eps_w=0", "type": "keeplora", "weight_energy": 0.0},
+    {"name": "keeplora no memory", "type": "keeplora", "feature_energy": 0.0},
+    {"name": "keeplora random A", "type": "keeplora", "a_init": "random"},
+]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    write_all_sources(root / "cache")
+    make_tiny_bert(root / "bert")
+    return root
+
+
+def _write(cfg: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _env() -> dict:
+    path = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=path)
+    env.pop(CHECKPOINT_DELAY_ENV, None)
+    return env
+
+
+def test_all_methods_outputs_and_invariants(world, tmp_path):
+    cfg_path = _write(tiny_config(world / "bert", world / "cache", ALL_METHODS), tmp_path / "cfg.yaml")
+    out = tmp_path / "run"
+    result = run(cfg_path, output=out, progress=False, log=lambda _: None)
+    T = 3
+    assert result.tasks == ["topic", "sentiment", "novel"]
+    saved = json.loads((out / "results.json").read_text())
+    zero = json.loads((out / "zero_shot.json").read_text())["accuracy"]
+    for spec in ALL_METHODS:
+        acc = np.array(saved["matrices"][spec["name"]])
+        assert acc.shape == (T, T) and ((0 <= acc) & (acc <= 1)).all()
+        row = next(r for r in saved["methods"] if r["method"] == spec["name"])
+        assert {k: row[k] for k in ("transfer", "average", "last")} == M.summarize(acc)
+        folder = out / "methods" / yaml_slug(spec["name"])
+        assert (folder / "heatmap.png").stat().st_size > 0
+        csv_rows = (folder / "accuracy.csv").read_text().splitlines()
+        assert len(csv_rows) == T + 1 and csv_rows[0].split(",")[1:] == result.tasks
+        if spec["type"] == "zero_shot":
+            assert (acc == np.array(zero)[None, :]).all()
+    assert (out / "accuracy_over_steps.png").stat().st_size > 0
+    assert "| keeplora+ |" in (out / "results.md").read_text()
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert sorted((r["method"], r["task"]) for r in log) == sorted(
+        (m["name"], t) for m in ALL_METHODS if m["type"] != "zero_shot" for t in result.tasks)
+    # KeepLoRA's memory: bases only grow, never past d_in; no growth without memory (ε_f = 0)
+    info = {m["name"]: json.loads((out / "methods" / yaml_slug(m["name"]) / "accuracy.json").read_text())["info"]
+            for m in ALL_METHODS if m["type"] == "keeplora"}
+    for name, per_task in info.items():
+        sizes = [t["basis_sizes"] for t in per_task]
+        assert len(sizes) == T
+        for before, after in zip(sizes, sizes[1:]):
+            assert all(after[k] >= before[k] for k in before), name
+        assert all(v <= per_task[0]["d_in"][k] for s in sizes for k, v in s.items())
+    nomem = [t["basis_sizes"] for t in info["keeplora no memory"]]
+    assert nomem[0] == nomem[-1]
+    assert sum(info["keeplora"][-1]["basis_sizes"].values()) > sum(info["keeplora"][0]["basis_sizes"].values())
+    # ε_w = 0 starts from an empty basis: after task 1 it holds only that task's feature directions
+    assert sum(info["keeplora eps_w=0"][0]["basis_sizes"].values()) < sum(info["keeplora"][0]["basis_sizes"].values())
+
+
+def yaml_slug(name: str) -> str:
+    from keeplora_bench.continual.runconfig import method_slug
+
+    return method_slug(name)
+
+
+def test_keeplora_leaves_protected_inputs_alone(world, tmp_path):
+    """KeepLoRA+'s head aside, a task trained with ε_f = 1 memory keeps its accuracy exactly after later tasks
+    whose updates are confined to the residual of that task's features (the no-interference guarantee, end to end,
+    on tasks whose feature spans are small)."""
+    methods = [{"name": "keeplora", "type": "keeplora", "feature_energy": 1.0}]
+    cfg = tiny_config(world / "bert", world / "cache", methods,
+                      tasks=[{"name": "sentiment", "builder": "vader_sentiment", "domain": "tweets"},
+                             {"name": "sentiment2", "builder": "vader_sentiment", "domain": "nyt"}])
+    result = run(_write(cfg, tmp_path / "c.yaml"), output=tmp_path / "r", progress=False, log=lambda _: None)
+    acc = result.matrices["keeplora"]
+    info = json.loads((tmp_path / "r" / "methods" / "keeplora" / "accuracy.json").read_text())["info"]
+    full = all(info[0]["basis_sizes"][k] == info[0]["d_in"][k] for k in info[0]["d_in"])
+    if full:  # every input direction of task 1 is protected: task 2 cannot change task 1's outputs at all
+        assert acc[1, 0] == acc[0, 0]
+    else:
+        pytest.skip("the tiny model's task-1 features do not span all inputs at ε_f = 1")
+
+
+def test_crash_then_resume_equals_uninterrupted(world, tmp_path):
+    methods = [{"name": "lora-ft", "type": "lora_ft"}, {"name": "keeplora+", "type": "keeplora", "head": True}]
+    cfg_path = _write(tiny_config(world / "bert", world / "cache", methods), tmp_path / "cfg.yaml")
+    cmd = [sys.executable, "-m", "keeplora", "run", str(cfg_path), "--no-progress", "--output"]
+    # 1) start, and kill -9 right after the first checkpoint (the run sleeps after each checkpoint, test knob)
+    crashed = tmp_path / "crashed"
+    env = dict(_env(), **{CHECKPOINT_DELAY_ENV: "4"})
+    proc = subprocess.Popen(cmd + [str(crashed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    progress = crashed / "progress.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if progress.is_file() and sum(json.loads(progress.read_text() or "{}").values()) >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"run ended before its first checkpoint: {proc.stderr.read().decode()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_at_crash = json.loads(progress.read_text())
+    assert done_at_crash == {"lora-ft": 1}
+    assert not (crashed / "results.json").exists() or "keeplora+" not in (crashed / "results.json").read_text()
+    # 2) resume to the end
+    subprocess.run(cmd + [str(crashed), "--resume"], env=_env(), check=True, capture_output=True)
+    # 3) the same config, uninterrupted
+    subprocess.run(cmd + [str(tmp_path / "clean")], env=_env(), check=True, capture_output=True)
+    a = json.loads((crashed / "results.json").read_text())
+    b = json.loads((tmp_path / "clean" / "results.json").read_text())
+    assert a["matrices"] == b["matrices"]
+    assert [(m["method"], m["transfer"], m["average"], m["last"]) for m in a["methods"]] == \
+           [(m["method"], m["transfer"], m["average"], m["last"]) for m in b["methods"]]
+    # nothing finished before the crash was computed again: one log line per (method, task)
+    log = [(r["method"], r["task"]) for r in map(json.loads, (crashed / "log.jsonl").read_text().splitlines())]
+    assert len(log) == len(set(log)) == 6
+
+
+def test_resume_needs_the_same_config(world, tmp_path):
+    cfg = tiny_config(world / "bert", world / "cache", [{"name": "zero-shot", "type": "zero_shot"}])
+    path = _write(cfg, tmp_path / "cfg.yaml")
+    run(path, output=tmp_path / "r", progress=False, log=lambda _: None)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run(path, output=tmp_path / "r", progress=False, log=lambda _: None)
+    cfg["seed"] = 1
+    with pytest.raises(ConfigError, match="differs"):
+        run(_write(cfg, path), output=tmp_path / "r", resume=True, progress=False, log=lambda _: None)
+    with pytest.raises(ConfigError, match="holds no run"):
+        run(path, output=tmp_path / "none", resume=True, progress=False, log=lambda _: None)
+
+
+def test_clip_model_directory(world, tmp_path):
+    clip = make_tiny_clip(tmp_path / "clip")
+    text_targets = r"text_model\..*\.(q_proj|k_proj|v_proj|out_proj)"
+    methods = [{"name": "zero-shot", "type": "zero_shot"}, {"name": "lora-ft", "type": "lora_ft"},
+               {"name": "keeplora+", "type": "keeplora", "head": True}]
+    cfg = tiny_config(clip, world / "cache", methods, tasks=[
+        {"name": "sentiment", "builder": "vader_sentiment", "domain": "tweets"},
+        {"name": "language", "builder": "fortune_language"}])
+    cfg["adapter"]["target_modules"] = text_targets
+    cfg["model"]["logit_scale"] = "model"
+    result = run(_write(cfg, tmp_path / "c.yaml"), output=tmp_path / "r", progress=False, log=lambda _: None)
+    assert set(result.matrices) == {"zero-shot", "lora-ft", "keeplora+"}
+    info = json.loads((tmp_path / "r" / "methods" / "keeplora+" / "accuracy.json").read_text())["info"]
+    assert info[0]["basis_sizes"] and all(k.startswith("text_model.") for k in info[0]["basis_sizes"])
+
+
+def test_sweep_one_factor_at_a_time(world, tmp_path):
+    from keeplora_bench.continual.sweep import parse_params, sweep
+
+    cfg = tiny_config(world / "bert", world / "cache", [{"name": "keeplora", "type": "keeplora"}],
+                      tasks=[{"name": "sentiment", "builder": "vader_sentiment", "domain": "tweets"},
+                             {"name": "novel", "builder": "austen_novel"}])
+    params = parse_params(["feature_energy=0.5,0.9", "r=2"])
+    points = sweep(_write(cfg, tmp_path / "c.yaml"), params, output=tmp_path / "sw", progress=False,
+                   log=lambda _: None)
+    assert [p["label"] for p in points] == ["baseline feature_energy=0.9 r=4", "feature_energy=0.5", "r=2"]
+    for p in points:
+        assert len(p["basis_sizes"]) == 2 and set(p) >= {"transfer", "average", "last"}
+    # a lower ε_f keeps fewer feature directions
+    assert sum(points[1]["basis_sizes"][-1].values()) < sum(points[0]["basis_sizes"][-1].values())
+    for name in ("sweep.csv", "sweep.md", "sweep.json", "sweep_metrics.png", "basis_sizes.png"):
+        assert (tmp_path / "sw" / name).stat().st_size > 0
+    with pytest.raises(ConfigError, match="not sweepable"):
+        parse_params(["logit_scale=1,2"])
+
+
+def test_config_inheritance_order_and_quick(tmp_path):
+    root = Path(__file__).resolve().parents[2] / "configs"
+    base = load_config(root / "default.yaml")
+    other = load_config(root / "order2.yaml")
+    assert sorted(t["name"] for t in base["tasks"]) == sorted(t["name"] for t in other["tasks"])
+    assert [t["name"] for t in base["tasks"]] != [t["name"] for t in other["tasks"]]
+    assert len(base["tasks"]) >= 8 and {m["type"] for m in base["methods"]} == {"zero_shot", "full_ft", "lora_ft",
+                                                                                  "keeplora"}
+    assert base["methods"] == [dict(m) for m in other["methods"]]
+    quick = load_config(root / "default.yaml", quick=True)
+    assert quick["training"]["epochs"] == 1 and quick["data"]["train_per_class"] < base["data"]["train_per_class"]
+    with pytest.raises(ConfigError, match="unknown keys"):
+        load_config(_write({"tasks": [{"name": "a", "builder": "austen_novel"}],
+                            "methods": [{"name": "x", "type": "lora_ft", "head": True}]}, tmp_path / "bad.yaml"))
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "keeplora", *args], capture_output=True, text=True,
+                          env=env or _env(), timeout=300)
+
+
+def test_cli_missing_source_names_the_command(world, tmp_path):
+    cfg = tiny_config(world / "bert", tmp_path / "empty-cache", [{"name": "zero-shot", "type": "zero_shot"}])
+    proc = _cli("run", str(_write(cfg, tmp_path / "c.yaml")), "--output", str(tmp_path / "o"), "--no-progress")
+    assert proc.returncode == 2
+    assert f"keeplora data fetch fortunes --cache {tmp_path / 'empty-cache'}" in proc.stderr
+
+
+def test_cli_registers_run_sweep_data():
+    for name, option in (("run", "--resume"), ("sweep", "--param"), ("data", "fetch")):
+        proc = _cli(name, "--help")
+        assert proc.returncode == 0 and option in proc.stdout

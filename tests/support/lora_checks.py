@@ -1,0 +1,45 @@
+"""Checks shared by the torch-backend and the Triton tests of the frozen-A LoRA linear."""
+
+import torch
+
+import keeplora_kernels as kk
+from support.ref_ops import lora_linear_ref
+
+
+def assert_saves_only_s(x, w, b, a, lb, fn=None):
+    """``fn`` (default ``kk.lora_linear``, whatever backend is selected) keeps ``s = x·Aᵀ`` (T×r) for backward and
+    no T×d_in activation; returns the output so that a test can run backward from it."""
+    fn = fn or kk.lora_linear
+    x.requires_grad_()
+    lb.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = fn(x, w, b, a, lb, 1.0)
+    d_in, r = x.shape[-1], a.shape[0]
+    tokens = x.numel() // d_in
+    activations = [t for t in saved if t.shape[0] == tokens]
+    assert [tuple(t.shape) for t in activations] == [(tokens, r)]
+    assert all(t.numel() <= max(w.numel(), tokens * r) for t in saved)
+    assert not any(t.shape in (x.shape, (tokens, d_in)) for t in saved)
+    return y
+
+
+def seeded_inputs(lead, d_in, d_out, r, dtype, bias=True, device="cpu", seed=0):
+    """``(x, W, b, A, B)`` drawn in fp64 from a seeded generator (A with orthonormal rows), then cast to ``dtype``
+    on ``device``; ``b`` is None without ``bias``."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, d_in, generator=g, dtype=torch.float64)
+    w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64) / d_in**0.5
+    b = torch.randn(d_out, generator=g, dtype=torch.float64) if bias else None
+    a = torch.linalg.qr(torch.randn(d_in, r, generator=g, dtype=torch.float64)).Q.T.contiguous()
+    lb = torch.randn(d_out, r, generator=g, dtype=torch.float64)
+    to = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    return to(x), to(w), to(b), to(a), to(lb)
+
+
+def oracle_grads(x, w, b, a, lb, dy, dtype, scale=0.5):
+    """``(y, dX, dB[, db])`` of the oracle :func:`ref_ops.lora_linear_ref` with every operand in ``dtype``."""
+    xr, lr = x.to(dtype).requires_grad_(), lb.to(dtype).requires_grad_()
+    br = None if b is None else b.to(dtype).requires_grad_()
+    yr = lora_linear_ref(xr, w.to(dtype), br, a.to(dtype), lr, scale)
+    return (yr,) + torch.autograd.grad(yr, [t for t in (xr, lr, br) if t is not None], dy.to(dtype))
