@@ -42,5 +42,5 @@ export PYTHONPATH="$ROOT:$ROOT/python"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 python -m pytest -q -p no:cacheprovider \
-  tests/test_peft_integration.py tests/test_guarantees.py tests/test_checkpoint.py tests/test_bad_input.py \
-  tests/test_compile.py tests/test_memory_update.py tests/test_statistics.py tests/test_durable_state.py "$@"
+  tests/engine/test_peft_integration.py tests/engine/test_guarantees.py tests/engine/test_checkpoint.py tests/engine/test_bad_input.py \
+  tests/engine/test_compile.py tests/engine/test_memory_update.py tests/engine/test_statistics.py tests/engine/test_durable_state.py "$@"
