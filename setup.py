@@ -26,9 +26,14 @@ def extension_modules():
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
         cu_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
-        ext = CUDAExtension("keeplora_kernels._C", cpp_sources + cu_sources,
-                            extra_compile_args={"cxx": cxx + ["-DKEEPLORA_WITH_CUDA"],
-                                                "nvcc": ["-O3", "-std=c++17", "-DKEEPLORA_WITH_CUDA"]})
+        ext = CUDAExtension(
+            "keeplora_kernels._C",
+            cpp_sources + cu_sources,
+            extra_compile_args={
+                "cxx": cxx + ["-DKEEPLORA_WITH_CUDA"],
+                "nvcc": ["-O3", "-std=c++17", "-DKEEPLORA_WITH_CUDA"],
+            },
+        )
     else:
         ext = CppExtension("keeplora_kernels._C", cpp_sources, extra_compile_args=cxx)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

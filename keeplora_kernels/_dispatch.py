@@ -22,7 +22,7 @@ import functools
 import importlib
 import importlib.util
 import os
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -33,13 +33,16 @@ _RENAMED = {"reference": "torch"}  # old value -> its current name (a clear erro
 # op -> {backend: "module:function"}: every implementation of every op, the ``torch`` one included. Modules are
 # imported on first use (importing triton is slow).
 _TABLE: dict[str, dict[str, str]] = {
-    "lora_linear": {"torch": ".lora_linear:lora_linear_torch",
-                    "extension": ".lora_linear:lora_linear_extension"},
+    "lora_linear": {"torch": ".lora_linear:lora_linear_torch", "extension": ".lora_linear:lora_linear_extension"},
     "lora_linear_shared": {"torch": ".lora_linear:lora_linear_shared_torch"},
-    "residual_project": {"torch": ".residual_project:residual_project_torch",
-                         "triton": ".triton_residual_project:residual_project_triton"},
-    "second_moment_update": {"torch": ".second_moment:second_moment_update_torch",
-                             "triton": ".triton_second_moment:second_moment_update_triton"},
+    "residual_project": {
+        "torch": ".residual_project:residual_project_torch",
+        "triton": ".triton_residual_project:residual_project_triton",
+    },
+    "second_moment_update": {
+        "torch": ".second_moment:second_moment_update_torch",
+        "triton": ".triton_second_moment:second_moment_update_triton",
+    },
     "outer_sum": {"torch": ".outer_sum:outer_sum_torch"},
     "rsvd": {"torch": ".rsvd:_rsvd_fallback", "extension": ".rsvd:rsvd_extension"},
 }
@@ -58,7 +61,7 @@ def implementation(op: str, backend: str) -> Callable:
     return getattr(importlib.import_module(module_name, __package__), fn_name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -67,7 +70,7 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def extension_ops(device_type: Optional[str] = None) -> frozenset[str]:
+def extension_ops(device_type: str | None = None) -> frozenset[str]:
     """Ops the compiled extension registered (empty when it is not built or failed to load).
 
     With ``device_type`` ("cpu", "cuda"): only the ops that have a kernel for that device.
@@ -82,8 +85,10 @@ def requested_backend() -> str:
     value = os.environ.get(_ENV, "auto").strip().lower() or "auto"
     accepted = ", ".join(repr(v) for v in ("auto",) + BACKENDS)
     if value in _RENAMED:
-        raise ValueError(f"{_ENV}={value!r} is now called {_RENAMED[value]!r} (the PyTorch production path); "
-                         f"accepted values: {accepted}")
+        raise ValueError(
+            f"{_ENV}={value!r} is now called {_RENAMED[value]!r} (the PyTorch production path); "
+            f"accepted values: {accepted}"
+        )
     if value != "auto" and value not in BACKENDS:
         raise ValueError(f"{_ENV} must be one of {accepted}, got {value!r}")
     return value
@@ -119,23 +124,32 @@ def select(op: str, device: torch.device, *dtypes: torch.dtype) -> str:
     impl = implemented(op)
     if requested != "auto" and requested in impl:
         if requested == "triton" and not triton_runs(device, dtypes):
-            raise RuntimeError(f"{_ENV}=triton needs triton and CUDA tensors of dtype float16, bfloat16 or float32 "
-                               f"(Triton has no float64 dot on GPUs), or TRITON_INTERPRET=1 on CPU; got {device.type} "
-                               f"tensors of {sorted({str(d).replace('torch.', '') for d in dtypes})}")
+            raise RuntimeError(
+                f"{_ENV}=triton needs triton and CUDA tensors of dtype float16, bfloat16 or float32 "
+                f"(Triton has no float64 dot on GPUs), or TRITON_INTERPRET=1 on CPU; got {device.type} "
+                f"tensors of {sorted({str(d).replace('torch.', '') for d in dtypes})}"
+            )
         if requested == "extension" and op not in extension_ops(device.type):
-            raise RuntimeError(f"{_ENV}=extension but the compiled extension does not provide {op!r} for "
-                               f"{device.type} tensors (not built, built without CUDA, or failed to load: see "
-                               "keeplora_kernels.extension_status())")
+            raise RuntimeError(
+                f"{_ENV}=extension but the compiled extension does not provide {op!r} for "
+                f"{device.type} tensors (not built, built without CUDA, or failed to load: see "
+                "keeplora_kernels.extension_status())"
+            )
         return requested
     if "extension" in impl and op in extension_ops(device.type):
         return "extension"
-    if ("triton" in impl and device.type == "cuda" and triton_runs(device, dtypes)
-            and dtypes and dtypes[0] in TRITON_AUTO_ON_CUDA.get(op, ())):
+    if (
+        "triton" in impl
+        and device.type == "cuda"
+        and triton_runs(device, dtypes)
+        and dtypes
+        and dtypes[0] in TRITON_AUTO_ON_CUDA.get(op, ())
+    ):
         return "triton"
     return "torch"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mixed_dtype_gemm(op: str, device_type: str) -> bool:
     """Whether ``torch.<op>(..., out_dtype=torch.float32)`` (``op`` = "mm", "addmm", "bmm") has a kernel for this
     device type: CUDA builds of torch ≥ 2.8 multiply bf16/fp16 on the tensor cores and write fp32 in one kernel;
@@ -153,8 +167,10 @@ BACKWARD_ORDERS = ("base_first", "expand_first")
 # (forward order, backward order) of the torch LoRA path and the compiled op per device type: on CUDA expand_first
 # in both directions gave the fastest bf16 training step at the Llama and CLIP layer shapes of the side-by-side
 # benchmark (benchmarks/results/h200/lora_variants.csv), eager and graph-replayed; the CPU keeps base_first.
-LORA_ORDERS: dict[str, tuple[str, str]] = {"cpu": ("base_first", "base_first"),
-                                           "cuda": ("expand_first", "expand_first")}
+LORA_ORDERS: dict[str, tuple[str, str]] = {
+    "cpu": ("base_first", "base_first"),
+    "cuda": ("expand_first", "expand_first"),
+}
 
 
 def lora_orders(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
@@ -174,8 +190,10 @@ def lora_orders(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
         hint = ""
         if any(p in ("fused_dy", "stacked") for p in parts):
             hint = "; fused_dy and stacked are experimental (keeplora_kernels.experimental.lora_variants)"
-        raise ValueError(f"{_ORDERS_ENV} must be '<forward>,<backward>' with forward in {FORWARD_ORDERS} and "
-                         f"backward in {BACKWARD_ORDERS}, got {forced!r}{hint}")
+        raise ValueError(
+            f"{_ORDERS_ENV} must be '<forward>,<backward>' with forward in {FORWARD_ORDERS} and "
+            f"backward in {BACKWARD_ORDERS}, got {forced!r}{hint}"
+        )
     return parts[0], parts[1]
 
 
@@ -191,8 +209,12 @@ def outer_sum_path(device_type: str, acc_dtype: torch.dtype, dy_dtype: torch.dty
     * ``"addmm"``: both inputs already in ``acc``'s dtype: one in-place ``addmm_``;
     * ``"converted_chunks"``: anything else: inputs converted to ``acc``'s dtype in row chunks no larger than ``acc``.
     """
-    if (acc_dtype == torch.float32 and dy_dtype == x_dtype and dy_dtype in _LOW_PRECISION
-            and mixed_dtype_gemm("addmm", device_type)):
+    if (
+        acc_dtype == torch.float32
+        and dy_dtype == x_dtype
+        and dy_dtype in _LOW_PRECISION
+        and mixed_dtype_gemm("addmm", device_type)
+    ):
         return "mixed_dtype_addmm"
     if dy_dtype == acc_dtype and x_dtype == acc_dtype:
         return "addmm"

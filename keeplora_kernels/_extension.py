@@ -9,13 +9,12 @@ kernels). Nothing here touches CUDA.
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 _STATUS = "not loaded yet"
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def library():
     """The ``_C`` module, or None when it is not built or fails to load."""
     global _STATUS
@@ -34,8 +33,8 @@ def _has_kernel(name: str, dispatch_key: str) -> bool:
     return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"keeplora::{name}", dispatch_key))
 
 
-@functools.lru_cache(maxsize=None)
-def registered_ops(device_type: Optional[str] = None) -> frozenset[str]:
+@functools.cache
+def registered_ops(device_type: str | None = None) -> frozenset[str]:
     """Names of the ``torch.ops.keeplora`` ops the compiled library provides (empty if it is absent).
 
     With ``device_type`` ("cpu", "cuda"), only the ops with a kernel for that device.
@@ -57,5 +56,7 @@ def status() -> str:
     lib = library()
     if lib is None:
         return _STATUS
-    return (f"loaded from {lib.__file__}; CPU ops: {sorted(registered_ops('cpu'))}; "
-            f"CUDA ops: {sorted(registered_ops('cuda'))} (built with CUDA: {lib.built_with_cuda()})")
+    return (
+        f"loaded from {lib.__file__}; CPU ops: {sorted(registered_ops('cpu'))}; "
+        f"CUDA ops: {sorted(registered_ops('cuda'))} (built with CUDA: {lib.built_with_cuda()})"
+    )

@@ -25,8 +25,18 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["Launch", "interpreted", "dot_mode", "acc_dtype", "target_programs", "cdiv", "next_pow2", "load",
-           "load_all", "mma"]
+__all__ = [
+    "Launch",
+    "interpreted",
+    "dot_mode",
+    "acc_dtype",
+    "target_programs",
+    "cdiv",
+    "next_pow2",
+    "load",
+    "load_all",
+    "mma",
+]
 
 
 def interpreted() -> bool:
@@ -57,7 +67,7 @@ def dot_mode(dtype: torch.dtype, *, low_precision_prec: str = "ieee") -> tuple[b
     return False, low_precision_prec
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -86,8 +96,7 @@ class Launch:
     def __call__(self) -> None:
         if any(g == 0 for g in self.grid):
             return
-        self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps,
-                               num_stages=self.num_stages)
+        self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
 def gpu_major(device: torch.device) -> int:
@@ -124,8 +133,17 @@ def mma(a, b, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
         return tl.dot(a, b.to(a.dtype), acc)
 
 
-_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
-                 torch.int8: "i8", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1", torch.uint8: "u8"}
+_TRITON_TYPES = {
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.float64: "fp64",
+    torch.int8: "i8",
+    torch.int32: "i32",
+    torch.int64: "i64",
+    torch.bool: "i1",
+    torch.uint8: "u8",
+}
 
 
 def aot_compile(launch: Launch, capability: int = 90):
@@ -138,7 +156,7 @@ def aot_compile(launch: Launch, capability: int = 90):
     fn = launch.kernel
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):  # specialise like the JIT: ints equal to 1 become constants,
-        if name in launch.constexprs:        # 16-aligned pointers and multiples of 16 get a divisibility hint
+        if name in launch.constexprs:  # 16-aligned pointers and multiples of 16 get a divisibility hint
             signature[name] = "constexpr"
             constexprs[name] = launch.constexprs[name]
             continue
@@ -162,5 +180,8 @@ def aot_compile(launch: Launch, capability: int = 90):
         else:
             raise TypeError(f"{fn.__name__}: cannot type argument {name}={value!r}")
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                          options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+    return triton.compile(
+        src,
+        target=GPUTarget("cuda", capability, 32),
+        options={"num_warps": launch.num_warps, "num_stages": launch.num_stages},
+    )

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Any, Callable, Hashable, Optional, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import torch
 
@@ -37,7 +38,7 @@ def _map_tensors(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:
     return value
 
 
-def tensor_key(tensors: Sequence[Optional[torch.Tensor]]) -> tuple:
+def tensor_key(tensors: Sequence[torch.Tensor | None]) -> tuple:
     """The part of a cache key that describes the tensor inputs: shape, stride, dtype and device of each (None kept)."""
     return tuple(None if t is None else (tuple(t.shape), t.stride(), t.dtype, str(t.device)) for t in tensors)
 
@@ -52,7 +53,7 @@ def _static_copy(t: torch.Tensor) -> torch.Tensor:
         return t.clone()
 
 
-def _cuda_device(tensors: Sequence[Optional[torch.Tensor]]) -> tuple[Optional[torch.device], str]:
+def _cuda_device(tensors: Sequence[torch.Tensor | None]) -> tuple[torch.device | None, str]:
     """The one CUDA device of the inputs, or (None, why a graph cannot be used)."""
     devices = {t.device for t in tensors if t is not None}
     if not devices:
@@ -85,16 +86,25 @@ class GraphedCall:
     input buffers; writing into them and passing them back skips the copies).
     """
 
-    def __init__(self, fn: Callable[..., Any], example_inputs: Sequence[Optional[torch.Tensor]], *, warmup: int = 1,
-                 clone_outputs: bool = True, adopt_inputs: bool = False, pool=None):
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        example_inputs: Sequence[torch.Tensor | None],
+        *,
+        warmup: int = 1,
+        clone_outputs: bool = True,
+        adopt_inputs: bool = False,
+        pool=None,
+    ):
         if warmup < 1:
-            raise ValueError(f"GraphedCall: warmup must be >= 1 (library handles are created on first use), "
-                             f"got {warmup}")
+            raise ValueError(
+                f"GraphedCall: warmup must be >= 1 (library handles are created on first use), got {warmup}"
+            )
         self.fn = fn
         self.clone_outputs = clone_outputs
         self.key = tensor_key(example_inputs)
-        self.graph: Optional["torch.cuda.CUDAGraph"] = None
-        self.inputs: tuple[Optional[torch.Tensor], ...] = ()  # eager calls keep no buffers
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.inputs: tuple[torch.Tensor | None, ...] = ()  # eager calls keep no buffers
         self._outputs: Any = None
         self.reason = ""
         device, why = _cuda_device(example_inputs)
@@ -126,15 +136,17 @@ class GraphedCall:
                 outputs = self.fn(*static)
             self.graph, self.inputs, self._outputs = graph, static, outputs
 
-    def __call__(self, *inputs: Optional[torch.Tensor]) -> Any:
+    def __call__(self, *inputs: torch.Tensor | None) -> Any:
         if len(inputs) != len(self.key):
             raise ValueError(f"GraphedCall: expected {len(self.key)} inputs, got {len(inputs)}")
         if self.graph is None:
             return self.fn(*inputs)
         key = tensor_key(inputs)
         if key != self.key:
-            raise ValueError(f"GraphedCall: inputs {key} differ from the captured {self.key} (shape, stride, "
-                             "dtype and device must match; GraphCache captures one graph per key)")
+            raise ValueError(
+                f"GraphedCall: inputs {key} differ from the captured {self.key} (shape, stride, "
+                "dtype and device must match; GraphCache captures one graph per key)"
+            )
         with torch.no_grad():
             for new, static in zip(inputs, self.inputs):
                 if new is not None and new.data_ptr() != static.data_ptr():
@@ -157,15 +169,16 @@ class GraphCache:
         if max_entries < 1:
             raise ValueError(f"GraphCache: max_entries must be >= 1, got {max_entries}")
         self.max_entries = max_entries
-        self._entries: "collections.OrderedDict[Hashable, GraphedCall]" = collections.OrderedDict()
+        self._entries: collections.OrderedDict[Hashable, GraphedCall] = collections.OrderedDict()
         self._lock = threading.Lock()
         self.captures = 0
 
-    def key(self, op: str, inputs: Sequence[Optional[torch.Tensor]], static: Hashable = ()) -> tuple:
+    def key(self, op: str, inputs: Sequence[torch.Tensor | None], static: Hashable = ()) -> tuple:
         return (op, tensor_key(inputs), static)
 
-    def entry(self, op: str, fn: Callable[..., Any], inputs: Sequence[Optional[torch.Tensor]],
-              static: Hashable = (), **options) -> GraphedCall:
+    def entry(
+        self, op: str, fn: Callable[..., Any], inputs: Sequence[torch.Tensor | None], static: Hashable = (), **options
+    ) -> GraphedCall:
         """The entry of this key, captured now if missing (``options`` go to :class:`GraphedCall`)."""
         key = self.key(op, inputs, static)
         with self._lock:
@@ -182,8 +195,9 @@ class GraphCache:
                 self._entries.popitem(last=False)
         return graphed
 
-    def call(self, op: str, fn: Callable[..., Any], inputs: Sequence[Optional[torch.Tensor]],
-             static: Hashable = (), **options) -> Any:
+    def call(
+        self, op: str, fn: Callable[..., Any], inputs: Sequence[torch.Tensor | None], static: Hashable = (), **options
+    ) -> Any:
         return self.entry(op, fn, inputs, static, **options)(*inputs)
 
     @property

@@ -8,16 +8,24 @@ general LoRA layer.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from . import _dispatch
 from ._dispatch import BACKWARD_ORDERS, FORWARD_ORDERS
 
-__all__ = ["lora_linear", "lora_linear_unfused", "lora_linear_shared", "lora_linear_torch",
-           "lora_linear_shared_torch", "lora_linear_extension", "LoRALinearFunction", "FORWARD_ORDERS",
-           "BACKWARD_ORDERS"]
+__all__ = [
+    "lora_linear",
+    "lora_linear_unfused",
+    "lora_linear_shared",
+    "lora_linear_torch",
+    "lora_linear_shared_torch",
+    "lora_linear_extension",
+    "LoRALinearFunction",
+    "FORWARD_ORDERS",
+    "BACKWARD_ORDERS",
+]
 
 
 def lora_linear_unfused(x, weight, bias, lora_a, lora_b, scale):
@@ -40,8 +48,6 @@ def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, scale: float) -> torch.Tensor
         return torch.mm(m1, m2) * scale
     out = torch.empty((m1.shape[0], m2.shape[1]), device=m1.device, dtype=m1.dtype)
     return out.addmm_(m1, m2, beta=0, alpha=scale)
-
-
 
 
 def _forward(x, weight, bias, lora_a, lora_b, scale, order: str = "base_first"):
@@ -71,14 +77,19 @@ def _forward(x, weight, bias, lora_a, lora_b, scale, order: str = "base_first"):
 def _scaled_outer(dy2: torch.Tensor, s: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
     """``scale·dy2ᵀ·s`` in ``out_dtype``: on CUDA with 16-bit inputs and an fp32 result, one tensor-core GEMM that
     writes fp32 (no rounding of dB to bf16, no cast kernel); elsewhere the product in the inputs' dtype, cast."""
-    if (out_dtype == torch.float32 and dy2.dtype == s.dtype and dy2.dtype in (torch.float16, torch.bfloat16)
-            and _dispatch.mixed_dtype_gemm("mm", dy2.device.type)):
+    if (
+        out_dtype == torch.float32
+        and dy2.dtype == s.dtype
+        and dy2.dtype in (torch.float16, torch.bfloat16)
+        and _dispatch.mixed_dtype_gemm("mm", dy2.device.type)
+    ):
         return torch.mm(dy2.t(), s, out_dtype=torch.float32).mul_(scale)
     return (dy2.t() @ s).mul_(scale).to(out_dtype)
 
 
-def _backward(dy2, s, weight, a, b, scale: float, order: str, need_dx: bool, db_dtype: Optional[torch.dtype],
-              need_dbias: bool):
+def _backward(
+    dy2, s, weight, a, b, scale: float, order: str, need_dx: bool, db_dtype: torch.dtype | None, need_dbias: bool
+):
     """``(dX, dB, db)`` of the frozen-A LoRA linear (None where not needed; no dB when ``db_dtype`` is None); dB in
     ``db_dtype``, db in fp32 or dY's dtype (the caller casts).
 
@@ -123,11 +134,12 @@ class LoRALinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, forward_order="base_first",
-                backward_order="base_first"):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, forward_order="base_first", backward_order="base_first"):
         if weight.requires_grad or lora_a.requires_grad:
-            raise RuntimeError("lora_linear treats `weight` and `lora_a` as frozen, but one of them requires grad; "
-                               "call .requires_grad_(False) on it, or use lora_linear_unfused (plain autograd)")
+            raise RuntimeError(
+                "lora_linear treats `weight` and `lora_a` as frozen, but one of them requires grad; "
+                "call .requires_grad_(False) on it, or use lora_linear_unfused (plain autograd)"
+            )
         y2, s, a, b = _forward(x, weight, bias, lora_a, lora_b, scale, forward_order)
         ctx.save_for_backward(s, weight, a, b)
         ctx.scale = scale
@@ -142,29 +154,31 @@ class LoRALinearFunction(torch.autograd.Function):
         s, weight, a, b = ctx.saved_tensors
         need = ctx.needs_input_grad
         dy2 = _flatten_tokens(dy).to(s.dtype)
-        dx2, dlora_b, dbias = _backward(dy2, s, weight, a, b, ctx.scale, ctx.order, need[0],
-                                        ctx.lora_b_dtype if need[4] else None, need[2])
+        dx2, dlora_b, dbias = _backward(
+            dy2, s, weight, a, b, ctx.scale, ctx.order, need[0], ctx.lora_b_dtype if need[4] else None, need[2]
+        )
         dx = None if dx2 is None else dx2.reshape(ctx.x_shape)
         db = None if dbias is None else dbias.to(ctx.bias_dtype)
         return dx, None, db, None, dlora_b, None, None, None
 
 
-def lora_linear_torch(x, weight, bias, lora_a, lora_b, scale: float,
-                      orders: Optional[tuple[str, str]] = None) -> torch.Tensor:
+def lora_linear_torch(
+    x, weight, bias, lora_a, lora_b, scale: float, orders: tuple[str, str] | None = None
+) -> torch.Tensor:
     """The torch backend of :func:`lora_linear`: :class:`LoRALinearFunction` in the orders ``lora_orders`` picks
     (or ``orders``), or its forward alone when there is no graph to build (no_grad, or nothing requires grad: the
     feature pass, evaluation), without the Function's overhead."""
     forward_order, backward_order = orders or _dispatch.lora_orders(x.device, x.dtype)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b)):
         return LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, scale, forward_order, backward_order)
-    return _forward(x, weight, bias, lora_a, lora_b, scale, forward_order)[0].reshape(*x.shape[:-1],
-                                                                                      weight.shape[0])
+    return _forward(x, weight, bias, lora_a, lora_b, scale, forward_order)[0].reshape(*x.shape[:-1], weight.shape[0])
 
 
 def lora_linear_shared_torch(x, weights, biases, lora_as, lora_bs, scales) -> tuple[torch.Tensor, ...]:
     """The torch backend of :func:`lora_linear_shared`: one :func:`lora_linear_torch` per projection."""
-    return tuple(lora_linear_torch(x, w, b, a, lb, float(s))
-                 for w, b, a, lb, s in zip(weights, biases, lora_as, lora_bs, scales))
+    return tuple(
+        lora_linear_torch(x, w, b, a, lb, float(s)) for w, b, a, lb, s in zip(weights, biases, lora_as, lora_bs, scales)
+    )
 
 
 def lora_linear_extension(x, weight, bias, lora_a, lora_b, scale: float) -> torch.Tensor:
@@ -174,8 +188,14 @@ def lora_linear_extension(x, weight, bias, lora_a, lora_b, scale: float) -> torc
     return torch.ops.keeplora.lora_linear(x, weight, bias, lora_a, lora_b, scale, forward_order, backward_order)
 
 
-def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-                lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
     """``x·weightᵀ + bias + scale·(x·lora_aᵀ)·lora_bᵀ`` with ``weight`` and ``lora_a`` frozen.
 
     Args:
@@ -199,9 +219,14 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return _dispatch.implementation("lora_linear", backend)(x, weight, bias, lora_a, lora_b, float(scale))
 
 
-def lora_linear_shared(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
-                       lora_as: Sequence[torch.Tensor], lora_bs: Sequence[torch.Tensor],
-                       scales: Sequence[float]) -> tuple[torch.Tensor, ...]:
+def lora_linear_shared(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    lora_as: Sequence[torch.Tensor],
+    lora_bs: Sequence[torch.Tensor],
+    scales: Sequence[float],
+) -> tuple[torch.Tensor, ...]:
     """Several frozen-A LoRA linears of one input (e.g. q, k, v): ``tuple(lora_linear(x, W_i, b_i, A_i, B_i, s_i))``.
 
     The torch path runs one :func:`lora_linear_torch` per projection. (An experimental Triton form that shrinks x
@@ -216,13 +241,18 @@ def lora_linear_shared(x: torch.Tensor, weights: Sequence[torch.Tensor], biases:
     """
     n = len(weights)
     if not (len(biases) == len(lora_as) == len(lora_bs) == len(scales) == n) or n == 0:
-        raise ValueError("lora_linear_shared: weights, biases, lora_as, lora_bs and scales need one entry per "
-                         f"projection (got {len(weights)}, {len(biases)}, {len(lora_as)}, {len(lora_bs)}, "
-                         f"{len(scales)})")
-    backend = _dispatch.select("lora_linear_shared", x.device, x.dtype,
-                               *(t.dtype for group in (weights, lora_as, lora_bs) for t in group))
+        raise ValueError(
+            "lora_linear_shared: weights, biases, lora_as, lora_bs and scales need one entry per "
+            f"projection (got {len(weights)}, {len(biases)}, {len(lora_as)}, {len(lora_bs)}, "
+            f"{len(scales)})"
+        )
+    backend = _dispatch.select(
+        "lora_linear_shared", x.device, x.dtype, *(t.dtype for group in (weights, lora_as, lora_bs) for t in group)
+    )
     if backend == "torch":
         return lora_linear_shared_torch(x, weights, biases, lora_as, lora_bs, scales)
-    return tuple(_dispatch.implementation("lora_linear_shared", backend)(x, list(weights), list(biases),
-                                                                         list(lora_as), list(lora_bs),
-                                                                         [float(s) for s in scales]))
+    return tuple(
+        _dispatch.implementation("lora_linear_shared", backend)(
+            x, list(weights), list(biases), list(lora_as), list(lora_bs), [float(s) for s in scales]
+        )
+    )

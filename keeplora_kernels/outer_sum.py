@@ -35,7 +35,7 @@ def outer_sum_torch(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> tor
         return _addmm_converted(acc, dy, x)
     rows = max(1, acc.numel() // (acc.shape[0] + acc.shape[1]))  # a chunk's converted dy and x: ≤ acc's size
     for start in range(0, dy.shape[0], rows):
-        _addmm_converted(acc, dy[start:start + rows], x[start:start + rows])
+        _addmm_converted(acc, dy[start : start + rows], x[start : start + rows])
     return acc
 
 
@@ -48,8 +48,10 @@ def outer_sum(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> torch.Ten
         dy: ``(T, d_out)`` output gradients; x: ``(T, d_in)`` inputs; rows are tokens, any float dtype.
     """
     if dy.dim() != 2 or x.dim() != 2 or dy.shape[0] != x.shape[0] or acc.shape != (dy.shape[1], x.shape[1]):
-        raise ValueError(f"outer_sum: need acc (d_out, d_in), dy (T, d_out), x (T, d_in); got acc "
-                         f"{tuple(acc.shape)}, dy {tuple(dy.shape)}, x {tuple(x.shape)}")
+        raise ValueError(
+            f"outer_sum: need acc (d_out, d_in), dy (T, d_out), x (T, d_in); got acc "
+            f"{tuple(acc.shape)}, dy {tuple(dy.shape)}, x {tuple(x.shape)}"
+        )
     if acc.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"outer_sum: acc must be float32 or float64, got {acc.dtype}")
     backend = _dispatch.select("outer_sum", acc.device, dy.dtype, x.dtype, acc.dtype)
@@ -62,5 +64,6 @@ def _has_dtype_out(device_type: str) -> bool:
     """Whether ``torch.addmm(..., out_dtype=torch.float32, out=acc)`` has a kernel for this device type."""
     if not hasattr(torch.ops.aten.addmm, "dtype_out"):
         return False
-    return device_type == "meta" or torch._C._dispatch_has_kernel_for_dispatch_key("aten::addmm.dtype_out",
-                                                                                   device_type.upper())
+    return device_type == "meta" or torch._C._dispatch_has_kernel_for_dispatch_key(
+        "aten::addmm.dtype_out", device_type.upper()
+    )

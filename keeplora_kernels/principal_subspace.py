@@ -19,7 +19,7 @@ or two on a flat spectrum.
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import torch
 
@@ -27,8 +27,15 @@ from . import _dispatch
 from .rsvd import _rsvd_callable, cholesky_qr
 from .sketch_growth import energy_counts, grow, grown_rank, tail_count
 
-__all__ = ["principal_subspace", "energy_rank", "energy_counts", "tail_count", "grown_rank", "ritz_subspace_error",
-           "SUBSPACE_TOLERANCE"]
+__all__ = [
+    "principal_subspace",
+    "energy_rank",
+    "energy_counts",
+    "tail_count",
+    "grown_rank",
+    "ritz_subspace_error",
+    "SUBSPACE_TOLERANCE",
+]
 
 # Largest accepted sine of the largest principal angle between a sketch's basis and the exact principal subspace,
 # by result dtype: a few hundred units of fp32 rounding (the fp32 basis itself is rounded to about 1e-7), far above
@@ -63,8 +70,7 @@ def ritz_subspace_error(mat: torch.Tensor, vectors: torch.Tensor, counts: Sequen
     if b == 0:
         return torch.zeros(0, dtype=torch.float64, device=vectors.device)
     if int(cnt.max()) >= c:
-        raise ValueError(f"ritz_subspace_error: vectors need more than max(counts) = {int(cnt.max())} columns, "
-                         f"got {c}")
+        raise ValueError(f"ritz_subspace_error: vectors need more than max(counts) = {int(cnt.max())} columns, got {c}")
     width = int(cnt.max()) + 1
     x = mat.to(torch.float64)
     u = vectors[..., :width].to(torch.float64)
@@ -93,8 +99,9 @@ def _cholesky_qr_q(y: torch.Tensor, backend: str) -> torch.Tensor:
     return cholesky_qr(y, 2, 2, want_r=False)[0]
 
 
-def _exact_subspace(mat: torch.Tensor, total: torch.Tensor, energy: float, strict: bool, out_dtype,
-                    backend: str) -> list:
+def _exact_subspace(
+    mat: torch.Tensor, total: torch.Tensor, energy: float, strict: bool, out_dtype, backend: str
+) -> list:
     """Left singular vectors of each ``mat (b, s, o)`` kept by the energy rule, from the smaller float64 Gram."""
     x = mat.to(torch.float64)
     s, o = x.shape[-2:]
@@ -114,8 +121,9 @@ def _exact_subspace(mat: torch.Tensor, total: torch.Tensor, energy: float, stric
     return bases
 
 
-def _group_subspaces(mat: torch.Tensor, total: torch.Tensor, energy: float, strict: bool, out_dtype,
-                     backend: str) -> list:
+def _group_subspaces(
+    mat: torch.Tensor, total: torch.Tensor, energy: float, strict: bool, out_dtype, backend: str
+) -> list:
     """Bases of the matrices of one same-shaped group ``mat (b, s, o)`` (their left singular vectors; ``total``
     (b,) float64, all positive): :func:`~keeplora_kernels.sketch_growth.grow` with the rSVD of ``backend``."""
     b, s, o = mat.shape
@@ -138,8 +146,12 @@ def _group_subspaces(mat: torch.Tensor, total: torch.Tensor, energy: float, stri
         error = [math.inf] * len(items)
         if done:
             pick = torch.tensor(done, device=mat.device)
-            for k, e in zip(done, ritz_subspace_error(sub.index_select(0, pick), u.index_select(0, pick),
-                                                      [counts[k] for k in done]).tolist()):
+            for k, e in zip(
+                done,
+                ritz_subspace_error(
+                    sub.index_select(0, pick), u.index_select(0, pick), [counts[k] for k in done]
+                ).tolist(),
+            ):
                 error[k] = e
         sq_rows, totals = sq.cpu().tolist(), sub_total.tolist()
         outcome = []
@@ -160,8 +172,7 @@ def _group_subspaces(mat: torch.Tensor, total: torch.Tensor, energy: float, stri
     return [found[j] for j in range(b)]
 
 
-def _principal_subspaces(weights: Sequence[torch.Tensor], energy: float, side: str, strict: bool,
-                         backend: str) -> list:
+def _principal_subspaces(weights: Sequence[torch.Tensor], energy: float, side: str, strict: bool, backend: str) -> list:
     """The bases of weights on one device; same-shaped weights (and dtype) are one batch."""
     out: list = [None] * len(weights)
     groups: dict = {}
@@ -192,8 +203,9 @@ def _principal_subspaces(weights: Sequence[torch.Tensor], energy: float, side: s
     return out
 
 
-def principal_subspace(weight: Union[torch.Tensor, Sequence[torch.Tensor]], energy: float, *, side: str = "input",
-                       strict: bool = False):
+def principal_subspace(
+    weight: torch.Tensor | Sequence[torch.Tensor], energy: float, *, side: str = "input", strict: bool = False
+):
     """Orthonormal basis of the principal subspace of a PyTorch weight ``W`` (``d_out × d_in``).
 
     Args:
@@ -228,7 +240,8 @@ def principal_subspace(weight: Union[torch.Tensor, Sequence[torch.Tensor]], ener
         by_device.setdefault(w.device, []).append(i)
     for device, members in by_device.items():  # one call per device; same-shaped weights are batched inside
         backend = _dispatch.select("rsvd", device)
-        for i, basis in zip(members, _principal_subspaces([weights[i] for i in members], energy, side, strict,
-                                                          backend)):
+        for i, basis in zip(
+            members, _principal_subspaces([weights[i] for i in members], energy, side, strict, backend)
+        ):
             out[i] = basis
     return out[0] if isinstance(weight, torch.Tensor) else out

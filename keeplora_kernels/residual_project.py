@@ -39,11 +39,15 @@ def residual_project_dense(g: torch.Tensor, basis: torch.Tensor) -> torch.Tensor
 
 def _check(g: torch.Tensor, basis: torch.Tensor) -> None:
     if g.dim() not in (2, 3) or basis.dim() not in (2, 3):
-        raise ValueError(f"residual_project expects g of shape (d, n) or (b, d, n) and basis (d, k) or (b, d, k), "
-                         f"got g {tuple(g.shape)} and basis {tuple(basis.shape)}")
+        raise ValueError(
+            f"residual_project expects g of shape (d, n) or (b, d, n) and basis (d, k) or (b, d, k), "
+            f"got g {tuple(g.shape)} and basis {tuple(basis.shape)}"
+        )
     if g.shape[-2] != basis.shape[-2]:
-        raise ValueError(f"residual_project: g has {g.shape[-2]} rows but basis has {basis.shape[-2]} "
-                         "(both are indexed by the input dimension d)")
+        raise ValueError(
+            f"residual_project: g has {g.shape[-2]} rows but basis has {basis.shape[-2]} "
+            "(both are indexed by the input dimension d)"
+        )
 
 
 def residual_project(g: torch.Tensor, basis: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:

@@ -19,19 +19,26 @@ Two implementations of one algorithm (the textbook version the tests compare wit
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
 from . import _dispatch
 
-__all__ = ["rsvd", "rsvd_torch", "rsvd_extension", "rsvd_graph_entry", "small_svd_method",
-           "gaussian_sketch", "cholesky_qr", "shifted_cholesky"]
+__all__ = [
+    "rsvd",
+    "rsvd_torch",
+    "rsvd_extension",
+    "rsvd_graph_entry",
+    "small_svd_method",
+    "gaussian_sketch",
+    "cholesky_qr",
+    "shifted_cholesky",
+]
 
 SMALL_SVD_METHODS = ("jacobi", "cusolver")
 
 
-def small_svd_method(method: Optional[str] = None) -> str:
+def small_svd_method(method: str | None = None) -> str:
     """The extension's small-SVD launcher on CUDA for sketch widths ``l ≤ 32``; sets it first when ``method`` is given.
 
     ``"jacobi"`` (default): the project's batched one-sided Jacobi kernel; ``"cusolver"``: cuSOLVER's
@@ -51,7 +58,7 @@ def small_svd_method(method: Optional[str] = None) -> str:
     return "" if lib is None else lib.small_svd_method()
 
 
-def _as_batch(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _as_batch(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or t.dim() == 3 else t.unsqueeze(0)
 
 
@@ -132,8 +139,9 @@ def shifted_cholesky(gram: torch.Tensor, shift_factor: float, check_rank: bool, 
     return r, r_inv
 
 
-def cholesky_qr(y: torch.Tensor, shifted_passes: int = 1, plain_passes: int = 1, *, want_r: bool = True,
-                check_rank: bool = True):
+def cholesky_qr(
+    y: torch.Tensor, shifted_passes: int = 1, plain_passes: int = 1, *, want_r: bool = True, check_rank: bool = True
+):
     """Shifted CholeskyQR in float64: ``y (b, m, l) = Q·R``; returns ``(Q, R, info)`` like the extension's op.
 
     Each pass forms ``G = QᵀQ``, adds ``s·I``, factors ``G = RᵀR`` and sets ``Q ← Q·R⁻¹``
@@ -157,8 +165,7 @@ def cholesky_qr(y: torch.Tensor, shifted_passes: int = 1, plain_passes: int = 1,
     return q, r_total, info
 
 
-def _orthonormalize(y: torch.Tensor, compute: torch.dtype, householder: bool, want_r: bool,
-                    intermediate: bool = False):
+def _orthonormalize(y: torch.Tensor, compute: torch.dtype, householder: bool, want_r: bool, intermediate: bool = False):
     """``orthonormalize`` of csrc/rsvd.cpp: CholeskyQR2 (fp64 data: 4), or for an ``intermediate`` basis of the
     power iterations one shifted pass without the rank check; flagged blocks redone by Householder off CUDA."""
     passes = 2 if compute == torch.float64 else 1
@@ -177,8 +184,16 @@ def _orthonormalize(y: torch.Tensor, compute: torch.dtype, householder: bool, wa
     return q, r, info
 
 
-def rsvd_torch(a: torch.Tensor, rank: int, *, oversample: int = 8, power_iters: int = 4,
-               project_out: Optional[torch.Tensor] = None, seed: int = 0, orthonormalize: str = "cholqr"):
+def rsvd_torch(
+    a: torch.Tensor,
+    rank: int,
+    *,
+    oversample: int = 8,
+    power_iters: int = 4,
+    project_out: torch.Tensor | None = None,
+    seed: int = 0,
+    orthonormalize: str = "cholqr",
+):
     """The extension's batched algorithm in PyTorch; ``a`` is ``(b, m, n)``. Returns ``(U, S, V, info)``."""
     compute = torch.float64 if a.dtype == torch.float64 else torch.float32
     householder = orthonormalize == "householder"
@@ -221,8 +236,15 @@ def rsvd_torch(a: torch.Tensor, rank: int, *, oversample: int = 8, power_iters: 
     return u, s[..., :rank].to(compute), v, info
 
 
-def rsvd_extension(a: torch.Tensor, rank: int, *, oversample: int = 8, power_iters: int = 4,
-                   project_out: Optional[torch.Tensor] = None, seed: int = 0):
+def rsvd_extension(
+    a: torch.Tensor,
+    rank: int,
+    *,
+    oversample: int = 8,
+    power_iters: int = 4,
+    project_out: torch.Tensor | None = None,
+    seed: int = 0,
+):
     """``torch.ops.keeplora.rsvd`` (C++/CUDA); same arguments and results as :func:`rsvd`."""
     squeeze = a.dim() == 2
     mat = _as_batch(a).detach()
@@ -236,8 +258,14 @@ def rsvd_extension(a: torch.Tensor, rank: int, *, oversample: int = 8, power_ite
 
 def _rsvd_fallback(a, rank, *, oversample, power_iters, project_out, seed):
     squeeze = a.dim() == 2
-    u, s, v, _info = rsvd_torch(_as_batch(a), rank, oversample=oversample, power_iters=power_iters,
-                                project_out=_as_batch(project_out), seed=seed)
+    u, s, v, _info = rsvd_torch(
+        _as_batch(a),
+        rank,
+        oversample=oversample,
+        power_iters=power_iters,
+        project_out=_as_batch(project_out),
+        seed=seed,
+    )
     if squeeze:
         u, s, v = u[0], s[0], v[0]
     return u, s, v
@@ -252,8 +280,10 @@ def _check_rsvd_args(a, rank, oversample, power_iters, project_out) -> None:
     if oversample < 0 or power_iters < 0:
         raise ValueError(f"rsvd: oversample and power_iters must be ≥ 0, got {oversample} and {power_iters}")
     if project_out is not None and (project_out.dim() != a.dim() or project_out.shape[-2] != m):
-        raise ValueError(f"rsvd: project_out must have {m} rows and the same batch layout as a, "
-                         f"got {tuple(project_out.shape)} for a of shape {tuple(a.shape)}")
+        raise ValueError(
+            f"rsvd: project_out must have {m} rows and the same batch layout as a, "
+            f"got {tuple(project_out.shape)} for a of shape {tuple(a.shape)}"
+        )
 
 
 def _rsvd_callable(backend: str, rank: int, oversample: int, power_iters: int, seed: int):
@@ -266,8 +296,16 @@ def _rsvd_callable(backend: str, rank: int, oversample: int, power_iters: int, s
     return call
 
 
-def rsvd_graph_entry(a: torch.Tensor, rank: int, *, oversample: int = 8, power_iters: int = 4,
-                     project_out: Optional[torch.Tensor] = None, seed: int = 0, cache=None):
+def rsvd_graph_entry(
+    a: torch.Tensor,
+    rank: int,
+    *,
+    oversample: int = 8,
+    power_iters: int = 4,
+    project_out: torch.Tensor | None = None,
+    seed: int = 0,
+    cache=None,
+):
     """The :class:`~keeplora_kernels.graphs.GraphedCall` that ``rsvd(..., graph=True)`` replays for these shapes and
     arguments (captured now if it is not cached). Its ``inputs`` are the static ``(a, project_out)`` buffers: a
     caller that writes its batch into them (e.g. ``torch.stack(mats, out=entry.inputs[0])``) and calls
@@ -279,12 +317,24 @@ def rsvd_graph_entry(a: torch.Tensor, rank: int, *, oversample: int = 8, power_i
     cache = graphs.default_cache if cache is None else cache
     inputs = (a.detach(), None if project_out is None else project_out.detach())
     small = small_svd_method() if backend == "extension" else ""  # baked into the graph like the other arguments
-    return cache.entry("rsvd", _rsvd_callable(backend, rank, oversample, power_iters, int(seed)), inputs,
-                       (backend, rank, oversample, power_iters, int(seed), small))
+    return cache.entry(
+        "rsvd",
+        _rsvd_callable(backend, rank, oversample, power_iters, int(seed)),
+        inputs,
+        (backend, rank, oversample, power_iters, int(seed), small),
+    )
 
 
-def rsvd(a: torch.Tensor, rank: int, *, oversample: int = 8, power_iters: int = 4,
-         project_out: Optional[torch.Tensor] = None, seed: int = 0, graph: bool = False):
+def rsvd(
+    a: torch.Tensor,
+    rank: int,
+    *,
+    oversample: int = 8,
+    power_iters: int = 4,
+    project_out: torch.Tensor | None = None,
+    seed: int = 0,
+    graph: bool = False,
+):
     """Top-``rank`` SVD ``a ≈ U·diag(S)·Vᵀ`` of ``a`` or, with ``project_out=P``, of ``(I − P·Pᵀ)·a``.
 
     Args:
@@ -310,8 +360,9 @@ def rsvd(a: torch.Tensor, rank: int, *, oversample: int = 8, power_iters: int = 
     Backends: the C++/CUDA extension when built, else :func:`rsvd_torch` (same algorithm in PyTorch).
     """
     if graph:
-        entry = rsvd_graph_entry(a, rank, oversample=oversample, power_iters=power_iters, project_out=project_out,
-                                 seed=seed)
+        entry = rsvd_graph_entry(
+            a, rank, oversample=oversample, power_iters=power_iters, project_out=project_out, seed=seed
+        )
         return entry(a.detach(), None if project_out is None else project_out.detach())
     _check_rsvd_args(a, rank, oversample, power_iters, project_out)
     backend = _dispatch.select("rsvd", a.device)

@@ -12,7 +12,8 @@ supplies the sketch-and-accept step and the exact step.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -22,8 +23,9 @@ __all__ = ["EXACT_FRACTION", "energy_counts", "tail_count", "grown_rank", "grow"
 EXACT_FRACTION = 0.3
 
 
-def energy_counts(cumulative: torch.Tensor, energy: float, strict: bool = False,
-                  captured: Optional[torch.Tensor] = None) -> torch.Tensor:
+def energy_counts(
+    cumulative: torch.Tensor, energy: float, strict: bool = False, captured: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per row of cumulative energy fractions ``c_1 ≤ c_2 ≤ … ≤ c_k`` (last dim): how many leading directions the
     energy rule keeps, for ``energy > 0`` and a nonzero spectrum (callers handle those cases):
 
@@ -79,9 +81,16 @@ def grown_rank(rank: int, predicted: float, limit: int) -> int:
     return max(2 * rank, math.ceil(min(1.2 * predicted, limit)))
 
 
-def grow(items: Sequence[Any], rank: int, limit: int, *, width: Callable[[int], int],
-         sketch: Callable[[list, int], list], exact: Callable[[list], list],
-         clamp: Optional[Callable[[int, list], int]] = None) -> dict:
+def grow(
+    items: Sequence[Any],
+    rank: int,
+    limit: int,
+    *,
+    width: Callable[[int], int],
+    sketch: Callable[[list, int], list],
+    exact: Callable[[list], list],
+    clamp: Callable[[int, list], int] | None = None,
+) -> dict:
     """The sketch-growth loop: returns ``{item: result}`` for every item.
 
     Per round, on the items not done yet: ``rank = clamp(rank, items)`` when given; if the sketch ``width(rank)``

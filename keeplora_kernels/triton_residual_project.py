@@ -17,8 +17,6 @@ output rounding (2⁻⁹ / 2⁻¹²) is at least as coarse as tf32's (2⁻¹¹ r
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -31,11 +29,28 @@ FUSED_MAX_K = 184  # the H200's bf16 ridge point (790 TFLOP/s over 4.3 TB/s): ab
 
 
 @triton.jit
-def _project_kernel(G, P, O, D, NCOL, KB,
-                    stride_gb, stride_gd, stride_gn, stride_pb, stride_pd, stride_pk,
-                    stride_ob, stride_od, stride_on,
-                    ACC: tl.constexpr, PREC: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _project_kernel(
+    G,
+    P,
+    O,
+    D,
+    NCOL,
+    KB,
+    stride_gb,
+    stride_gd,
+    stride_gn,
+    stride_pb,
+    stride_pd,
+    stride_pk,
+    stride_ob,
+    stride_od,
+    stride_on,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """O[:, cols] = G[:, cols] − P·(Pᵀ·G[:, cols]) for the column block ``pid_n`` of batch ``pid_b``."""
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)  # b·d·n may pass 2³¹
@@ -63,8 +78,7 @@ def _project_kernel(G, P, O, D, NCOL, KB,
         tl.store(o_base + rows[:, None] * stride_od, out.to(O.dtype.element_ty), mask=in_d[:, None] & in_n[None, :])
 
 
-def plan_project(g3: torch.Tensor, p3: torch.Tensor, out3: torch.Tensor, *, on_gpu: Optional[bool] = None
-                 ) -> list[Launch]:
+def plan_project(g3: torch.Tensor, p3: torch.Tensor, out3: torch.Tensor, *, on_gpu: bool | None = None) -> list[Launch]:
     """Launch for batched ``g3`` (b, d, n), basis ``p3`` (b or 1, d, k ≤ FUSED_MAX_K), output ``out3`` (may be g3)."""
     nb, d, n = g3.shape
     k = p3.shape[-1]
@@ -83,13 +97,32 @@ def plan_project(g3: torch.Tensor, p3: torch.Tensor, out3: torch.Tensor, *, on_g
         stages = 2
     else:
         block_n, block_d, warps, stages = 32, 32, 4, 1
-    return [Launch(
-        _project_kernel, (cdiv(n, block_n), nb),
-        dict(G=g3, P=p3, O=out3, D=d, NCOL=n, KB=k, stride_gb=g3.stride(0), stride_gd=g3.stride(1),
-             stride_gn=g3.stride(2), stride_pb=p3.stride(0) if p3.shape[0] > 1 else 0, stride_pd=p3.stride(1),
-             stride_pk=p3.stride(2), stride_ob=out3.stride(0), stride_od=out3.stride(1), stride_on=out3.stride(2)),
-        dict(ACC=acc, PREC=prec, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_K=block_k),
-        num_warps=warps, num_stages=stages)]
+    return [
+        Launch(
+            _project_kernel,
+            (cdiv(n, block_n), nb),
+            dict(
+                G=g3,
+                P=p3,
+                O=out3,
+                D=d,
+                NCOL=n,
+                KB=k,
+                stride_gb=g3.stride(0),
+                stride_gd=g3.stride(1),
+                stride_gn=g3.stride(2),
+                stride_pb=p3.stride(0) if p3.shape[0] > 1 else 0,
+                stride_pd=p3.stride(1),
+                stride_pk=p3.stride(2),
+                stride_ob=out3.stride(0),
+                stride_od=out3.stride(1),
+                stride_on=out3.stride(2),
+            ),
+            dict(ACC=acc, PREC=prec, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_K=block_k),
+            num_warps=warps,
+            num_stages=stages,
+        )
+    ]
 
 
 def _project_gemm(g: torch.Tensor, basis: torch.Tensor, inplace: bool) -> torch.Tensor:

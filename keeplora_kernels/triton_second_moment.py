@@ -21,7 +21,6 @@ summed on the device (deterministic, no atomics).
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
 import triton
@@ -35,11 +34,28 @@ MAX_PARTIAL_BYTES = 256 * 2**20  # cap on the split-rows partial buffer
 
 
 @triton.jit
-def _second_moment_kernel(X, MASK, C, PAIRS, N, D, rows_per_split,
-                          stride_xn, stride_xd, stride_cs, stride_ci, stride_cj,
-                          HAS_MASK: tl.constexpr, ACCUMULATE: tl.constexpr, ACC: tl.constexpr,
-                          UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                          WINDOW: tl.constexpr):
+def _second_moment_kernel(
+    X,
+    MASK,
+    C,
+    PAIRS,
+    N,
+    D,
+    rows_per_split,
+    stride_xn,
+    stride_xd,
+    stride_cs,
+    stride_ci,
+    stride_cj,
+    HAS_MASK: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    ACC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr,
+):
     """Tile pair ``PAIRS[pid]`` = (ti ≤ tj) over the row chunk ``pid_s``: C[ti, tj] (+)= X_iᵀ·X_j, mirrored."""
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -58,10 +74,12 @@ def _second_moment_kernel(X, MASK, C, PAIRS, N, D, rows_per_split,
         keep = rows < N
         if HAS_MASK:
             keep = keep & (tl.load(MASK + rows, mask=keep, other=0) != 0)
-        xi = load(X + rows[:, None] * stride_xn + offs_i[None, :] * stride_xd, keep[:, None] & in_i[None, :],
-                  UPCAST, ACC)
-        xj = load(X + rows[:, None] * stride_xn + offs_j[None, :] * stride_xd, keep[:, None] & in_j[None, :],
-                  UPCAST, ACC)
+        xi = load(
+            X + rows[:, None] * stride_xn + offs_i[None, :] * stride_xd, keep[:, None] & in_i[None, :], UPCAST, ACC
+        )
+        xj = load(
+            X + rows[:, None] * stride_xn + offs_j[None, :] * stride_xd, keep[:, None] & in_j[None, :], UPCAST, ACC
+        )
         part = mma(tl.trans(xi), xj, part, UPCAST, PREC)
         if it % WINDOW == WINDOW - 1:
             acc += part
@@ -76,10 +94,12 @@ def _second_moment_kernel(X, MASK, C, PAIRS, N, D, rows_per_split,
     acc = tl.where(off_diagonal, acc, 0.5 * (acc + tl.trans(acc)))  # a diagonal tile becomes exactly symmetric
     # upper tile, then its mirror: one C tile live at a time (keeps the epilogue within the register budget)
     if ACCUMULATE:
-        tl.store(upper, (acc + tl.load(upper, mask=m_upper, other=0.0).to(ACC)).to(C.dtype.element_ty),
-                 mask=m_upper)
-        tl.store(lower, (tl.trans(acc) + tl.load(lower, mask=m_lower, other=0.0).to(ACC)).to(C.dtype.element_ty),
-                 mask=m_lower)
+        tl.store(upper, (acc + tl.load(upper, mask=m_upper, other=0.0).to(ACC)).to(C.dtype.element_ty), mask=m_upper)
+        tl.store(
+            lower,
+            (tl.trans(acc) + tl.load(lower, mask=m_lower, other=0.0).to(ACC)).to(C.dtype.element_ty),
+            mask=m_lower,
+        )
     else:
         tl.store(upper, acc.to(C.dtype.element_ty), mask=m_upper)
         tl.store(lower, tl.trans(acc).to(C.dtype.element_ty), mask=m_lower)
@@ -92,8 +112,14 @@ def _pairs(tiles: int, device: torch.device) -> torch.Tensor:
     return ij.t().contiguous().to(device=device, dtype=torch.int32).reshape(-1)
 
 
-def plan_second_moment(acc: torch.Tensor, x2: torch.Tensor, mask1: Optional[torch.Tensor],
-                       *, split: Optional[int] = None, on_gpu: Optional[bool] = None):
+def plan_second_moment(
+    acc: torch.Tensor,
+    x2: torch.Tensor,
+    mask1: torch.Tensor | None,
+    *,
+    split: int | None = None,
+    on_gpu: bool | None = None,
+):
     """Launch adding ``x2ᵀ·x2`` (rows where ``mask1`` ≠ 0) into ``acc``. Returns ``(launches, finish)``; with a
     row split the kernel writes partials and ``finish()`` adds their sum into ``acc``."""
     n, d = x2.shape
@@ -113,8 +139,7 @@ def plan_second_moment(acc: torch.Tensor, x2: torch.Tensor, mask1: Optional[torc
         split = 1
         target = target_programs(device)
         if num_pairs < target:
-            split = min(cdiv(target, num_pairs), row_blocks,
-                        max(1, MAX_PARTIAL_BYTES // (d * d * acc.element_size())))
+            split = min(cdiv(target, num_pairs), row_blocks, max(1, MAX_PARTIAL_BYTES // (d * d * acc.element_size())))
     split = max(1, min(split, row_blocks))
     rows_per_split = cdiv(row_blocks, split) * block_n
     split = max(1, cdiv(n, rows_per_split))
@@ -124,13 +149,35 @@ def plan_second_moment(acc: torch.Tensor, x2: torch.Tensor, mask1: Optional[torc
     else:
         part, dst, stride_cs, accumulate = None, acc, 0, True
     launch = Launch(
-        _second_moment_kernel, (num_pairs, split),
-        dict(X=x2, MASK=mask1 if mask1 is not None else pairs, C=dst, PAIRS=pairs, N=n, D=d,
-             rows_per_split=rows_per_split, stride_xn=x2.stride(0), stride_xd=x2.stride(1), stride_cs=stride_cs,
-             stride_ci=dst.stride(-2), stride_cj=dst.stride(-1)),
-        dict(HAS_MASK=mask1 is not None, ACCUMULATE=accumulate, ACC=acc_dtype(acc.dtype, x2.dtype),
-             UPCAST=upcast, PREC=prec, BLOCK_D=block_d, BLOCK_N=block_n, WINDOW=window),
-        num_warps=8 if on_gpu and block_d == 128 else 4, num_stages=3 if on_gpu else 1)
+        _second_moment_kernel,
+        (num_pairs, split),
+        dict(
+            X=x2,
+            MASK=mask1 if mask1 is not None else pairs,
+            C=dst,
+            PAIRS=pairs,
+            N=n,
+            D=d,
+            rows_per_split=rows_per_split,
+            stride_xn=x2.stride(0),
+            stride_xd=x2.stride(1),
+            stride_cs=stride_cs,
+            stride_ci=dst.stride(-2),
+            stride_cj=dst.stride(-1),
+        ),
+        dict(
+            HAS_MASK=mask1 is not None,
+            ACCUMULATE=accumulate,
+            ACC=acc_dtype(acc.dtype, x2.dtype),
+            UPCAST=upcast,
+            PREC=prec,
+            BLOCK_D=block_d,
+            BLOCK_N=block_n,
+            WINDOW=window,
+        ),
+        num_warps=8 if on_gpu and block_d == 128 else 4,
+        num_stages=3 if on_gpu else 1,
+    )
 
     def finish():
         if part is not None:
@@ -139,8 +186,9 @@ def plan_second_moment(acc: torch.Tensor, x2: torch.Tensor, mask1: Optional[torc
     return [launch], finish
 
 
-def second_moment_update_triton(acc: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                                *, split: Optional[int] = None) -> torch.Tensor:
+def second_moment_update_triton(
+    acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None, *, split: int | None = None
+) -> torch.Tensor:
     """The triton backend of :func:`keeplora_kernels.second_moment_update` (``_dispatch`` selects it; shapes and
     dtypes were checked there). ``split`` forces the number of row chunks (tests)."""
     if acc.device != x.device:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from keeplora.cli import APP_COMMANDS
 
@@ -22,9 +22,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .continual.sources import SourceMissing
 
     try:
-        result = run(args.config, output=args.output, quick=args.quick, resume=args.resume,
-                     methods=[m.strip() for m in args.methods.split(",")] if args.methods else None,
-                     progress=not args.no_progress)
+        result = run(
+            args.config,
+            output=args.output,
+            quick=args.quick,
+            resume=args.resume,
+            methods=[m.strip() for m in args.methods.split(",")] if args.methods else None,
+            progress=not args.no_progress,
+        )
     except (ConfigError, SourceMissing, ModelMissing, CheckpointError) as e:
         print(f"keeplora run: {e}", file=sys.stderr)
         return 2
@@ -42,8 +47,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         params = parse_params(args.param or [])
         if not params:
             raise ConfigError("give at least one --param NAME=V1,V2,...")
-        sweep(args.config, params, method=args.method, output=args.output, quick=args.quick, grid=args.grid,
-              progress=not args.no_progress)
+        sweep(
+            args.config,
+            params,
+            method=args.method,
+            output=args.output,
+            quick=args.quick,
+            grid=args.grid,
+            progress=not args.no_progress,
+        )
     except (ConfigError, SourceMissing, ModelMissing) as e:
         print(f"keeplora sweep: {e}", file=sys.stderr)
         return 2
@@ -62,8 +74,10 @@ def cmd_data(args: argparse.Namespace) -> int:
         return 0
     if args.action == "status":
         for row in sources.source_status(args.cache):
-            print(f"{'cached ' if row['cached'] else 'MISSING'}  {row['name']:<20} {row['version']:<16} "
-                  f"{row['kind']:<6} {row['bytes'] / 1e6:6.2f} MB  {row['path']}")
+            print(
+                f"{'cached ' if row['cached'] else 'MISSING'}  {row['name']:<20} {row['version']:<16} "
+                f"{row['kind']:<6} {row['bytes'] / 1e6:6.2f} MB  {row['path']}"
+            )
         return 0
     # build: the processed splits of a config (after this, runs need neither the registries nor the raw sources)
     from .continual.runconfig import load_config
@@ -73,8 +87,10 @@ def cmd_data(args: argparse.Namespace) -> int:
     cache = args.cache or cfg["data"].get("cache")
     for t in cfg["tasks"]:
         task = load_task(TaskSpec.from_dict(t, cfg["data"]), int(cfg["seed"]), cache)
-        print(f"{task.name:<22} {len(task.classes)} classes  train {len(task.train):5d}  test {len(task.test):5d}  "
-              f"{task.fingerprint()}")
+        print(
+            f"{task.name:<22} {len(task.classes)} classes  train {len(task.train):5d}  test {len(task.test):5d}  "
+            f"{task.fingerprint()}"
+        )
     return 0
 
 
@@ -97,10 +113,12 @@ _BENCHES = {"kernels": "bench_kernels", "lora-variants": "bench_lora_variants", 
 
 def cmd_bench(argv: list[str]) -> int:
     if not argv or argv[0] not in _BENCHES:
-        print(f"usage: keeplora bench {{{','.join(_BENCHES)}}} [options]   (keeplora bench kernels -h for options)\n"
-              "  kernels: frozen-A LoRA linear, residual projection, second moment vs their baselines\n"
-              "  rsvd:    batched randomized SVD and principal subspace vs svd_lowrank loops and linalg.svd",
-              file=sys.stderr)
+        print(
+            f"usage: keeplora bench {{{','.join(_BENCHES)}}} [options]   (keeplora bench kernels -h for options)\n"
+            "  kernels: frozen-A LoRA linear, residual projection, second moment vs their baselines\n"
+            "  rsvd:    batched randomized SVD and principal subspace vs svd_lowrank loops and linalg.svd",
+            file=sys.stderr,
+        )
         return 2
     result = importlib.import_module(f"{__package__}.micro.{_BENCHES[argv[0]]}").main(argv[1:])
     return int(result or 0)
@@ -128,8 +146,12 @@ def add_subcommands(sub) -> None:
 
     p = sub.add_parser("sweep", help=APP_COMMANDS["sweep"])
     p.add_argument("config")
-    p.add_argument("--param", action="append", metavar="NAME=V1,V2",
-                   help="a parameter and its values, e.g. weight_energy=0.6,0.85 (repeatable)")
+    p.add_argument(
+        "--param",
+        action="append",
+        metavar="NAME=V1,V2",
+        help="a parameter and its values, e.g. weight_energy=0.6,0.85 (repeatable)",
+    )
     p.add_argument("--method", default="keeplora", help="the config's method to vary (default keeplora)")
     p.add_argument("--grid", action="store_true", help="full grid instead of one factor at a time")
     p.add_argument("--output", "-o")
@@ -165,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _PASSTHROUGH:
         return _PASSTHROUGH[argv[0]](argv[1:])

@@ -28,16 +28,26 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 APP = Path(__file__).resolve().parents[1]  # the folder that holds the keeplora_bench package
 ROOT = APP.parent  # the source tree: the extension is built and the tests run there
 
 # (step name, seconds allowed), each a hard box; gpu_check.sh stops everything at its own limit, so the steps are
 # ordered by value and the last ones are the first to be cut.
-BUDGET = {"environment": 20, "build_extension": 150, "gpu_tests": 150, "lora_variants": 70, "profile": 100,
-          "profile_orders": 60, "triton_gemm": 50, "bench_rsvd": 100, "bench_kernels": 60}
+BUDGET = {
+    "environment": 20,
+    "build_extension": 150,
+    "gpu_tests": 150,
+    "lora_variants": 70,
+    "profile": 100,
+    "profile_orders": 60,
+    "triton_gemm": 50,
+    "bench_rsvd": 100,
+    "bench_kernels": 60,
+}
 
 
 class StepTimeout(Exception):
@@ -51,8 +61,9 @@ def _alarm(signum, frame):
 def _run(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> int:
     with log.open("w") as f:
         try:
-            return subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
-                                  env={**os.environ, **(env or {})}).returncode
+            return subprocess.run(
+                cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, env={**os.environ, **(env or {})}
+            ).returncode
         except subprocess.TimeoutExpired:
             f.write(f"\n[gpu_check] timed out after {timeout:.0f} s\n")
             return 124
@@ -91,8 +102,12 @@ def _build(out: Path, cuda: bool) -> int:
     env = {"MAX_JOBS": str(os.cpu_count() or 4), "TORCH_CUDA_ARCH_LIST": "9.0"}
     if not cuda:
         env["CUDA_HOME"] = ""
-    return _run([sys.executable, "setup.py", "build_ext", "--inplace"], out / "build_extension.log",
-                BUDGET["build_extension"], env)
+    return _run(
+        [sys.executable, "setup.py", "build_ext", "--inplace"],
+        out / "build_extension.log",
+        BUDGET["build_extension"],
+        env,
+    )
 
 
 def step_gpu_tests(out: Path, dry: bool) -> list[dict[str, Any]]:
@@ -104,8 +119,12 @@ def step_gpu_tests(out: Path, dry: bool) -> list[dict[str, Any]]:
     args = [sys.executable, "-m", "pytest", "-q", "-rfE", "-m", marker, "--no-header", "-p", "no:cacheprovider"]
     if dry and not torch.cuda.is_available():
         args += ["tests/kernels/test_reference_ops.py"]  # rehearsal: the mechanics only
-    rc = _run(args, out / "gpu_tests.log", BUDGET["gpu_tests"],
-              {"PYTHONPATH": os.pathsep.join(map(str, (ROOT, ROOT / "python", APP))), "JUNIT": ""})
+    rc = _run(
+        args,
+        out / "gpu_tests.log",
+        BUDGET["gpu_tests"],
+        {"PYTHONPATH": os.pathsep.join(map(str, (ROOT, ROOT / "python", APP))), "JUNIT": ""},
+    )
     tail = (out / "gpu_tests.log").read_text().strip().splitlines()[-1:] or [""]
     return [dict(op="gpu tests", note=tail[0], rc=rc)]
 
@@ -127,11 +146,30 @@ def _profile_kwargs(dry: bool) -> dict[str, Any]:
     import torch
 
     if dry or not torch.cuda.is_available():
-        kwargs = dict(model_spec="llama:d=64,layers=1,heads=4,ff=128,vocab=128", device="cpu", dtype="float32",
-                      batch=2, seq=16, steps=2, tasks=1, batches_per_task=2, r=4, warmup_task=True)
+        kwargs = dict(
+            model_spec="llama:d=64,layers=1,heads=4,ff=128,vocab=128",
+            device="cpu",
+            dtype="float32",
+            batch=2,
+            seq=16,
+            steps=2,
+            tasks=1,
+            batches_per_task=2,
+            r=4,
+            warmup_task=True,
+        )
     else:  # Llama-7B-like width, two layers, bf16, 8192 tokens per step
-        kwargs = dict(model_spec="llama:d=4096,layers=2,heads=32,ff=11008,vocab=1024,max_pos=8192",
-                      device="cuda", dtype="bfloat16", batch=1, seq=8192, steps=5, tasks=1, batches_per_task=4, r=16)
+        kwargs = dict(
+            model_spec="llama:d=4096,layers=2,heads=32,ff=11008,vocab=1024,max_pos=8192",
+            device="cuda",
+            dtype="bfloat16",
+            batch=1,
+            seq=8192,
+            steps=5,
+            tasks=1,
+            batches_per_task=4,
+            r=16,
+        )
     return kwargs
 
 
@@ -159,8 +197,15 @@ def step_profile(out: Path, dry: bool) -> list[dict[str, Any]]:
 
     # timed after one untimed warm-up task per method (JIT, library set-up); one traced keeplora task at the end
     rows = profile_lifecycle.run(out, trace_dir=out, **_profile_kwargs(dry))
-    return [dict(op=f"{r['method']} {r['phase']}", time_ms=r["time_ms"], peak_mb=r["peak_mb"],
-                 ratio=r.get("time_vs_keeplora", "")) for r in rows]
+    return [
+        dict(
+            op=f"{r['method']} {r['phase']}",
+            time_ms=r["time_ms"],
+            peak_mb=r["peak_mb"],
+            ratio=r.get("time_vs_keeplora", ""),
+        )
+        for r in rows
+    ]
 
 
 PROFILED_ORDERS = ("expand_first,expand_first", "base_first,base_first")
@@ -169,11 +214,9 @@ PROFILED_ORDERS = ("expand_first,expand_first", "base_first,base_first")
 def step_profile_orders(out: Path, dry: bool) -> list[dict[str, Any]]:
     """KeepLoRA's lifecycle again under each alternative GEMM order of the LoRA linear (``KEEPLORA_LORA_ORDERS``):
     the training step of the candidates for the CUDA default, next to the default's own row of step ``profile``."""
-    import torch
 
     from .micro import profile_lifecycle
     from .micro.harness import append_rows
-    from keeplora_kernels import _dispatch
 
     summary = []
     for orders in PROFILED_ORDERS:
@@ -187,8 +230,9 @@ def step_profile_orders(out: Path, dry: bool) -> list[dict[str, Any]]:
         for row in rows:
             row["lora_orders"] = orders
         append_rows("profile_orders", rows, results_dir=out)
-        summary += [dict(op=f"keeplora[{orders}] {r['phase']}", time_ms=r["time_ms"], peak_mb=r["peak_mb"])
-                    for r in rows]
+        summary += [
+            dict(op=f"keeplora[{orders}] {r['phase']}", time_ms=r["time_ms"], peak_mb=r["peak_mb"]) for r in rows
+        ]
     return summary
 
 
@@ -242,8 +286,7 @@ def main(argv=None) -> int:
         summary += rows
         print(f"[gpu_check] {name}: {status[name]}", flush=True)
         # written after every step: a run killed by its time limit keeps what it measured
-        (args.out / "summary.json").write_text(json.dumps({"status": status, "rows": summary}, indent=1,
-                                                          default=str))
+        (args.out / "summary.json").write_text(json.dumps({"status": status, "rows": summary}, indent=1, default=str))
     print()
     print_table(summary, SUMMARY_COLUMNS)
     return 0 if all(v.startswith("ok") for v in status.values()) else 1

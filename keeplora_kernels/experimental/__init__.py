@@ -14,8 +14,18 @@ be dispatched (the measurements are in ``benchmarks/results/h200/``):
 Importing this package never imports triton (the Triton modules load on first use).
 """
 
-from .lora_variants import (BACKWARD_ORDERS, LoRALinearVariantFunction, StackedLoRALinearFunction, stack_frozen,
-                            variant_backward)
+from .lora_variants import (
+    BACKWARD_ORDERS,
+    LoRALinearVariantFunction,
+    StackedLoRALinearFunction,
+    stack_frozen,
+    variant_backward,
+)
 
-__all__ = ["BACKWARD_ORDERS", "LoRALinearVariantFunction", "StackedLoRALinearFunction", "stack_frozen",
-           "variant_backward"]
+__all__ = [
+    "BACKWARD_ORDERS",
+    "LoRALinearVariantFunction",
+    "StackedLoRALinearFunction",
+    "stack_frozen",
+    "variant_backward",
+]

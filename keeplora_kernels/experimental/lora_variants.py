@@ -16,22 +16,26 @@ implementation): ``torch.compile`` and CUDA graphs take it whole. It is register
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .. import _dispatch
 from ..lora_linear import LoRALinearFunction, _backward, _flatten_tokens
 
-__all__ = ["BACKWARD_ORDERS", "LoRALinearVariantFunction", "StackedLoRALinearFunction", "stack_frozen",
-           "variant_backward"]
+__all__ = [
+    "BACKWARD_ORDERS",
+    "LoRALinearVariantFunction",
+    "StackedLoRALinearFunction",
+    "stack_frozen",
+    "variant_backward",
+]
 
 BACKWARD_ORDERS = _dispatch.BACKWARD_ORDERS + ("fused_dy",)
 
 
 @torch.library.custom_op("keeplora::lora_dy_pass", mutates_args=())
-def _lora_dy_pass(dy2: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, scale: float,
-                  need_dbias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _lora_dy_pass(
+    dy2: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, scale: float, need_dbias: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Triton pass over dY of the ``fused_dy`` backward (``triton_lora_linear.lora_dy_pass``) as an opaque
     registered op (``triton_op`` would import triton at registration)."""
     from .triton_lora_linear import lora_dy_pass  # imports triton (slow): on first use only
@@ -42,22 +46,30 @@ def _lora_dy_pass(dy2: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, scal
 @_lora_dy_pass.register_fake
 def _(dy2, s, lora_b, scale, need_dbias):
     acc = torch.float64 if dy2.dtype == torch.float64 else torch.float32
-    return (dy2.new_empty((dy2.shape[0], s.shape[1]), dtype=acc), dy2.new_empty((dy2.shape[1], s.shape[1]), dtype=acc),
-            dy2.new_empty((dy2.shape[1] if need_dbias else 1,), dtype=acc))
+    return (
+        dy2.new_empty((dy2.shape[0], s.shape[1]), dtype=acc),
+        dy2.new_empty((dy2.shape[1], s.shape[1]), dtype=acc),
+        dy2.new_empty((dy2.shape[1] if need_dbias else 1,), dtype=acc),
+    )
 
 
 def _check_order(backward_order: str, device: torch.device, dtype: torch.dtype) -> None:
     if backward_order not in BACKWARD_ORDERS:
         raise ValueError(f"backward_order must be one of {BACKWARD_ORDERS}, got {backward_order!r}")
     # checked in eager calls only: probing for triton is not traceable (a traced call trusts the eager one)
-    if backward_order == "fused_dy" and not torch.compiler.is_compiling() and not _dispatch.triton_runs(device,
-                                                                                                         (dtype,)):
-        raise RuntimeError(f"the fused_dy backward needs Triton on {device.type} tensors of {dtype} "
-                           "(a GPU, or TRITON_INTERPRET=1)")
+    if (
+        backward_order == "fused_dy"
+        and not torch.compiler.is_compiling()
+        and not _dispatch.triton_runs(device, (dtype,))
+    ):
+        raise RuntimeError(
+            f"the fused_dy backward needs Triton on {device.type} tensors of {dtype} (a GPU, or TRITON_INTERPRET=1)"
+        )
 
 
-def variant_backward(dy2, s, weight, a, b, scale: float, order: str, need_dx: bool,
-                     db_dtype: Optional[torch.dtype], need_dbias: bool):
+def variant_backward(
+    dy2, s, weight, a, b, scale: float, order: str, need_dx: bool, db_dtype: torch.dtype | None, need_dbias: bool
+):
     """``lora_linear._backward`` extended by ``order="fused_dy"``: the Triton pass gives ``scale·ds``, dB and db
     (fp32 sums), then ``dX = scale·ds·A`` and ``dX += dY·W`` in place."""
     if order != "fused_dy":
@@ -77,19 +89,18 @@ class LoRALinearVariantFunction(LoRALinearFunction):
     order may also be ``"fused_dy"`` (:func:`variant_backward`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, forward_order="base_first",
-                backward_order="base_first"):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, forward_order="base_first", backward_order="base_first"):
         _check_order(backward_order, x.device, x.dtype)
-        return LoRALinearFunction.forward(ctx, x, weight, bias, lora_a, lora_b, scale, forward_order,
-                                          backward_order)
+        return LoRALinearFunction.forward(ctx, x, weight, bias, lora_a, lora_b, scale, forward_order, backward_order)
 
     @staticmethod
     def backward(ctx, dy):
         s, weight, a, b = ctx.saved_tensors
         need = ctx.needs_input_grad
         dy2 = _flatten_tokens(dy).to(s.dtype)
-        dx2, dlora_b, dbias = variant_backward(dy2, s, weight, a, b, ctx.scale, ctx.order, need[0],
-                                               ctx.lora_b_dtype if need[4] else None, need[2])
+        dx2, dlora_b, dbias = variant_backward(
+            dy2, s, weight, a, b, ctx.scale, ctx.order, need[0], ctx.lora_b_dtype if need[4] else None, need[2]
+        )
         dx = None if dx2 is None else dx2.reshape(ctx.x_shape)
         db = None if dbias is None else dbias.to(ctx.bias_dtype)
         return dx, None, db, None, dlora_b, None, None, None
@@ -132,9 +143,10 @@ class StackedLoRALinearFunction(torch.autograd.Function):
         s, stacked, b = ctx.saved_tensors
         need = ctx.needs_input_grad
         dy2 = _flatten_tokens(dy).to(s.dtype)
-        weight, a = stacked[:ctx.d_out], stacked[ctx.d_out:].to(s.dtype)
-        dx2, dlora_b, dbias = variant_backward(dy2, s, weight, a, b, ctx.scale, ctx.order, need[0],
-                                               ctx.lora_b_dtype if need[3] else None, need[2])
+        weight, a = stacked[: ctx.d_out], stacked[ctx.d_out :].to(s.dtype)
+        dx2, dlora_b, dbias = variant_backward(
+            dy2, s, weight, a, b, ctx.scale, ctx.order, need[0], ctx.lora_b_dtype if need[3] else None, need[2]
+        )
         dx = None if dx2 is None else dx2.reshape(ctx.x_shape)
         db = None if dbias is None else dbias.to(ctx.bias_dtype)
         return dx, None, db, dlora_b, None, None, None

@@ -25,7 +25,7 @@ Kernels:
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -53,10 +53,28 @@ def _grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _shrink_kernel(X, A, S, T, K, R, k_per_split,
-                   stride_xt, stride_xk, stride_ar, stride_ak, stride_ss, stride_st, stride_sr,
-                   ACC: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                   BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+def _shrink_kernel(
+    X,
+    A,
+    S,
+    T,
+    K,
+    R,
+    k_per_split,
+    stride_xt,
+    stride_xk,
+    stride_ar,
+    stride_ak,
+    stride_ss,
+    stride_st,
+    stride_sr,
+    ACC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     """S[split] = X[:, k-range]·A[:, k-range]ᵀ for the token block and rank block of this program."""
     pid_t = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -68,19 +86,41 @@ def _shrink_kernel(X, A, S, T, K, R, k_per_split,
     for k0 in range(0, k_per_split, BLOCK_K):
         offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
         in_k = offs_k < K
-        x = load(X + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xk,
-                 (offs_t[:, None] < T) & in_k[None, :], UPCAST, ACC)
-        a = load(A + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
-                 in_k[:, None] & (offs_r[None, :] < R), UPCAST, ACC)
+        x = load(
+            X + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+            (offs_t[:, None] < T) & in_k[None, :],
+            UPCAST,
+            ACC,
+        )
+        a = load(
+            A + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
+            in_k[:, None] & (offs_r[None, :] < R),
+            UPCAST,
+            ACC,
+        )
         acc = mma(x, a, acc, UPCAST, PREC)
     ptrs = S + pid_s * stride_ss + offs_t[:, None] * stride_st + offs_r[None, :] * stride_sr
     tl.store(ptrs, acc.to(S.dtype.element_ty), mask=(offs_t[:, None] < T) & (offs_r[None, :] < R))
 
 
 @triton.jit
-def _accumulate_product(acc, A, B, K, stride_ar, stride_ak, stride_bk, stride_bc, rows, cols,
-                        EVEN_K: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+def _accumulate_product(
+    acc,
+    A,
+    B,
+    K,
+    stride_ar,
+    stride_ak,
+    stride_bk,
+    stride_bc,
+    rows,
+    cols,
+    EVEN_K: tl.constexpr,
+    ACC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """acc += A[rows, :K]·B[:K, cols], BLOCK_K at a time; unmasked loads when K is a multiple of BLOCK_K (the
     main loop of the forward GEMM and of each dX segment)."""
     offs_k = tl.arange(0, BLOCK_K)
@@ -101,12 +141,39 @@ def _accumulate_product(acc, A, B, K, stride_ar, stride_ak, stride_bk, stride_bc
 
 
 @triton.jit
-def _fwd_kernel(X, W, BIAS, S, B, Y, T, N, K, R, scale,
-                stride_xt, stride_xk, stride_wn, stride_wk, stride_st, stride_sr, stride_bn, stride_br,
-                stride_yt, stride_yn,
-                HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
-                PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                BLOCK_R: tl.constexpr, GROUP_T: tl.constexpr):
+def _fwd_kernel(
+    X,
+    W,
+    BIAS,
+    S,
+    B,
+    Y,
+    T,
+    N,
+    K,
+    R,
+    scale,
+    stride_xt,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_st,
+    stride_sr,
+    stride_bn,
+    stride_br,
+    stride_yt,
+    stride_yn,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    ACC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUP_T: tl.constexpr,
+):
     """Y = X·Wᵀ + scale·(s·Bᵀ) + bias for one BLOCK_T×BLOCK_N tile (fp32 accumulation, one rounding at the end)."""
     pid_t, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(T, BLOCK_T), tl.cdiv(N, BLOCK_N), GROUP_T)
     offs_t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # int64: T·stride may pass 2³¹
@@ -123,8 +190,9 @@ def _fwd_kernel(X, W, BIAS, S, B, Y, T, N, K, R, scale,
         b = load(B + offs_r[:, None] * stride_br + cols[None, :] * stride_bn, in_r[:, None], UPCAST, ACC)
         acc = mma(s, b, acc, UPCAST, PREC)
     acc = acc * scale
-    acc = _accumulate_product(acc, X, W, K, stride_xt, stride_xk, stride_wk, stride_wn, rows, cols,
-                              EVEN_K, ACC, UPCAST, PREC, BLOCK_K)
+    acc = _accumulate_product(
+        acc, X, W, K, stride_xt, stride_xk, stride_wk, stride_wn, rows, cols, EVEN_K, ACC, UPCAST, PREC, BLOCK_K
+    )
     if HAS_BIAS:
         acc += tl.load(BIAS + cols).to(ACC)[None, :]
     mask = (offs_t[:, None] < T) & (offs_n[None, :] < N)
@@ -132,11 +200,39 @@ def _fwd_kernel(X, W, BIAS, S, B, Y, T, N, K, R, scale,
 
 
 @triton.jit
-def _bwd_dy_kernel(DY, S, B, DS_PART, DB_PART, DBIAS_PART, T, N, R, blocks_per_prog, scale,
-                   stride_dyt, stride_dyn, stride_st, stride_sr, stride_bn, stride_br,
-                   stride_dsp, stride_dst, stride_dsr, stride_dbp, stride_dbn, stride_dbr, stride_dbiasp,
-                   HAS_DBIAS: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                   BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+def _bwd_dy_kernel(
+    DY,
+    S,
+    B,
+    DS_PART,
+    DB_PART,
+    DBIAS_PART,
+    T,
+    N,
+    R,
+    blocks_per_prog,
+    scale,
+    stride_dyt,
+    stride_dyn,
+    stride_st,
+    stride_sr,
+    stride_bn,
+    stride_br,
+    stride_dsp,
+    stride_dst,
+    stride_dsr,
+    stride_dbp,
+    stride_dbn,
+    stride_dbr,
+    stride_dbiasp,
+    HAS_DBIAS: tl.constexpr,
+    ACC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     """One read of the dY tiles of d_out block ``pid_n`` over token chunk ``pid_t``:
     DS_PART[pid_n] = scale·dY[:, n-block]·B[n-block], DB_PART[pid_t] = scale·Σ_chunk dYᵀ·s,
     DBIAS_PART[pid_t] = Σ_chunk dY (the scale is applied in fp32 to the fp32 sums)."""
@@ -146,39 +242,88 @@ def _bwd_dy_kernel(DY, S, B, DS_PART, DB_PART, DBIAS_PART, T, N, R, blocks_per_p
     offs_r = tl.arange(0, BLOCK_R)
     in_n = offs_n < N
     in_r = offs_r < R
-    b = load(B + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br, in_n[:, None] & in_r[None, :],
-             UPCAST, ACC)
+    b = load(B + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br, in_n[:, None] & in_r[None, :], UPCAST, ACC)
     db_acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC)
     dbias_acc = tl.zeros((BLOCK_N,), dtype=ACC)
     for i in range(0, blocks_per_prog):
         offs_t = (pid_t * blocks_per_prog + i).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
         in_t = offs_t < T
-        dy = load(DY + offs_t[:, None] * stride_dyt + offs_n[None, :] * stride_dyn, in_t[:, None] & in_n[None, :],
-                  UPCAST, ACC)
-        s = load(S + offs_t[:, None] * stride_st + offs_r[None, :] * stride_sr, in_t[:, None] & in_r[None, :],
-                 UPCAST, ACC)
+        dy = load(
+            DY + offs_t[:, None] * stride_dyt + offs_n[None, :] * stride_dyn, in_t[:, None] & in_n[None, :], UPCAST, ACC
+        )
+        s = load(
+            S + offs_t[:, None] * stride_st + offs_r[None, :] * stride_sr, in_t[:, None] & in_r[None, :], UPCAST, ACC
+        )
         ds = mma(dy, b, tl.zeros((BLOCK_T, BLOCK_R), dtype=ACC), UPCAST, PREC)
-        tl.store(DS_PART + pid_n * stride_dsp + offs_t[:, None] * stride_dst + offs_r[None, :] * stride_dsr,
-                 (ds * scale).to(DS_PART.dtype.element_ty), mask=in_t[:, None] & in_r[None, :])
+        tl.store(
+            DS_PART + pid_n * stride_dsp + offs_t[:, None] * stride_dst + offs_r[None, :] * stride_dsr,
+            (ds * scale).to(DS_PART.dtype.element_ty),
+            mask=in_t[:, None] & in_r[None, :],
+        )
         db_acc = mma(tl.trans(dy), s, db_acc, UPCAST, PREC)
         if HAS_DBIAS:
             dbias_acc += tl.sum(dy.to(ACC), axis=0)
-    tl.store(DB_PART + pid_t * stride_dbp + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
-             (db_acc * scale).to(DB_PART.dtype.element_ty), mask=in_n[:, None] & in_r[None, :])
+    tl.store(
+        DB_PART + pid_t * stride_dbp + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
+        (db_acc * scale).to(DB_PART.dtype.element_ty),
+        mask=in_n[:, None] & in_r[None, :],
+    )
     if HAS_DBIAS:
         tl.store(DBIAS_PART + pid_t * stride_dbiasp + offs_n, dbias_acc.to(DBIAS_PART.dtype.element_ty), mask=in_n)
 
 
 @triton.jit
-def _bwd_dx_kernel(DY0, W0, N0, s_dy0t, s_dy0n, s_w0n, s_w0k,
-                   DY1, W1, N1, s_dy1t, s_dy1n, s_w1n, s_w1k,
-                   DY2, W2, N2, s_dy2t, s_dy2n, s_w2n, s_w2k,
-                   DY3, W3, N3, s_dy3t, s_dy3n, s_w3n, s_w3k,
-                   DS, A, DX, T, K, R,
-                   stride_dst, stride_dsr, stride_ar, stride_ak, stride_dxt, stride_dxk,
-                   NUM_SEG: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                   BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                   GROUP_T: tl.constexpr):
+def _bwd_dx_kernel(
+    DY0,
+    W0,
+    N0,
+    s_dy0t,
+    s_dy0n,
+    s_w0n,
+    s_w0k,
+    DY1,
+    W1,
+    N1,
+    s_dy1t,
+    s_dy1n,
+    s_w1n,
+    s_w1k,
+    DY2,
+    W2,
+    N2,
+    s_dy2t,
+    s_dy2n,
+    s_w2n,
+    s_w2k,
+    DY3,
+    W3,
+    N3,
+    s_dy3t,
+    s_dy3n,
+    s_w3n,
+    s_w3k,
+    DS,
+    A,
+    DX,
+    T,
+    K,
+    R,
+    stride_dst,
+    stride_dsr,
+    stride_ar,
+    stride_ak,
+    stride_dxt,
+    stride_dxk,
+    NUM_SEG: tl.constexpr,
+    ACC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUP_T: tl.constexpr,
+):
     """dX tile = Σ_seg dY_seg·W_seg + ds·A (ds already holds the scales), one rounding at the end."""
     pid_t, pid_k = _grouped_pid(tl.program_id(0), tl.cdiv(T, BLOCK_T), tl.cdiv(K, BLOCK_K), GROUP_T)
     offs_t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # int64: T·stride may pass 2³¹
@@ -186,17 +331,21 @@ def _bwd_dx_kernel(DY0, W0, N0, s_dy0t, s_dy0n, s_w0n, s_w0k,
     rows = offs_t % T
     cols = offs_k % K
     acc = tl.zeros((BLOCK_T, BLOCK_K), dtype=ACC)
-    acc = _accumulate_product(acc, DY0, W0, N0, s_dy0t, s_dy0n, s_w0n, s_w0k, rows, cols, False, ACC, UPCAST,
-                              PREC, BLOCK_N)
+    acc = _accumulate_product(
+        acc, DY0, W0, N0, s_dy0t, s_dy0n, s_w0n, s_w0k, rows, cols, False, ACC, UPCAST, PREC, BLOCK_N
+    )
     if NUM_SEG > 1:
-        acc = _accumulate_product(acc, DY1, W1, N1, s_dy1t, s_dy1n, s_w1n, s_w1k, rows, cols, False, ACC, UPCAST,
-                                  PREC, BLOCK_N)
+        acc = _accumulate_product(
+            acc, DY1, W1, N1, s_dy1t, s_dy1n, s_w1n, s_w1k, rows, cols, False, ACC, UPCAST, PREC, BLOCK_N
+        )
     if NUM_SEG > 2:
-        acc = _accumulate_product(acc, DY2, W2, N2, s_dy2t, s_dy2n, s_w2n, s_w2k, rows, cols, False, ACC, UPCAST,
-                                  PREC, BLOCK_N)
+        acc = _accumulate_product(
+            acc, DY2, W2, N2, s_dy2t, s_dy2n, s_w2n, s_w2k, rows, cols, False, ACC, UPCAST, PREC, BLOCK_N
+        )
     if NUM_SEG > 3:
-        acc = _accumulate_product(acc, DY3, W3, N3, s_dy3t, s_dy3n, s_w3n, s_w3k, rows, cols, False, ACC, UPCAST,
-                                  PREC, BLOCK_N)
+        acc = _accumulate_product(
+            acc, DY3, W3, N3, s_dy3t, s_dy3n, s_w3n, s_w3k, rows, cols, False, ACC, UPCAST, PREC, BLOCK_N
+        )
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         in_r = offs_r < R
@@ -208,8 +357,7 @@ def _bwd_dx_kernel(DY0, W0, N0, s_dy0t, s_dy0n, s_w0n, s_w0k,
             ds = ds.to(DY0.dtype.element_ty)
         acc = mma(ds, a, acc, UPCAST, PREC)
     mask = (offs_t[:, None] < T) & (offs_k[None, :] < K)
-    tl.store(DX + offs_t[:, None] * stride_dxt + offs_k[None, :] * stride_dxk, acc.to(DX.dtype.element_ty),
-             mask=mask)
+    tl.store(DX + offs_t[:, None] * stride_dxt + offs_k[None, :] * stride_dxk, acc.to(DX.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------- launchers
@@ -242,8 +390,9 @@ def _rank_block(r: int) -> int:
     return max(16, min(next_pow2(r), MAX_RANK))
 
 
-def plan_shrink(x2: torch.Tensor, a: torch.Tensor, out: torch.Tensor, *, split_k: Optional[int] = None,
-                on_gpu: Optional[bool] = None):
+def plan_shrink(
+    x2: torch.Tensor, a: torch.Tensor, out: torch.Tensor, *, split_k: int | None = None, on_gpu: bool | None = None
+):
     """Launches computing ``out = x2·aᵀ`` (T×R). Returns ``(launches, finish)``; ``finish()`` sums split-K
     partials into ``out`` (no-op without split)."""
     T, K = x2.shape
@@ -264,20 +413,43 @@ def plan_shrink(x2: torch.Tensor, a: torch.Tensor, out: torch.Tensor, *, split_k
     k_per_split = cdiv(k_blocks, split_k) * block_k
     split_k = cdiv(K, k_per_split)
     if split_k > 1:
-        part = torch.empty((split_k, T, R), device=device, dtype=torch.float32 if x2.dtype != torch.float64
-                           else torch.float64)
+        part = torch.empty(
+            (split_k, T, R), device=device, dtype=torch.float32 if x2.dtype != torch.float64 else torch.float64
+        )
         dst, stride_ss = part, part.stride(0)
         strides = part.stride()[1:]
     else:
         part, dst, stride_ss, strides = None, out, 0, out.stride()
     launch = Launch(
-        _shrink_kernel, (t_blocks, r_blocks, split_k),
-        dict(X=x2, A=a, S=dst, T=T, K=K, R=R, k_per_split=k_per_split, stride_xt=x2.stride(0),
-             stride_xk=x2.stride(1), stride_ar=a.stride(0), stride_ak=a.stride(1), stride_ss=stride_ss,
-             stride_st=strides[0], stride_sr=strides[1]),
-        dict(ACC=acc_dtype(x2.dtype, a.dtype), UPCAST=upcast, PREC=prec, BLOCK_T=block_t, BLOCK_K=block_k,
-             BLOCK_R=block_r),
-        num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
+        _shrink_kernel,
+        (t_blocks, r_blocks, split_k),
+        dict(
+            X=x2,
+            A=a,
+            S=dst,
+            T=T,
+            K=K,
+            R=R,
+            k_per_split=k_per_split,
+            stride_xt=x2.stride(0),
+            stride_xk=x2.stride(1),
+            stride_ar=a.stride(0),
+            stride_ak=a.stride(1),
+            stride_ss=stride_ss,
+            stride_st=strides[0],
+            stride_sr=strides[1],
+        ),
+        dict(
+            ACC=acc_dtype(x2.dtype, a.dtype),
+            UPCAST=upcast,
+            PREC=prec,
+            BLOCK_T=block_t,
+            BLOCK_K=block_k,
+            BLOCK_R=block_r,
+        ),
+        num_warps=tiles["num_warps"],
+        num_stages=tiles["num_stages"],
+    )
 
     def finish():
         if part is not None:
@@ -286,28 +458,61 @@ def plan_shrink(x2: torch.Tensor, a: torch.Tensor, out: torch.Tensor, *, split_k
     return [launch], finish
 
 
-def plan_forward(x2, weight, bias, s, lora_b, scale, y, *, on_gpu: Optional[bool] = None) -> list[Launch]:
+def plan_forward(x2, weight, bias, s, lora_b, scale, y, *, on_gpu: bool | None = None) -> list[Launch]:
     T, K = x2.shape
     N = weight.shape[0]
     R = s.shape[1]
     cfg = _tiles("gemm", x2.dtype, x2.device.type == "cuda" if on_gpu is None else on_gpu)
     upcast, prec = dot_mode(x2.dtype)
     grid = (cdiv(T, cfg["BLOCK_T"]) * cdiv(N, cfg["BLOCK_N"]),)
-    return [Launch(
-        _fwd_kernel, grid,
-        dict(X=x2, W=weight, BIAS=bias if bias is not None else y, S=s, B=lora_b, Y=y, T=T, N=N, K=K, R=R,
-             scale=float(scale), stride_xt=x2.stride(0), stride_xk=x2.stride(1), stride_wn=weight.stride(0),
-             stride_wk=weight.stride(1), stride_st=s.stride(0), stride_sr=s.stride(1),
-             stride_bn=lora_b.stride(0), stride_br=lora_b.stride(1), stride_yt=y.stride(0), stride_yn=y.stride(1)),
-        dict(HAS_BIAS=bias is not None, EVEN_K=K % cfg["BLOCK_K"] == 0,
-             ACC=acc_dtype(x2.dtype, weight.dtype), UPCAST=upcast, PREC=prec, BLOCK_T=cfg["BLOCK_T"],
-             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=min(_rank_block(R), 64),
-             GROUP_T=cfg["GROUP_T"]),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])]
+    return [
+        Launch(
+            _fwd_kernel,
+            grid,
+            dict(
+                X=x2,
+                W=weight,
+                BIAS=bias if bias is not None else y,
+                S=s,
+                B=lora_b,
+                Y=y,
+                T=T,
+                N=N,
+                K=K,
+                R=R,
+                scale=float(scale),
+                stride_xt=x2.stride(0),
+                stride_xk=x2.stride(1),
+                stride_wn=weight.stride(0),
+                stride_wk=weight.stride(1),
+                stride_st=s.stride(0),
+                stride_sr=s.stride(1),
+                stride_bn=lora_b.stride(0),
+                stride_br=lora_b.stride(1),
+                stride_yt=y.stride(0),
+                stride_yn=y.stride(1),
+            ),
+            dict(
+                HAS_BIAS=bias is not None,
+                EVEN_K=K % cfg["BLOCK_K"] == 0,
+                ACC=acc_dtype(x2.dtype, weight.dtype),
+                UPCAST=upcast,
+                PREC=prec,
+                BLOCK_T=cfg["BLOCK_T"],
+                BLOCK_N=cfg["BLOCK_N"],
+                BLOCK_K=cfg["BLOCK_K"],
+                BLOCK_R=min(_rank_block(R), 64),
+                GROUP_T=cfg["GROUP_T"],
+            ),
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )
+    ]
 
 
-def plan_backward_dy(dy2, s, lora_b, scale, *, need_dbias: bool, blocks_per_prog: Optional[int] = None,
-                     on_gpu: Optional[bool] = None):
+def plan_backward_dy(
+    dy2, s, lora_b, scale, *, need_dbias: bool, blocks_per_prog: int | None = None, on_gpu: bool | None = None
+):
     """Launch of the one pass over dY. Returns ``(launches, (ds_part, db_part, dbias_part))`` with
     ``scale·ds = ds_part.sum(0)`` (T×R), ``dB = db_part.sum(0)`` (N×R), ``dbias = dbias_part.sum(0)``."""
     T, N = dy2.shape
@@ -329,21 +534,52 @@ def plan_backward_dy(dy2, s, lora_b, scale, *, need_dbias: bool, blocks_per_prog
     db_part = torch.empty((programs_t, N, R), device=device, dtype=part_dtype)
     dbias_part = torch.empty((programs_t, N) if need_dbias else (1, 1), device=device, dtype=part_dtype)
     launch = Launch(
-        _bwd_dy_kernel, (programs_t, n_blocks),
-        dict(DY=dy2, S=s, B=lora_b, DS_PART=ds_part, DB_PART=db_part, DBIAS_PART=dbias_part, T=T, N=N, R=R,
-             blocks_per_prog=blocks_per_prog, scale=float(scale), stride_dyt=dy2.stride(0), stride_dyn=dy2.stride(1),
-             stride_st=s.stride(0), stride_sr=s.stride(1), stride_bn=lora_b.stride(0), stride_br=lora_b.stride(1),
-             stride_dsp=ds_part.stride(0), stride_dst=ds_part.stride(1), stride_dsr=ds_part.stride(2),
-             stride_dbp=db_part.stride(0), stride_dbn=db_part.stride(1), stride_dbr=db_part.stride(2),
-             stride_dbiasp=dbias_part.stride(0)),
-        dict(HAS_DBIAS=need_dbias, ACC=acc_dtype(dy2.dtype, s.dtype), UPCAST=upcast, PREC=prec, BLOCK_T=block_t,
-             BLOCK_N=block_n, BLOCK_R=block_r),
-        num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
+        _bwd_dy_kernel,
+        (programs_t, n_blocks),
+        dict(
+            DY=dy2,
+            S=s,
+            B=lora_b,
+            DS_PART=ds_part,
+            DB_PART=db_part,
+            DBIAS_PART=dbias_part,
+            T=T,
+            N=N,
+            R=R,
+            blocks_per_prog=blocks_per_prog,
+            scale=float(scale),
+            stride_dyt=dy2.stride(0),
+            stride_dyn=dy2.stride(1),
+            stride_st=s.stride(0),
+            stride_sr=s.stride(1),
+            stride_bn=lora_b.stride(0),
+            stride_br=lora_b.stride(1),
+            stride_dsp=ds_part.stride(0),
+            stride_dst=ds_part.stride(1),
+            stride_dsr=ds_part.stride(2),
+            stride_dbp=db_part.stride(0),
+            stride_dbn=db_part.stride(1),
+            stride_dbr=db_part.stride(2),
+            stride_dbiasp=dbias_part.stride(0),
+        ),
+        dict(
+            HAS_DBIAS=need_dbias,
+            ACC=acc_dtype(dy2.dtype, s.dtype),
+            UPCAST=upcast,
+            PREC=prec,
+            BLOCK_T=block_t,
+            BLOCK_N=block_n,
+            BLOCK_R=block_r,
+        ),
+        num_warps=tiles["num_warps"],
+        num_stages=tiles["num_stages"],
+    )
     return [launch], (ds_part, db_part, dbias_part)
 
 
-def plan_backward_dx(segments: Sequence[tuple[torch.Tensor, torch.Tensor]], ds, a_cat, dx, *,
-                     on_gpu: Optional[bool] = None) -> list[Launch]:
+def plan_backward_dx(
+    segments: Sequence[tuple[torch.Tensor, torch.Tensor]], ds, a_cat, dx, *, on_gpu: bool | None = None
+) -> list[Launch]:
     """Launch of ``dx = Σ dy_i·W_i + ds·a_cat`` for up to :data:`MAX_SEGMENTS` (dy_i, W_i) pairs."""
     if not 1 <= len(segments) <= MAX_SEGMENTS:
         raise ValueError(f"plan_backward_dx takes 1..{MAX_SEGMENTS} (dy, W) segments, got {len(segments)}")
@@ -356,18 +592,52 @@ def plan_backward_dx(segments: Sequence[tuple[torch.Tensor, torch.Tensor]], ds, 
     for i in range(MAX_SEGMENTS):
         dy, w = segments[i] if i < len(segments) else segments[0]
         n = dy.shape[1] if i < len(segments) else 0
-        args.update({f"DY{i}": dy, f"W{i}": w, f"N{i}": n, f"s_dy{i}t": dy.stride(0), f"s_dy{i}n": dy.stride(1),
-                     f"s_w{i}n": w.stride(0), f"s_w{i}k": w.stride(1)})
-    args.update(DS=ds, A=a_cat, DX=dx, T=T, K=K, R=R, stride_dst=ds.stride(0), stride_dsr=ds.stride(1),
-                stride_ar=a_cat.stride(0), stride_ak=a_cat.stride(1), stride_dxt=dx.stride(0),
-                stride_dxk=dx.stride(1))
+        args.update(
+            {
+                f"DY{i}": dy,
+                f"W{i}": w,
+                f"N{i}": n,
+                f"s_dy{i}t": dy.stride(0),
+                f"s_dy{i}n": dy.stride(1),
+                f"s_w{i}n": w.stride(0),
+                f"s_w{i}k": w.stride(1),
+            }
+        )
+    args.update(
+        DS=ds,
+        A=a_cat,
+        DX=dx,
+        T=T,
+        K=K,
+        R=R,
+        stride_dst=ds.stride(0),
+        stride_dsr=ds.stride(1),
+        stride_ar=a_cat.stride(0),
+        stride_ak=a_cat.stride(1),
+        stride_dxt=dx.stride(0),
+        stride_dxk=dx.stride(1),
+    )
     grid = (cdiv(T, cfg["BLOCK_T"]) * cdiv(K, cfg["BLOCK_N"]),)
-    return [Launch(
-        _bwd_dx_kernel, grid, args,
-        dict(NUM_SEG=len(segments), ACC=acc_dtype(dy0.dtype), UPCAST=upcast, PREC=prec, BLOCK_T=cfg["BLOCK_T"],
-             BLOCK_K=cfg["BLOCK_N"], BLOCK_N=cfg["BLOCK_K"], BLOCK_R=min(_rank_block(R), 64),
-             GROUP_T=cfg["GROUP_T"]),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])]
+    return [
+        Launch(
+            _bwd_dx_kernel,
+            grid,
+            args,
+            dict(
+                NUM_SEG=len(segments),
+                ACC=acc_dtype(dy0.dtype),
+                UPCAST=upcast,
+                PREC=prec,
+                BLOCK_T=cfg["BLOCK_T"],
+                BLOCK_K=cfg["BLOCK_N"],
+                BLOCK_N=cfg["BLOCK_K"],
+                BLOCK_R=min(_rank_block(R), 64),
+                GROUP_T=cfg["GROUP_T"],
+            ),
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )
+    ]
 
 
 def _sum_parts(part: torch.Tensor) -> torch.Tensor:
@@ -397,14 +667,16 @@ def _check(x, weights, biases, lora_as, lora_bs):
         if b is not None and b.shape != (w.shape[0],):
             raise ValueError(f"projection {i}: bias must be ({w.shape[0]},), got {tuple(b.shape)}")
         if w.requires_grad or a.requires_grad:
-            raise RuntimeError("lora_linear treats `weight` and `lora_a` as frozen, but one of them requires grad; "
-                               "call .requires_grad_(False) on it, or use lora_linear_unfused (plain autograd)")
+            raise RuntimeError(
+                "lora_linear treats `weight` and `lora_a` as frozen, but one of them requires grad; "
+                "call .requires_grad_(False) on it, or use lora_linear_unfused (plain autograd)"
+            )
         for t in (w, a, lb) + ((b,) if b is not None else ()):
             if t.device != x.device:
                 raise ValueError(f"projection {i}: all tensors must be on {x.device}, got one on {t.device}")
 
 
-def shared_forward(x2: torch.Tensor, weights, biases, lora_as, lora_bs, scales, *, split_k: Optional[int] = None):
+def shared_forward(x2: torch.Tensor, weights, biases, lora_as, lora_bs, scales, *, split_k: int | None = None):
     """Forward of p projections of one input: one shrink with A_cat, then one fused GEMM per projection.
     Returns ``(ys, s_cat)``; ``s_cat`` (T×ΣR, x's dtype) is the only activation backward needs."""
     T = x2.shape[0]
@@ -417,7 +689,7 @@ def shared_forward(x2: torch.Tensor, weights, biases, lora_as, lora_bs, scales, 
     for w, b, a, lb, scale in zip(weights, biases, lora_as, lora_bs, scales):
         r = a.shape[0]
         y = torch.empty((T, w.shape[0]), device=x2.device, dtype=x2.dtype)
-        _run(plan_forward(x2, w, b, s_cat[:, r0:r0 + r], lb, scale, y))
+        _run(plan_forward(x2, w, b, s_cat[:, r0 : r0 + r], lb, scale, y))
         ys.append(y)
         r0 += r
     return ys, s_cat
@@ -432,7 +704,7 @@ def shared_backward(dys, s_cat, weights, lora_as, lora_bs, scales, *, need_dx: b
     r0 = 0
     for i, (dy2, lb, a, scale) in enumerate(zip(dys, lora_bs, lora_as, scales)):
         r = a.shape[0]
-        s = s_cat[:, r0:r0 + r]
+        s = s_cat[:, r0 : r0 + r]
         r0 += r
         if dy2 is None:
             dlora_bs.append(torch.zeros_like(lb) if need_dlora_b[i] else None)
@@ -459,7 +731,7 @@ def shared_backward(dys, s_cat, weights, lora_as, lora_bs, scales, *, need_dx: b
         a_cat = lora_as[0] if len(lora_as) == 1 else torch.cat([a.to(lora_as[0].dtype) for a in lora_as], dim=0)
         ds_cat = ds_blocks[0] if len(ds_blocks) == 1 else torch.cat(ds_blocks, dim=1)
         if len(segments) > MAX_SEGMENTS:  # rare: fold the extra segments into one by concatenation
-            head, tail = segments[:MAX_SEGMENTS - 1], segments[MAX_SEGMENTS - 1:]
+            head, tail = segments[: MAX_SEGMENTS - 1], segments[MAX_SEGMENTS - 1 :]
             segments = head + [(torch.cat([d for d, _ in tail], dim=1), torch.cat([w for _, w in tail], dim=0))]
         _run(plan_backward_dx(segments, ds_cat, a_cat, dx2))
     return dx2, dlora_bs, dbiases
@@ -480,7 +752,7 @@ class LoRALinearTritonFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scales, n, *tensors):
-        weights, biases, lora_as, lora_bs = (list(tensors[i * n:(i + 1) * n]) for i in range(4))
+        weights, biases, lora_as, lora_bs = (list(tensors[i * n : (i + 1) * n]) for i in range(4))
         _check(x, weights, biases, lora_as, lora_bs)
         x2 = x.reshape(-1, x.shape[-1])
         ys, s_cat = shared_forward(x2, weights, biases, lora_as, lora_bs, scales)
@@ -495,22 +767,32 @@ class LoRALinearTritonFunction(torch.autograd.Function):
     def backward(ctx, *dys):
         n = ctx.n
         s_cat, *rest = ctx.saved_tensors
-        weights, lora_as, lora_bs = rest[:n], rest[n:2 * n], rest[2 * n:]
+        weights, lora_as, lora_bs = rest[:n], rest[n : 2 * n], rest[2 * n :]
         need = ctx.needs_input_grad
         need_dx = need[0]
         need_dbias = [need[3 + n + i] for i in range(n)]
         need_dlora_b = [need[3 + 3 * n + i] for i in range(n)]
         dy2s = [None if dy is None else dy.reshape(-1, dy.shape[-1]).to(ctx.x_dtype) for dy in dys]
-        dx2, dlora_bs, dbiases = shared_backward(dy2s, s_cat, weights, lora_as, lora_bs, ctx.scales,
-                                                 need_dx=need_dx, need_dlora_b=need_dlora_b, need_dbias=need_dbias)
+        dx2, dlora_bs, dbiases = shared_backward(
+            dy2s,
+            s_cat,
+            weights,
+            lora_as,
+            lora_bs,
+            ctx.scales,
+            need_dx=need_dx,
+            need_dlora_b=need_dlora_b,
+            need_dbias=need_dbias,
+        )
         dx = dx2.reshape(ctx.x_shape) if dx2 is not None else None
         dbiases = [None if g is None else g.to(dt) for g, dt in zip(dbiases, ctx.bias_dtypes)]
         return (dx, None, None, *([None] * n), *dbiases, *([None] * n), *dlora_bs)
 
 
 # ------------------------------------------------------------------------------------------------ entry points
-def lora_dy_pass(dy2: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, scale: float,
-                 need_dbias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lora_dy_pass(
+    dy2: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, scale: float, need_dbias: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Body of the registered op ``keeplora::lora_dy_pass`` (:mod:`keeplora_kernels.experimental.lora_variants`):
     one pass over ``dy2`` (T×N) for the rank-r part of the LoRA backward, ``(scale·dy2·lora_b (T×R),
     scale·dy2ᵀ·s (N×R), Σ_T dy2 (N,))``, all fp32 (fp64 for fp64 inputs); the bias sum is a 1-element
@@ -530,8 +812,7 @@ def lora_linear_triton(x, weight, bias, lora_a, lora_b, scale):
 def lora_linear_shared_triton(x, weights, biases, lora_as, lora_bs, scales):
     """:func:`keeplora_kernels.lora_linear_shared` in the Triton kernels: one shrink of x for all projections."""
     n = len(weights)
-    return LoRALinearTritonFunction.apply(x, tuple(float(s) for s in scales), n, *weights, *biases, *lora_as,
-                                          *lora_bs)
+    return LoRALinearTritonFunction.apply(x, tuple(float(s) for s in scales), n, *weights, *biases, *lora_as, *lora_bs)
 
 
 def planned_launches(x2, weight, bias, lora_a, lora_b, scale, dy2, *, on_gpu: bool = True) -> list[Launch]:
@@ -543,8 +824,7 @@ def planned_launches(x2, weight, bias, lora_a, lora_b, scale, dy2, *, on_gpu: bo
     launches = plan_shrink(x2, lora_a, s, split_k=1, on_gpu=on_gpu)[0]
     launches += plan_shrink(x2, lora_a, s, split_k=2, on_gpu=on_gpu)[0]
     launches += plan_forward(x2, weight, bias, s, lora_b, scale, y, on_gpu=on_gpu)
-    dy_launches, (ds_part, _, _) = plan_backward_dy(dy2, s, lora_b, scale, need_dbias=bias is not None,
-                                                    on_gpu=on_gpu)
+    dy_launches, (ds_part, _, _) = plan_backward_dy(dy2, s, lora_b, scale, need_dbias=bias is not None, on_gpu=on_gpu)
     launches += dy_launches
     dx = torch.empty_like(x2)
     launches += plan_backward_dx([(dy2, weight)], ds_part[0], lora_a, dx, on_gpu=on_gpu)

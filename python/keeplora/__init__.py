@@ -1,8 +1,8 @@
 """keeplora: KeepLoRA continual learning (residual gradient adaptation) for Hugging Face models.
 
-    from keeplora import KeepLoRA, KeepLoRAConfig
-    kl = KeepLoRA(model, KeepLoRAConfig(target_modules=["query", "value"], r=16))
-    kl.begin_task(loader, loss_fn); ...train kl.trainable_parameters()...; kl.end_task(loader, loss_fn)
+from keeplora import KeepLoRA, KeepLoRAConfig
+kl = KeepLoRA(model, KeepLoRAConfig(target_modules=["query", "value"], r=16))
+kl.begin_task(loader, loss_fn); ...train kl.trainable_parameters()...; kl.end_task(loader, loss_fn)
 """
 
 __version__ = "0.1.0"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Iterator, Mapping, Optional
+from collections.abc import Iterator, Mapping
 
 import torch
 from peft import LoraConfig, PeftModel, inject_adapter_in_model
@@ -29,7 +29,7 @@ class KeepLoRALinear(lora_layer.Linear):
 
     _keeplora_bypass = False  # set by adapters_bypassed(): the adapter is known to be zero, run the base layer only
 
-    def _fused_adapter(self) -> Optional[str]:
+    def _fused_adapter(self) -> str | None:
         """The adapter the fused path can run, or None when PEFT's general forward is needed."""
         active = self.active_adapters
         if self.disable_adapters or self.merged or len(active) != 1:
@@ -51,8 +51,9 @@ class KeepLoRALinear(lora_layer.Linear):
         if name is None:
             return super().forward(x, *args, **kwargs)
         base = self.base_layer
-        return kk.lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                              self.scaling[name])
+        return kk.lora_linear(
+            x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+        )
 
 
 @contextlib.contextmanager
@@ -81,8 +82,10 @@ def _default_targets(model: nn.Module) -> list[str]:
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in mapping:
-        raise ValueError("KeepLoRAConfig.target_modules is None and PEFT has no default targets for model type "
-                         f"{model_type!r}; name the modules to adapt, e.g. target_modules=['q_proj', 'v_proj']")
+        raise ValueError(
+            "KeepLoRAConfig.target_modules is None and PEFT has no default targets for model type "
+            f"{model_type!r}; name the modules to adapt, e.g. target_modules=['q_proj', 'v_proj']"
+        )
     return list(mapping[model_type])
 
 
@@ -122,11 +125,15 @@ def resolve_targets(model: nn.Module, config: KeepLoRAConfig) -> list[str]:
     if isinstance(spec, list) and len(used_entries) < len(spec):
         missing = [e for e in spec if e not in used_entries]
         linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in root.named_modules() if type(m) is nn.Linear})
-        raise ValueError(f"KeepLoRAConfig.target_modules: no module matches {missing}; the nn.Linear modules of "
-                         f"this model have names ending with one of {linear_names}")
+        raise ValueError(
+            f"KeepLoRAConfig.target_modules: no module matches {missing}; the nn.Linear modules of "
+            f"this model have names ending with one of {linear_names}"
+        )
     if not_linear:
-        raise ValueError("KeepLoRAConfig.target_modules matched modules that are not torch.nn.Linear (KeepLoRA "
-                         f"adapts linear layers only): {not_linear[:8]}")
+        raise ValueError(
+            "KeepLoRAConfig.target_modules matched modules that are not torch.nn.Linear (KeepLoRA "
+            f"adapts linear layers only): {not_linear[:8]}"
+        )
     if not names:
         raise ValueError(f"KeepLoRAConfig.target_modules={spec!r} matches no nn.Linear module of the model")
     return names
@@ -144,15 +151,16 @@ def check_shapes(model: nn.Module, names: list[str], config: KeepLoRAConfig) -> 
         module = modules[name]
         d_in = (module.get_base_layer() if isinstance(module, LoraLayer) else module).in_features
         if config.r > d_in:
-            raise ValueError(f"KeepLoRAConfig.r = {config.r} exceeds d_in = {d_in} of target {name!r}; "
-                             f"use r ≤ {d_in}")
+            raise ValueError(f"KeepLoRAConfig.r = {config.r} exceeds d_in = {d_in} of target {name!r}; use r ≤ {d_in}")
         if config.weight_subspace_side == "output":
             w = (module.get_base_layer() if isinstance(module, LoraLayer) else module).weight
             if w.shape[0] != w.shape[1]:
-                raise ValueError("KeepLoRAConfig.weight_subspace_side='output' (also implied by "
-                                 "weight_subspace='official-clip') applies output-space singular vectors on the input "
-                                 f"side, which needs square weights; {name!r} is {tuple(w.shape)}. Use "
-                                 "weight_subspace_side='input'.")
+                raise ValueError(
+                    "KeepLoRAConfig.weight_subspace_side='output' (also implied by "
+                    "weight_subspace='official-clip') applies output-space singular vectors on the input "
+                    f"side, which needs square weights; {name!r} is {tuple(w.shape)}. Use "
+                    "weight_subspace_side='input'."
+                )
         config.weight_energy_for(name)  # every target needs an ε_w
 
 
@@ -163,20 +171,31 @@ def attach_adapters(model: nn.Module, names: list[str], config: KeepLoRAConfig) 
     existing = _adapter_layers(root, config.adapter_name)
     if existing:
         if sorted(existing) != sorted(names):
-            raise ValueError(f"the model's PEFT adapter {config.adapter_name!r} adapts {sorted(existing)}, but "
-                             f"KeepLoRAConfig.target_modules selects {sorted(names)}")
+            raise ValueError(
+                f"the model's PEFT adapter {config.adapter_name!r} adapts {sorted(existing)}, but "
+                f"KeepLoRAConfig.target_modules selects {sorted(names)}"
+            )
         for name, layer in existing.items():
             a = layer.lora_A[config.adapter_name].weight
             if a.shape[0] != config.r or abs(layer.scaling[config.adapter_name] - config.scale) > 1e-12:
-                raise ValueError(f"the model's PEFT adapter {config.adapter_name!r} has r={a.shape[0]} and scale "
-                                 f"{layer.scaling[config.adapter_name]} at {name!r}; KeepLoRAConfig asks for "
-                                 f"r={config.r}, scale alpha/r={config.scale}")
+                raise ValueError(
+                    f"the model's PEFT adapter {config.adapter_name!r} has r={a.shape[0]} and scale "
+                    f"{layer.scaling[config.adapter_name]} at {name!r}; KeepLoRAConfig asks for "
+                    f"r={config.r}, scale alpha/r={config.scale}"
+                )
             if config.adapter_name in layer.lora_variant:
-                raise ValueError(f"the PEFT adapter {config.adapter_name!r} uses a LoRA variant (e.g. DoRA) at "
-                                 f"{name!r}; KeepLoRA needs plain LoRA")
+                raise ValueError(
+                    f"the PEFT adapter {config.adapter_name!r} uses a LoRA variant (e.g. DoRA) at "
+                    f"{name!r}; KeepLoRA needs plain LoRA"
+                )
     else:
-        lora_config = LoraConfig(r=config.r, lora_alpha=config.alpha, target_modules=list(names),
-                                 lora_dropout=config.lora_dropout, bias="none")
+        lora_config = LoraConfig(
+            r=config.r,
+            lora_alpha=config.alpha,
+            target_modules=list(names),
+            lora_dropout=config.lora_dropout,
+            bias="none",
+        )
         if isinstance(model, PeftModel):
             model.add_adapter(config.adapter_name, lora_config)
         else:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 import keeplora_kernels as kk
@@ -12,8 +10,14 @@ from keeplora_kernels.sketch_growth import energy_counts, grow, tail_count
 from .batching import bounded_batches
 
 
-def orthonormalize_against(block: torch.Tensor, basis: torch.Tensor, *, fill_to: Optional[int] = None,
-                           generator: Optional[torch.Generator] = None, tol: float = 1e-6) -> torch.Tensor:
+def orthonormalize_against(
+    block: torch.Tensor,
+    basis: torch.Tensor,
+    *,
+    fill_to: int | None = None,
+    generator: torch.Generator | None = None,
+    tol: float = 1e-6,
+) -> torch.Tensor:
     """Orthonormal columns spanning ``(I − P·Pᵀ)·block``, in order, each oriented like its source column.
 
     Fast path: block Gram–Schmidt against P applied twice, then a QR of the block. When a column collapses (it lay
@@ -36,8 +40,9 @@ def orthonormalize_against(block: torch.Tensor, basis: torch.Tensor, *, fill_to:
     return _orthonormalize_columns(v, basis, want, generator, tol)
 
 
-def _orthonormalize_columns(v: torch.Tensor, basis: torch.Tensor, want: int,
-                            generator: Optional[torch.Generator], tol: float) -> torch.Tensor:
+def _orthonormalize_columns(
+    v: torch.Tensor, basis: torch.Tensor, want: int, generator: torch.Generator | None, tol: float
+) -> torch.Tensor:
     d, k = basis.shape
     out = v.new_zeros(d, want)
     n = 0
@@ -71,9 +76,16 @@ RANDOMIZED_MIN_DIM = 2048
 RANDOMIZED_START = 32
 
 
-def expand_bases(bases: dict[str, torch.Tensor], moments: dict[str, torch.Tensor], energy: float, *,
-                 method: str = "exact", oversample: int = 8, power_iters: int = 4,
-                 seed: int = 0) -> dict[str, torch.Tensor]:
+def expand_bases(
+    bases: dict[str, torch.Tensor],
+    moments: dict[str, torch.Tensor],
+    energy: float,
+    *,
+    method: str = "exact",
+    oversample: int = 8,
+    power_iters: int = 4,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
     """Grow each P by the GPM energy rule of the spec; returns the new bases (``d × (k + added)``, ≤ d columns).
 
     ``total = trace(C)``; ``C_r = (I − P·Pᵀ)·C·(I − P·Pᵀ)``; eigenpairs ``(λ_i, u_i)`` of ``C_r``, descending;
@@ -102,8 +114,11 @@ def expand_bases(bases: dict[str, torch.Tensor], moments: dict[str, torch.Tensor
         d, k = basis.shape
         if k < d and bool(torch.trace(moments[name]) > 0):
             by_size.setdefault(d, []).append(name)
-    batches = [(d, names) for d, group in by_size.items()
-               for names in bounded_batches(group, 4 * d * d * bases[group[0]].element_size())]  # ~4 d×d copies
+    batches = [
+        (d, names)
+        for d, group in by_size.items()
+        for names in bounded_batches(group, 4 * d * d * bases[group[0]].element_size())
+    ]  # ~4 d×d copies
     for d, names in batches:
         dtype, device = bases[names[0]].dtype, bases[names[0]].device
         width = max(bases[n].shape[1] for n in names)
@@ -142,8 +157,7 @@ def _eigen_directions(c_res, captured, totals, energy, free) -> list[torch.Tenso
     eigenvalues, eigenvectors = torch.linalg.eigh(c_res)
     eigenvalues, eigenvectors = eigenvalues.flip(-1), eigenvectors.flip(-1)
     counts = _first_reaching(eigenvalues, captured, totals, energy)
-    return [eigenvectors[i, :, : min(free[i] if count is None else count, free[i])]
-            for i, count in enumerate(counts)]
+    return [eigenvectors[i, :, : min(free[i] if count is None else count, free[i])] for i, count in enumerate(counts)]
 
 
 def _ritz_directions(c_res, captured, totals, energy, free, oversample, power_iters, seed) -> list[torch.Tensor]:
@@ -176,8 +190,15 @@ def _ritz_directions(c_res, captured, totals, energy, free, oversample, power_it
     def exact(items):
         return _eigen_directions(c_res[items], captured[items], totals[items], energy, [free[i] for i in items])
 
-    found = grow(range(len(free)), RANDOMIZED_START, d, width=lambda k: k + oversample, sketch=sketch, exact=exact,
-                 clamp=lambda k, items: min(k, max(free[i] for i in items)))
+    found = grow(
+        range(len(free)),
+        RANDOMIZED_START,
+        d,
+        width=lambda k: k + oversample,
+        sketch=sketch,
+        exact=exact,
+        clamp=lambda k, items: min(k, max(free[i] for i in items)),
+    )
     return [found[i] for i in range(len(free))]
 
 

@@ -8,7 +8,8 @@ batch is therefore cut so that one fp32/fp64 copy of it stays under ``KEEPLORA_B
 from __future__ import annotations
 
 import os
-from typing import Iterator, Sequence, TypeVar
+from collections.abc import Iterator, Sequence
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -32,4 +33,4 @@ def bounded_batches(items: Sequence[T], bytes_per_item: int) -> Iterator[list[T]
     """Consecutive slices of ``items`` whose total size stays under the budget (at least one item each)."""
     per_batch = max(1, batch_bytes() // max(1, bytes_per_item))
     for start in range(0, len(items), per_batch):
-        yield list(items[start:start + per_batch])
+        yield list(items[start : start + per_batch])

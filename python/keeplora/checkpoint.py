@@ -19,9 +19,10 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -42,7 +43,7 @@ class SavedState:
     config: KeepLoRAConfig
     state: ContinualState
     weights: dict[str, torch.Tensor]
-    adapters: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]]
+    adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] | None
 
 
 def target_weights(layers: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -55,8 +56,9 @@ def _host(t: torch.Tensor) -> torch.Tensor:
     return distributed.full_tensor(t.detach()).contiguous().cpu()
 
 
-def save_state(directory: str | os.PathLike, config: KeepLoRAConfig, state: ContinualState,
-               layers: Mapping[str, Any]) -> None:
+def save_state(
+    directory: str | os.PathLike, config: KeepLoRAConfig, state: ContinualState, layers: Mapping[str, Any]
+) -> None:
     """Write ``state`` and ``config`` to ``directory`` with the model tensors that go with them, read from
     ``layers`` (``{target: PEFT LoRA layer}``): the target weights and, during a task, the adapter
     ``config.adapter_name``."""
@@ -71,8 +73,10 @@ def save_state(directory: str | os.PathLike, config: KeepLoRAConfig, state: Cont
         "initial_fingerprint": state.initial_fingerprint,
         "current_fingerprint": fingerprint(target_weights(layers)),
     }
-    files = {"bases.safetensors": {n: p.contiguous().cpu() for n, p in state.bases.items()},
-             "weights.safetensors": {n: _host(layer.base_layer.weight) for n, layer in layers.items()}}
+    files = {
+        "bases.safetensors": {n: p.contiguous().cpu() for n, p in state.bases.items()},
+        "weights.safetensors": {n: _host(layer.base_layer.weight) for n, layer in layers.items()},
+    }
     if state.in_task:
         adapter = config.adapter_name
         tensors = {}
@@ -124,16 +128,21 @@ def _read_folder(folder: Path, model: torch.nn.Module):
     if not (folder / STATE_FILE).is_file():
         raise FileNotFoundError(f"{folder} holds no KeepLoRA state ({STATE_FILE} is missing)")
     if not durable.verify(folder):
-        warnings.warn(f"{folder} has no {durable.MANIFEST} (saved by an older keeplora): its files' integrity cannot "
-                      "be verified; save it again to add one", durable.UnverifiedWarning, stacklevel=3)
+        warnings.warn(
+            f"{folder} has no {durable.MANIFEST} (saved by an older keeplora): its files' integrity cannot "
+            "be verified; save it again to add one",
+            durable.UnverifiedWarning,
+            stacklevel=3,
+        )
     try:
         meta = json.loads((folder / STATE_FILE).read_text())
     except (ValueError, UnicodeDecodeError) as error:
         raise durable.IntegrityError(f"{folder / STATE_FILE} is damaged: {error}") from None
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         version = meta.get("format_version") if isinstance(meta, dict) else None
-        raise ValueError(f"{folder}: state format {version} is not supported "
-                         f"(this keeplora reads format {FORMAT_VERSION})")
+        raise ValueError(
+            f"{folder}: state format {version} is not supported (this keeplora reads format {FORMAT_VERSION})"
+        )
     missing = [k for k in _META_KEYS if k not in meta]
     if missing:
         raise durable.IntegrityError(f"{folder / STATE_FILE} lacks the entries {missing}")
@@ -146,8 +155,9 @@ def _read_folder(folder: Path, model: torch.nn.Module):
     weights = _read_tensors(folder, "weights.safetensors")
     expected: dict[str, dict[str, tuple[Any, torch.dtype | None]]] = {
         "bases.safetensors": {n: ((layer.in_features, None), None) for n, layer in layers.items()},
-        "weights.safetensors": {n: ((layer.out_features, layer.in_features), layer.weight.dtype)
-                                for n, layer in layers.items()},
+        "weights.safetensors": {
+            n: ((layer.out_features, layer.in_features), layer.weight.dtype) for n, layer in layers.items()
+        },
     }
     files = {"bases.safetensors": bases, "weights.safetensors": weights}
     adapter = None
@@ -156,9 +166,14 @@ def _read_folder(folder: Path, model: torch.nn.Module):
         files["adapter.safetensors"] = adapter
         r = config.r
         expected["adapter.safetensors"] = {
-            key: (shape, None) for n, layer in layers.items() for key, shape in (
-                (f"{n}.lora_A", (r, layer.in_features)), (f"{n}.lora_B", (layer.out_features, r)),
-                (f"{n}.lora_B_start", (layer.out_features, r)))}
+            key: (shape, None)
+            for n, layer in layers.items()
+            for key, shape in (
+                (f"{n}.lora_A", (r, layer.in_features)),
+                (f"{n}.lora_B", (layer.out_features, r)),
+                (f"{n}.lora_B_start", (layer.out_features, r)),
+            )
+        }
     for file, tensors in files.items():
         _check_tensors(folder / file, tensors, expected[file])
     bad = finite.nonfinite({f"{file}: {key}": t for file, tensors in files.items() for key, t in tensors.items()})
@@ -166,8 +181,10 @@ def _read_folder(folder: Path, model: torch.nn.Module):
         raise durable.IntegrityError(f"{folder}: non-finite values in {bad[:4]}; the state is damaged")
     for name, basis in bases.items():
         if basis.shape[1] > basis.shape[0]:
-            raise durable.IntegrityError(f"{folder / 'bases.safetensors'}: the basis of {name!r} has "
-                                         f"{basis.shape[1]} columns, more than its {basis.shape[0]} rows")
+            raise durable.IntegrityError(
+                f"{folder / 'bases.safetensors'}: the basis of {name!r} has "
+                f"{basis.shape[1]} columns, more than its {basis.shape[0]} rows"
+            )
     return config, meta, bases, weights, adapter, {n: layer.weight for n, layer in layers.items()}
 
 
@@ -181,8 +198,9 @@ def _read_tensors(folder: Path, file: str) -> dict[str, torch.Tensor]:
         raise durable.IntegrityError(f"{path} is damaged: {type(error).__name__}: {error}") from None
 
 
-def _check_tensors(path: Path, tensors: dict[str, torch.Tensor],
-                   expected: dict[str, tuple[tuple, torch.dtype | None]]) -> None:
+def _check_tensors(
+    path: Path, tensors: dict[str, torch.Tensor], expected: dict[str, tuple[tuple, torch.dtype | None]]
+) -> None:
     """Every expected key present with its shape (None = any size) and dtype (None = any floating dtype)."""
     missing = sorted(set(expected) - set(tensors))
     if missing:
@@ -193,8 +211,10 @@ def _check_tensors(path: Path, tensors: dict[str, torch.Tensor],
             want = tuple("any" if s is None else s for s in shape)
             raise ValueError(f"{path}: {key!r} has shape {tuple(t.shape)}, but this model needs {want}")
         if not t.is_floating_point() or (dtype is not None and t.dtype != dtype):
-            raise ValueError(f"{path}: {key!r} is {t.dtype}, but this model needs "
-                             f"{dtype if dtype is not None else 'a floating-point dtype'}")
+            raise ValueError(
+                f"{path}: {key!r} is {t.dtype}, but this model needs "
+                f"{dtype if dtype is not None else 'a floating-point dtype'}"
+            )
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -219,14 +239,18 @@ def _check_model_matches(model, config, meta, folder) -> dict[str, torch.nn.Modu
     distributed.check_wrapping(model, bare, {n: modules[n] for n in names}, config.adapter_name)
     saved = meta["targets"]
     if sorted(names) != sorted(saved):
-        raise ValueError(f"{folder} was saved for targets {sorted(saved)[:4]}… ({len(saved)}), but this model has "
-                         f"{sorted(names)[:4]}… ({len(names)}): not the same model")
+        raise ValueError(
+            f"{folder} was saved for targets {sorted(saved)[:4]}… ({len(saved)}), but this model has "
+            f"{sorted(names)[:4]}… ({len(names)}): not the same model"
+        )
     layers = {}
     for name in names:
         base = _base_layer(modules[name])
         if [base.out_features, base.in_features] != list(saved[name]):
-            raise ValueError(f"{folder}: target {name!r} was {tuple(saved[name])} (d_out, d_in) when saved, but is "
-                             f"{(base.out_features, base.in_features)} in this model: not the same model")
+            raise ValueError(
+                f"{folder}: target {name!r} was {tuple(saved[name])} (d_out, d_in) when saved, but is "
+                f"{(base.out_features, base.in_features)} in this model: not the same model"
+            )
         layers[name] = base
     return layers
 
@@ -234,14 +258,22 @@ def _check_model_matches(model, config, meta, folder) -> dict[str, torch.nn.Modu
 def _check_fingerprint(weights: dict[str, torch.Tensor], meta: dict, folder: Path) -> None:
     """The model's target weights must be the pre-trained ones the state started from, or the saved ones."""
     found = fingerprint(weights)
-    if not (same_fingerprint(found, meta["initial_fingerprint"])
-            or same_fingerprint(found, meta["current_fingerprint"])):
-        raise ValueError(f"{folder} was saved from a model with other weights in the target modules; load it into "
-                         "the same pre-trained model (or the model it was saved from)")
+    if not (
+        same_fingerprint(found, meta["initial_fingerprint"]) or same_fingerprint(found, meta["current_fingerprint"])
+    ):
+        raise ValueError(
+            f"{folder} was saved from a model with other weights in the target modules; load it into "
+            "the same pre-trained model (or the model it was saved from)"
+        )
 
 
-def export_peft_adapter(directory: str | os.PathLike, model: torch.nn.Module, config: KeepLoRAConfig,
-                        layers: Mapping[str, Any], b_start: Mapping[str, torch.Tensor]) -> None:
+def export_peft_adapter(
+    directory: str | os.PathLike,
+    model: torch.nn.Module,
+    config: KeepLoRAConfig,
+    layers: Mapping[str, Any],
+    b_start: Mapping[str, torch.Tensor],
+) -> None:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` of the task's change (B − B_start) of the
     adapter ``config.adapter_name`` on ``layers`` (the targets' PEFT LoRA layers in ``model``)."""
     from peft import LoraConfig
@@ -260,6 +292,11 @@ def export_peft_adapter(directory: str | os.PathLike, model: torch.nn.Module, co
         with durable.atomic_folder(directory) as tmp:
             root = unwrap_model(model)
             base_name = getattr(getattr(root, "config", None), "_name_or_path", None) or None
-            LoraConfig(r=config.r, lora_alpha=config.alpha, target_modules=list(layers), bias="none",
-                       base_model_name_or_path=base_name).save_pretrained(str(tmp))
+            LoraConfig(
+                r=config.r,
+                lora_alpha=config.alpha,
+                target_modules=list(layers),
+                bias="none",
+                base_model_name_or_path=base_name,
+            ).save_pretrained(str(tmp))
             save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})

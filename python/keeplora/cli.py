@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 # The benchmark app's subcommands with their one-line help: ``keeplora --help`` lists them without importing the app.
 APP_COMMANDS = {
@@ -16,12 +16,14 @@ APP_COMMANDS = {
     "data": "the benchmark's data sources: fetch, status, build processed splits",
     "bench": "kernel microbenchmarks: keeplora bench {kernels,lora-variants,rsvd} [options]",
     "profile": "time and peak memory of a task lifecycle and training steps vs the authors' pipeline and PEFT LoRA "
-               "(options: keeplora profile -h)",
+    "(options: keeplora profile -h)",
 }
 
-APP_MISSING = ("keeplora {command}: the benchmark app (package keeplora_bench, in benchmarks/ of the source tree) is "
-               "not installed; from a clone of the repository, (re)install keeplora, which installs the app with it: "
-               "pip install --no-build-isolation -e '.[bench]'")
+APP_MISSING = (
+    "keeplora {command}: the benchmark app (package keeplora_bench, in benchmarks/ of the source tree) is "
+    "not installed; from a clone of the repository, (re)install keeplora, which installs the app with it: "
+    "pip install --no-build-isolation -e '.[bench]'"
+)
 
 
 def run_app(argv: list[str]) -> int:
@@ -65,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in APP_COMMANDS:
         return run_app(argv)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import torch
 
@@ -30,65 +31,152 @@ def _fraction(name: str, value: Any, *, allow_zero: bool = True) -> None:
 
 @dataclass
 class KeepLoRAConfig:
-    target_modules: Optional[Union[str, list[str]]] = field(default=None, metadata={"help": (
-        "Modules to adapt. A list of names matched like PEFT does (a module is a target when its full name equals "
-        "an entry or ends with '.' + entry, e.g. 'query' or 'attention.output.dense'), or one string used as a "
-        "regular expression that must match the full module name. None: the targets of an existing PEFT adapter, "
-        "else PEFT's default targets for the model type. Targets must be torch.nn.Linear.")})
-    r: int = field(default=16, metadata={"help": "LoRA rank (columns of the frozen A). Must not exceed any target's d_in."})
+    target_modules: str | list[str] | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Modules to adapt. A list of names matched like PEFT does (a module is a target when its full name "
+                "equals an entry or ends with '.' + entry, e.g. 'query' or 'attention.output.dense'), or one string "
+                "used as a regular expression that must match the full module name. None: the targets of an existing "
+                "PEFT adapter, else PEFT's default targets for the model type. Targets must be torch.nn.Linear."
+            )
+        },
+    )
+    r: int = field(
+        default=16, metadata={"help": "LoRA rank (columns of the frozen A). Must not exceed any target's d_in."}
+    )
     alpha: float = field(default=1.0, metadata={"help": "LoRA alpha; the adapter scale is s = alpha / r."})
-    weight_energy: Union[float, dict[str, float]] = field(default=0.85, metadata={"help": (
-        "ε_w: fraction of each pre-trained weight's energy ‖W‖_F² whose principal input directions are protected. "
-        "A number for all targets, or {regex: number} per group (first pattern found by re.search in the module "
-        "name wins, e.g. {'vision_model': 0.85, 'text_model': 0.2}); every target must match a pattern. "
-        "0 disables pre-trained protection (ablation).")})
-    feature_energy: float = field(default=0.99, metadata={"help": (
-        "ε_f: after each task, input-feature directions are added to the protected basis until it captures this "
-        "fraction of the task's feature energy (GPM rule). 0 disables the task memory (ablation).")})
-    b_init: str = field(default="gradient", metadata={"help": (
-        "'gradient' (authors' CLIP code): B = diag(S_r)·V_rᵀ of the residual gradient and the same amount is "
-        "subtracted from W so the function is unchanged; 'zero' (authors' LLaVA code): B = 0.")})
-    a_init: str = field(default="gradient", metadata={"help": (
-        "'gradient' (KeepLoRA): A = top-r left singular vectors of the residual gradient; 'random' (ablation): "
-        "A = r random orthonormal directions inside the residual subspace.")})
-    grad_data_fraction: float = field(default=1.0, metadata={"help": (
-        "Fraction of the task's batches, evenly spaced, used for the gradient estimate in begin_task "
-        "(authors: 1.0 for CLIP, 0.2 for LLaVA).")})
-    grad_micro_batch: int = field(default=4096, metadata={"help": (
-        "Tokens per micro-batch of the gradient pass in begin_task: a batch is split by rows into parts of at most "
-        "this many tokens (rows × sequence length, at least one row), which bounds the activations the pass keeps "
-        "for backward. Only where the split is exact: the model's own loss (loss_fn=None) of a transformers causal "
-        "LM, masked LM or token classifier (a mean over the labels that are not -100; each part is weighted by its "
-        "share of those labels); batches of a user loss_fn are never split. 0 disables.")})
-    grad_offload: bool = field(default=False, metadata={"help": (
-        "Keep the activations saved for backward in host memory (pinned on CUDA) during begin_task's gradient pass: "
-        "device memory then holds about one layer's working set besides the accumulators, at the cost of copying "
-        "every saved activation to the host and back. For batches that micro-batching cannot split (one long "
-        "sequence, or a user loss_fn).")})
-    memory_source: str = field(default="features", metadata={"help": (
-        "'features' (default): the exact second moment Σ x·xᵀ of each target's inputs over real tokens; "
-        "'gradients' (authors' LLaVA pipeline): the post-task gradient Gᵀ of the task data.")})
-    weight_subspace_side: Optional[str] = field(default=None, metadata={"help": (
-        "Which singular vectors of each pre-trained weight W (d_out × d_in) form the protected input basis: "
-        "'input' (paper; the authors' LLaVA code): right singular vectors; 'output' (the authors' CLIP code): left "
-        "singular vectors, applied on the input side, so square weights only. None: from weight_subspace.")})
-    weight_energy_rule: Optional[str] = field(default=None, metadata={"help": (
-        "How ε_w picks the number p of directions from the cumulative energies c_p: 'inclusive' (paper): the "
-        "smallest p with c_p ≥ ε_w; 'strict' (the authors' CLIP and LLaVA code): max(#{p : c_p < ε_w}, 1), "
-        "usually one direction less. None: from weight_subspace. Reproducing the authors: CLIP (MTIL) = 'output' + "
-        "'strict' (weight_subspace='official-clip'); LLaVA (MCITlib) = 'input' + 'strict'.")})
-    weight_subspace: str = field(default="input", metadata={"help": (
-        "Shorthand kept for saved configs: 'input' (default): weight_subspace_side='input' with "
-        "weight_energy_rule='inclusive' unless those are set; 'official-clip': the authors' CLIP code, "
-        "weight_subspace_side='output' with weight_energy_rule='strict'. After validation it reads 'official-clip' "
-        "exactly for that combination and 'input' otherwise.")})
-    stats_dtype: str = field(default="float32", metadata={"help": (
-        "dtype of the gradient and feature accumulators and of the protected bases: 'float32' or 'float64'.")})
-    svd_method: str = field(default="auto", metadata={"help": (
-        "Factorisations of the residual gradient (adapter init) and of the feature second moments (memory "
-        "update): 'exact' (torch.linalg.svd / eigh), 'randomized' (batched randomized SVD with svd_oversample and "
-        "svd_power_iters), 'auto' (adapter init: randomized when r + oversample ≤ min(d_in, d_out) / 4; memory "
-        "update: randomized for inputs of 2048 features or more).")})
+    weight_energy: float | dict[str, float] = field(
+        default=0.85,
+        metadata={
+            "help": (
+                "ε_w: fraction of each pre-trained weight's energy ‖W‖_F² whose principal input directions are "
+                "protected. A number for all targets, or {regex: number} per group (first pattern found by re.search "
+                "in the module name wins, e.g. {'vision_model': 0.85, 'text_model': 0.2}); every target must match a "
+                "pattern. 0 disables pre-trained protection (ablation)."
+            )
+        },
+    )
+    feature_energy: float = field(
+        default=0.99,
+        metadata={
+            "help": (
+                "ε_f: after each task, input-feature directions are added to the protected basis until it captures "
+                "this fraction of the task's feature energy (GPM rule). 0 disables the task memory (ablation)."
+            )
+        },
+    )
+    b_init: str = field(
+        default="gradient",
+        metadata={
+            "help": (
+                "'gradient' (authors' CLIP code): B = diag(S_r)·V_rᵀ of the residual gradient and the same amount is "
+                "subtracted from W so the function is unchanged; 'zero' (authors' LLaVA code): B = 0."
+            )
+        },
+    )
+    a_init: str = field(
+        default="gradient",
+        metadata={
+            "help": (
+                "'gradient' (KeepLoRA): A = top-r left singular vectors of the residual gradient; 'random' (ablation): "
+                "A = r random orthonormal directions inside the residual subspace."
+            )
+        },
+    )
+    grad_data_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": (
+                "Fraction of the task's batches, evenly spaced, used for the gradient estimate in begin_task "
+                "(authors: 1.0 for CLIP, 0.2 for LLaVA)."
+            )
+        },
+    )
+    grad_micro_batch: int = field(
+        default=4096,
+        metadata={
+            "help": (
+                "Tokens per micro-batch of the gradient pass in begin_task: a batch is split by rows into parts of at "
+                "most this many tokens (rows × sequence length, at least one row), which bounds the activations the "
+                "pass keeps for backward. Only where the split is exact: the model's own loss (loss_fn=None) of a "
+                "transformers causal LM, masked LM or token classifier (a mean over the labels that are not -100; each"
+                " part is weighted by its share of those labels); batches of a user loss_fn are never split. 0 "
+                "disables."
+            )
+        },
+    )
+    grad_offload: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Keep the activations saved for backward in host memory (pinned on CUDA) during begin_task's gradient "
+                "pass: device memory then holds about one layer's working set besides the accumulators, at the cost of"
+                " copying every saved activation to the host and back. For batches that micro-batching cannot split "
+                "(one long sequence, or a user loss_fn)."
+            )
+        },
+    )
+    memory_source: str = field(
+        default="features",
+        metadata={
+            "help": (
+                "'features' (default): the exact second moment Σ x·xᵀ of each target's inputs over real tokens; "
+                "'gradients' (authors' LLaVA pipeline): the post-task gradient Gᵀ of the task data."
+            )
+        },
+    )
+    weight_subspace_side: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Which singular vectors of each pre-trained weight W (d_out × d_in) form the protected input basis: "
+                "'input' (paper; the authors' LLaVA code): right singular vectors; 'output' (the authors' CLIP code): "
+                "left singular vectors, applied on the input side, so square weights only. None: from weight_subspace."
+            )
+        },
+    )
+    weight_energy_rule: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "How ε_w picks the number p of directions from the cumulative energies c_p: 'inclusive' (paper): the "
+                "smallest p with c_p ≥ ε_w; 'strict' (the authors' CLIP and LLaVA code): max(#{p : c_p < ε_w}, 1), "
+                "usually one direction less. None: from weight_subspace. Reproducing the authors: CLIP (MTIL) = "
+                "'output' + 'strict' (weight_subspace='official-clip'); LLaVA (MCITlib) = 'input' + 'strict'."
+            )
+        },
+    )
+    weight_subspace: str = field(
+        default="input",
+        metadata={
+            "help": (
+                "Shorthand kept for saved configs: 'input' (default): weight_subspace_side='input' with "
+                "weight_energy_rule='inclusive' unless those are set; 'official-clip': the authors' CLIP code, "
+                "weight_subspace_side='output' with weight_energy_rule='strict'. After validation it reads "
+                "'official-clip' exactly for that combination and 'input' otherwise."
+            )
+        },
+    )
+    stats_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": (
+                "dtype of the gradient and feature accumulators and of the protected bases: 'float32' or 'float64'."
+            )
+        },
+    )
+    svd_method: str = field(
+        default="auto",
+        metadata={
+            "help": (
+                "Factorisations of the residual gradient (adapter init) and of the feature second moments (memory "
+                "update): 'exact' (torch.linalg.svd / eigh), 'randomized' (batched randomized SVD with svd_oversample "
+                "and svd_power_iters), 'auto' (adapter init: randomized when r + oversample ≤ min(d_in, d_out) / 4; "
+                "memory update: randomized for inputs of 2048 features or more)."
+            )
+        },
+    )
     svd_oversample: int = field(default=8, metadata={"help": "Extra sketch columns of the randomized SVD."})
     svd_power_iters: int = field(default=4, metadata={"help": "Power iterations of the randomized SVD."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter branch's input (PEFT's)."})
@@ -105,12 +193,16 @@ class KeepLoRAConfig:
                 try:
                     re.compile(tm)
                 except re.error as exc:
-                    raise ValueError(f"KeepLoRAConfig.target_modules is not a valid regular expression: {exc}") from None
+                    raise ValueError(
+                        f"KeepLoRAConfig.target_modules is not a valid regular expression: {exc}"
+                    ) from None
             elif isinstance(tm, (list, tuple, set)) and tm and all(isinstance(t, str) and t for t in tm):
                 self.target_modules = list(tm)
             else:
-                raise ValueError("KeepLoRAConfig.target_modules must be None, a regex string or a non-empty list of "
-                                 f"module names, got {tm!r}")
+                raise ValueError(
+                    "KeepLoRAConfig.target_modules must be None, a regex string or a non-empty list of "
+                    f"module names, got {tm!r}"
+                )
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise ValueError(f"KeepLoRAConfig.r must be a positive integer, got {self.r!r}")
         if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or self.alpha <= 0:
@@ -122,8 +214,9 @@ class KeepLoRAConfig:
                 try:
                     re.compile(pattern)
                 except (re.error, TypeError) as exc:
-                    raise ValueError(f"KeepLoRAConfig.weight_energy key {pattern!r} is not a valid regular "
-                                     f"expression: {exc}") from None
+                    raise ValueError(
+                        f"KeepLoRAConfig.weight_energy key {pattern!r} is not a valid regular expression: {exc}"
+                    ) from None
                 _fraction(f"weight_energy[{pattern!r}]", value)
             self.weight_energy = dict(self.weight_energy)
         else:
@@ -143,10 +236,15 @@ class KeepLoRAConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"KeepLoRAConfig.{name} must be a non-negative integer, got {value!r}")
-        if not isinstance(self.grad_micro_batch, int) or isinstance(self.grad_micro_batch, bool) \
-                or self.grad_micro_batch < 0:
-            raise ValueError("KeepLoRAConfig.grad_micro_batch must be a non-negative integer (tokens per micro-batch; "
-                             f"0 disables micro-batching), got {self.grad_micro_batch!r}")
+        if (
+            not isinstance(self.grad_micro_batch, int)
+            or isinstance(self.grad_micro_batch, bool)
+            or self.grad_micro_batch < 0
+        ):
+            raise ValueError(
+                "KeepLoRAConfig.grad_micro_batch must be a non-negative integer (tokens per micro-batch; "
+                f"0 disables micro-batching), got {self.grad_micro_batch!r}"
+            )
         if not isinstance(self.grad_offload, bool):
             raise ValueError(f"KeepLoRAConfig.grad_offload must be True or False, got {self.grad_offload!r}")
         if not isinstance(self.adapter_name, str) or not self.adapter_name:
@@ -155,15 +253,19 @@ class KeepLoRAConfig:
     def _resolve_weight_subspace(self) -> None:
         _choice("weight_subspace", self.weight_subspace, ("input", "official-clip"))
         official = self.weight_subspace == "official-clip"
-        for name, accepted, alias in (("weight_subspace_side", ("input", "output"), "output"),
-                                      ("weight_energy_rule", ("inclusive", "strict"), "strict")):
+        for name, accepted, alias in (
+            ("weight_subspace_side", ("input", "output"), "output"),
+            ("weight_energy_rule", ("inclusive", "strict"), "strict"),
+        ):
             value = getattr(self, name)
             if value is not None:
                 _choice(name, value, accepted)
                 if official and value != alias:
-                    raise ValueError(f"KeepLoRAConfig.weight_subspace='official-clip' means {name}={alias!r}, got "
-                                     f"{name}={value!r}; set weight_subspace='input' to combine the side and the "
-                                     "energy rule freely")
+                    raise ValueError(
+                        f"KeepLoRAConfig.weight_subspace='official-clip' means {name}={alias!r}, got "
+                        f"{name}={value!r}; set weight_subspace='input' to combine the side and the "
+                        "energy rule freely"
+                    )
         if self.weight_subspace_side is None:
             self.weight_subspace_side = "output" if official else "input"
         if self.weight_energy_rule is None:
@@ -191,14 +293,16 @@ class KeepLoRAConfig:
         for pattern, value in self.weight_energy.items():
             if re.search(pattern, module_name):
                 return float(value)
-        raise ValueError(f"KeepLoRAConfig.weight_energy has no pattern matching target {module_name!r} "
-                         f"(patterns: {list(self.weight_energy)}); add one, e.g. '.*' last as a default")
+        raise ValueError(
+            f"KeepLoRAConfig.weight_energy has no pattern matching target {module_name!r} "
+            f"(patterns: {list(self.weight_energy)}); add one, e.g. '.*' last as a default"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "KeepLoRAConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> KeepLoRAConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

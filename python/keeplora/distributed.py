@@ -27,8 +27,9 @@ timeout and still finds the failed rank waiting there. Every rank of the default
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import distributed as dist
@@ -111,15 +112,19 @@ def failures_shared(what: str) -> Iterator[None]:
         try:
             statuses = all_gather_objects(_describe(error))
         except Exception as exchange_error:  # noqa: BLE001 - the original error is the one to show
-            _add_note(error, f"[keeplora] rank {me} of {size} failed in the {what}, and the other ranks did not "
-                             f"answer the status exchange: {exchange_error}")
+            _add_note(
+                error,
+                f"[keeplora] rank {me} of {size} failed in the {what}, and the other ranks did not "
+                f"answer the status exchange: {exchange_error}",
+            )
             statuses = None
         if statuses is not None:
             failed = [(r, text) for r, text in enumerate(statuses) if text is not None]
             if len(failed) > 1:
                 raise RankFailedError(_summary(what, failed, size, me)) from error
-            _add_note(error, f"[keeplora] rank {me} of {size} failed in the {what}; the other ranks raise "
-                             "RankFailedError")
+            _add_note(
+                error, f"[keeplora] rank {me} of {size} failed in the {what}; the other ranks raise RankFailedError"
+            )
         raise
     statuses = all_gather_objects(None)
     failed = [(r, text) for r, text in enumerate(statuses) if text is not None]
@@ -130,8 +135,10 @@ def failures_shared(what: str) -> Iterator[None]:
 def _summary(what: str, failed: list[tuple[int, str]], size: int, me: int) -> str:
     ranks = ", ".join(str(r) for r, _ in failed)
     detail = "; ".join(f"rank {r}: {text}" for r, text in failed)
-    return (f"the {what} failed on rank{'s' if len(failed) > 1 else ''} {ranks} of {size} ({detail}); "
-            f"nothing was changed on rank {me}")
+    return (
+        f"the {what} failed on rank{'s' if len(failed) > 1 else ''} {ranks} of {size} ({detail}); "
+        f"nothing was changed on rank {me}"
+    )
 
 
 def _add_note(error: BaseException, note: str) -> None:
@@ -175,7 +182,7 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor], *, bucket_bytes: int = BUCKE
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         offset = 0
         for t in bucket:
-            t.copy_(flat[offset: offset + t.numel()].view_as(t))
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
 
 
@@ -197,7 +204,7 @@ def sync_from_rank0(tensors: Sequence[torch.Tensor], *, bucket_bytes: int = BUCK
     dims = shapes.tolist()
     out, offset = [], 0
     for t in tensors:
-        shape = tuple(dims[offset: offset + t.dim()])
+        shape = tuple(dims[offset : offset + t.dim()])
         offset += t.dim()
         out.append(t if me == 0 or (tuple(t.shape) == shape and t.is_contiguous()) else t.new_empty(shape))
     for bucket in _buckets(out, bucket_bytes):
@@ -212,7 +219,7 @@ def sync_from_rank0(tensors: Sequence[torch.Tensor], *, bucket_bytes: int = BUCK
         if me != 0:
             offset = 0
             for t in bucket:
-                t.copy_(flat[offset: offset + t.numel()].view_as(t))
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
     return out
 
@@ -294,12 +301,16 @@ def check_wrapping(model: nn.Module, bare: nn.Module, targets: dict[str, nn.Modu
         has_adapter = isinstance(module, LoraLayer) and adapter in module.lora_A
         base = module.get_base_layer() if isinstance(module, LoraLayer) else module
         if wrapper is not None and not has_adapter:
-            raise ValueError(f"KeepLoRA got a model wrapped in {wrapper} whose target {name!r} has no adapter "
-                             f"{adapter!r} yet: construct KeepLoRA on the bare model first, then wrap it (the "
-                             "wrapper only synchronises the parameters that existed when it was built)")
+            raise ValueError(
+                f"KeepLoRA got a model wrapped in {wrapper} whose target {name!r} has no adapter "
+                f"{adapter!r} yet: construct KeepLoRA on the bare model first, then wrap it (the "
+                "wrapper only synchronises the parameters that existed when it was built)"
+            )
         if is_sharded(base.weight) and not (has_adapter and is_sharded(module.lora_A[adapter].weight)):
-            raise ValueError(f"target {name!r} is already sharded by FSDP (fully_shard): construct KeepLoRA on the "
-                             "unsharded model first, then apply fully_shard (its adapters must be sharded too)")
+            raise ValueError(
+                f"target {name!r} is already sharded by FSDP (fully_shard): construct KeepLoRA on the "
+                "unsharded model first, then apply fully_shard (its adapters must be sharded too)"
+            )
 
 
 # ----------------------------------------------------------------------------------------------- memory

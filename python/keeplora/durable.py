@@ -25,8 +25,8 @@ import re
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -110,8 +110,9 @@ def verify(folder: str | os.PathLike) -> bool:
             raise IntegrityError(f"{file} is missing (listed in {MANIFEST})")
         size = file.stat().st_size
         if size != entry["size"]:
-            raise IntegrityError(f"{file} is damaged: {size} bytes instead of the {entry['size']} written "
-                                 "(truncated or overwritten)")
+            raise IntegrityError(
+                f"{file} is damaged: {size} bytes instead of the {entry['size']} written (truncated or overwritten)"
+            )
         if _digest(file)[1] != entry["sha256"]:
             raise IntegrityError(f"{file} is damaged: its sha256 differs from the one recorded when it was written")
     return True
@@ -133,7 +134,7 @@ def _fsync_tree(folder: Path) -> None:
     fsync_dir(folder)
 
 
-def _replace(tmp: Path, target: Path, keep_previous: Optional[Path]) -> None:
+def _replace(tmp: Path, target: Path, keep_previous: Path | None) -> None:
     parent, old = target.parent, old_folder(target)
     if target.exists():
         # target is complete (it only ever appears by a rename), so a stale .old can go
@@ -155,8 +156,7 @@ def _replace(tmp: Path, target: Path, keep_previous: Optional[Path]) -> None:
 
 
 @contextlib.contextmanager
-def atomic_folder(target: str | os.PathLike, *, keep_previous: Optional[str | os.PathLike] = None
-                  ) -> Iterator[Path]:
+def atomic_folder(target: str | os.PathLike, *, keep_previous: str | os.PathLike | None = None) -> Iterator[Path]:
     """Write a folder crash-safely: yields an empty temporary folder to fill; on a normal exit it gets a manifest
     and replaces ``target`` (see the module docstring); on an exception it is removed and ``target`` is untouched.
 
@@ -166,7 +166,7 @@ def atomic_folder(target: str | os.PathLike, *, keep_previous: Optional[str | os
     """
     target = Path(target)
     previous = Path(keep_previous) if keep_previous is not None else None
-    tmp: Optional[Path] = None
+    tmp: Path | None = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         for stale in target.parent.glob(_tmp_prefix(target) + "*"):  # left by a save that was killed
@@ -187,7 +187,7 @@ def atomic_folder(target: str | os.PathLike, *, keep_previous: Optional[str | os
         raise
 
 
-def _os_error_inside(error: BaseException) -> Optional[OSError]:
+def _os_error_inside(error: BaseException) -> OSError | None:
     """The OS error a serializer reports in its own exception type (safetensors: "I/O error: ... (os error N)"),
     as an OSError, or None."""
     match = re.search(r"I/O error: (.*) \(os error (\d+)\)", str(error))
@@ -196,7 +196,7 @@ def _os_error_inside(error: BaseException) -> Optional[OSError]:
     return OSError(int(match.group(2)), match.group(1))
 
 
-def _remove(tmp: Optional[Path]) -> None:
+def _remove(tmp: Path | None) -> None:
     if tmp is not None and tmp.exists():
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -219,8 +219,12 @@ def readable_folder(target: str | os.PathLike) -> Path:
     target = Path(target)
     old = old_folder(target)
     if not target.exists() and old.is_dir():
-        warnings.warn(f"{target} is missing but {old} holds the previous state (a save into {target} was "
-                      "interrupted before it completed); reading the previous state", RecoveredWarning, stacklevel=2)
+        warnings.warn(
+            f"{target} is missing but {old} holds the previous state (a save into {target} was "
+            "interrupted before it completed); reading the previous state",
+            RecoveredWarning,
+            stacklevel=2,
+        )
         return old
     return target
 
@@ -241,5 +245,4 @@ __all__ = [
     "readable_folder",
     "verify",
     "write_manifest",
-    "write_text",
 ]

@@ -17,7 +17,8 @@ import contextlib
 import time
 import warnings
 from collections import defaultdict
-from typing import Any, Iterable, Mapping, Optional
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,8 +26,7 @@ from torch import nn
 import keeplora_kernels as kk
 
 from . import checkpoint, distributed, finite
-from .adapters import (adapters_bypassed, attach_adapters, check_shapes, freeze_adapters, resolve_targets,
-                       unwrap_model)
+from .adapters import adapters_bypassed, attach_adapters, check_shapes, freeze_adapters, resolve_targets, unwrap_model
 from .basis import expand_bases, orthonormalize_against, random_residual_directions
 from .batching import bounded_batches
 from .config import KeepLoRAConfig
@@ -63,13 +63,19 @@ class KeepLoRA:
             CUDA, its peak allocated bytes).
     """
 
-    def __init__(self, model: nn.Module, config: Optional[KeepLoRAConfig] = None):
+    def __init__(self, model: nn.Module, config: KeepLoRAConfig | None = None):
         self._attach(model, config)
 
     @classmethod
-    def from_state(cls, model: nn.Module, config: KeepLoRAConfig, state: ContinualState, *,
-                   weights: Optional[Mapping[str, torch.Tensor]] = None,
-                   adapters: Optional[Mapping[str, tuple[torch.Tensor, torch.Tensor]]] = None) -> "KeepLoRA":
+    def from_state(
+        cls,
+        model: nn.Module,
+        config: KeepLoRAConfig,
+        state: ContinualState,
+        *,
+        weights: Mapping[str, torch.Tensor] | None = None,
+        adapters: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> KeepLoRA:
         """KeepLoRA continuing ``state`` on ``model`` instead of starting a new run (no pre-trained bases are
         computed). It keeps a copy of ``state`` on the model's device (``kl.state``); ``state`` is left as it was.
 
@@ -87,9 +93,14 @@ class KeepLoRA:
         kl._attach(model, config, state, weights, adapters)
         return kl
 
-    def _attach(self, model: nn.Module, config: Optional[KeepLoRAConfig], state: Optional[ContinualState] = None,
-                weights: Optional[Mapping[str, torch.Tensor]] = None,
-                adapters: Optional[Mapping[str, tuple[torch.Tensor, torch.Tensor]]] = None) -> None:
+    def _attach(
+        self,
+        model: nn.Module,
+        config: KeepLoRAConfig | None,
+        state: ContinualState | None = None,
+        weights: Mapping[str, torch.Tensor] | None = None,
+        adapters: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> None:
         """Check, attach the adapters, then start a new state (``state`` None) or continue ``state``."""
         config = config if config is not None else KeepLoRAConfig()
         if not isinstance(config, KeepLoRAConfig):
@@ -99,12 +110,16 @@ class KeepLoRA:
         check_shapes(bare, names, config)
         modules = dict(unwrap_model(bare).named_modules())
         distributed.check_wrapping(model, bare, {n: modules[n] for n in names}, config.adapter_name)
-        targets = {n: (m.get_base_layer() if hasattr(m, "get_base_layer") else m).weight
-                   for n, m in ((n, modules[n]) for n in names)}
+        targets = {
+            n: (m.get_base_layer() if hasattr(m, "get_base_layer") else m).weight
+            for n, m in ((n, modules[n]) for n in names)
+        }
         bad = finite.nonfinite(targets, across_ranks=True)
         if bad:
-            raise ValueError(f"the weights of targets {bad[:4]} ({len(bad)} in all) hold inf or NaN: KeepLoRA cannot "
-                             "protect or adapt them (load the model's weights again)")
+            raise ValueError(
+                f"the weights of targets {bad[:4]} ({len(bad)} in all) hold inf or NaN: KeepLoRA cannot "
+                "protect or adapt them (load the model's weights again)"
+            )
         if state is not None:
             _check_resume(state, {n: tuple(w.shape) for n, w in targets.items()}, config.r, weights, adapters)
         elif weights is not None or adapters is not None:
@@ -179,7 +194,7 @@ class KeepLoRA:
         freeze_adapters(self.layers, self.adapter_name)
         return [layer.lora_B[self.adapter_name].weight for layer in self.layers.values()]
 
-    def begin_task(self, dataloader: Iterable[Any], loss_fn: Optional[LossFn] = None) -> dict[str, int]:
+    def begin_task(self, dataloader: Iterable[Any], loss_fn: LossFn | None = None) -> dict[str, int]:
         """Start a task: estimate the task gradient of every target weight and initialise its adapter from it.
 
         Args:
@@ -202,12 +217,19 @@ class KeepLoRA:
             # between tasks every B is zero (end_task merged and reset it): the pass skips the adapter branch
             bypass = adapters_bypassed(self.layers) if self._adapters_are_zero() else contextlib.nullcontext()
             with bypass:
-                grads = estimate_gradients(self.model, self.layers, dataloader, loss_fn, device=self.device,
-                                           dtype=stats_dtype, fraction=self.config.grad_data_fraction,
-                                           progress=self.config.progress,
-                                           desc=f"task {self.state.tasks_done + 1} gradient",
-                                           micro_batch_tokens=self.config.grad_micro_batch,
-                                           offload=self.config.grad_offload)
+                grads = estimate_gradients(
+                    self.model,
+                    self.layers,
+                    dataloader,
+                    loss_fn,
+                    device=self.device,
+                    dtype=stats_dtype,
+                    fraction=self.config.grad_data_fraction,
+                    progress=self.config.progress,
+                    desc=f"task {self.state.tasks_done + 1} gradient",
+                    micro_batch_tokens=self.config.grad_micro_batch,
+                    offload=self.config.grad_offload,
+                )
         else:
             _require_nonempty(dataloader)
         with distributed.failures_shared(f"task {self.state.tasks_done + 1} adapter initialisation"):
@@ -228,8 +250,11 @@ class KeepLoRA:
                 ranks[name] = int((a.abs().sum(0) > 0).sum())
         freeze_adapters(self.layers, self.adapter_name)
         self.state.in_task = True
-        self.state.task_record = {"task": self.state.tasks_done + 1, "adapter_rank": ranks,
-                                  "seconds_begin": time.perf_counter() - start}
+        self.state.task_record = {
+            "task": self.state.tasks_done + 1,
+            "adapter_rank": ranks,
+            "seconds_begin": time.perf_counter() - start,
+        }
         return ranks
 
     def _adapters_are_zero(self) -> bool:
@@ -240,8 +265,9 @@ class KeepLoRA:
         distributed.all_reduce_sum([nonzero])
         return int(nonzero.item()) == 0
 
-    def end_task(self, dataloader: Iterable[Any], loss_fn: Optional[LossFn] = None, *,
-                 export_adapter_to: Optional[str] = None) -> dict[str, int]:
+    def end_task(
+        self, dataloader: Iterable[Any], loss_fn: LossFn | None = None, *, export_adapter_to: str | None = None
+    ) -> dict[str, int]:
         """Finish the task: merge the adapter into the weights and add the task's feature directions to P.
 
         Args:
@@ -271,12 +297,18 @@ class KeepLoRA:
                 raise FloatingPointError(
                     f"task {task}: non-finite memory statistics ({self.config.memory_source}) of {bad[:4]} "
                     f"({len(bad)} targets): their inputs held inf or NaN in end_task's pass over the data; nothing "
-                    "was changed")
+                    "was changed"
+                )
             with distributed.failures_shared(f"task {task} memory update"):
-                grown = expand_bases(self.state.bases, moments, self.config.feature_energy,
-                                     method=self.config.svd_method, oversample=self.config.svd_oversample,
-                                     power_iters=self.config.svd_power_iters,
-                                     seed=self.config.seed + self.state.tasks_done)
+                grown = expand_bases(
+                    self.state.bases,
+                    moments,
+                    self.config.feature_energy,
+                    method=self.config.svd_method,
+                    oversample=self.config.svd_oversample,
+                    power_iters=self.config.svd_power_iters,
+                    seed=self.config.seed + self.state.tasks_done,
+                )
             bases = dict(zip(self.layers, distributed.sync_from_rank0([grown[n] for n in self.layers])))
         self._check_merge(bases, task)
         with torch.no_grad():
@@ -292,9 +324,16 @@ class KeepLoRA:
         self.state.tasks_done += 1
         self.state.in_task = False
         memory = distributed.all_gather_objects(distributed.memory_report(self.model, self.device))
-        self.state.history.append({**self.state.task_record, "added": added, "tokens": tokens,
-                             "basis_size": {n: int(p.shape[1]) for n, p in self.state.bases.items()},
-                             "memory": memory, "seconds_end": time.perf_counter() - start})
+        self.state.history.append(
+            {
+                **self.state.task_record,
+                "added": added,
+                "tokens": tokens,
+                "basis_size": {n: int(p.shape[1]) for n, p in self.state.bases.items()},
+                "memory": memory,
+                "seconds_end": time.perf_counter() - start,
+            }
+        )
         return added
 
     def _check_merge(self, bases: dict[str, torch.Tensor], task: int) -> None:
@@ -313,8 +352,10 @@ class KeepLoRA:
                 flags[f"{name} (merged weight)"] = finite.all_finite((local.float() + delta).to(local.dtype))
         bad = finite.failed(flags, across_ranks=True)
         if bad:
-            raise FloatingPointError(f"task {task}: non-finite values in {bad[:4]} ({len(bad)} in all): the adapter "
-                                     "(B after training) or the memory update holds inf or NaN; nothing was changed")
+            raise FloatingPointError(
+                f"task {task}: non-finite values in {bad[:4]} ({len(bad)} in all): the adapter "
+                "(B after training) or the memory update holds inf or NaN; nothing was changed"
+            )
 
     def export_adapter(self, directory: str) -> None:
         """Write the current task's adapter in PEFT's format (``PeftModel.from_pretrained`` loads it).
@@ -332,7 +373,7 @@ class KeepLoRA:
         checkpoint.save_state(directory, self.config, self.state, self.layers)
 
     @classmethod
-    def load(cls, directory: str, model: nn.Module) -> "KeepLoRA":
+    def load(cls, directory: str, model: nn.Module) -> KeepLoRA:
         """Restore a state saved by :meth:`save` into ``model`` (the same pre-trained model, or the saved one)."""
         saved = checkpoint.read_state(directory, model)
         return cls.from_state(model, saved.config, saved.state, weights=saved.weights, adapters=saved.adapters)
@@ -343,8 +384,10 @@ class KeepLoRA:
     def __repr__(self) -> str:
         sizes = self.basis_sizes()
         mean_k = sum(sizes.values()) / max(1, len(sizes))
-        return (f"KeepLoRA(targets={len(self.layers)}, r={self.config.r}, tasks_done={self.state.tasks_done}, "
-                f"in_task={self.state.in_task}, mean basis size={mean_k:.1f})")
+        return (
+            f"KeepLoRA(targets={len(self.layers)}, r={self.config.r}, tasks_done={self.state.tasks_done}, "
+            f"in_task={self.state.in_task}, mean basis size={mean_k:.1f})"
+        )
 
     # ------------------------------------------------------------------ internals
     def _pretrained_bases(self) -> dict[str, torch.Tensor]:
@@ -364,8 +407,7 @@ class KeepLoRA:
                         bases[name] = basis.to(device=self.device, dtype=self.config.torch_stats_dtype).contiguous()
         return dict(zip(self.layers, distributed.sync_from_rank0([bases[n] for n in self.layers])))
 
-    def _adapter_factors(self, grads: Optional[dict[str, torch.Tensor]]
-                         ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def _adapter_factors(self, grads: dict[str, torch.Tensor] | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{name: (A d_in×r, B r×d_out)}`` in the stats dtype; zero columns/rows where fewer than r exist."""
         cfg = self.config
         generator = torch.Generator().manual_seed(cfg.seed + 7919 * self.state.tasks_done)
@@ -378,15 +420,22 @@ class KeepLoRA:
             b = basis.new_zeros(cfg.r, d_out)
             available = d_in - basis.shape[1]
             if available <= 0:
-                warnings.warn(f"{name}: the protected basis spans all of R^{d_in}, so the residual gradient is zero; "
-                              f"its adapter stays zero for task {self.state.tasks_done + 1}", KeepLoRAWarning,
-                              stacklevel=3)
+                warnings.warn(
+                    f"{name}: the protected basis spans all of R^{d_in}, so the residual gradient is zero; "
+                    f"its adapter stays zero for task {self.state.tasks_done + 1}",
+                    KeepLoRAWarning,
+                    stacklevel=3,
+                )
                 factors[name] = (a, b)
                 continue
             rank = min(cfg.r, available)
             if rank < cfg.r:
-                warnings.warn(f"{name}: only {available} residual input directions are left; the adapter uses rank "
-                              f"{rank} instead of {cfg.r}", KeepLoRAWarning, stacklevel=3)
+                warnings.warn(
+                    f"{name}: only {available} residual input directions are left; the adapter uses rank "
+                    f"{rank} instead of {cfg.r}",
+                    KeepLoRAWarning,
+                    stacklevel=3,
+                )
             if cfg.a_init == "gradient":
                 a[:, :rank] = orthonormalize_against(left[name][:, :rank], basis, fill_to=rank, generator=generator)
             else:
@@ -409,8 +458,11 @@ class KeepLoRA:
             groups[(layer.in_features, layer.out_features)].append(name)
         out = {}
         item_bytes = torch.finfo(cfg.torch_stats_dtype).bits // 8
-        batches = [(shape, names) for shape, group in groups.items()
-                   for names in bounded_batches(group, item_bytes * shape[0] * shape[1])]
+        batches = [
+            (shape, names)
+            for shape, group in groups.items()
+            for names in bounded_batches(group, item_bytes * shape[0] * shape[1])
+        ]
         for (d_in, d_out), names in batches:
             rank = min(cfg.r, d_in, d_out)
             width = max(self.state.bases[n].shape[1] for n in names)
@@ -419,28 +471,49 @@ class KeepLoRA:
                 padded[i, :, : self.state.bases[n].shape[1]] = self.state.bases[n]
             grads_t = torch.stack([grads[n].t() for n in names])
             randomized = cfg.svd_method == "randomized" or (
-                cfg.svd_method == "auto" and 4 * (rank + cfg.svd_oversample) <= min(d_in, d_out))
+                cfg.svd_method == "auto" and 4 * (rank + cfg.svd_oversample) <= min(d_in, d_out)
+            )
             if randomized:
-                u, _, _ = kk.rsvd(grads_t, rank, oversample=cfg.svd_oversample, power_iters=cfg.svd_power_iters,
-                                  project_out=padded, seed=cfg.seed + self.state.tasks_done)
+                u, _, _ = kk.rsvd(
+                    grads_t,
+                    rank,
+                    oversample=cfg.svd_oversample,
+                    power_iters=cfg.svd_power_iters,
+                    project_out=padded,
+                    seed=cfg.seed + self.state.tasks_done,
+                )
             else:
                 u = torch.linalg.svd(kk.residual_project(grads_t, padded), full_matrices=False)[0][..., :rank]
             for i, n in enumerate(names):
                 out[n] = u[i].to(cfg.torch_stats_dtype)
         return out
 
-    def _task_statistics(self, dataloader, loss_fn) -> tuple[Optional[dict[str, torch.Tensor]], dict[str, int]]:
+    def _task_statistics(self, dataloader, loss_fn) -> tuple[dict[str, torch.Tensor] | None, dict[str, int]]:
         """Second moments for the memory update (features or post-task gradients); None when ε_f = 0."""
         cfg = self.config
         if cfg.feature_energy == 0:
             _require_nonempty(dataloader)
             return None, {}
         if cfg.memory_source == "features":
-            return collect_second_moments(self.model, self.layers, dataloader, loss_fn, device=self.device,
-                                          dtype=cfg.torch_stats_dtype, progress=cfg.progress)
-        grads = estimate_gradients(self.model, self.layers, dataloader, loss_fn, device=self.device,
-                                   dtype=cfg.torch_stats_dtype, progress=cfg.progress,
-                                   desc=f"task {self.state.tasks_done + 1} memory gradient")
+            return collect_second_moments(
+                self.model,
+                self.layers,
+                dataloader,
+                loss_fn,
+                device=self.device,
+                dtype=cfg.torch_stats_dtype,
+                progress=cfg.progress,
+            )
+        grads = estimate_gradients(
+            self.model,
+            self.layers,
+            dataloader,
+            loss_fn,
+            device=self.device,
+            dtype=cfg.torch_stats_dtype,
+            progress=cfg.progress,
+            desc=f"task {self.state.tasks_done + 1} memory gradient",
+        )
         return {name: g.t() @ g for name, g in grads.items()}, {}
 
 
@@ -455,23 +528,30 @@ def _require_nonempty(dataloader: Iterable[Any]) -> None:
         raise EmptyDataError("the dataloader yielded no batch")
 
 
-def _check_resume(state: ContinualState, shapes: dict[str, tuple[int, int]], r: int,
-                  weights: Optional[Mapping[str, torch.Tensor]],
-                  adapters: Optional[Mapping[str, tuple[torch.Tensor, torch.Tensor]]]) -> None:
+def _check_resume(
+    state: ContinualState,
+    shapes: dict[str, tuple[int, int]],
+    r: int,
+    weights: Mapping[str, torch.Tensor] | None,
+    adapters: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None,
+) -> None:
     """Raise before the model is touched unless ``state``, ``weights`` and ``adapters`` fit targets
     ``{name: (d_out, d_in)}`` with adapter rank ``r`` (see :meth:`KeepLoRA.from_state`)."""
     if not isinstance(state, ContinualState):
         raise TypeError(f"state must be a keeplora.state.ContinualState, got {type(state).__name__}")
     state.check(shapes, r)
     if state.in_task and adapters is None:
-        raise ValueError("state.in_task is True, so adapters (every target's (A, B) of the task in progress) are "
-                         "required")
+        raise ValueError(
+            "state.in_task is True, so adapters (every target's (A, B) of the task in progress) are required"
+        )
     if adapters is not None and not state.in_task:
         raise ValueError("adapters are only accepted for a state in a task (state.in_task is False)")
     for argument, given in (("weights", weights), ("adapters", adapters)):
         if given is not None and sorted(given) != sorted(shapes):
-            raise ValueError(f"{argument} must cover exactly the targets {sorted(shapes)[:4]} ({len(shapes)}), got "
-                             f"{sorted(given)[:4]} ({len(given)})")
+            raise ValueError(
+                f"{argument} must cover exactly the targets {sorted(shapes)[:4]} ({len(shapes)}), got "
+                f"{sorted(given)[:4]} ({len(given)})"
+            )
     tensors = {}
     for name, (d_out, d_in) in shapes.items():
         if weights is not None:

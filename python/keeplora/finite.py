@@ -7,7 +7,7 @@ the flags can be summed over the ranks, so that every rank names the same layers
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

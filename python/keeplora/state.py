@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import torch
 
@@ -52,29 +53,40 @@ class ContinualState:
         the same targets, a ``d_in × k`` basis (``k ≤ d_in``) for each, and ``B_start`` (``d_out × r``) for each
         exactly when a task is in progress."""
         if sorted(self.bases) != sorted(shapes):
-            raise ValueError(f"state.bases covers targets {sorted(self.bases)[:4]} ({len(self.bases)}), but the "
-                             f"model's targets are {sorted(shapes)[:4]} ({len(shapes)})")
+            raise ValueError(
+                f"state.bases covers targets {sorted(self.bases)[:4]} ({len(self.bases)}), but the "
+                f"model's targets are {sorted(shapes)[:4]} ({len(shapes)})"
+            )
         for name, (_, d_in) in shapes.items():
             p = self.bases[name]
             if p.dim() != 2 or p.shape[0] != d_in or p.shape[1] > d_in or not p.is_floating_point():
-                raise ValueError(f"state.bases[{name!r}] must be a floating-point d_in × k tensor with d_in = {d_in} "
-                                 f"and k ≤ {d_in}, got {p.dtype} of shape {tuple(p.shape)}")
+                raise ValueError(
+                    f"state.bases[{name!r}] must be a floating-point d_in × k tensor with d_in = {d_in} "
+                    f"and k ≤ {d_in}, got {p.dtype} of shape {tuple(p.shape)}"
+                )
         if not self.in_task:
             if self.b_start:
-                raise ValueError("state.b_start must be empty when state.in_task is False (B at task start only "
-                                 "exists during a task)")
+                raise ValueError(
+                    "state.b_start must be empty when state.in_task is False (B at task start only "
+                    "exists during a task)"
+                )
             return
         if sorted(self.b_start) != sorted(shapes):
-            raise ValueError(f"state.in_task is True, so state.b_start needs every target; it covers "
-                             f"{sorted(self.b_start)[:4]} ({len(self.b_start)} of {len(shapes)})")
+            raise ValueError(
+                f"state.in_task is True, so state.b_start needs every target; it covers "
+                f"{sorted(self.b_start)[:4]} ({len(self.b_start)} of {len(shapes)})"
+            )
         for name, (d_out, _) in shapes.items():
             b = self.b_start[name]
             if tuple(b.shape) != (d_out, r) or not b.is_floating_point():
-                raise ValueError(f"state.b_start[{name!r}] must be a floating-point tensor of shape {(d_out, r)} "
-                                 f"(d_out, r), got {b.dtype} of shape {tuple(b.shape)}")
+                raise ValueError(
+                    f"state.b_start[{name!r}] must be a floating-point tensor of shape {(d_out, r)} "
+                    f"(d_out, r), got {b.dtype} of shape {tuple(b.shape)}"
+                )
 
-    def to(self, device: torch.device, stats_dtype: torch.dtype,
-           b_dtypes: Optional[Mapping[str, torch.dtype]] = None) -> "ContinualState":
+    def to(
+        self, device: torch.device, stats_dtype: torch.dtype, b_dtypes: Mapping[str, torch.dtype] | None = None
+    ) -> ContinualState:
         """A copy (new containers; tensors already in place are shared, never written in place) with the bases on
         ``device`` in ``stats_dtype`` and each ``B_start`` on ``device`` in ``b_dtypes[target]`` (its own dtype
         when not given)."""

@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,8 +45,10 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
 def model_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     """The default loss: the model's own, ``model(**batch).loss``."""
     if not isinstance(batch, Mapping):
-        raise TypeError("loss_fn=None uses the model's own loss and needs dict batches (model(**batch).loss); "
-                        f"got a {type(batch).__name__}: pass loss_fn(model, batch) -> loss")
+        raise TypeError(
+            "loss_fn=None uses the model's own loss and needs dict batches (model(**batch).loss); "
+            f"got a {type(batch).__name__}: pass loss_fn(model, batch) -> loss"
+        )
     out = model(**batch)
     loss = getattr(out, "loss", None)
     if loss is None and isinstance(out, Mapping):
@@ -62,7 +65,7 @@ def evenly_spaced(batches: Iterable[Any], fraction: float) -> Iterator[tuple[int
             yield i, batch
 
 
-def _progress(iterable: Iterable, desc: str, enabled: bool, total: Optional[int] = None):
+def _progress(iterable: Iterable, desc: str, enabled: bool, total: int | None = None):
     if total is None:
         try:
             total = len(iterable)  # type: ignore[arg-type]
@@ -82,7 +85,7 @@ class AttentionMaskTracker:
     """
 
     def __init__(self, model: nn.Module):
-        self._stack: list[Optional[torch.Tensor]] = []
+        self._stack: list[torch.Tensor | None] = []
         self._handles = []
         for module in model.modules():
             try:
@@ -108,7 +111,7 @@ class AttentionMaskTracker:
         if self._stack:
             self._stack.pop()
 
-    def mask_for(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+    def mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
         for mask in reversed(self._stack):
             if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
                 return mask.bool()
@@ -165,8 +168,12 @@ class _GradientTap(torch.autograd.Function):
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
         ctx.sink(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]))
-        return (dy if ctx.needs_input_grad[0] else None, torch.zeros((), device=dy.device, dtype=ctx.anchor_dtype),
-                None, None)
+        return (
+            dy if ctx.needs_input_grad[0] else None,
+            torch.zeros((), device=dy.device, dtype=ctx.anchor_dtype),
+            None,
+            None,
+        )
 
 
 # the model's own loss (loss_fn=None) per transformers loss type: does the token mean skip the first label of each
@@ -175,7 +182,7 @@ _TOKEN_MEAN_LOSSES = {"ForCausalLM": True, "ForMaskedLM": False, "ForTokenClassi
 _IGNORE_INDEX = -100
 
 
-def _micro_batches(model: nn.Module, batch: Any, max_tokens: int) -> list[tuple[Any, Optional[torch.Tensor]]]:
+def _micro_batches(model: nn.Module, batch: Any, max_tokens: int) -> list[tuple[Any, torch.Tensor | None]]:
     """``[(part, weight)]`` whose weighted losses sum to the batch's loss; ``[(batch, None)]`` when not split.
 
     A batch is split by rows only where the split is exact: the model's own loss (``model(**batch).loss``) of a
@@ -203,18 +210,28 @@ def _micro_batches(model: nn.Module, batch: Any, max_tokens: int) -> list[tuple[
     total = per_row.sum()
     parts = []
     for start in range(0, rows, per_part):
-        part = {k: v[start:start + per_part] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        parts.append((part, per_row[start:start + per_part].sum()))
+        part = {k: v[start : start + per_part] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        parts.append((part, per_row[start : start + per_part].sum()))
     if int(total.item()) == 0:  # the full batch's loss is 0/0: run it whole so that the non-finite check sees it
         return [(batch, None)]
     counts = torch.stack([n for _, n in parts]).tolist()  # one host sync per batch, to skip empty parts
     return [(part, n.to(torch.float64) / total) for (part, n), c in zip(parts, counts) if c > 0]
 
 
-def estimate_gradients(model: nn.Module, layers: Mapping[str, nn.Module], dataloader: Iterable[Any],
-                       loss_fn: Optional[LossFn], *, device: torch.device, dtype: torch.dtype,
-                       fraction: float = 1.0, progress: bool = True, desc: str = "gradient",
-                       micro_batch_tokens: int = 0, offload: bool = False) -> dict[str, torch.Tensor]:
+def estimate_gradients(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    dataloader: Iterable[Any],
+    loss_fn: LossFn | None,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    fraction: float = 1.0,
+    progress: bool = True,
+    desc: str = "gradient",
+    micro_batch_tokens: int = 0,
+    offload: bool = False,
+) -> dict[str, torch.Tensor]:
     """Mean over batches of ``∂L/∂W_l`` (``d_out × d_in``) for every target, and nothing else.
 
     The gradient of a linear layer's weight is ``dYᵀ·X``. A forward hook passes each target call's output through
@@ -233,8 +250,9 @@ def estimate_gradients(model: nn.Module, layers: Mapping[str, nn.Module], datalo
     """
     split = loss_fn is None
     loss_fn = loss_fn or model_loss
-    sums = {name: torch.zeros(layer.base_layer.weight.shape, device=device, dtype=dtype)
-            for name, layer in layers.items()}
+    sums = {
+        name: torch.zeros(layer.base_layer.weight.shape, device=device, dtype=dtype) for name, layer in layers.items()
+    }
     anchor = torch.zeros((), device=device, dtype=torch.float32, requires_grad=True)
     tapped = [0]
 
@@ -256,11 +274,12 @@ def estimate_gradients(model: nn.Module, layers: Mapping[str, nn.Module], datalo
 
         return forward_hook
 
-    def one_loss(part: Any, weight: Optional[torch.Tensor]) -> torch.Tensor:
+    def one_loss(part: Any, weight: torch.Tensor | None) -> torch.Tensor:
         loss = loss_fn(model, part)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
-                            f"{tuple(getattr(loss, 'shape', ()))}")
+            raise TypeError(
+                f"loss_fn must return a scalar tensor, got {type(loss).__name__} {tuple(getattr(loss, 'shape', ()))}"
+            )
         return loss if weight is None else loss * weight.to(loss.dtype)
 
     handles = [layer.register_forward_hook(make_hook(name)) for name, layer in layers.items()]
@@ -279,22 +298,27 @@ def estimate_gradients(model: nn.Module, layers: Mapping[str, nn.Module], datalo
                         with saved:
                             loss = one_loss(part, weight)
                         if not tapped[0] or not loss.requires_grad:
-                            raise ValueError("the loss does not depend on any adapted module's output; check "
-                                             "target_modules and loss_fn")
+                            raise ValueError(
+                                "the loss does not depend on any adapted module's output; check "
+                                "target_modules and loss_fn"
+                            )
                         bad = ~torch.isfinite(loss.detach())
                         first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, index), first_bad)
                         reached = torch.autograd.grad(loss, [anchor], allow_unused=True)[0]
                         del loss
                         if reached is None:
-                            raise ValueError("the loss does not depend on any adapted module's output; check "
-                                             "target_modules and loss_fn")
+                            raise ValueError(
+                                "the loss does not depend on any adapted module's output; check "
+                                "target_modules and loss_fn"
+                            )
                     count += 1
         finally:
             for h in handles:
                 h.remove()
         if int(first_bad.item()) >= 0:
-            raise FloatingPointError(f"non-finite loss in batch {int(first_bad.item())} of the {desc} pass; "
-                                     "nothing was changed")
+            raise FloatingPointError(
+                f"non-finite loss in batch {int(first_bad.item())} of the {desc} pass; nothing was changed"
+            )
     all_reduce_sum([*sums.values(), count])
     if int(count.item()) == 0:
         raise EmptyDataError(f"the dataloader yielded no batch for the {desc} pass")
@@ -306,9 +330,16 @@ def estimate_gradients(model: nn.Module, layers: Mapping[str, nn.Module], datalo
     return sums
 
 
-def collect_second_moments(model: nn.Module, layers: Mapping[str, nn.Module], dataloader: Iterable[Any],
-                           forward_fn: Optional[LossFn], *, device: torch.device, dtype: torch.dtype,
-                           progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+def collect_second_moments(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    dataloader: Iterable[Any],
+    forward_fn: LossFn | None,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """Exact ``C_l = Σ x·xᵀ`` (``d_in × d_in``) of every target's inputs over real tokens, and the token counts.
 
     ``forward_fn(model, batch)`` runs the forward pass (its return value is ignored; the loss function of the task
@@ -317,8 +348,10 @@ def collect_second_moments(model: nn.Module, layers: Mapping[str, nn.Module], da
     token counts are summed over the ranks; a rank with no batch contributes zero.
     """
     forward_fn = forward_fn or (lambda m, b: m(**b) if isinstance(b, Mapping) else m(b))
-    moments = {name: torch.zeros(layer.in_features, layer.in_features, device=device, dtype=dtype)
-               for name, layer in layers.items()}
+    moments = {
+        name: torch.zeros(layer.in_features, layer.in_features, device=device, dtype=dtype)
+        for name, layer in layers.items()
+    }
     tokens = {name: torch.zeros((), device=device, dtype=torch.int64) for name in layers}
     tracker = AttentionMaskTracker(model)
 

@@ -12,7 +12,8 @@ matrices (add your own head by setting its ``requires_grad`` before creating the
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 from transformers import TrainerCallback
 
@@ -31,8 +32,7 @@ class KeepLoRACallback(TrainerCallback):
     A Trainer resumed from a checkpoint mid-task (``keeplora.in_task`` already true) does not begin the task again.
     """
 
-    def __init__(self, keeplora: KeepLoRA, loss_fn: Optional[LossFn] = None,
-                 statistics_data: Optional[Iterable[Any]] = None):
+    def __init__(self, keeplora: KeepLoRA, loss_fn: LossFn | None = None, statistics_data: Iterable[Any] | None = None):
         self.keeplora = keeplora
         self.loss_fn = loss_fn
         self.statistics_data = statistics_data

@@ -26,12 +26,17 @@ def test_help_lists_the_library_and_app_subcommands(capsys):
         assert f"\n    {command} " in out, command
 
 
-@pytest.mark.parametrize("argv,expected", [(["run", "-h"], "usage: keeplora run [-h]"),
-                                           (["sweep", "-h"], "--param NAME=V1,V2"),
-                                           (["aggregate", "-h"], "usage: keeplora aggregate"),
-                                           (["data", "-h"], "{fetch,status,build}"),
-                                           (["profile", "-h"], "usage: keeplora profile"),
-                                           (["bench", "kernels", "-h"], "--cpu-smoke")])
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["run", "-h"], "usage: keeplora run [-h]"),
+        (["sweep", "-h"], "--param NAME=V1,V2"),
+        (["aggregate", "-h"], "usage: keeplora aggregate"),
+        (["data", "-h"], "{fetch,status,build}"),
+        (["profile", "-h"], "usage: keeplora profile"),
+        (["bench", "kernels", "-h"], "--cpu-smoke"),
+    ],
+)
 def test_app_subcommands_are_parsed_by_the_app(argv, expected, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from keeplora_bench.continual.aggregate import aggregate, to_markdown
 from keeplora.cli import main
+from keeplora_bench.continual.aggregate import aggregate, to_markdown
 
 
 def _run(tmp_path, name, rows):
@@ -22,9 +22,11 @@ def _run(tmp_path, name, rows):
 
 @pytest.fixture
 def runs(tmp_path):
-    return [_run(tmp_path, "s0", {"lora-ft": (60, 70, 72), "keeplora": (61, 72, 75)}),
-            _run(tmp_path, "s1", {"lora-ft": (62, 68, 70), "keeplora": (62, 69, 74)}),
-            _run(tmp_path, "s2", {"lora-ft": (58, 66, 71), "keeplora": (60, 67, 73), "extra": (1, 2, 3)})]
+    return [
+        _run(tmp_path, "s0", {"lora-ft": (60, 70, 72), "keeplora": (61, 72, 75)}),
+        _run(tmp_path, "s1", {"lora-ft": (62, 68, 70), "keeplora": (62, 69, 74)}),
+        _run(tmp_path, "s2", {"lora-ft": (58, 66, 71), "keeplora": (60, 67, 73), "extra": (1, 2, 3)}),
+    ]
 
 
 def test_means_stds_and_paired_differences(runs):

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from support.app_fixtures import LANG_WORDS, TOPIC_WORDS, write_all_sources, write_r_lazyload
 from keeplora_bench.continual import readers as R
 from keeplora_bench.continual import sources as S
 from keeplora_bench.continual import tasks as T
+from support.app_fixtures import LANG_WORDS, TOPIC_WORDS, write_all_sources, write_r_lazyload
 
 
 # ------------------------------------------------------------------------------------------------ sources
@@ -114,11 +114,14 @@ def test_wordnet_reader(tmp_path):
     folder.mkdir(parents=True)
     (folder / "data.noun").write_text(
         "  1 This software and database is being provided to you\n"
-        "00015388 03 n 01 animal 0 002 @ 00004475 n 0000 | a living organism; \"an example\"  \n"
-        "00017222 20 n 02 plant 0 flora 0 000 | (botany) a living organism lacking the power of locomotion  \n")
+        '00015388 03 n 01 animal 0 002 @ 00004475 n 0000 | a living organism; "an example"  \n'
+        "00017222 20 n 02 plant 0 flora 0 000 | (botany) a living organism lacking the power of locomotion  \n"
+    )
     rows = list(R.read_wordnet(tmp_path))
-    assert rows == [("a living organism", "noun.Tops"),
-                    ("(botany) a living organism lacking the power of locomotion", "noun.plant")]
+    assert rows == [
+        ("a living organism", "noun.Tops"),
+        ("(botany) a living organism lacking the power of locomotion", "noun.plant"),
+    ]
 
 
 def test_fortune_split_and_cleanup():
@@ -140,7 +143,7 @@ def test_fortune_legacy_encoding_fallback(tmp_path):
     path.write_bytes("Привет, мир\n%\n".encode("koi8-r"))
     entries, enc = R.read_fortune_file(path, "ru")
     assert entries == ["Привет, мир"] and enc == "koi8-r"
-    path.write_bytes("Grüße\n%\n".encode("utf-8"))
+    path.write_bytes("Grüße\n%\n".encode())
     assert R.read_fortune_file(path, "de") == (["Grüße"], "utf-8")
 
 
@@ -163,10 +166,22 @@ def test_r_lazyload_reader(tmp_path):
 
 
 def test_austen_paragraphs():
-    lines = ["EMMA", "", "VOLUME I", "", "CHAPTER I", "", "Emma Woodhouse, handsome, clever, and rich, with a",
-             "comfortable home and happy disposition, seemed to unite", "", "Too short here.", ""]
+    lines = [
+        "EMMA",
+        "",
+        "VOLUME I",
+        "",
+        "CHAPTER I",
+        "",
+        "Emma Woodhouse, handsome, clever, and rich, with a",
+        "comfortable home and happy disposition, seemed to unite",
+        "",
+        "Too short here.",
+        "",
+    ]
     assert R.austen_paragraphs(lines) == [
-        "Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy disposition, seemed to unite"]
+        "Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy disposition, seemed to unite"
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ builders
@@ -185,8 +200,10 @@ def test_builders_on_fixture_trees(fixture_cache):
     assert len(lang.texts["en"]) == 30 * len(TOPIC_WORDS)  # every English topic file
     vader = T.BUILDERS["vader_sentiment"](cache=fixture_cache, domain="amazon")
     assert {k: len(v) for k, v in vader.texts.items()} == {"negative": 30, "positive": 30}  # neutral rows dropped
-    assert vader.prompts == {"negative": "This product review is negative.",
-                             "positive": "This product review is positive."}
+    assert vader.prompts == {
+        "negative": "This product review is negative.",
+        "positive": "This product review is positive.",
+    }
     wn = T.BUILDERS["wordnet_supersense"](cache=fixture_cache)
     assert wn.default_classes == T.WORDNET_NOUN_DEFAULT
     assert all(len(wn.texts[c]) == 30 and not any('"' in t for t in wn.texts[c]) for c in wn.default_classes)
@@ -214,8 +231,15 @@ def test_balanced_split_is_deterministic_balanced_and_disjoint():
 
 
 def test_load_task_caches_processed_splits(fixture_cache, monkeypatch):
-    spec = T.TaskSpec.from_dict({"name": "topic", "builder": "fortune_topic", "classes": ["food", "science"],
-                                 "prompts": {"food": "About food."}}, {"train_per_class": 6, "test_per_class": 4})
+    spec = T.TaskSpec.from_dict(
+        {
+            "name": "topic",
+            "builder": "fortune_topic",
+            "classes": ["food", "science"],
+            "prompts": {"food": "About food."},
+        },
+        {"train_per_class": 6, "test_per_class": 4},
+    )
     task = T.load_task(spec, seed=0, cache=fixture_cache)
     assert task.classes == ["food", "science"]
     assert task.prompts == ["About food.", "A quote about science."]
@@ -226,6 +250,7 @@ def test_load_task_caches_processed_splits(fixture_cache, monkeypatch):
     # a second load needs no builder and no raw source
     monkeypatch.setitem(T.BUILDERS, "fortune_topic", lambda **_: pytest.fail("rebuilt despite the cache"))
     import shutil
+
     shutil.rmtree(fixture_cache / "sources")
     again = T.load_task(spec, seed=0, cache=fixture_cache)
     assert (again.train, again.test, again.prompts) == (task.train, task.test, task.prompts)
@@ -239,8 +264,10 @@ def test_task_spec_validation():
         T.TaskSpec.from_dict({"name": "x", "builder": "nope"})
     with pytest.raises(ValueError, match="needs 'name' and 'builder'"):
         T.TaskSpec.from_dict({"builder": "austen_novel"})
-    spec = T.TaskSpec.from_dict({"name": "t", "builder": "vader_sentiment", "domain": "nyt", "test_per_class": 3},
-                                {"train_per_class": 7, "test_per_class": 9})
+    spec = T.TaskSpec.from_dict(
+        {"name": "t", "builder": "vader_sentiment", "domain": "nyt", "test_per_class": 3},
+        {"train_per_class": 7, "test_per_class": 9},
+    )
     assert (spec.params, spec.train_per_class, spec.test_per_class) == ({"domain": "nyt"}, 7, 3)
 
 
@@ -263,8 +290,11 @@ def test_real_downloads_match_the_manifest():
     found = 0
     for name, art in S.MANIFEST.items():
         files = [p for p in downloads.glob("*") if S._matches(p, art)] if downloads.is_dir() else []
-        candidates = list(downloads.glob(f"{name}_*.deb" if art.kind == "deb" else f"{name}-{art.version}*")) \
-            if downloads.is_dir() else []
+        candidates = (
+            list(downloads.glob(f"{name}_*.deb" if art.kind == "deb" else f"{name}-{art.version}*"))
+            if downloads.is_dir()
+            else []
+        )
         if candidates:
             assert files, f"{candidates} do not match the pinned sha256 of {name}"
             found += 1

@@ -8,9 +8,7 @@ import pytest
 from keeplora_bench.continual import metrics as M
 
 # acc[j, i]: after step j, on task i
-ACC = np.array([[0.90, 0.40, 0.30],
-                [0.80, 0.85, 0.20],
-                [0.70, 0.75, 0.95]])
+ACC = np.array([[0.90, 0.40, 0.30], [0.80, 0.85, 0.20], [0.70, 0.75, 0.95]])
 
 
 def test_transfer_by_hand():

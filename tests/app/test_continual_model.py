@@ -7,10 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from support.app_fixtures import make_tiny_bert, make_tiny_clip
-from keeplora_bench.continual.model import (Batch, CosineHead, ModelMissing, load_encoder, prompt_logits,
-                                      resolve_model_path)
 from keeplora_bench.continual.methods import class_means
+from keeplora_bench.continual.model import (
+    Batch,
+    CosineHead,
+    ModelMissing,
+    load_encoder,
+    prompt_logits,
+    resolve_model_path,
+)
+from support.app_fixtures import make_tiny_bert, make_tiny_clip
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +114,9 @@ def test_real_minilm_package():
     enc = load_encoder(str(path), max_length=32)
     assert enc.kind == "mean_pool" and enc.dim == 384
     assert sum(p.numel() for p in enc.model.parameters()) == 22_713_216
-    ids, mask = enc.pad(enc.tokenize(["A definition of an animal.", "a domestic cat",
-                                      "A quote about politics."])["input_ids"])
+    ids, mask = enc.pad(
+        enc.tokenize(["A definition of an animal.", "a domestic cat", "A quote about politics."])["input_ids"]
+    )
     e = enc.embed(ids, mask)
     # a real sentence encoder: the definition is closer to its label prompt than to an unrelated one
     assert float(e[1] @ e[0]) > float(e[1] @ e[2])

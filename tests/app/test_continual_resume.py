@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from support.app_fixtures import make_tiny_bert, tiny_config, write_all_sources
 from keeplora_bench.continual.runconfig import ConfigError
 from keeplora_bench.continual.runner import CheckpointError, prepare_output, run
+from support.app_fixtures import make_tiny_bert, tiny_config, write_all_sources
 
 METHODS = [{"name": "keeplora", "type": "keeplora"}]
 
@@ -39,8 +39,12 @@ def _quiet_run(cfg: Path, out: Path, resume: bool = False):
 
 
 def test_resume_with_another_config_names_the_differing_keys(tmp_path):
-    cfg = {"name": "x", "seed": 0, "training": {"lr": 1e-3, "epochs": 2},
-           "methods": [{"name": "a", "lr": 1.0}, {"name": "b", "lr": 2.0}]}
+    cfg = {
+        "name": "x",
+        "seed": 0,
+        "training": {"lr": 1e-3, "epochs": 2},
+        "methods": [{"name": "a", "lr": 1.0}, {"name": "b", "lr": 2.0}],
+    }
     prepare_output(cfg, tmp_path / "run", resume=False)
     assert prepare_output(json.loads(json.dumps(cfg)), tmp_path / "run", resume=True) == tmp_path / "run"
     changed = json.loads(json.dumps(cfg))
@@ -64,8 +68,11 @@ def test_damaged_checkpoint_is_named_with_the_way_back_to_the_task_before(world,
     data = bytearray(damaged.read_bytes())
     data[-3] ^= 0x10
     damaged.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=rf"{damaged} is damaged: its sha256 differs.*rm -r {final} && mv "
-                                              rf"{previous} {final}"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{damaged} is damaged: its sha256 differs.*rm -r {final} && mv "
+        rf"{previous} {final}",
+    ):
         _quiet_run(root / "cfg.yaml", out, resume=True)
     # following the advice recomputes the last task only, and gives the uninterrupted run's results
     shutil.rmtree(final)

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import yaml
 
-from support.app_fixtures import make_tiny_bert, make_tiny_clip, tiny_config, write_all_sources
 from keeplora_bench.continual import metrics as M
 from keeplora_bench.continual.runconfig import ConfigError, load_config
 from keeplora_bench.continual.runner import CHECKPOINT_DELAY_ENV, run
+from support.app_fixtures import make_tiny_bert, make_tiny_clip, tiny_config, write_all_sources
 
 ALL_METHODS = [
     {"name": "zero-shot", "type": "zero_shot"},
@@ -75,10 +75,14 @@ def test_all_methods_outputs_and_invariants(world, tmp_path):
     assert "| keeplora+ |" in (out / "results.md").read_text()
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert sorted((r["method"], r["task"]) for r in log) == sorted(
-        (m["name"], t) for m in ALL_METHODS if m["type"] != "zero_shot" for t in result.tasks)
+        (m["name"], t) for m in ALL_METHODS if m["type"] != "zero_shot" for t in result.tasks
+    )
     # KeepLoRA's memory: bases only grow, never past d_in; no growth without memory (ε_f = 0)
-    info = {m["name"]: json.loads((out / "methods" / yaml_slug(m["name"]) / "accuracy.json").read_text())["info"]
-            for m in ALL_METHODS if m["type"] == "keeplora"}
+    info = {
+        m["name"]: json.loads((out / "methods" / yaml_slug(m["name"]) / "accuracy.json").read_text())["info"]
+        for m in ALL_METHODS
+        if m["type"] == "keeplora"
+    }
     for name, per_task in info.items():
         sizes = [t["basis_sizes"] for t in per_task]
         assert len(sizes) == T
@@ -103,9 +107,15 @@ def test_keeplora_leaves_protected_inputs_alone(world, tmp_path):
     whose updates are confined to the residual of that task's features (the no-interference guarantee, end to end,
     on tasks whose feature spans are small)."""
     methods = [{"name": "keeplora", "type": "keeplora", "feature_energy": 1.0}]
-    cfg = tiny_config(world / "bert", world / "cache", methods,
-                      tasks=[{"name": "sentiment", "builder": "vader_sentiment", "domain": "tweets"},
-                             {"name": "sentiment2", "builder": "vader_sentiment", "domain": "nyt"}])
+    cfg = tiny_config(
+        world / "bert",
+        world / "cache",
+        methods,
+        tasks=[
+            {"name": "sentiment", "builder": "vader_sentiment", "domain": "tweets"},
+            {"name": "sentiment2", "builder": "vader_sentiment", "domain": "nyt"},
+        ],
+    )
     result = run(_write(cfg, tmp_path / "c.yaml"), output=tmp_path / "r", progress=False, log=lambda _: None)
     acc = result.matrices["keeplora"]
     info = json.loads((tmp_path / "r" / "methods" / "keeplora" / "accuracy.json").read_text())["info"]
@@ -143,8 +153,9 @@ def test_crash_then_resume_equals_uninterrupted(world, tmp_path):
     a = json.loads((crashed / "results.json").read_text())
     b = json.loads((tmp_path / "clean" / "results.json").read_text())
     assert a["matrices"] == b["matrices"]
-    assert [(m["method"], m["transfer"], m["average"], m["last"]) for m in a["methods"]] == \
-           [(m["method"], m["transfer"], m["average"], m["last"]) for m in b["methods"]]
+    assert [(m["method"], m["transfer"], m["average"], m["last"]) for m in a["methods"]] == [
+        (m["method"], m["transfer"], m["average"], m["last"]) for m in b["methods"]
+    ]
     # nothing finished before the crash was computed again: one log line per (method, task)
     log = [(r["method"], r["task"]) for r in map(json.loads, (crashed / "log.jsonl").read_text().splitlines())]
     assert len(log) == len(set(log)) == 6
@@ -166,11 +177,20 @@ def test_resume_needs_the_same_config(world, tmp_path):
 def test_clip_model_directory(world, tmp_path):
     clip = make_tiny_clip(tmp_path / "clip")
     text_targets = r"text_model\..*\.(q_proj|k_proj|v_proj|out_proj)"
-    methods = [{"name": "zero-shot", "type": "zero_shot"}, {"name": "lora-ft", "type": "lora_ft"},
-               {"name": "keeplora+", "type": "keeplora", "head": True}]
-    cfg = tiny_config(clip, world / "cache", methods, tasks=[
-        {"name": "sentiment", "builder": "vader_sentiment", "domain": "tweets"},
-        {"name": "language", "builder": "fortune_language"}])
+    methods = [
+        {"name": "zero-shot", "type": "zero_shot"},
+        {"name": "lora-ft", "type": "lora_ft"},
+        {"name": "keeplora+", "type": "keeplora", "head": True},
+    ]
+    cfg = tiny_config(
+        clip,
+        world / "cache",
+        methods,
+        tasks=[
+            {"name": "sentiment", "builder": "vader_sentiment", "domain": "tweets"},
+            {"name": "language", "builder": "fortune_language"},
+        ],
+    )
     cfg["adapter"]["target_modules"] = text_targets
     cfg["model"]["logit_scale"] = "model"
     result = run(_write(cfg, tmp_path / "c.yaml"), output=tmp_path / "r", progress=False, log=lambda _: None)
@@ -182,12 +202,17 @@ def test_clip_model_directory(world, tmp_path):
 def test_sweep_one_factor_at_a_time(world, tmp_path):
     from keeplora_bench.continual.sweep import parse_params, sweep
 
-    cfg = tiny_config(world / "bert", world / "cache", [{"name": "keeplora", "type": "keeplora"}],
-                      tasks=[{"name": "sentiment", "builder": "vader_sentiment", "domain": "tweets"},
-                             {"name": "novel", "builder": "austen_novel"}])
+    cfg = tiny_config(
+        world / "bert",
+        world / "cache",
+        [{"name": "keeplora", "type": "keeplora"}],
+        tasks=[
+            {"name": "sentiment", "builder": "vader_sentiment", "domain": "tweets"},
+            {"name": "novel", "builder": "austen_novel"},
+        ],
+    )
     params = parse_params(["feature_energy=0.5,0.9", "r=2"])
-    points = sweep(_write(cfg, tmp_path / "c.yaml"), params, output=tmp_path / "sw", progress=False,
-                   log=lambda _: None)
+    points = sweep(_write(cfg, tmp_path / "c.yaml"), params, output=tmp_path / "sw", progress=False, log=lambda _: None)
     assert [p["label"] for p in points] == ["baseline feature_energy=0.9 r=4", "feature_energy=0.5", "r=2"]
     for p in points:
         assert len(p["basis_sizes"]) == 2 and set(p) >= {"transfer", "average", "last"}
@@ -205,19 +230,31 @@ def test_config_inheritance_order_and_quick(tmp_path):
     other = load_config(root / "order2.yaml")
     assert sorted(t["name"] for t in base["tasks"]) == sorted(t["name"] for t in other["tasks"])
     assert [t["name"] for t in base["tasks"]] != [t["name"] for t in other["tasks"]]
-    assert len(base["tasks"]) >= 8 and {m["type"] for m in base["methods"]} == {"zero_shot", "full_ft", "lora_ft",
-                                                                                  "keeplora"}
+    assert len(base["tasks"]) >= 8 and {m["type"] for m in base["methods"]} == {
+        "zero_shot",
+        "full_ft",
+        "lora_ft",
+        "keeplora",
+    }
     assert base["methods"] == [dict(m) for m in other["methods"]]
     quick = load_config(root / "default.yaml", quick=True)
     assert quick["training"]["epochs"] == 1 and quick["data"]["train_per_class"] < base["data"]["train_per_class"]
     with pytest.raises(ConfigError, match="unknown keys"):
-        load_config(_write({"tasks": [{"name": "a", "builder": "austen_novel"}],
-                            "methods": [{"name": "x", "type": "lora_ft", "head": True}]}, tmp_path / "bad.yaml"))
+        load_config(
+            _write(
+                {
+                    "tasks": [{"name": "a", "builder": "austen_novel"}],
+                    "methods": [{"name": "x", "type": "lora_ft", "head": True}],
+                },
+                tmp_path / "bad.yaml",
+            )
+        )
 
 
 def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "keeplora", *args], capture_output=True, text=True,
-                          env=env or _env(), timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "keeplora", *args], capture_output=True, text=True, env=env or _env(), timeout=300
+    )
 
 
 def test_cli_missing_source_names_the_command(world, tmp_path):

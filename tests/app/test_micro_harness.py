@@ -62,9 +62,23 @@ def test_gpu_script_dry_mode(tmp_path):
     # the path benchmarks/gpu_check.sh sets (the GPU machine installs nothing): no reliance on an installed app
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(str(p) for p in (ROOT, ROOT / "python", ROOT / "benchmarks")))
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "keeplora_bench.gpu_check", "--dry", "--out", str(out),
-                           "--steps", "environment,lora_variants,bench_kernels,bench_rsvd,profile"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "keeplora_bench.gpu_check",
+            "--dry",
+            "--out",
+            str(out),
+            "--steps",
+            "environment,lora_variants,bench_kernels,bench_rsvd,profile",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["status"]) == {"environment", "lora_variants", "bench_kernels", "bench_rsvd", "profile"}
@@ -76,8 +90,17 @@ def test_plot_script_draws_the_result_csvs(tmp_path):
     from keeplora_bench.micro import plot
     from keeplora_bench.micro.profile_lifecycle import run
 
-    run(tmp_path, model_spec=TINY, batch=2, seq=16, steps=1, tasks=1, batches_per_task=2, r=4,
-        methods=("keeplora", "peft-lora"))
+    run(
+        tmp_path,
+        model_spec=TINY,
+        batch=2,
+        seq=16,
+        steps=1,
+        tasks=1,
+        batches_per_task=2,
+        r=4,
+        methods=("keeplora", "peft-lora"),
+    )
     assert plot.main(["--results", str(tmp_path)]) == 0
     pngs = list(tmp_path.glob("profile_*.png"))
     assert len(pngs) == 1 and pngs[0].stat().st_size > 10_000

@@ -25,8 +25,9 @@ def test_cpu_smoke_run_writes_complete_rows(tmp_path):
 
     if "lora_linear" in _dispatch.extension_ops("cpu"):
         assert {"ext:base_first/base_first", "ext:expand_first/expand_first"} <= single
-    assert {"base", "unfused", "triton-shared", "expand_first/fused_dy"} <= {r["provider"] for r in rows
-                                                                             if r["op"] == "lora_qkv"}
+    assert {"base", "unfused", "triton-shared", "expand_first/fused_dy"} <= {
+        r["provider"] for r in rows if r["op"] == "lora_qkv"
+    }
     assert {(r["mode"], r["timing"]) for r in rows} == {(m, "eager") for m in ("forward", "backward", "step")}
     assert all(float(r["time_ms"]) > 0 for r in rows)
     # the same run's fp32 reference: each variant's error in y, dX, dB is within 2× the error of PyTorch's own bf16

@@ -22,8 +22,14 @@ def test_bench_rsvd_smoke(tmp_path):
     assert all(r["ranks_equal_ref"] == "3/3" and r["max_projector_dist"] < 0.05 for r in subspace), subspace
     assert (tmp_path / "principal_subspace-smoke.csv").is_file()
     methods = {row["method"] for row in rows}
-    assert {"keeplora_rsvd", "keeplora_rsvd_matched", "svd_lowrank_loop", "linalg_svd", "keeplora_rsvd_graph",
-            "keeplora_rsvd_graph_copy"} <= methods
+    assert {
+        "keeplora_rsvd",
+        "keeplora_rsvd_matched",
+        "svd_lowrank_loop",
+        "linalg_svd",
+        "keeplora_rsvd_graph",
+        "keeplora_rsvd_graph_copy",
+    } <= methods
     assert {row["case"] for row in rows} == {"smoke", "smoke_set"}  # one batch, and a model's shape groups
     for row in rows:
         assert row["batch_time_ms"] > 0 and math.isfinite(row["speedup_vs_lowrank_loop"])
@@ -40,7 +46,8 @@ def test_bench_rsvd_smoke(tmp_path):
     assert next(r for r in rows if r["case"] == "smoke_set")["batch"] == 3
     counted = [row for row in rows if row["library_calls"] != ""]  # per-call overhead (profiler), chosen backend
     assert sorted((row["case"], row["method"]) for row in counted) == sorted(
-        (case, method) for case in ("smoke", "smoke_set") for method in bench_rsvd.COUNTED), counted
+        (case, method) for case in ("smoke", "smoke_set") for method in bench_rsvd.COUNTED
+    ), counted
     assert all(row["library_calls"] >= 10 for row in counted), counted
     with (tmp_path / "rsvd-smoke.csv").open() as f:
         written = list(csv.DictReader(f))

@@ -16,17 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from keeplora_bench.micro import bench_triton_gemm as btg
 from support.triton_env import DEVICE, ON_GPU, triton  # noqa: F401  (skips without triton; sets TRITON_INTERPRET on CPU)
 
-from keeplora_bench.micro import bench_triton_gemm as btg
-
-BF16_SPACING = 2.0 ** -7  # relative, an upper bound
+BF16_SPACING = 2.0**-7  # relative, an upper bound
 ROUNDING = BF16_SPACING / 2 if ON_GPU else BF16_SPACING  # the output's conversion error, relative to |y|
 
 
 def _operands(M, N, K):
     x = torch.randn(M, K, device=DEVICE).to(torch.bfloat16)
-    w = (torch.randn(N, K, device=DEVICE) / K ** 0.5).to(torch.bfloat16)
+    w = (torch.randn(N, K, device=DEVICE) / K**0.5).to(torch.bfloat16)
     return x, w, x.float() @ w.float().t()
 
 
@@ -154,16 +153,20 @@ AOT_SCRIPT = textwrap.dedent(r"""
 
 @pytest.mark.slow
 @pytest.mark.skipif(ON_GPU, reason="with a GPU the configurations compile and run in the tests above")
-@pytest.mark.skipif(not os.path.isdir(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia")),
-                    reason="this triton build has no NVIDIA backend")
+@pytest.mark.skipif(
+    not os.path.isdir(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia")),
+    reason="this triton build has no NVIDIA backend",
+)
 def test_every_config_compiles_for_sm90():
     root = Path(__file__).resolve().parents[2]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "python"), str(root / "benchmarks"),
-                                         env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, cwd=root, capture_output=True, text=True,
-                          timeout=600)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(root), str(root / "python"), str(root / "benchmarks"), env.get("PYTHONPATH", "")]
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", AOT_SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert proc.stdout.count("compiled") == 2 * len(btg.TMA_CONFIGS)
 

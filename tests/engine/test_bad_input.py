@@ -52,29 +52,32 @@ def refused(model, kl=None, *, raises, match=None):
         assert_state(kl, st)
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("r", 0, "KeepLoRAConfig.r must be a positive integer"),
-    ("alpha", -1.0, "KeepLoRAConfig.alpha"),
-    ("weight_energy", 1.5, r"KeepLoRAConfig.weight_energy must be a number in \[0, 1\]"),
-    ("weight_energy", {"text": -0.1}, r"weight_energy\['text'\]"),
-    ("weight_energy", {"(": 0.5}, "not a valid regular expression"),
-    ("feature_energy", -0.01, r"KeepLoRAConfig.feature_energy must be a number in \[0, 1\]"),
-    ("feature_energy", math.nan, "feature_energy"),
-    ("grad_data_fraction", 0.0, r"grad_data_fraction must be a number in \(0, 1\]"),
-    ("b_init", "kaiming", r"b_init must be one of \['gradient', 'zero'\]"),
-    ("a_init", "pissa", r"a_init must be one of \['gradient', 'random'\]"),
-    ("memory_source", "activations", "memory_source must be one of"),
-    ("weight_subspace", "output", r"weight_subspace must be one of \['input', 'official-clip'\]"),
-    ("weight_subspace_side", "left", r"weight_subspace_side must be one of \['input', 'output'\]"),
-    ("weight_energy_rule", "paper", r"weight_energy_rule must be one of \['inclusive', 'strict'\]"),
-    ("stats_dtype", "float16", r"stats_dtype must be one of \['float32', 'float64'\]"),
-    ("svd_method", "lanczos", "svd_method must be one of"),
-    ("target_modules", [], "target_modules must be"),
-    ("grad_micro_batch", -1, r"grad_micro_batch must be a non-negative integer \(tokens per micro-batch"),
-    ("grad_micro_batch", 512.0, "grad_micro_batch must be a non-negative integer"),
-    ("grad_micro_batch", True, "grad_micro_batch must be a non-negative integer"),
-    ("grad_offload", "yes", "grad_offload must be True or False"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("r", 0, "KeepLoRAConfig.r must be a positive integer"),
+        ("alpha", -1.0, "KeepLoRAConfig.alpha"),
+        ("weight_energy", 1.5, r"KeepLoRAConfig.weight_energy must be a number in \[0, 1\]"),
+        ("weight_energy", {"text": -0.1}, r"weight_energy\['text'\]"),
+        ("weight_energy", {"(": 0.5}, "not a valid regular expression"),
+        ("feature_energy", -0.01, r"KeepLoRAConfig.feature_energy must be a number in \[0, 1\]"),
+        ("feature_energy", math.nan, "feature_energy"),
+        ("grad_data_fraction", 0.0, r"grad_data_fraction must be a number in \(0, 1\]"),
+        ("b_init", "kaiming", r"b_init must be one of \['gradient', 'zero'\]"),
+        ("a_init", "pissa", r"a_init must be one of \['gradient', 'random'\]"),
+        ("memory_source", "activations", "memory_source must be one of"),
+        ("weight_subspace", "output", r"weight_subspace must be one of \['input', 'official-clip'\]"),
+        ("weight_subspace_side", "left", r"weight_subspace_side must be one of \['input', 'output'\]"),
+        ("weight_energy_rule", "paper", r"weight_energy_rule must be one of \['inclusive', 'strict'\]"),
+        ("stats_dtype", "float16", r"stats_dtype must be one of \['float32', 'float64'\]"),
+        ("svd_method", "lanczos", "svd_method must be one of"),
+        ("target_modules", [], "target_modules must be"),
+        ("grad_micro_batch", -1, r"grad_micro_batch must be a non-negative integer \(tokens per micro-batch"),
+        ("grad_micro_batch", 512.0, "grad_micro_batch must be a non-negative integer"),
+        ("grad_micro_batch", True, "grad_micro_batch must be a non-negative integer"),
+        ("grad_offload", "yes", "grad_offload must be True or False"),
+    ],
+)
 def test_config_rejects_bad_values_naming_the_field(field, value, match):
     with pytest.raises(ValueError, match=match):
         KeepLoRAConfig(**{field: value})

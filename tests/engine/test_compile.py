@@ -5,8 +5,8 @@ backward's compile tests are in ``test_lora_variants.py``.)"""
 import pytest
 import torch
 
-from support import tiny_models as tm
 from keeplora import KeepLoRA, KeepLoRAConfig
+from support import tiny_models as tm
 from support.tolerances import assert_close
 
 ORDERS = ["base_first,base_first", "expand_first,expand_first"]

@@ -1,7 +1,7 @@
 """KeepLoRA under torch.distributed: 2 CPU processes on gloo, launched by torchrun and by accelerate launch.
 
-Each test runs tests/support/distributed_worker.py in 2 processes (OMP_NUM_THREADS=1, a free port, process-group timeouts
-set, a hard wall-clock limit) and compares what the ranks wrote. The equivalence runs use fp64 (model and
+Each test runs tests/support/distributed_worker.py in 2 processes (OMP_NUM_THREADS=1, a free port, process-group
+timeouts set, a hard wall-clock limit) and compares what the ranks wrote. The equivalence runs use fp64 (model and
 statistics): splitting the data over ranks only changes the order of the sums, and in fp64 that rounding stays far
 below the fp32 tolerance the results are held to, even through SVDs of nearly equal singular values.
 """
@@ -21,15 +21,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from support import distributed_worker as worker
 from keeplora import KeepLoRA
 from keeplora import distributed as kd
+from support import distributed_worker as worker
 from support.tolerances import assert_close
 
 pytestmark = [
     pytest.mark.distributed,
-    pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                       reason="needs torch.distributed with gloo"),
+    pytest.mark.skipif(
+        not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+        reason="needs torch.distributed with gloo",
+    ),
 ]
 
 WORKER = Path(worker.__file__)
@@ -46,18 +48,55 @@ def launch(launcher: str, scenario: str, out: Path, pg_timeout_s: int = 30) -> d
     """Run the worker on 2 ranks; return ``{rank: (tensors, outcome)}``."""
     port = str(_free_port())
     if launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", port]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            port,
+        ]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_ip", "127.0.0.1", "--main_process_port", port]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "KEEPLORA_TEST_PG_TIMEOUT": str(pg_timeout_s),
-           # the worker imports the test helpers as the package ``support`` (its folder's parent)
-           "PYTHONPATH": os.pathsep.join(p for p in (str(WORKER.parents[1]), os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.Popen([*cmd, str(WORKER), scenario, str(out)], cwd=WORKER.parent, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            port,
+        ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "KEEPLORA_TEST_PG_TIMEOUT": str(pg_timeout_s),
+        # the worker imports the test helpers as the package ``support`` (its folder's parent)
+        "PYTHONPATH": os.pathsep.join(p for p in (str(WORKER.parents[1]), os.environ.get("PYTHONPATH")) if p),
+    }
+    proc = subprocess.Popen(
+        [*cmd, str(WORKER), scenario, str(out)],
+        cwd=WORKER.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         log, _ = proc.communicate(timeout=LIMIT_S)
     except subprocess.TimeoutExpired:
@@ -203,8 +242,13 @@ def test_failing_rank_under_fsdp2_raises_on_every_rank_after_the_timeout(tmp_pat
 @pytest.fixture
 def one_rank_group():
     """A 1-process gloo group, so that DDP and fully_shard can be built inside the test process."""
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
-                                         world_size=1, timeout=datetime.timedelta(seconds=30))
+    torch.distributed.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{_free_port()}",
+        rank=0,
+        world_size=1,
+        timeout=datetime.timedelta(seconds=30),
+    )
     try:
         yield
     finally:

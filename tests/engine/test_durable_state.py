@@ -74,8 +74,12 @@ def copy_state(saved: Path, tmp_path: Path, which: str = "mid") -> Path:
 # ----------------------------------------------------------------------------------------------- manifest, load
 def test_saved_state_has_a_manifest_of_every_file(saved):
     manifest = json.loads((saved / "mid" / durable.MANIFEST).read_text())
-    assert sorted(manifest["files"]) == ["adapter.safetensors", "bases.safetensors", "keeplora_state.json",
-                                         "weights.safetensors"]
+    assert sorted(manifest["files"]) == [
+        "adapter.safetensors",
+        "bases.safetensors",
+        "keeplora_state.json",
+        "weights.safetensors",
+    ]
     for name, entry in manifest["files"].items():
         assert entry["size"] == (saved / "mid" / name).stat().st_size
     assert durable.verify(saved / "mid")
@@ -165,10 +169,22 @@ def test_truncated_file_without_manifest_is_named(saved, tmp_path):
 
 
 def test_wrong_model_leaves_it_untouched(saved):
-    one_layer = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                     intermediate_size=64, max_position_embeddings=32), add_pooling_layer=False)
-    for model, message in ((CASE.model(seed=1), "other weights in the target modules"),
-                           (one_layer, "saved for targets"), (CASES["vit"].model(), "no module matches")):
+    one_layer = BertModel(
+        BertConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=32,
+        ),
+        add_pooling_layer=False,
+    )
+    for model, message in (
+        (CASE.model(seed=1), "other weights in the target modules"),
+        (one_layer, "saved for targets"),
+        (CASES["vit"].model(), "no module matches"),
+    ):
         before = snapshot(model)
         with pytest.raises(ValueError, match=message):
             KeepLoRA.load(saved / "mid", model)
@@ -255,10 +271,18 @@ def test_save_fsyncs_every_file_and_folder_before_the_rename(saved, tmp_path, mo
     final = renames[0]
     tmp = Path(events[final][1])
     synced_before = {Path(e[1]) for e in events[:final] if e[0] == "fsync"}
-    files = {tmp / name for name in ("keeplora_state.json", "bases.safetensors", "weights.safetensors",
-                                     "adapter.safetensors", durable.MANIFEST)} | {tmp}
+    files = {
+        tmp / name
+        for name in (
+            "keeplora_state.json",
+            "bases.safetensors",
+            "weights.safetensors",
+            "adapter.safetensors",
+            durable.MANIFEST,
+        )
+    } | {tmp}
     assert files <= synced_before, files - synced_before
-    assert ("fsync", str(tmp_path)) in events[final + 1:]
+    assert ("fsync", str(tmp_path)) in events[final + 1 :]
 
 
 # ----------------------------------------------------------------------------------------------- non-finite data
@@ -303,22 +327,32 @@ def test_end_task_refuses_a_non_finite_adapter_naming_the_layer():
 
 
 def test_nonfinite_names_every_bad_tensor():
-    tensors = {"a": torch.ones(3, 4), "b": torch.tensor([1.0, float("nan")]), "c": torch.empty(0),
-               "d": torch.tensor([[float("-inf")]], dtype=torch.bfloat16), "e": torch.arange(3)}
+    tensors = {
+        "a": torch.ones(3, 4),
+        "b": torch.tensor([1.0, float("nan")]),
+        "c": torch.empty(0),
+        "d": torch.tensor([[float("-inf")]], dtype=torch.bfloat16),
+        "e": torch.arange(3),
+    }
     assert finite.nonfinite(tensors) == ["b", "d"]
     assert finite.nonfinite({}) == []
 
 
 # ----------------------------------------------------------------------------------------------- fault injection
 def _signature(kl) -> tuple:
-    return (kl.tasks_done, kl.in_task, {n: p.clone() for n, p in kl.bases.items()},
-            {n: layer.base_layer.weight.detach().clone() for n, layer in kl.layers.items()},
-            {n: layer.lora_B[kl.adapter_name].weight.detach().clone() for n, layer in kl.layers.items()})
+    return (
+        kl.tasks_done,
+        kl.in_task,
+        {n: p.clone() for n, p in kl.bases.items()},
+        {n: layer.base_layer.weight.detach().clone() for n, layer in kl.layers.items()},
+        {n: layer.lora_B[kl.adapter_name].weight.detach().clone() for n, layer in kl.layers.items()},
+    )
 
 
 def _same(a: tuple, b: tuple) -> bool:
-    return a[:2] == b[:2] and all(a[i].keys() == b[i].keys() and all(torch.equal(a[i][n], b[i][n]) for n in a[i])
-                                  for i in (2, 3, 4))
+    return a[:2] == b[:2] and all(
+        a[i].keys() == b[i].keys() and all(torch.equal(a[i][n], b[i][n]) for n in a[i]) for i in (2, 3, 4)
+    )
 
 
 def _in_child(body) -> int:
@@ -416,6 +450,7 @@ def test_saves_killed_at_every_step_and_at_random_times_lose_nothing(saved, tmp_
     one_save = time.perf_counter() - start
     rng = random.Random(0)
     for _ in range(20):
+
         def save_forever():
             while True:
                 kls["between"].save(target)
@@ -428,9 +463,11 @@ def test_saves_killed_at_every_step_and_at_random_times_lose_nothing(saved, tmp_
         outcomes.load(target)
     kls["between"].save(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "state"]  # no stale temporary folder
-    print(f"fault injection: {outcomes.trials} trials (steps per save: {sorted(steps.values())}), "
-          f"{outcomes.lost} states lost, {outcomes.silent} silent corruptions, {outcomes.recovered} recovered from "
-          "the previous state")
+    print(
+        f"fault injection: {outcomes.trials} trials (steps per save: {sorted(steps.values())}), "
+        f"{outcomes.lost} states lost, {outcomes.silent} silent corruptions, {outcomes.recovered} recovered from "
+        "the previous state"
+    )
     assert outcomes.trials >= 50
     assert outcomes.lost == 0
     assert outcomes.silent == 0

@@ -18,8 +18,12 @@ def _continual_run(device: str, dtype: torch.dtype, tasks: int = 2, stats_dtype:
     """Two tasks on the tiny Llama (its own LM loss, so nothing outside the model sits on the CPU)."""
     case = CASES["llama"]
     model = case.model().to(device=device, dtype=dtype)
-    kl = KeepLoRA(model, KeepLoRAConfig(target_modules=case.targets, r=4, alpha=4, feature_energy=0.9,
-                                        stats_dtype=stats_dtype, progress=False))
+    kl = KeepLoRA(
+        model,
+        KeepLoRAConfig(
+            target_modules=case.targets, r=4, alpha=4, feature_energy=0.9, stats_dtype=stats_dtype, progress=False
+        ),
+    )
     snapshots = []
     for task in range(tasks):
         data = move_to_device(case.batches(n=2, seed=task), torch.device(device))
@@ -37,8 +41,9 @@ def test_cuda_run_equals_the_cpu_reference_in_fp64():
     _, cpu, _ = _continual_run("cpu", torch.float64, stats_dtype="float64")
     _, gpu, _ = _continual_run("cuda", torch.float64, stats_dtype="float64")
     for name in cpu.layers:
-        torch.testing.assert_close(gpu.layers[name].base_layer.weight.cpu(), cpu.layers[name].base_layer.weight,
-                                   rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(
+            gpu.layers[name].base_layer.weight.cpu(), cpu.layers[name].base_layer.weight, rtol=1e-7, atol=1e-9
+        )
         assert gpu.bases[name].shape == cpu.bases[name].shape
         p_gpu, p_cpu = gpu.bases[name].cpu(), cpu.bases[name]
         torch.testing.assert_close(p_gpu @ p_gpu.T, p_cpu @ p_cpu.T, rtol=0, atol=1e-7)

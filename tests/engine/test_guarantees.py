@@ -13,8 +13,14 @@ ALL = sorted(CASES)
 
 def make(case, **overrides):
     model = case.model()
-    cfg = dict(target_modules=case.targets, r=4, alpha=4.0, weight_energy=case.weight_energy, feature_energy=0.9,
-               progress=False)
+    cfg = dict(
+        target_modules=case.targets,
+        r=4,
+        alpha=4.0,
+        weight_energy=case.weight_energy,
+        feature_energy=0.9,
+        progress=False,
+    )
     cfg.update(overrides)
     return model, KeepLoRA(model, KeepLoRAConfig(**cfg))
 
@@ -44,8 +50,11 @@ def effective_weight(kl, name):
 def outputs(model, case, batch):
     with torch.no_grad():
         out = model(**{k: v for k, v in batch.items() if k != "labels"})
-    return out.logits if hasattr(out, "logits") and out.logits is not None else (
-        out.last_hidden_state if hasattr(out, "last_hidden_state") else out.text_embeds)
+    return (
+        out.logits
+        if hasattr(out, "logits") and out.logits is not None
+        else (out.last_hidden_state if hasattr(out, "last_hidden_state") else out.text_embeds)
+    )
 
 
 @pytest.mark.parametrize("case_name", ALL)
@@ -215,6 +224,7 @@ def _stacked_inputs(case, model, kl, data):
             if mask is not None and x.shape[:-1] == mask.shape:
                 x = x[mask.bool()]
             rows[name].append(x.reshape(-1, x.shape[-1]))
+
         return fn
 
     handles = [layer.register_forward_hook(hook(n)) for n, layer in kl.layers.items()]
@@ -253,7 +263,7 @@ def test_memory_grows_by_the_energy_rule_on_the_stacked_features(case_name):
         torch.testing.assert_close(new[:, : p.shape[1]], p)
         torch.testing.assert_close(new.t() @ new, torch.eye(new.shape[1], dtype=torch.float64), atol=1e-5, rtol=0)
         if added and s[added - 1] > 1.01 * s[added]:
-            block = new[:, p.shape[1]:]
+            block = new[:, p.shape[1] :]
             torch.testing.assert_close(block @ block.t(), vh[:added].t() @ vh[:added], atol=1e-4, rtol=0)
 
 

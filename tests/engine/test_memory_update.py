@@ -81,10 +81,10 @@ def test_randomized_update_falls_back_to_eigh_when_many_directions_are_needed(mo
 def test_tail_count_is_exact_on_power_laws_and_low_on_faster_decay(family):
     d, k = 600, 40
     i = torch.arange(1, d + 1, dtype=torch.float64)
-    spectrum = i ** -1.3 if family == "power" else 0.97 ** i
+    spectrum = i**-1.3 if family == "power" else 0.97**i
     spectrum = spectrum / spectrum.sum()
     for needed in (1, 25, 200):
-        deficit = float(spectrum[k:k + needed].sum())
+        deficit = float(spectrum[k : k + needed].sum())
         predicted = tail_count(spectrum[:k], deficit * (1 - 1e-9), d)
         if family == "power":  # the power-law fit is exact on its own family
             assert predicted == needed

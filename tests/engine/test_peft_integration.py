@@ -77,8 +77,9 @@ def test_peft_model_with_another_rank_is_refused():
 def test_peft_model_gets_a_new_adapter_next_to_the_users():
     case = CASES["bert"]
     peft_model = get_peft_model(case.model(), LoraConfig(r=8, lora_alpha=8, target_modules=["query"]))
-    kl = KeepLoRA(peft_model, KeepLoRAConfig(target_modules=["query", "value"], r=4, adapter_name="keeplora",
-                                             progress=False))
+    kl = KeepLoRA(
+        peft_model, KeepLoRAConfig(target_modules=["query", "value"], r=4, adapter_name="keeplora", progress=False)
+    )
     assert peft_model.active_adapter == "keeplora"
     kl.begin_task(case.batches(), case.loss)
     kl.end_task(case.batches(), case.loss)
@@ -119,9 +120,17 @@ def test_trainer_callback_runs_one_task_per_train_call(tmp_path):
     for task in range(2):
         before = {n: layer.base_layer.weight.clone() for n, layer in kl.layers.items()}
         bases = {n: p.clone() for n, p in kl.bases.items()}
-        args = TrainingArguments(output_dir=str(tmp_path / f"t{task}"), per_device_train_batch_size=4,
-                                 num_train_epochs=2, learning_rate=5e-2, report_to=[], save_strategy="no",
-                                 logging_strategy="no", use_cpu=True, remove_unused_columns=False)
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"t{task}"),
+            per_device_train_batch_size=4,
+            num_train_epochs=2,
+            learning_rate=5e-2,
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            use_cpu=True,
+            remove_unused_columns=False,
+        )
         trainer = Trainer(model=model, args=args, train_dataset=Batches(task), callbacks=[KeepLoRACallback(kl)])
         trainer.train()
         assert kl.tasks_done == task + 1 and not kl.in_task
@@ -136,8 +145,7 @@ def test_trainer_callback_runs_one_task_per_train_call(tmp_path):
 def _train_once(case, backend, monkeypatch):
     monkeypatch.setenv("KEEPLORA_BACKEND", backend)
     model = case.model()
-    kl = KeepLoRA(model, KeepLoRAConfig(target_modules=case.targets, r=4, alpha=4, feature_energy=0.9,
-                                        progress=False))
+    kl = KeepLoRA(model, KeepLoRAConfig(target_modules=case.targets, r=4, alpha=4, feature_energy=0.9, progress=False))
     data = case.batches(n=2)
     kl.begin_task(data, case.loss)
     sgd_pass(model, kl.trainable_parameters(), data, case.loss)
@@ -162,11 +170,13 @@ def test_engine_through_the_triton_kernels_matches_the_torch_backend(monkeypatch
     finally:
         torch.set_num_threads(threads)
     for name in ref.layers:
-        torch.testing.assert_close(tri.layers[name].base_layer.weight, ref.layers[name].base_layer.weight,
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            tri.layers[name].base_layer.weight, ref.layers[name].base_layer.weight, rtol=1e-4, atol=1e-5
+        )
         assert tri.bases[name].shape == ref.bases[name].shape
-        torch.testing.assert_close(tri.bases[name] @ tri.bases[name].t(), ref.bases[name] @ ref.bases[name].t(),
-                                   rtol=0, atol=1e-4)
+        torch.testing.assert_close(
+            tri.bases[name] @ tri.bases[name].t(), ref.bases[name] @ ref.bases[name].t(), rtol=0, atol=1e-4
+        )
 
 
 def test_gradient_pass_skips_zero_adapters_and_finds_the_same_adapter(monkeypatch):
@@ -195,6 +205,7 @@ def test_gradient_pass_skips_zero_adapters_and_finds_the_same_adapter(monkeypatc
     for name, layer in skip.layers.items():
         other = through.layers[name]
         for part in ("lora_A", "lora_B"):
-            torch.testing.assert_close(getattr(layer, part)[skip.adapter_name].weight,
-                                       getattr(other, part)[skip.adapter_name].weight)
+            torch.testing.assert_close(
+                getattr(layer, part)[skip.adapter_name].weight, getattr(other, part)[skip.adapter_name].weight
+            )
         torch.testing.assert_close(layer.base_layer.weight, other.base_layer.weight)

@@ -1,8 +1,8 @@
 """The continual state as data: ``KeepLoRA.state``, ``KeepLoRA.from_state``, and states saved by an earlier keeplora.
 
-``tests/engine/data/state_v1_mid_task`` was saved (format 1) by the keeplora before the state became a ``ContinualState``:
-a tiny BERT (``tiny_models.CASES["bert"]``, seed 0) with the config below, task 1 trained on ``batches(seed=1)`` and
-ended, task 2 begun on ``batches(seed=2)`` and trained two steps, then saved mid-task.
+``tests/engine/data/state_v1_mid_task`` was saved (format 1) by the keeplora before the state became a
+``ContinualState``: a tiny BERT (``tiny_models.CASES["bert"]``, seed 0) with the config below, task 1 trained on
+``batches(seed=1)`` and ended, task 2 begun on ``batches(seed=2)`` and trained two steps, then saved mid-task.
 """
 
 from __future__ import annotations
@@ -124,8 +124,10 @@ def test_from_state_continues_exactly_like_the_run_it_was_taken_from(mid_task):
     weights = {n: layer.base_layer.weight.detach().clone() for n, layer in kl.layers.items()}
     adapters = None
     if mid_task:
-        adapters = {n: (layer.lora_A["default"].weight.detach().clone(),
-                        layer.lora_B["default"].weight.detach().clone()) for n, layer in kl.layers.items()}
+        adapters = {
+            n: (layer.lora_A["default"].weight.detach().clone(), layer.lora_B["default"].weight.detach().clone())
+            for n, layer in kl.layers.items()
+        }
     copy = KeepLoRA.from_state(CASE.model(), kl.config, kl.state, weights=weights, adapters=adapters)
     assert copy.state is not kl.state and copy.state.bases is not kl.state.bases
     for k in (copy, kl):
@@ -148,14 +150,21 @@ def _bad_resumes(kl: KeepLoRA):
     name = next(iter(kl.layers))
     d_out, d_in = kl.layers[name].base_layer.weight.shape
     r = kl.config.r
-    fewer = ContinualState(bases={n: p for n, p in st.bases.items() if n != name},
-                           initial_fingerprint=st.initial_fingerprint)
-    wrong_rows = ContinualState(bases={**st.bases, name: torch.zeros(d_in + 1, 2)},
-                                initial_fingerprint=st.initial_fingerprint)
-    in_task = ContinualState(bases=st.bases, initial_fingerprint=st.initial_fingerprint, in_task=True,
-                             b_start={n: torch.zeros(layer.out_features, r) for n, layer in kl.layers.items()})
-    adapters = {n: (torch.zeros(r, layer.in_features), torch.zeros(layer.out_features, r))
-                for n, layer in kl.layers.items()}
+    fewer = ContinualState(
+        bases={n: p for n, p in st.bases.items() if n != name}, initial_fingerprint=st.initial_fingerprint
+    )
+    wrong_rows = ContinualState(
+        bases={**st.bases, name: torch.zeros(d_in + 1, 2)}, initial_fingerprint=st.initial_fingerprint
+    )
+    in_task = ContinualState(
+        bases=st.bases,
+        initial_fingerprint=st.initial_fingerprint,
+        in_task=True,
+        b_start={n: torch.zeros(layer.out_features, r) for n, layer in kl.layers.items()},
+    )
+    adapters = {
+        n: (torch.zeros(r, layer.in_features), torch.zeros(layer.out_features, r)) for n, layer in kl.layers.items()
+    }
     weights = {n: torch.zeros(layer.out_features, layer.in_features) for n, layer in kl.layers.items()}
     return [
         ("not a state", {"bases": st.bases}, None, None, TypeError, "state must be a keeplora.state.ContinualState"),
@@ -163,10 +172,22 @@ def _bad_resumes(kl: KeepLoRA):
         ("a basis of the wrong d_in", wrong_rows, None, None, ValueError, rf"state.bases\['{name}'\] must be"),
         ("in a task without adapters", in_task, None, None, ValueError, "adapters .* are required"),
         ("adapters between tasks", st, None, adapters, ValueError, "adapters are only accepted for a state in a task"),
-        ("a weight of the wrong shape", st, {**weights, name: torch.zeros(d_in, d_out + 1)}, None, ValueError,
-         rf"weights\['{name}'\] must be a floating-point tensor of shape \({d_out}, {d_in}\)"),
-        ("an A of the wrong rank", in_task, None, {**adapters, name: (torch.zeros(r + 1, d_in), adapters[name][1])},
-         ValueError, rf"adapters\['{name}'\]\[0\] \(A\) must be"),
+        (
+            "a weight of the wrong shape",
+            st,
+            {**weights, name: torch.zeros(d_in, d_out + 1)},
+            None,
+            ValueError,
+            rf"weights\['{name}'\] must be a floating-point tensor of shape \({d_out}, {d_in}\)",
+        ),
+        (
+            "an A of the wrong rank",
+            in_task,
+            None,
+            {**adapters, name: (torch.zeros(r + 1, d_in), adapters[name][1])},
+            ValueError,
+            rf"adapters\['{name}'\]\[0\] \(A\) must be",
+        ),
     ]
 
 

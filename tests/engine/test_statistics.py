@@ -46,8 +46,9 @@ def test_second_moments_count_only_real_tokens_per_tower():
     """CLIP: text inputs are masked by the text attention mask, vision inputs count every patch."""
     case, model, kl = make("clip")
     data = case.batches(n=2)
-    moments, tokens = collect_second_moments(model, kl.layers, data, case.loss, device=torch.device("cpu"),
-                                             dtype=torch.float64)
+    moments, tokens = collect_second_moments(
+        model, kl.layers, data, case.loss, device=torch.device("cpu"), dtype=torch.float64
+    )
     seen = {n: torch.zeros_like(m) for n, m in moments.items()}
     count = {n: 0 for n in moments}
     current = {}
@@ -60,6 +61,7 @@ def test_second_moments_count_only_real_tokens_per_tower():
             x = x.reshape(-1, x.shape[-1])
             seen[name] += x.t() @ x
             count[name] += x.shape[0]
+
         return fn
 
     handles = [layer.register_forward_hook(hook(n)) for n, layer in kl.layers.items()]
@@ -79,8 +81,9 @@ def test_second_moments_count_only_real_tokens_per_tower():
             assert tokens[n] == 2 * 4 * 5  # batches × images × (4 patches + CLS)
 
 
-@pytest.mark.parametrize("fraction,count,expected", [
-    (1.0, 5, [0, 1, 2, 3, 4]), (0.2, 10, [0, 5]), (0.5, 5, [0, 2, 4]), (0.01, 3, [0])])
+@pytest.mark.parametrize(
+    "fraction,count,expected", [(1.0, 5, [0, 1, 2, 3, 4]), (0.2, 10, [0, 5]), (0.5, 5, [0, 2, 4]), (0.01, 3, [0])]
+)
 def test_evenly_spaced_subset(fraction, count, expected):
     assert [i for i, _ in evenly_spaced(range(count), fraction)] == expected
 
@@ -88,10 +91,12 @@ def test_evenly_spaced_subset(fraction, count, expected):
 def test_grad_data_fraction_uses_the_evenly_spaced_batches():
     case, model, kl = make("bert")
     data = case.batches(n=4)
-    sub = estimate_gradients(model, kl.layers, data, case.loss, device=torch.device("cpu"), dtype=torch.float64,
-                             fraction=0.5)
-    direct = estimate_gradients(model, kl.layers, [data[0], data[2]], case.loss, device=torch.device("cpu"),
-                                dtype=torch.float64)
+    sub = estimate_gradients(
+        model, kl.layers, data, case.loss, device=torch.device("cpu"), dtype=torch.float64, fraction=0.5
+    )
+    direct = estimate_gradients(
+        model, kl.layers, [data[0], data[2]], case.loss, device=torch.device("cpu"), dtype=torch.float64
+    )
     for n in sub:
         torch.testing.assert_close(sub[n], direct[n])
 
@@ -147,11 +152,28 @@ def _own_loss_model(kind: str):
 
     torch.manual_seed(0)
     if kind == "llama":
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=64,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=32,
+            )
+        )
         return model.eval(), ["q_proj", "k_proj", "v_proj", "o_proj"]
-    model = BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                       intermediate_size=64, max_position_embeddings=32))
+    model = BertForMaskedLM(
+        BertConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=32,
+        )
+    )
     return model.eval(), ["query", "key", "value", "attention.output.dense"]
 
 
@@ -228,11 +250,22 @@ def test_begin_task_with_micro_batches_and_offload_gives_the_same_adapter(kind):
     results = []
     for options in (dict(grad_micro_batch=0), dict(grad_micro_batch=18), dict(grad_micro_batch=0, grad_offload=True)):
         model, targets = _own_loss_model(kind)
-        kl = KeepLoRA(model, KeepLoRAConfig(target_modules=targets, r=4, weight_energy=0.5, progress=False,
-                                            svd_method="exact", **options))
+        kl = KeepLoRA(
+            model,
+            KeepLoRAConfig(
+                target_modules=targets, r=4, weight_energy=0.5, progress=False, svd_method="exact", **options
+            ),
+        )
         kl.begin_task(_labelled_batches(kind, 2))
-        results.append({n: (layer.lora_A[kl.adapter_name].weight.detach().clone(),
-                            layer.lora_B[kl.adapter_name].weight.detach().clone()) for n, layer in kl.layers.items()})
+        results.append(
+            {
+                n: (
+                    layer.lora_A[kl.adapter_name].weight.detach().clone(),
+                    layer.lora_B[kl.adapter_name].weight.detach().clone(),
+                )
+                for n, layer in kl.layers.items()
+            }
+        )
     for other in results[1:]:
         for n, (a, b) in results[0].items():
             # A's columns are singular vectors (sign-ambiguous); the product B·A is not

@@ -171,6 +171,7 @@ def test_rsvd_graph_replay_equals_eager_bitwise(dtype, projected):
     before = graphs.default_cache.captures
     got = kk.rsvd(a, 8, oversample=8, power_iters=2, project_out=p, seed=3, graph=True)
     assert graphs.default_cache.captures == before + 1 and not graphs.default_cache.reasons
-    assert all(torch.equal(g, e) for g, e in zip(got, kk.rsvd(a, 8, oversample=8, power_iters=2, project_out=p,
-                                                               seed=3)))
+    assert all(
+        torch.equal(g, e) for g, e in zip(got, kk.rsvd(a, 8, oversample=8, power_iters=2, project_out=p, seed=3))
+    )
     graphs.default_cache.clear()

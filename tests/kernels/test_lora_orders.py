@@ -200,8 +200,9 @@ def test_extension_op_backward_accumulates_like_the_function(bias, x_grad):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", VARIANTS + [("ext", o) for o in ("base_first", "expand_first")],
-                         ids=lambda v: "-".join(v))
+@pytest.mark.parametrize(
+    "variant", VARIANTS + [("ext", o) for o in ("base_first", "expand_first")], ids=lambda v: "-".join(v)
+)
 def test_variants_on_cuda_within_the_bf16_rule(variant):
     """Every order on a GPU (cuBLAS through LoRALinearFunction, and the extension op) at a ragged shape of
     realistic width, bf16 input with fp32 adapters: y, dX, dB within 2× PyTorch's own bf16 error."""

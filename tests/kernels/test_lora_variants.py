@@ -6,15 +6,18 @@ against autograd (fp64 gradcheck, fp32 and bf16 against the oracle), saving only
 import pytest
 import torch
 
-from support.triton_env import DEVICE  # skips without triton
-
 from keeplora_kernels import _dispatch
-from keeplora_kernels.experimental import (BACKWARD_ORDERS, LoRALinearVariantFunction, StackedLoRALinearFunction,
-                                           stack_frozen)
+from keeplora_kernels.experimental import (
+    BACKWARD_ORDERS,
+    LoRALinearVariantFunction,
+    StackedLoRALinearFunction,
+    stack_frozen,
+)
 from keeplora_kernels.lora_linear import FORWARD_ORDERS, LoRALinearFunction
 from support.lora_checks import oracle_grads, seeded_inputs
 from support.ref_ops import lora_linear_ref
 from support.tolerances import assert_close, assert_within_torch_error
+from support.triton_env import DEVICE  # skips without triton
 
 VARIANTS = [(f, "fused_dy") for f in FORWARD_ORDERS] + [("stacked", b) for b in BACKWARD_ORDERS]
 RAGGED = [((37,), 70, 45, 5), ((3, 11), 64, 33, 16), ((2,), 16, 17, 1)]  # (leading dims, d_in, d_out, r)

@@ -39,8 +39,11 @@ def test_mixed_dtype_path_call_is_well_formed(monkeypatch):
     """The CUDA path's call on meta tensors (its kernel exists only in CUDA builds): shape and dtype of the result."""
     monkeypatch.setattr(_dispatch, "mixed_dtype_gemm", lambda op, device_type: True)
     acc = torch.empty(11, 5, device="meta")
-    out = kk.outer_sum(acc, torch.empty(37, 11, device="meta", dtype=torch.bfloat16),
-                       torch.empty(37, 5, device="meta", dtype=torch.bfloat16))
+    out = kk.outer_sum(
+        acc,
+        torch.empty(37, 11, device="meta", dtype=torch.bfloat16),
+        torch.empty(37, 5, device="meta", dtype=torch.bfloat16),
+    )
     assert out.shape == (11, 5) and out.dtype == torch.float32
     assert out is acc  # written into the accumulator: no second d_out × d_in buffer
 
@@ -93,7 +96,7 @@ def test_same_kernels_as_one_converted_addmm_per_chunk(in_dtype):
         else:
             rows = expected.numel() // (7 + 6)
             for start in range(0, 301, rows):
-                expected.addmm_(dy[start:start + rows].t().to(acc_dtype), x[start:start + rows].to(acc_dtype))
+                expected.addmm_(dy[start : start + rows].t().to(acc_dtype), x[start : start + rows].to(acc_dtype))
         assert torch.equal(kk.outer_sum(acc, dy, x), expected)
 
 

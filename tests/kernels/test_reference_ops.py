@@ -80,8 +80,7 @@ def test_lora_linear_gradcheck_fp64():
     x.requires_grad_()
     lb.requires_grad_()
     b.requires_grad_()
-    assert torch.autograd.gradcheck(lambda x_, b_, lb_: LoRALinearFunction.apply(x_, w, b_, a, lb_, 0.7),
-                                    (x, b, lb))
+    assert torch.autograd.gradcheck(lambda x_, b_, lb_: LoRALinearFunction.apply(x_, w, b_, a, lb_, 0.7), (x, b, lb))
 
 
 def test_lora_linear_fp32_adapter_under_bf16_input():
@@ -122,8 +121,12 @@ def test_lora_linear_backward_reuses_the_forward_casts(monkeypatch):
     casts = [e.input_shapes[0] for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes[0]]
     assert casts == [[24, 4]]  # the fp32 dB (CPU path); no adapter cast (scalar wrapping of `scale` not counted)
     monkeypatch.setattr(lora_module._dispatch, "mixed_dtype_gemm", lambda op, device_type: True)
-    meta = lora_module._scaled_outer(torch.empty(37, 24, device="meta", dtype=torch.bfloat16),
-                                     torch.empty(37, 4, device="meta", dtype=torch.bfloat16), 0.5, torch.float32)
+    meta = lora_module._scaled_outer(
+        torch.empty(37, 24, device="meta", dtype=torch.bfloat16),
+        torch.empty(37, 4, device="meta", dtype=torch.bfloat16),
+        0.5,
+        torch.float32,
+    )
     assert meta.shape == (24, 4) and meta.dtype == torch.float32
 
 

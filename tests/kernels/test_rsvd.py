@@ -153,8 +153,9 @@ def test_rsvd_low_precision_inputs(backend, dtype):
     assert_close(u.mT @ u, torch.eye(6).expand(2, 6, 6), torch.float32)
 
 
-@pytest.mark.parametrize("shape,rank,oversample", [((40, 30), 25, 10), ((30, 40), 30, 0), ((25, 60), 3, 30),
-                                                    ((64, 48), 1, 4)])
+@pytest.mark.parametrize(
+    "shape,rank,oversample", [((40, 30), 25, 10), ((30, 40), 30, 0), ((25, 60), 3, 30), ((64, 48), 1, 4)]
+)
 def test_rsvd_exact_path_and_edges(backend, shape, rank, oversample):
     """Sketch width capped at min(m, n) takes the exact path; rank may reach min(m, n)."""
     a = torch.randn(2, *shape, dtype=torch.float64)
@@ -238,9 +239,13 @@ def test_principal_subspace_side_and_strict(backend, side, strict):
 def test_principal_subspace_list_of_shapes(backend):
     """A list with repeated and distinct shapes (grouped inside) equals the per-weight results, order kept."""
     spectrum = [0.8**i for i in range(60)]
-    weights = [_with_spectrum(96, 64, spectrum, dtype=torch.float32), _with_spectrum(64, 96, spectrum, dtype=torch.float32),
-               _with_spectrum(96, 64, spectrum, dtype=torch.float32), torch.zeros(96, 64),
-               _with_spectrum(40, 100, spectrum[:40], dtype=torch.float32)]
+    weights = [
+        _with_spectrum(96, 64, spectrum, dtype=torch.float32),
+        _with_spectrum(64, 96, spectrum, dtype=torch.float32),
+        _with_spectrum(96, 64, spectrum, dtype=torch.float32),
+        torch.zeros(96, 64),
+        _with_spectrum(40, 100, spectrum[:40], dtype=torch.float32),
+    ]
     bases = kk.principal_subspace(weights, 0.95)
     assert len(bases) == len(weights)
     for w, basis in zip(weights, bases):
@@ -256,6 +261,9 @@ def test_principal_subspace_captures_the_energy_on_a_flat_spectrum(backend):
     w = torch.randn(200, 160) / math.sqrt(200)
     for energy in (0.05, 0.1):
         basis = kk.principal_subspace(w, energy)
-        captured = torch.linalg.matrix_norm(w.double() @ basis.double()).square() / torch.linalg.matrix_norm(w.double()).square()
+        captured = (
+            torch.linalg.matrix_norm(w.double() @ basis.double()).square()
+            / torch.linalg.matrix_norm(w.double()).square()
+        )
         assert captured >= energy - 1e-6
         assert abs(basis.shape[1] - _brute_force_rank(w, energy)) <= 2

@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _needs(op, device="cpu"):
-    return pytest.mark.skipif(op not in _dispatch.extension_ops(device),
-                              reason=f"keeplora::{op} is not registered for {device}")
+    return pytest.mark.skipif(
+        op not in _dispatch.extension_ops(device), reason=f"keeplora::{op} is not registered for {device}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -73,8 +74,7 @@ def test_rsvd_repairs_flagged_blocks_on_the_host(impl):
         u, s, v, info = torch.ops.keeplora.rsvd(a, 3, 3, 1, None, 0)
     assert int(info.item()) & 2
     assert_close(u[0].T @ u[0], torch.eye(3, dtype=torch.float64), torch.float64)
-    assert_close(s[0], torch.tensor([torch.linalg.vector_norm(a).item(), 0.0, 0.0], dtype=torch.float64),
-                 torch.float64)
+    assert_close(s[0], torch.tensor([torch.linalg.vector_norm(a).item(), 0.0, 0.0], dtype=torch.float64), torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -85,8 +85,7 @@ def test_extension_reports_its_ops():
     ops = _extension.registered_ops()
     if not ops:
         pytest.skip(f"extension not loaded: {_extension.status()}")
-    assert {"rsvd", "gaussian_sketch", "jacobi_svd", "cholesky_qr", "shifted_cholesky",
-            "split_operand"} <= set(ops)
+    assert {"rsvd", "gaussian_sketch", "jacobi_svd", "cholesky_qr", "shifted_cholesky", "split_operand"} <= set(ops)
     # every op has a CPU kernel but the cuSOLVER launcher (CPU runs LAPACK or the Jacobi twin for that step)
     assert _extension.registered_ops("cpu") == ops - {"gesvdj_batched"}
     assert "gesvdj_batched" in _extension.library().registered_ops()
@@ -274,8 +273,9 @@ def test_rsvd_cuda_matches_cpu_without_host_sync(dtype):
     assert (info.cpu() & 1).sum() == 0
     tol = 1e-5 if dtype == torch.float32 else 1e-3  # bf16: CPU converts to fp32, CUDA uses the split bf16 GEMM
     assert (s.cpu() - s_c).abs().max() <= tol * s_c.max()
-    assert ((u.cpu() * s.cpu().unsqueeze(-2)) @ v.cpu().mT - (u_c * s_c.unsqueeze(-2)) @ v_c.mT).abs().max() \
-        <= tol * s_c.max() * 10
+    assert (
+        (u.cpu() * s.cpu().unsqueeze(-2)) @ v.cpu().mT - (u_c * s_c.unsqueeze(-2)) @ v_c.mT
+    ).abs().max() <= tol * s_c.max() * 10
 
 
 @pytest.mark.gpu
@@ -307,8 +307,10 @@ def test_shifted_cholesky_cuda_matches_cpu_twin(l):
 def test_split_operand_cuda_equals_cpu(dtype, source):
     x = torch.randn(3, 129, 40, dtype=source)
     scale = 256.0 if dtype == torch.bfloat16 else 2048.0
-    assert torch.equal(torch.ops.keeplora.split_operand(x.cuda(), dtype, scale).cpu(),
-                       torch.ops.keeplora.split_operand(x, dtype, scale))
+    assert torch.equal(
+        torch.ops.keeplora.split_operand(x.cuda(), dtype, scale).cpu(),
+        torch.ops.keeplora.split_operand(x, dtype, scale),
+    )
 
 
 @pytest.mark.gpu
@@ -344,8 +346,18 @@ def test_every_cuda_source_compiles_for_sm90(tmp_path):
     assert sources, "no .cu sources under csrc/"
     for src in sources:
         obj = tmp_path / (src.stem + ".o")
-        cmd = ["nvcc", "-gencode=arch=compute_90,code=sm_90", "-std=c++17", "-O3", "-Xcompiler", "-Wall",
-               "-c", str(src), "-o", str(obj)]
+        cmd = [
+            "nvcc",
+            "-gencode=arch=compute_90,code=sm_90",
+            "-std=c++17",
+            "-O3",
+            "-Xcompiler",
+            "-Wall",
+            "-c",
+            str(src),
+            "-o",
+            str(obj),
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, f"{src.relative_to(ROOT)} failed to compile:\n{done.stderr}"
         assert obj.stat().st_size > 0
@@ -369,9 +381,17 @@ def test_cuda_glue_compiles_against_installed_torch_headers():
     cuda_include = _nvcc_include_dir()
     if cuda_include is None or not (Path(cuda_include) / "cuda_runtime.h").exists():
         pytest.skip("CUDA runtime headers not found next to nvcc")
-    cmd = ["c++", "-std=c++17", "-fsyntax-only", "-DKEEPLORA_WITH_CUDA", "-DC10_USING_CUSTOM_GENERATED_MACROS",
-           *(f"-I{p}" for p in include_paths()), f"-I{cuda_include}", f"-I{ROOT / 'csrc'}",
-           str(ROOT / "csrc" / "cuda_glue.cpp")]
+    cmd = [
+        "c++",
+        "-std=c++17",
+        "-fsyntax-only",
+        "-DKEEPLORA_WITH_CUDA",
+        "-DC10_USING_CUSTOM_GENERATED_MACROS",
+        *(f"-I{p}" for p in include_paths()),
+        f"-I{cuda_include}",
+        f"-I{ROOT / 'csrc'}",
+        str(ROOT / "csrc" / "cuda_glue.cpp"),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
 
@@ -391,8 +411,9 @@ def test_small_svd_method_is_validated_and_settable():
     try:
         assert small_svd_method("cusolver") == "cusolver"
         a = torch.randn(2, 64, 48)  # CPU: the setting does not apply (LAPACK), the result is unchanged
-        for got, want in zip(torch.ops.keeplora.rsvd(a, 4, 4, 1, None, 0), rsvd_torch(a, 4, oversample=4,
-                                                                                       power_iters=1)):
+        for got, want in zip(
+            torch.ops.keeplora.rsvd(a, 4, 4, 1, None, 0), rsvd_torch(a, 4, oversample=4, power_iters=1)
+        ):
             assert got.shape == want.shape
         assert small_svd_method("jacobi") == "jacobi"
     finally:
@@ -408,11 +429,21 @@ def test_small_svd_environment_variable_is_validated(tmp_path):
 
     code = "from keeplora_kernels.rsvd import small_svd_method; print(small_svd_method())"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'python'}"}
-    good = subprocess.run([sys.executable, "-c", code], env={**env, "KEEPLORA_SMALL_SVD": "cusolver"},
-                          capture_output=True, text=True, timeout=120)
+    good = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "KEEPLORA_SMALL_SVD": "cusolver"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert good.returncode == 0 and good.stdout.strip() == "cusolver", good.stderr[-2000:]
-    bad = subprocess.run([sys.executable, "-c", code], env={**env, "KEEPLORA_SMALL_SVD": "qr"},
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "KEEPLORA_SMALL_SVD": "qr"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode != 0 and "must be 'jacobi' or 'cusolver'" in bad.stderr
 
 

@@ -20,8 +20,9 @@ def test_inclusive_rule_is_the_first_crossing(energy):
     cum = sq.cumsum(-1) / sq.sum(-1, keepdim=True)
     counts = energy_counts(cum, energy).tolist()
     assert counts == [_smallest_reaching(row, energy) for row in cum.tolist()]
-    assert all(1 <= c <= 40 and cum[i, c - 1] >= energy and (c == 1 or cum[i, c - 2] < energy)
-               for i, c in enumerate(counts))
+    assert all(
+        1 <= c <= 40 and cum[i, c - 1] >= energy and (c == 1 or cum[i, c - 2] < energy) for i, c in enumerate(counts)
+    )
     strict = energy_counts(cum, energy, strict=True).tolist()
     assert strict == [max(int((row < energy).sum()), 1) for row in cum]
 
@@ -70,8 +71,15 @@ def test_grow_applies_the_clamp_before_the_exact_test():
         seen.append(r)
         return [(r >= 6, "done" if r >= 6 else 0.0) for _ in items]
 
-    found = grow([0], 4, 100, width=lambda r: r, sketch=sketch, exact=lambda items: ["exact"] * len(items),
-                 clamp=lambda r, items: min(r, 6))
+    found = grow(
+        [0],
+        4,
+        100,
+        width=lambda r: r,
+        sketch=sketch,
+        exact=lambda items: ["exact"] * len(items),
+        clamp=lambda r, items: min(r, 6),
+    )
     assert seen == [4, 6] and found == {0: "done"}  # the second round is clamped from 8 to 6
     # a width past the fraction hands over to the exact path before any sketch
     assert grow([0], 31, 100, width=lambda r: r, sketch=sketch, exact=lambda items: ["exact"]) == {0: "exact"}

@@ -8,8 +8,6 @@ shapes. The kernels are called through their own entry points: the dispatcher ne
 import pytest
 import torch
 
-from support.triton_env import DEVICE, force_triton  # noqa: F401  (skips without triton; the fixture is used below)
-
 import keeplora_kernels as kk
 from keeplora_kernels import _dispatch
 from keeplora_kernels.experimental.triton_lora_linear import lora_linear_shared_triton, lora_linear_triton
@@ -17,14 +15,14 @@ from keeplora_kernels.lora_linear import LoRALinearFunction
 from support.lora_checks import assert_saves_only_s
 from support.ref_ops import lora_linear_ref, lora_linear_shared_ref
 from support.tolerances import assert_close, assert_within_torch_error
+from support.triton_env import DEVICE, force_triton  # noqa: F401  (skips without triton; the fixture is used below)
 
 pytestmark = pytest.mark.usefixtures("force_triton")
 
 SHAPES = [((37,), 70, 45), ((3, 11), 64, 33), ((5,), 40, 24)]  # (leading dims, d_in, d_out); T=5 takes split-K
 
 
-def _inputs(lead, d_in, d_out, r, dtype=torch.float32, adapter_dtype=None, bias=True, transpose_x=False,
-            device=DEVICE):
+def _inputs(lead, d_in, d_out, r, dtype=torch.float32, adapter_dtype=None, bias=True, transpose_x=False, device=DEVICE):
     adapter_dtype = adapter_dtype or dtype
     if transpose_x:  # non-contiguous: the leading dims and d_in of a (d_in, *lead) tensor, moved
         x = torch.randn(d_in, *lead, dtype=dtype, device=device).movedim(0, -1)

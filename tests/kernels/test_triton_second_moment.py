@@ -3,11 +3,10 @@
 import pytest
 import torch
 
-from support.triton_env import DEVICE, force_triton  # noqa: F401  (skips without triton; the fixture is used below)
-
 import keeplora_kernels as kk
 from keeplora_kernels import _dispatch
 from support.tolerances import assert_close, assert_within_torch_error
+from support.triton_env import DEVICE, force_triton  # noqa: F401  (skips without triton; the fixture is used below)
 
 pytestmark = pytest.mark.usefixtures("force_triton")
 

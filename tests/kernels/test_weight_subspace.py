@@ -63,7 +63,7 @@ def test_strict_rule_keeps_the_top_direction_when_it_alone_holds_the_energy():
 @pytest.mark.parametrize("side", ["input", "output"])
 def test_strict_principal_subspace_keeps_one_direction_on_both_backends(backend, side):
     # the top direction holds 30/(30+…) ≈ 0.68 of the energy, above ε = 0.2 (the CLIP text tower's ε_w)
-    w = _with_spectrum(48, 40, [30.0 ** 0.5] + [1.0] * 14).float()
+    w = _with_spectrum(48, 40, [30.0**0.5] + [1.0] * 14).float()
     for weights in (w, [w, w.clone()]):
         bases = kk.principal_subspace(weights, 0.2, side=side, strict=True)
         for basis in bases if isinstance(bases, list) else [bases]:
@@ -145,14 +145,17 @@ def test_tail_count_never_below_the_flat_bound():
 # KeepLoRAConfig: side and energy rule as two options; 'official-clip' stays the alias it was
 
 
-@pytest.mark.parametrize("kwargs,side,rule,alias", [
-    ({}, "input", "inclusive", "input"),
-    ({"weight_subspace": "official-clip"}, "output", "strict", "official-clip"),
-    ({"weight_energy_rule": "strict"}, "input", "strict", "input"),  # the authors' LLaVA pipeline
-    ({"weight_subspace_side": "output"}, "output", "inclusive", "input"),
-    ({"weight_subspace_side": "output", "weight_energy_rule": "strict"}, "output", "strict", "official-clip"),
-    ({"weight_subspace": "official-clip", "weight_subspace_side": "output"}, "output", "strict", "official-clip"),
-])
+@pytest.mark.parametrize(
+    "kwargs,side,rule,alias",
+    [
+        ({}, "input", "inclusive", "input"),
+        ({"weight_subspace": "official-clip"}, "output", "strict", "official-clip"),
+        ({"weight_energy_rule": "strict"}, "input", "strict", "input"),  # the authors' LLaVA pipeline
+        ({"weight_subspace_side": "output"}, "output", "inclusive", "input"),
+        ({"weight_subspace_side": "output", "weight_energy_rule": "strict"}, "output", "strict", "official-clip"),
+        ({"weight_subspace": "official-clip", "weight_subspace_side": "output"}, "output", "strict", "official-clip"),
+    ],
+)
 def test_config_resolves_side_and_rule(kwargs, side, rule, alias):
     cfg = KeepLoRAConfig(**kwargs)
     assert (cfg.weight_subspace_side, cfg.weight_energy_rule, cfg.weight_subspace) == (side, rule, alias)
@@ -167,17 +170,19 @@ def test_a_config_saved_before_the_options_loads_as_before():
     assert cfg.principal_subspace_options() == {"side": "output", "strict": True}
 
 
-@pytest.mark.parametrize("options", [
-    {"weight_subspace": "input"},
-    {"weight_subspace": "official-clip"},
-    {"weight_subspace_side": "output", "weight_energy_rule": "strict"},
-    {"weight_energy_rule": "strict"},  # the authors' LLaVA pipeline: input side, strict rule
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"weight_subspace": "input"},
+        {"weight_subspace": "official-clip"},
+        {"weight_subspace_side": "output", "weight_energy_rule": "strict"},
+        {"weight_energy_rule": "strict"},  # the authors' LLaVA pipeline: input side, strict rule
+    ],
+)
 def test_engine_bases_follow_the_options(options):
     case = CASES["bert"]
     model = case.model()
-    kl = KeepLoRA(model, KeepLoRAConfig(target_modules=case.targets, r=4, weight_energy=0.2, progress=False,
-                                        **options))
+    kl = KeepLoRA(model, KeepLoRAConfig(target_modules=case.targets, r=4, weight_energy=0.2, progress=False, **options))
     kwargs = kl.config.principal_subspace_options()
     for name, layer in kl.layers.items():
         expected = _exact(layer.base_layer.weight, 0.2, side=kwargs["side"], strict=kwargs["strict"])

@@ -35,8 +35,11 @@ LANG_WORDS = {
     "pl": ["dom", "jest", "i", "dobrze", "woda", "swiat"],
 }
 SENTIMENT_WORDS = {"pos": ["great", "love", "wonderful", "happy"], "neg": ["awful", "hate", "terrible", "sad"]}
-NOVEL_WORDS = {"emma": ["emma", "highbury", "knightley"], "persuasion": ["anne", "wentworth", "navy"],
-               "prideprejudice": ["elizabeth", "darcy", "bennet"]}
+NOVEL_WORDS = {
+    "emma": ["emma", "highbury", "knightley"],
+    "persuasion": ["anne", "wentworth", "navy"],
+    "prideprejudice": ["elizabeth", "darcy", "bennet"],
+}
 FILLER = ["a", "one", "day", "very", "with", "of", "to", "in", "it", "was", "that", "her", "his"]
 
 
@@ -57,10 +60,16 @@ def write_wordnet(cache: Path, per_class: int = 30, seed: int = 0) -> None:
     folder = _stamp(cache, "wordnet-base") / R.WORDNET_DIR
     folder.mkdir(parents=True)
     lex = {"animal": 5, "plant": 20, "food": 13, "body": 8, "artifact": 6, "person": 18, "location": 15, "state": 26}
-    words = {"animal": ["fur", "tail", "wild"], "plant": ["leaf", "flower", "root"], "food": ["eat", "sweet", "dish"],
-             "body": ["organ", "bone", "skin"], "artifact": ["tool", "made", "device"],
-             "person": ["someone", "worker", "who"], "location": ["region", "city", "place"],
-             "state": ["condition", "being", "quality"]}
+    words = {
+        "animal": ["fur", "tail", "wild"],
+        "plant": ["leaf", "flower", "root"],
+        "food": ["eat", "sweet", "dish"],
+        "body": ["organ", "bone", "skin"],
+        "artifact": ["tool", "made", "device"],
+        "person": ["someone", "worker", "who"],
+        "location": ["region", "city", "place"],
+        "state": ["condition", "being", "quality"],
+    }
     lines = ["  1 This software and database is being provided to you, the LICENSEE, by  \n"]
     offset = 1000
     for name, num in lex.items():
@@ -121,8 +130,7 @@ def write_r_lazyload(folder: Path, variables: dict[str, list[str]], stem: str = 
         blob = len(payload).to_bytes(4, "big") + zlib.compress(payload)
         index[name] = np.array([len(blobs), len(blob)], dtype=np.int32)
         blobs += blob
-    rdx = unparse_data(convert_python_to_r_data({"variables": index, "references": {},
-                                                 "compressed": np.array([True])}))
+    rdx = unparse_data(convert_python_to_r_data({"variables": index, "references": {}, "compressed": np.array([True])}))
     (folder / f"{stem}.rdb").write_bytes(blobs)
     (folder / f"{stem}.rdx").write_bytes(gzip.compress(rdx))
 
@@ -135,7 +143,7 @@ def write_austen(cache: Path, paragraphs: int = 30, seed: int = 0) -> None:
         lines = [key.upper(), "", "CHAPTER 1", ""]
         for i in range(paragraphs):
             text = _sentence(rng, words, 16) + f" {i}"
-            lines += [text[: len(text) // 2], text[len(text) // 2:], ""]
+            lines += [text[: len(text) // 2], text[len(text) // 2 :], ""]
         novels[key] = lines
     write_r_lazyload(folder, novels)
 
@@ -152,11 +160,54 @@ def write_all_sources(cache: Path) -> Path:
 def _vocab() -> list[str]:
     words = set(FILLER) | {w for ws in TOPIC_WORDS.values() for w in ws} | {w for ws in LANG_WORDS.values() for w in ws}
     words |= {w for ws in SENTIMENT_WORDS.values() for w in ws} | {w for ws in NOVEL_WORDS.values() for w in ws}
-    words |= {"quote", "about", "this", "review", "is", "positive", "negative", "definition", "passage", "from",
-              "german", "english", "spanish", "italian", "russian", "polish", "tweet", "movie", "product",
-              "newspaper", "editorial", "an", "part", "the", "body", "man", "made", "object", "kind", "person",
-              "place", "or", "drink", "condition", "plant", "animal", "food", "state", "computers", "politics",
-              "science", "law", "work", "art", "star", "trek"}
+    words |= {
+        "quote",
+        "about",
+        "this",
+        "review",
+        "is",
+        "positive",
+        "negative",
+        "definition",
+        "passage",
+        "from",
+        "german",
+        "english",
+        "spanish",
+        "italian",
+        "russian",
+        "polish",
+        "tweet",
+        "movie",
+        "product",
+        "newspaper",
+        "editorial",
+        "an",
+        "part",
+        "the",
+        "body",
+        "man",
+        "made",
+        "object",
+        "kind",
+        "person",
+        "place",
+        "or",
+        "drink",
+        "condition",
+        "plant",
+        "animal",
+        "food",
+        "state",
+        "computers",
+        "politics",
+        "science",
+        "law",
+        "work",
+        "art",
+        "star",
+        "trek",
+    }
     letters = "abcdefghijklmnopqrstuvwxyzабвгдежзийклмнопрстуфхцчшщъыьэюя0123456789"
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     return specials + sorted(set(letters) | words | {"##" + c for c in letters} | set(".,;!?'&-"))
@@ -179,8 +230,17 @@ def make_tiny_bert(folder: Path, seed: int = 0) -> Path:
 
     tok = _save_tokenizer(folder)
     torch.manual_seed(seed)
-    model = BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                 intermediate_size=64, max_position_embeddings=64), add_pooling_layer=False)
+    model = BertModel(
+        BertConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        ),
+        add_pooling_layer=False,
+    )
     model.save_pretrained(folder)
     return folder
 
@@ -192,12 +252,27 @@ def make_tiny_clip(folder: Path, seed: int = 0) -> Path:
     tok = _save_tokenizer(folder)
     torch.manual_seed(seed)
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
-                         bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id),
-        vision_config=dict(hidden_size=32, image_size=16, patch_size=8, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=64),
-        projection_dim=16)
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.cls_token_id,
+            eos_token_id=tok.sep_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            image_size=16,
+            patch_size=8,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+        ),
+        projection_dim=16,
+    )
     CLIPModel(cfg).save_pretrained(folder)
     return folder
 
@@ -205,10 +280,12 @@ def make_tiny_clip(folder: Path, seed: int = 0) -> Path:
 def tiny_config(model_dir: Path, cache: Path, methods: list[dict], tasks: list[dict] | None = None, **extra) -> dict:
     """A run config (as a dict for YAML) over the fixture sources and a tiny model."""
     cfg = {
-        "name": "tiny", "seed": 0,
+        "name": "tiny",
+        "seed": 0,
         "model": {"path": str(model_dir), "kind": "auto", "max_length": 24, "logit_scale": 20.0},
         "data": {"train_per_class": 8, "test_per_class": 6, "cache": str(cache)},
-        "tasks": tasks or [
+        "tasks": tasks
+        or [
             {"name": "topic", "builder": "fortune_topic"},
             {"name": "sentiment", "builder": "vader_sentiment", "domain": "tweets"},
             {"name": "novel", "builder": "austen_novel"},

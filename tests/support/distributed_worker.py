@@ -1,4 +1,4 @@
-"""One rank of a distributed KeepLoRA run, for tests/engine/test_distributed.py (launched by torchrun or accelerate launch).
+"""One rank of a distributed KeepLoRA run, for tests/engine/test_distributed.py (launched by torchrun or accelerate).
 
     python -m torch.distributed.run --nproc_per_node 2 tests/support/distributed_worker.py SCENARIO OUT_DIR
     accelerate launch --multi_gpu --num_processes 2 tests/support/distributed_worker.py SCENARIO OUT_DIR
@@ -38,8 +38,14 @@ DTYPE = getattr(torch, os.environ.get("KEEPLORA_TEST_DTYPE", "float64"))
 
 
 def config() -> KeepLoRAConfig:
-    return KeepLoRAConfig(target_modules=CASE.targets, r=4, alpha=8, feature_energy=0.9, progress=False,
-                          stats_dtype=str(DTYPE).removeprefix("torch."))
+    return KeepLoRAConfig(
+        target_modules=CASE.targets,
+        r=4,
+        alpha=8,
+        feature_energy=0.9,
+        progress=False,
+        stats_dtype=str(DTYPE).removeprefix("torch."),
+    )
 
 
 def build_model() -> torch.nn.Module:
@@ -54,8 +60,10 @@ def loss_fn(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 
 def task_shards(task: int) -> list[list[dict]]:
     """The task's data split over WORLD ranks: shard r holds batches r, r + WORLD, …"""
-    data = [{k: v.to(DTYPE) if v.is_floating_point() else v for k, v in b.items()}
-            for b in CASE.batches(n=WORLD * BATCHES_PER_RANK, seed=100 + task)]
+    data = [
+        {k: v.to(DTYPE) if v.is_floating_point() else v for k, v in b.items()}
+        for b in CASE.batches(n=WORLD * BATCHES_PER_RANK, seed=100 + task)
+    ]
     return [data[r::WORLD] for r in range(WORLD)]
 
 
@@ -70,8 +78,9 @@ def snapshot(kl: KeepLoRA, prefix: str, record: dict, *, adapters: bool = True, 
         record[f"{prefix}.{name}.P"] = kl.bases[name].clone()
 
 
-def continual_run(kl: KeepLoRA, train_model: torch.nn.Module, ranks: list[int], backward=None,
-                  out: Path | None = None) -> dict:
+def continual_run(
+    kl: KeepLoRA, train_model: torch.nn.Module, ranks: list[int], backward=None, out: Path | None = None
+) -> dict:
     """Two tasks: begin_task, ``BATCHES_PER_RANK`` SGD steps, end_task, on the shards of ``ranks``.
 
     One step's loss is the mean over the held shards' batches of that step; under DDP/FSDP each process holds one
@@ -142,8 +151,12 @@ def scenario_accelerate(out: Path) -> None:
     kl = KeepLoRA(model, config())
     wrapped = accelerator.prepare(model)
     record = continual_run(kl, wrapped, [accelerator.process_index], backward=accelerator.backward)
-    _write(out, accelerator.process_index, record,
-           {"history": kl.history, "wrapper": type(wrapped).__name__, "world": accelerator.num_processes})
+    _write(
+        out,
+        accelerator.process_index,
+        record,
+        {"history": kl.history, "wrapper": type(wrapped).__name__, "world": accelerator.num_processes},
+    )
 
 
 def scenario_trainer(out: Path) -> None:
@@ -156,8 +169,11 @@ def scenario_trainer(out: Path) -> None:
 
     class Rows(Dataset):
         def __init__(self, seed):
-            self.rows = [{k: v[i] for k, v in b.items()} for b in case.batches(n=2, seed=seed)
-                         for i in range(b["input_ids"].shape[0])]
+            self.rows = [
+                {k: v[i] for k, v in b.items()}
+                for b in case.batches(n=2, seed=seed)
+                for i in range(b["input_ids"].shape[0])
+            ]
 
         def __len__(self):
             return len(self.rows)
@@ -166,23 +182,40 @@ def scenario_trainer(out: Path) -> None:
             return self.rows[i]
 
     model = case.model()
-    kl = KeepLoRA(model, KeepLoRAConfig(target_modules=case.targets, r=4, alpha=4, feature_energy=0.9,
-                                        progress=False))
+    kl = KeepLoRA(model, KeepLoRAConfig(target_modules=case.targets, r=4, alpha=4, feature_energy=0.9, progress=False))
     record: dict = {}
     wrappers = []
     for task in range(2):
         snapshot(kl, f"t{task}.start", record, adapters=False)
-        args = TrainingArguments(output_dir=str(out / f"trainer{task}"), per_device_train_batch_size=2,
-                                 num_train_epochs=1, learning_rate=5e-2, report_to=[], save_strategy="no",
-                                 logging_strategy="no", use_cpu=True, remove_unused_columns=False,
-                                 ddp_timeout=int(TIMEOUT.total_seconds()), dataloader_num_workers=0)
+        args = TrainingArguments(
+            output_dir=str(out / f"trainer{task}"),
+            per_device_train_batch_size=2,
+            num_train_epochs=1,
+            learning_rate=5e-2,
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            use_cpu=True,
+            remove_unused_columns=False,
+            ddp_timeout=int(TIMEOUT.total_seconds()),
+            dataloader_num_workers=0,
+        )
         trainer = Trainer(model=model, args=args, train_dataset=Rows(task), callbacks=[KeepLoRACallback(kl)])
         trainer.train()
         wrappers.append(type(trainer.model_wrapped).__name__)
         snapshot(kl, f"t{task}.end", record, adapters=False)
     rank = torch.distributed.get_rank()
-    _write(out, rank, record, {"history": kl.history, "tasks_done": kl.tasks_done, "wrappers": wrappers,
-                               "world": torch.distributed.get_world_size()})
+    _write(
+        out,
+        rank,
+        record,
+        {
+            "history": kl.history,
+            "tasks_done": kl.tasks_done,
+            "wrappers": wrappers,
+            "world": torch.distributed.get_world_size(),
+        },
+    )
 
 
 def scenario_collectives(out: Path) -> None:
@@ -258,9 +291,15 @@ def scenario_fail(out: Path, fsdp: bool = False) -> None:
 def main() -> None:
     torch.set_num_threads(1)
     scenario, out = sys.argv[1], Path(sys.argv[2])
-    run = {"ddp": scenario_ddp, "fsdp": scenario_fsdp, "accelerate": scenario_accelerate,
-           "trainer": scenario_trainer, "collectives": scenario_collectives, "fail": scenario_fail,
-           "fail-fsdp": lambda o: scenario_fail(o, fsdp=True)}[scenario]
+    run = {
+        "ddp": scenario_ddp,
+        "fsdp": scenario_fsdp,
+        "accelerate": scenario_accelerate,
+        "trainer": scenario_trainer,
+        "collectives": scenario_collectives,
+        "fail": scenario_fail,
+        "fail-fsdp": lambda o: scenario_fail(o, fsdp=True),
+    }[scenario]
     run(out)
     # Free the DDP/FSDP wrappers (reference cycles: the cyclic collector frees them at an arbitrary later moment,
     # at worst during interpreter shutdown after the process group is gone: one CI run aborted there with

@@ -1,8 +1,6 @@
 """Test oracles of the keeplora_kernels ops: plain formulas, independent of the library's implementations, that the
 tests compare every backend against (differentiable in every argument where an op has a backward)."""
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -15,8 +13,9 @@ def lora_linear_ref(x, weight, bias, lora_a, lora_b, scale):
 
 def lora_linear_shared_ref(x, weights, biases, lora_as, lora_bs, scales):
     """One :func:`lora_linear_ref` per projection of the same input."""
-    return tuple(lora_linear_ref(x, w, b, a, lb, s)
-                 for w, b, a, lb, s in zip(weights, biases, lora_as, lora_bs, scales))
+    return tuple(
+        lora_linear_ref(x, w, b, a, lb, s) for w, b, a, lb, s in zip(weights, biases, lora_as, lora_bs, scales)
+    )
 
 
 def outer_sum_ref(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -32,7 +31,7 @@ def residual_project_ref(g: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return projector @ g.double()
 
 
-def second_moment_ref(x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def second_moment_ref(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """``Σ xᵀ·x`` over the rows of ``x`` (leading dims flattened) where ``mask`` is non-zero, in float64."""
     rows = x.reshape(-1, x.shape[-1]).double()
     if mask is not None:

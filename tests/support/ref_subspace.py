@@ -6,14 +6,12 @@ Householder QR and LAPACK SVDs, one matrix at a time where that is simpler.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 import keeplora_kernels as kk
 
 
-def _batch(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _batch(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or t.dim() == 3 else t.unsqueeze(0)
 
 
@@ -21,8 +19,15 @@ def _orthonormal(y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(y, mode="reduced").Q
 
 
-def rsvd_ref(a: torch.Tensor, rank: int, *, oversample: int = 8, power_iters: int = 4,
-             project_out: Optional[torch.Tensor] = None, seed: int = 0):
+def rsvd_ref(
+    a: torch.Tensor,
+    rank: int,
+    *,
+    oversample: int = 8,
+    power_iters: int = 4,
+    project_out: torch.Tensor | None = None,
+    seed: int = 0,
+):
     """The textbook randomized SVD of ``a`` (or of ``(I − P·Pᵀ)·a``): Gaussian sketch of width ``rank + oversample``
     (torch's generator, not the extension's), Householder QR after every product, LAPACK SVD of the small matrix;
     the exact SVD when the sketch would span everything. Returns ``(U, S, V)`` like ``keeplora_kernels.rsvd``."""
@@ -52,8 +57,9 @@ def rsvd_ref(a: torch.Tensor, rank: int, *, oversample: int = 8, power_iters: in
     return (u[0], s[0], v[0]) if squeeze else (u, s, v)
 
 
-def principal_subspace_ref(weight: torch.Tensor, energy: float, *, side: str = "input",
-                           strict: bool = False) -> torch.Tensor:
+def principal_subspace_ref(
+    weight: torch.Tensor, energy: float, *, side: str = "input", strict: bool = False
+) -> torch.Tensor:
     """The energy-rule basis of one weight from its full SVD in fp32 (fp64 for fp64 weights)."""
     compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
     u, s, vh = torch.linalg.svd(weight.detach().to(compute), full_matrices=False)

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import (BertConfig, BertModel, CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM, ViTConfig,
-                          ViTModel)
+from transformers import (
+    BertConfig,
+    BertModel,
+    CLIPConfig,
+    CLIPModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    ViTConfig,
+    ViTModel,
+)
 
 VOCAB = 64
 
@@ -49,8 +58,17 @@ _BERT_HEAD = _head(32)
 
 
 def _bert():
-    return BertModel(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                intermediate_size=64, max_position_embeddings=32), add_pooling_layer=False)
+    return BertModel(
+        BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=32,
+        ),
+        add_pooling_layer=False,
+    )
 
 
 def _bert_batch(g):
@@ -64,12 +82,27 @@ def _bert_loss(model, b):
 
 # ---- CLIP: both towers, the model's own contrastive loss
 def _clip():
-    return CLIPModel(CLIPConfig(
-        text_config=dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=64, max_position_embeddings=16),
-        vision_config=dict(hidden_size=32, image_size=16, patch_size=8, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=64),
-        projection_dim=16))
+    return CLIPModel(
+        CLIPConfig(
+            text_config=dict(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                max_position_embeddings=16,
+            ),
+            vision_config=dict(
+                hidden_size=32,
+                image_size=16,
+                patch_size=8,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+            ),
+            projection_dim=16,
+        )
+    )
 
 
 def _clip_batch(g):
@@ -77,8 +110,9 @@ def _clip_batch(g):
 
 
 def _clip_loss(model, b):
-    return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"],
-                 return_loss=True).loss
+    return model(
+        input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"], return_loss=True
+    ).loss
 
 
 # ---- ViT: classification by a fixed head on the CLS token
@@ -86,8 +120,17 @@ _VIT_HEAD = _head(32)
 
 
 def _vit():
-    return ViTModel(ViTConfig(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                              intermediate_size=64), add_pooling_layer=False)
+    return ViTModel(
+        ViTConfig(
+            image_size=16,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+        ),
+        add_pooling_layer=False,
+    )
 
 
 def _vit_batch(g):
@@ -101,8 +144,17 @@ def _vit_loss(model, b):
 
 # ---- Llama: causal LM, the model's own loss; k/v projections are non-square (grouped-query attention)
 def _llama():
-    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=32,
+        )
+    )
 
 
 def _llama_batch(g):
@@ -117,8 +169,14 @@ def _llama_loss(model, b):
 
 CASES = {
     "bert": Case("bert", _bert, ["query", "key", "value", "attention.output.dense"], _bert_batch, _bert_loss),
-    "clip": Case("clip", _clip, ["q_proj", "k_proj", "v_proj", "out_proj"], _clip_batch, _clip_loss,
-                 weight_energy={"vision_model": 0.85, "text_model": 0.2}),
+    "clip": Case(
+        "clip",
+        _clip,
+        ["q_proj", "k_proj", "v_proj", "out_proj"],
+        _clip_batch,
+        _clip_loss,
+        weight_energy={"vision_model": 0.85, "text_model": 0.2},
+    ),
     "vit": Case("vit", _vit, ["q_proj", "v_proj"], _vit_batch, _vit_loss, has_text_mask=False),
     "llama": Case("llama", _llama, ["q_proj", "k_proj", "v_proj", "o_proj"], _llama_batch, _llama_loss),
 }

@@ -31,6 +31,7 @@ def assert_within_torch_error(actual, torch_low, exact, dtype):
     bound = 2 * torch_err + ATOL_FLOOR[dtype]
     assert err <= bound, f"error {err:.3e} exceeds 2×torch error {torch_err:.3e} + floor {ATOL_FLOOR[dtype]:.0e}"
 
+
 # Largest principal angle (its sine) between a computed principal subspace and the exact one (float64 eigh), by the
 # dtype of the returned basis: what keeplora_kernels.principal_subspace must guarantee on any spectrum.
 SUBSPACE_SIN = {torch.float32: 1e-5, torch.float64: 1e-10}

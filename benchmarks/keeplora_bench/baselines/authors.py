@@ -19,7 +19,8 @@ comparable bases; the departures of the research code listed in keeplora.md are 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,8 +55,17 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 class AuthorsKeepLoRA:
     """Same lifecycle API as :class:`keeplora.KeepLoRA` (``begin_task``/``end_task``/``trainable_parameters``)."""
 
-    def __init__(self, model: nn.Module, target_names: list[str], *, r: int, alpha: float, weight_energy: float,
-                 feature_energy: float, progress: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        target_names: list[str],
+        *,
+        r: int,
+        alpha: float,
+        weight_energy: float,
+        feature_energy: float,
+        progress: bool = False,
+    ):
         self.model = model
         self.r = r
         self.scale = alpha / r
@@ -84,7 +94,7 @@ class AuthorsKeepLoRA:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [layer.lora_B for layer in self.layers.values()]
 
-    def begin_task(self, dataloader: Iterable[Any], loss_fn: Optional[Callable] = None) -> None:
+    def begin_task(self, dataloader: Iterable[Any], loss_fn: Callable | None = None) -> None:
         loss_fn = loss_fn or model_loss
         flags = [(p, p.requires_grad) for p in self.model.parameters()]
         for p, _ in flags:  # the research code leaves the whole encoder trainable for the gradient pass
@@ -114,7 +124,7 @@ class AuthorsKeepLoRA:
                 layer.lora_B.copy_(b.to(layer.lora_B.dtype))
                 layer.base.weight -= (self.scale * (a @ b).t()).to(layer.weight.dtype)
 
-    def end_task(self, dataloader: Iterable[Any], loss_fn: Optional[Callable] = None) -> None:
+    def end_task(self, dataloader: Iterable[Any], loss_fn: Callable | None = None) -> None:
         loss_fn = loss_fn or model_loss
         with torch.no_grad():
             for layer in self.layers.values():
@@ -130,10 +140,13 @@ class AuthorsKeepLoRA:
                 per_count = sketches.setdefault(name, {})
                 if x.shape[0] not in per_count:
                     if per_count and tokens["n"] > 0:
-                        raise ValueError("the research code's feature sketch needs equal tokens per batch "
-                                         f"(a call with {x.shape[0]} tokens after {sorted(per_count)})")
+                        raise ValueError(
+                            "the research code's feature sketch needs equal tokens per batch "
+                            f"(a call with {x.shape[0]} tokens after {sorted(per_count)})"
+                        )
                     per_count[x.shape[0]] = torch.zeros(x.shape[1], x.shape[0], device=x.device)
                 per_count[x.shape[0]] += x.t()
+
             return fn
 
         handles = [layer.register_forward_hook(hook(n)) for n, layer in self.layers.items()]

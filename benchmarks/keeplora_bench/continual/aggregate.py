@@ -13,8 +13,8 @@ from __future__ import annotations
 import csv
 import math
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 METRICS = ("transfer", "average", "last")
 
@@ -23,8 +23,9 @@ def load_results(run_dir: Path) -> dict[str, dict[str, float]]:
     """``{method: {metric: value}}`` from ``<run_dir>/results.csv``, in the run's method order."""
     path = Path(run_dir) / "results.csv"
     if not path.is_file():
-        raise FileNotFoundError(f"keeplora aggregate: {path} not found (is {run_dir} a finished `keeplora run` "
-                                "folder?)")
+        raise FileNotFoundError(
+            f"keeplora aggregate: {path} not found (is {run_dir} a finished `keeplora run` folder?)"
+        )
     with path.open(newline="") as f:
         return {row["method"]: {m: float(row[m]) for m in METRICS} for row in csv.DictReader(f)}
 
@@ -33,7 +34,7 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
 
 
-def aggregate(run_dirs: Sequence[Path], baseline: Optional[str] = None) -> list[dict]:
+def aggregate(run_dirs: Sequence[Path], baseline: str | None = None) -> list[dict]:
     """One row per method: ``n``, ``<metric>_mean``, ``<metric>_std`` and, with ``baseline``, ``<metric>_diff_mean``
     / ``<metric>_diff_std`` of the per-run difference (method − baseline) over the runs that have both."""
     if not run_dirs:
@@ -61,7 +62,7 @@ def _pm(mean: float, std: float, signed: bool = False) -> str:
     return head if math.isnan(std) else f"{head} ± {std:.1f}"
 
 
-def to_markdown(rows: list[dict], baseline: Optional[str] = None) -> str:
+def to_markdown(rows: list[dict], baseline: str | None = None) -> str:
     header = ["method", "n"] + [m.capitalize() for m in METRICS]
     if baseline is not None:
         header += [f"Δ{m.capitalize()} vs {baseline}" for m in METRICS]
@@ -69,8 +70,10 @@ def to_markdown(rows: list[dict], baseline: Optional[str] = None) -> str:
     for row in rows:
         cells = [row["method"], str(row["n"])] + [_pm(row[f"{m}_mean"], row[f"{m}_std"]) for m in METRICS]
         if baseline is not None:
-            cells += ["—" if row["method"] == baseline else _pm(row[f"{m}_diff_mean"], row[f"{m}_diff_std"], True)
-                      for m in METRICS]
+            cells += [
+                "—" if row["method"] == baseline else _pm(row[f"{m}_diff_mean"], row[f"{m}_diff_std"], True)
+                for m in METRICS
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Optional
 
 import torch
 
@@ -30,8 +29,9 @@ class TaskData:
         self._pad = encoder.pad
         self.prompt_ids, self.prompt_mask = encoder.pad(encoder.tokenize(task.prompts)["input_ids"])
 
-    def batches(self, split: str, batch_size: int, shuffle_seed: Optional[int] = None,
-                sort_by_length: bool = False) -> list[Batch]:
+    def batches(
+        self, split: str, batch_size: int, shuffle_seed: int | None = None, sort_by_length: bool = False
+    ) -> list[Batch]:
         """The split cut into batches: in stored order, shuffled by ``shuffle_seed``, or sorted by length."""
         ids = self.train_ids if split == "train" else self.test_ids
         labels = self.train_labels if split == "train" else self.test_labels
@@ -42,8 +42,16 @@ class TaskData:
             order.sort(key=lambda i: len(ids[i]))
         out = []
         for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
+            chunk = order[start : start + batch_size]
             input_ids, mask = self._pad([ids[i] for i in chunk])
-            out.append(Batch(input_ids, mask, torch.tensor([labels[i] for i in chunk], dtype=torch.long),
-                             self.prompt_ids, self.prompt_mask, self.index))
+            out.append(
+                Batch(
+                    input_ids,
+                    mask,
+                    torch.tensor([labels[i] for i in chunk], dtype=torch.long),
+                    self.prompt_ids,
+                    self.prompt_mask,
+                    self.index,
+                )
+            )
         return out

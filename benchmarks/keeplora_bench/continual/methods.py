@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,9 +45,11 @@ class Method:
 
     def loss_fn(self, task: int):
         """``fn(model, batch) -> loss`` over the prompt logits (plus the task's head when it has one)."""
+
         def fn(model, batch: Batch):
             b = batch.to(next(model.parameters()).device)
             return F.cross_entropy(prompt_logits(self.encoder, b, model, self.heads.get(task)), b.labels)
+
         return fn
 
     def begin_task(self, task: int, data: TaskData, loader: list[Batch]) -> None:
@@ -96,8 +99,13 @@ class LoRAFineTuning(Method):
     def begin_task(self, task, data, loader):
         from peft import LoraConfig, get_peft_model
 
-        cfg = LoraConfig(r=int(self.spec["r"]), lora_alpha=float(self.spec["alpha"]), lora_dropout=0.0,
-                         target_modules=_targets(self.spec["target_modules"]), bias="none")
+        cfg = LoraConfig(
+            r=int(self.spec["r"]),
+            lora_alpha=float(self.spec["alpha"]),
+            lora_dropout=0.0,
+            target_modules=_targets(self.spec["target_modules"]),
+            bias="none",
+        )
         self.peft_model = get_peft_model(self.model, cfg)  # injects in place into self.model
 
     def parameters(self, task):
@@ -119,19 +127,28 @@ class KeepLoRAMethod(Method):
         try:
             from keeplora import KeepLoRA, KeepLoRAConfig  # noqa: F401
         except ImportError as e:
-            raise RuntimeError(f"method {spec['name']!r} needs the KeepLoRA engine (keeplora.KeepLoRA), which "
-                               f"this installation does not have: {e}") from None
+            raise RuntimeError(
+                f"method {spec['name']!r} needs the KeepLoRA engine (keeplora.KeepLoRA), which "
+                f"this installation does not have: {e}"
+            ) from None
         self.kl = None
 
     def engine_config(self):
         from keeplora import KeepLoRAConfig
 
         s = self.spec
-        return KeepLoRAConfig(target_modules=_targets(s["target_modules"]), r=int(s["r"]), alpha=float(s["alpha"]),
-                              weight_energy=_energy(s["weight_energy"]), feature_energy=float(s["feature_energy"]),
-                              b_init=s["b_init"], a_init=s["a_init"],
-                              grad_data_fraction=float(s["grad_data_fraction"]), seed=int(self.seed),
-                              progress=self.progress)
+        return KeepLoRAConfig(
+            target_modules=_targets(s["target_modules"]),
+            r=int(s["r"]),
+            alpha=float(s["alpha"]),
+            weight_energy=_energy(s["weight_energy"]),
+            feature_energy=float(s["feature_energy"]),
+            b_init=s["b_init"],
+            a_init=s["a_init"],
+            grad_data_fraction=float(s["grad_data_fraction"]),
+            seed=int(self.seed),
+            progress=self.progress,
+        )
 
     def setup(self) -> None:
         from keeplora import KeepLoRA
@@ -155,8 +172,12 @@ class KeepLoRAMethod(Method):
 
     def end_task(self, task, data, loader):
         self.kl.end_task(loader, loss_fn=self.loss_fn(task))
-        self.info.append({"basis_sizes": {name: int(b.shape[1]) for name, b in self.kl.bases.items()},
-                          "d_in": {name: int(layer.in_features) for name, layer in self.kl.layers.items()}})
+        self.info.append(
+            {
+                "basis_sizes": {name: int(b.shape[1]) for name, b in self.kl.bases.items()},
+                "d_in": {name: int(layer.in_features) for name, layer in self.kl.layers.items()},
+            }
+        )
 
     def extra_state(self, folder: Path) -> dict:
         target = folder / "keeplora"

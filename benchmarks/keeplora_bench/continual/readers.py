@@ -18,28 +18,68 @@ import io
 import re
 import tarfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 # WordNet lexicographer files (lexnames(5WN)): number -> name
 WORDNET_LEXNAMES = {
-    0: "adj.all", 1: "adj.pert", 2: "adv.all", 3: "noun.Tops", 4: "noun.act", 5: "noun.animal",
-    6: "noun.artifact", 7: "noun.attribute", 8: "noun.body", 9: "noun.cognition", 10: "noun.communication",
-    11: "noun.event", 12: "noun.feeling", 13: "noun.food", 14: "noun.group", 15: "noun.location",
-    16: "noun.motive", 17: "noun.object", 18: "noun.person", 19: "noun.phenomenon", 20: "noun.plant",
-    21: "noun.possession", 22: "noun.process", 23: "noun.quantity", 24: "noun.relation", 25: "noun.shape",
-    26: "noun.state", 27: "noun.substance", 28: "noun.time", 29: "verb.body", 30: "verb.change",
-    31: "verb.cognition", 32: "verb.communication", 33: "verb.competition", 34: "verb.consumption",
-    35: "verb.contact", 36: "verb.creation", 37: "verb.emotion", 38: "verb.motion", 39: "verb.perception",
-    40: "verb.possession", 41: "verb.social", 42: "verb.stative", 43: "verb.weather", 44: "adj.ppl",
+    0: "adj.all",
+    1: "adj.pert",
+    2: "adv.all",
+    3: "noun.Tops",
+    4: "noun.act",
+    5: "noun.animal",
+    6: "noun.artifact",
+    7: "noun.attribute",
+    8: "noun.body",
+    9: "noun.cognition",
+    10: "noun.communication",
+    11: "noun.event",
+    12: "noun.feeling",
+    13: "noun.food",
+    14: "noun.group",
+    15: "noun.location",
+    16: "noun.motive",
+    17: "noun.object",
+    18: "noun.person",
+    19: "noun.phenomenon",
+    20: "noun.plant",
+    21: "noun.possession",
+    22: "noun.process",
+    23: "noun.quantity",
+    24: "noun.relation",
+    25: "noun.shape",
+    26: "noun.state",
+    27: "noun.substance",
+    28: "noun.time",
+    29: "verb.body",
+    30: "verb.change",
+    31: "verb.cognition",
+    32: "verb.communication",
+    33: "verb.competition",
+    34: "verb.consumption",
+    35: "verb.contact",
+    36: "verb.creation",
+    37: "verb.emotion",
+    38: "verb.motion",
+    39: "verb.perception",
+    40: "verb.possession",
+    41: "verb.social",
+    42: "verb.stative",
+    43: "verb.weather",
+    44: "adj.ppl",
 }
 
 WORDNET_DIR = "usr/share/wordnet"
 FORTUNES_DIR = "usr/share/games/fortunes"
 JANEAUSTENR_DATA = "usr/lib/R/site-library/janeaustenr/data"
 VADER_TARBALL = "vaderSentiment-{version}/additional_resources/hutto_ICWSM_2014.tar.gz"
-VADER_DOMAINS = {"tweets": "tweets", "movies": "movieReviewSnippets", "amazon": "amazonReviewSnippets",
-                 "nyt": "nytEditorialSnippets"}
+VADER_DOMAINS = {
+    "tweets": "tweets",
+    "movies": "movieReviewSnippets",
+    "amazon": "amazonReviewSnippets",
+    "nyt": "nytEditorialSnippets",
+}
 LEGACY_ENCODINGS = {"ru": "koi8-r", "pl": "iso-8859-2"}  # fallback only; every pinned file is UTF-8
 
 _WS = re.compile(r"\s+")
@@ -102,8 +142,11 @@ def split_fortunes(text: str) -> list[str]:
 def fortune_files(folder: Path) -> list[Path]:
     """The fortune text files directly in ``folder``: regular files, not indexes (``.dat``), not ``.u8`` twins."""
     folder = Path(folder)
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.is_symlink() and p.suffix not in (".dat", ".u8") and p.name != "off")
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.is_symlink() and p.suffix not in (".dat", ".u8") and p.name != "off"
+    )
 
 
 def read_fortune_file(path: Path, lang: str = "en") -> tuple[list[str], str]:
@@ -150,9 +193,14 @@ def parse_vader_ground_truth(raw: bytes) -> Iterator[tuple[str, float]]:
 
 
 # ---------------------------------------------------------------- Jane Austen (R lazy-load database)
-AUSTEN_NOVELS = {"sensesensibility": "Sense and Sensibility", "prideprejudice": "Pride and Prejudice",
-                 "mansfieldpark": "Mansfield Park", "emma": "Emma", "northangerabbey": "Northanger Abbey",
-                 "persuasion": "Persuasion"}
+AUSTEN_NOVELS = {
+    "sensesensibility": "Sense and Sensibility",
+    "prideprejudice": "Pride and Prejudice",
+    "mansfieldpark": "Mansfield Park",
+    "emma": "Emma",
+    "northangerabbey": "Northanger Abbey",
+    "persuasion": "Persuasion",
+}
 
 
 def read_r_lazyload(data_dir: Path, stem: str = "Rdata") -> dict[str, object]:
@@ -176,7 +224,7 @@ def read_r_lazyload(data_dir: Path, stem: str = "Rdata") -> dict[str, object]:
     blob_file = (data_dir / f"{stem}.rdb").read_bytes()
     out = {}
     for name, (offset, length) in index["variables"].items():
-        blob = blob_file[int(offset):int(offset) + int(length)]
+        blob = blob_file[int(offset) : int(offset) + int(length)]
         payload = blob[4:]
         if compressed in (2, 3):
             kind, payload = payload[:1], payload[1:]
@@ -187,8 +235,6 @@ def read_r_lazyload(data_dir: Path, stem: str = "Rdata") -> dict[str, object]:
             warnings.simplefilter("ignore")
             out[str(name)] = rdata.conversion.convert(rdata.parser.parse_data(codec(payload)))
     return out
-
-
 
 
 def austen_paragraphs(lines, min_words: int = 12) -> list[str]:

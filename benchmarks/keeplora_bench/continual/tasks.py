@@ -20,9 +20,9 @@ import hashlib
 import json
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 from . import readers as R
 from .sources import MANIFEST, cache_dir, source_root
@@ -42,8 +42,9 @@ class Task:
     meta: dict = field(default_factory=dict)
 
     def fingerprint(self) -> str:
-        h = hashlib.sha256(json.dumps([self.name, self.classes, self.prompts, self.train, self.test],
-                                      ensure_ascii=False).encode())
+        h = hashlib.sha256(
+            json.dumps([self.name, self.classes, self.prompts, self.train, self.test], ensure_ascii=False).encode()
+        )
         return h.hexdigest()[:16]
 
 
@@ -54,7 +55,7 @@ class Pool:
     texts: dict[str, list[str]]
     prompts: dict[str, str]
     sources: list[str]
-    default_classes: Optional[list[str]] = None  # None: every key of ``texts``
+    default_classes: list[str] | None = None  # None: every key of ``texts``
     notes: dict = field(default_factory=dict)  # e.g. files that were not UTF-8
 
 
@@ -66,6 +67,7 @@ def builder(name: str):
     def register(fn: Builder) -> Builder:
         BUILDERS[name] = fn
         return fn
+
     return register
 
 
@@ -100,7 +102,7 @@ WORDNET_VERB_PROMPTS = {
 
 
 @builder("wordnet_supersense")
-def build_wordnet(cache: Optional[Path] = None, pos: str = "noun") -> Pool:
+def build_wordnet(cache: Path | None = None, pos: str = "noun") -> Pool:
     """WordNet 3.0 glosses labelled by their lexicographer file (supersense), nouns or verbs."""
     if pos not in ("noun", "verb"):
         raise ValueError(f"wordnet_supersense: pos must be 'noun' or 'verb', got {pos!r}")
@@ -133,7 +135,7 @@ FORTUNE_TOPIC_PROMPTS = {
 
 
 @builder("fortune_topic")
-def build_fortune_topic(cache: Optional[Path] = None) -> Pool:
+def build_fortune_topic(cache: Path | None = None) -> Pool:
     """English fortune cookies labelled by the topic file they come from."""
     folder = source_root("fortunes", cache) / R.FORTUNES_DIR
     texts = {}
@@ -157,7 +159,7 @@ FORTUNE_LANGUAGE_PROMPTS = {
 
 
 @builder("fortune_language")
-def build_fortune_language(cache: Optional[Path] = None) -> Pool:
+def build_fortune_language(cache: Path | None = None) -> Pool:
     """Fortune cookies labelled by language: every non-offensive file of fortunes(-de/-es/-it/-ru/-pl)."""
     texts: dict[str, list[str]] = {}
     encodings: dict[str, list[str]] = {}
@@ -172,9 +174,12 @@ def build_fortune_language(cache: Optional[Path] = None) -> Pool:
             if enc != "utf-8":
                 encodings.setdefault(lang, []).append(f"{path.name}:{enc}")
             texts[lang] += [e for e in entries if R.is_prose(e)]
-    return Pool(texts, dict(FORTUNE_LANGUAGE_PROMPTS),
-                ["fortunes"] + [f"fortunes-{lang}" for lang in FORTUNE_LANGUAGE_PROMPTS if lang != "en"],
-                notes={"legacy_encodings": encodings} if encodings else {})
+    return Pool(
+        texts,
+        dict(FORTUNE_LANGUAGE_PROMPTS),
+        ["fortunes"] + [f"fortunes-{lang}" for lang in FORTUNE_LANGUAGE_PROMPTS if lang != "en"],
+        notes={"legacy_encodings": encodings} if encodings else {},
+    )
 
 
 VADER_PROMPTS = {
@@ -186,19 +191,21 @@ VADER_PROMPTS = {
 
 
 @builder("vader_sentiment")
-def build_vader(cache: Optional[Path] = None, domain: str = "tweets", min_abs_rating: float = 0.5) -> Pool:
+def build_vader(cache: Path | None = None, domain: str = "tweets", min_abs_rating: float = 0.5) -> Pool:
     """VADER ground truth of one domain: positive / negative by the sign of the mean human rating, |r| >= 0.5."""
     if domain not in R.VADER_DOMAINS:
         raise ValueError(f"vader_sentiment: domain must be one of {sorted(R.VADER_DOMAINS)}, got {domain!r}")
     rows = R.read_vader(source_root("vaderSentiment", cache), MANIFEST["vaderSentiment"].version)[domain]
-    texts = {"negative": [t for t, r in rows if r <= -min_abs_rating],
-             "positive": [t for t, r in rows if r >= min_abs_rating]}
+    texts = {
+        "negative": [t for t, r in rows if r <= -min_abs_rating],
+        "positive": [t for t, r in rows if r >= min_abs_rating],
+    }
     prompts = {k: VADER_PROMPTS[domain].format(k) for k in texts}
     return Pool(texts, prompts, ["vaderSentiment"])
 
 
 @builder("austen_novel")
-def build_austen(cache: Optional[Path] = None) -> Pool:
+def build_austen(cache: Path | None = None) -> Pool:
     """Paragraphs of Jane Austen's six novels labelled by novel."""
     paragraphs = R.read_austen(source_root("r-cran-janeaustenr", cache))
     prompts = {k: f"A passage from {title}." for k, title in R.AUSTEN_NOVELS.items()}
@@ -211,8 +218,9 @@ def _rng(*parts) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
-def balanced_split(texts: dict[str, list[str]], classes: list[str], train_per_class: int, test_per_class: int,
-                   seed: int, task: str) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+def balanced_split(
+    texts: dict[str, list[str]], classes: list[str], train_per_class: int, test_per_class: int, seed: int, task: str
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     """Deterministic balanced split (see module docstring); raises if a class has too few distinct texts."""
     owners: dict[str, set[str]] = {}
     for c in classes:
@@ -223,8 +231,10 @@ def balanced_split(texts: dict[str, list[str]], classes: list[str], train_per_cl
         unique = sorted({t for t in texts.get(c, []) if len(owners[t]) == 1})
         need = train_per_class + test_per_class
         if len(unique) < need:
-            raise ValueError(f"task {task!r}: class {c!r} has {len(unique)} distinct texts, {need} needed "
-                             f"({train_per_class} train + {test_per_class} test per class)")
+            raise ValueError(
+                f"task {task!r}: class {c!r} has {len(unique)} distinct texts, {need} needed "
+                f"({train_per_class} train + {test_per_class} test per class)"
+            )
         _rng(seed, task, c).shuffle(unique)
         test += [(t, label) for t in unique[:test_per_class]]
         train += [(t, label) for t in unique[test_per_class:need]]
@@ -239,39 +249,50 @@ class TaskSpec:
     name: str
     builder: str
     params: dict = field(default_factory=dict)
-    classes: Optional[list[str]] = None  # default: every class of the builder's pool
-    prompts: Optional[dict[str, str]] = None  # overrides per class key
+    classes: list[str] | None = None  # default: every class of the builder's pool
+    prompts: dict[str, str] | None = None  # overrides per class key
     train_per_class: int = 80
     test_per_class: int = 40
 
     @classmethod
-    def from_dict(cls, d: dict, defaults: Optional[dict] = None) -> "TaskSpec":
+    def from_dict(cls, d: dict, defaults: dict | None = None) -> TaskSpec:
         d = dict(d)
         known = {"name", "builder", "classes", "prompts", "train_per_class", "test_per_class"}
         factor = float(d.pop("size_factor", 1))
-        merged = {k: int(round(factor * v)) for k, v in (defaults or {}).items()
-                  if k in ("train_per_class", "test_per_class")}
+        merged = {
+            k: int(round(factor * v)) for k, v in (defaults or {}).items() if k in ("train_per_class", "test_per_class")
+        }
         merged.update({k: d.pop(k) for k in list(d) if k in known})
         if "name" not in merged or "builder" not in merged:
             raise ValueError(f"a task needs 'name' and 'builder', got {d | merged}")
         if merged["builder"] not in BUILDERS:
-            raise ValueError(f"task {merged['name']!r}: unknown builder {merged['builder']!r}; "
-                             f"known: {', '.join(sorted(BUILDERS))}")
+            raise ValueError(
+                f"task {merged['name']!r}: unknown builder {merged['builder']!r}; known: {', '.join(sorted(BUILDERS))}"
+            )
         return cls(params=d, **merged)
 
     def key(self, seed: int) -> str:
         sources = sorted({s for s in _SOURCES_OF.get(self.builder, [])})
-        payload = {"builder": self.builder, "params": self.params, "classes": self.classes,
-                   "prompts": self.prompts, "train": self.train_per_class, "test": self.test_per_class,
-                   "seed": seed, "version": BUILDER_VERSION,
-                   "sources": {s: MANIFEST[s].sha256 for s in sources}}
+        payload = {
+            "builder": self.builder,
+            "params": self.params,
+            "classes": self.classes,
+            "prompts": self.prompts,
+            "train": self.train_per_class,
+            "test": self.test_per_class,
+            "seed": seed,
+            "version": BUILDER_VERSION,
+            "sources": {s: MANIFEST[s].sha256 for s in sources},
+        }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 _SOURCES_OF = {
-    "wordnet_supersense": ["wordnet-base"], "fortune_topic": ["fortunes"],
+    "wordnet_supersense": ["wordnet-base"],
+    "fortune_topic": ["fortunes"],
     "fortune_language": ["fortunes", "fortunes-de", "fortunes-es", "fortunes-it", "fortunes-ru", "fortunes-pl"],
-    "vader_sentiment": ["vaderSentiment"], "austen_novel": ["r-cran-janeaustenr"],
+    "vader_sentiment": ["vaderSentiment"],
+    "austen_novel": ["r-cran-janeaustenr"],
 }
 
 
@@ -288,27 +309,43 @@ def _read_jsonl(path: Path) -> list[tuple[str, int]]:
         return [(r["text"], int(r["label"])) for r in map(json.loads, f)]
 
 
-def load_task(spec: TaskSpec, seed: int, cache: Optional[os.PathLike | str] = None) -> Task:
+def load_task(spec: TaskSpec, seed: int, cache: os.PathLike | str | None = None) -> Task:
     """The task's splits: from the processed cache if present, else built from the raw sources and cached."""
     folder = cache_dir(cache) / "processed" / f"{spec.name}-{spec.key(seed)}"
     meta_path = folder / "meta.json"
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        return Task(spec.name, meta["classes"], meta["prompts"], _read_jsonl(folder / "train.jsonl"),
-                    _read_jsonl(folder / "test.jsonl"), meta)
+        return Task(
+            spec.name,
+            meta["classes"],
+            meta["prompts"],
+            _read_jsonl(folder / "train.jsonl"),
+            _read_jsonl(folder / "test.jsonl"),
+            meta,
+        )
     pool = BUILDERS[spec.builder](cache=cache_dir(cache), **spec.params)
     classes = list(spec.classes or pool.default_classes or pool.texts)
     unknown = [c for c in classes if c not in pool.texts]
     if unknown:
-        raise ValueError(f"task {spec.name!r}: unknown classes {unknown}; builder {spec.builder!r} has "
-                         f"{sorted(pool.texts)}")
+        raise ValueError(
+            f"task {spec.name!r}: unknown classes {unknown}; builder {spec.builder!r} has {sorted(pool.texts)}"
+        )
     prompts = [(spec.prompts or {}).get(c, pool.prompts[c]) for c in classes]
     train, test = balanced_split(pool.texts, classes, spec.train_per_class, spec.test_per_class, seed, spec.name)
-    meta = {"name": spec.name, "builder": spec.builder, "params": spec.params, "classes": classes,
-            "prompts": prompts, "train_per_class": spec.train_per_class, "test_per_class": spec.test_per_class,
-            "seed": seed, "pool_sizes": {c: len(pool.texts[c]) for c in classes},
-            "sources": {s: {"version": MANIFEST[s].version, "sha256": MANIFEST[s].sha256} for s in pool.sources},
-            "builder_version": BUILDER_VERSION, **({"notes": pool.notes} if pool.notes else {})}
+    meta = {
+        "name": spec.name,
+        "builder": spec.builder,
+        "params": spec.params,
+        "classes": classes,
+        "prompts": prompts,
+        "train_per_class": spec.train_per_class,
+        "test_per_class": spec.test_per_class,
+        "seed": seed,
+        "pool_sizes": {c: len(pool.texts[c]) for c in classes},
+        "sources": {s: {"version": MANIFEST[s].version, "sha256": MANIFEST[s].sha256} for s in pool.sources},
+        "builder_version": BUILDER_VERSION,
+        **({"notes": pool.notes} if pool.notes else {}),
+    }
     folder.mkdir(parents=True, exist_ok=True)
     _write_jsonl(folder / "train.jsonl", train)
     _write_jsonl(folder / "test.jsonl", test)

@@ -27,7 +27,7 @@ import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -40,8 +40,15 @@ MIB = 2**20
 
 
 # ----------------------------------------------------------------------------------------------- accounting
-def account(model_spec: str, *, dtype: str = "bfloat16", batch: int = 1, seq: int = 1024, r: int = 16,
-            micro_batch: Optional[int] = None) -> dict[str, float]:
+def account(
+    model_spec: str,
+    *,
+    dtype: str = "bfloat16",
+    batch: int = 1,
+    seq: int = 1024,
+    r: int = 16,
+    micro_batch: int | None = None,
+) -> dict[str, float]:
     """MiB of each holder of memory at begin_task's peak (this code, CPU or the default device)."""
     from keeplora import KeepLoRA, KeepLoRAConfig
     from keeplora.statistics import _micro_batches
@@ -70,8 +77,9 @@ def account(model_spec: str, *, dtype: str = "bfloat16", batch: int = 1, seq: in
         handles.append(module.register_forward_hook(leave, always_call=True))
     target_inputs: set[int] = set()  # the tap saves x after the target's own hooks ran: found by storage
     for layer in kl.layers.values():
-        handles.append(layer.register_forward_pre_hook(
-            lambda _m, args: target_inputs.add(args[0].untyped_storage().data_ptr())))
+        handles.append(
+            layer.register_forward_pre_hook(lambda _m, args: target_inputs.add(args[0].untyped_storage().data_ptr()))
+        )
 
     def pack(t: torch.Tensor):
         ptr = t.untyped_storage().data_ptr()
@@ -86,9 +94,9 @@ def account(model_spec: str, *, dtype: str = "bfloat16", batch: int = 1, seq: in
     from keeplora.statistics import estimate_gradients
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), adapters_bypassed(kl.layers):  # as begin_task
-
-        estimate_gradients(model, kl.layers, [part], None, device=torch.device("cpu"), dtype=torch.float32,
-                           progress=False)
+        estimate_gradients(
+            model, kl.layers, [part], None, device=torch.device("cpu"), dtype=torch.float32, progress=False
+        )
     for h in handles:
         h.remove()
     by_kind: dict[str, int] = defaultdict(int)
@@ -109,17 +117,20 @@ def account(model_spec: str, *, dtype: str = "bfloat16", batch: int = 1, seq: in
     tokens = part["labels"].numel()
     shapes = [layer.base_layer.weight.shape for layer in kl.layers.values()]
     acc = sum(4 * o * i for o, i in shapes)
-    out = {f"model weights ({dtype})": sum(p.numel() * p.element_size() for p in model.parameters()),
-           "batch tensors": sum(v.numel() * v.element_size() for v in data[0].values()),
-           **dict(sorted(by_kind.items())),
-           "saved: total activations": sum(n for _, n in saved.values()),
-           "accumulators (fp32 d_out×d_in, all targets)": acc,
-           "largest dY (one at a time)": max(tokens * o * item for o, _ in shapes),
-           "outer_sum temporaries, CPU 16-bit (fp32 copies of dY and X)":
-               max(tokens * (o + i) * 4 for o, i in shapes) if item < 4 else 0,
-           "outer_sum temporaries, CUDA 16-bit (new d_out×d_in fp32 result)": max(4 * o * i for o, i in shapes),
-           "adapter init: stacked Gᵀ of one shape group (bounded)": min(acc, 512 * MIB),
-           "weight update: (B·A) fp32 product + scaled copy": max(8 * o * i for o, i in shapes)}
+    out = {
+        f"model weights ({dtype})": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "batch tensors": sum(v.numel() * v.element_size() for v in data[0].values()),
+        **dict(sorted(by_kind.items())),
+        "saved: total activations": sum(n for _, n in saved.values()),
+        "accumulators (fp32 d_out×d_in, all targets)": acc,
+        "largest dY (one at a time)": max(tokens * o * item for o, _ in shapes),
+        "outer_sum temporaries, CPU 16-bit (fp32 copies of dY and X)": max(tokens * (o + i) * 4 for o, i in shapes)
+        if item < 4
+        else 0,
+        "outer_sum temporaries, CUDA 16-bit (new d_out×d_in fp32 result)": max(4 * o * i for o, i in shapes),
+        "adapter init: stacked Gᵀ of one shape group (bounded)": min(acc, 512 * MIB),
+        "weight update: (B·A) fp32 product + scaled copy": max(8 * o * i for o, i in shapes),
+    }
     return {k: v / MIB for k, v in out.items()}
 
 
@@ -143,17 +154,23 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(0)
     model = pm.build().to(dtype=getattr(torch, spec["dtype"])).to(dev)
     if spec["method"] == "authors":
-        names = [n for n, m in model.named_modules()
-                 if isinstance(m, torch.nn.Linear) and any(n == t or n.endswith("." + t) for t in pm.targets)]
-        handle = AuthorsKeepLoRA(model, names, r=spec["r"], alpha=float(spec["r"]), weight_energy=0.85,
-                                 feature_energy=0.99)
+        names = [
+            n
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and any(n == t or n.endswith("." + t) for t in pm.targets)
+        ]
+        handle = AuthorsKeepLoRA(
+            model, names, r=spec["r"], alpha=float(spec["r"]), weight_energy=0.85, feature_energy=0.99
+        )
     else:
         known = set(KeepLoRAConfig.__dataclass_fields__)
         options = {k: v for k, v in spec["options"].items() if k in known}
         if len(options) != len(spec["options"]):
             return {"skipped": f"options {sorted(set(spec['options']) - known)} not in this version"}
-        handle = KeepLoRA(model, KeepLoRAConfig(target_modules=pm.targets, r=spec["r"], alpha=float(spec["r"]),
-                                                progress=False, **options))
+        handle = KeepLoRA(
+            model,
+            KeepLoRAConfig(target_modules=pm.targets, r=spec["r"], alpha=float(spec["r"]), progress=False, **options),
+        )
     data = pm.batches(spec["batches"], spec["batch"], spec["seq"], dev, seed=1)
     handle.begin_task(data[:1])  # untimed: first-use set-up and a learned task, as in profile_lifecycle
     handle.end_task(data[:1])
@@ -179,39 +196,79 @@ def _checkout(version: str):
         return
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "tree"
-        subprocess.run(["git", "worktree", "add", "--detach", str(path), version], cwd=ROOT, check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", str(path), version], cwd=ROOT, check=True, capture_output=True
+        )
         try:
             yield path
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=ROOT, capture_output=True)
 
 
-def compare(model_spec: str, *, versions: tuple[str, ...] = ("HEAD",), device: str = "cpu", dtype: str = "bfloat16",
-            batch: int = 1, seq: int = 1024, batches: int = 4, r: int = 16,
-            variants: Optional[dict[str, dict[str, Any]]] = None) -> list[dict[str, Any]]:
+def compare(
+    model_spec: str,
+    *,
+    versions: tuple[str, ...] = ("HEAD",),
+    device: str = "cpu",
+    dtype: str = "bfloat16",
+    batch: int = 1,
+    seq: int = 1024,
+    batches: int = 4,
+    r: int = 16,
+    variants: dict[str, dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
     variants = variants if variants is not None else {"keeplora": {}}
     rows = []
     for version in versions:
         with _checkout(version) as tree:
-            sha = subprocess.run(["git", "rev-parse", "--short=12", version], cwd=ROOT, capture_output=True,
-                                 text=True).stdout.strip()
+            sha = subprocess.run(
+                ["git", "rev-parse", "--short=12", version], cwd=ROOT, capture_output=True, text=True
+            ).stdout.strip()
             for method, options in [*variants.items(), ("authors", {})]:
-                spec = dict(model=model_spec, device=device, dtype=dtype, batch=batch, seq=seq, batches=batches, r=r,
-                            method=method, options=options, tree=str(tree))
+                spec = dict(
+                    model=model_spec,
+                    device=device,
+                    dtype=dtype,
+                    batch=batch,
+                    seq=seq,
+                    batches=batches,
+                    r=r,
+                    method=method,
+                    options=options,
+                    tree=str(tree),
+                )
                 # keeplora and keeplora_kernels from the version's tree, the app from this one; cwd is the version's
                 # tree because `python -m` puts the working directory first on the path
                 env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree / "python"), str(tree), str(APP)])}
-                done = subprocess.run([sys.executable, "-m", "keeplora_bench.micro.begin_task_memory", "--worker",
-                                       json.dumps(spec)], cwd=tree, env=env, capture_output=True, text=True)
+                done = subprocess.run(
+                    [sys.executable, "-m", "keeplora_bench.micro.begin_task_memory", "--worker", json.dumps(spec)],
+                    cwd=tree,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                )
                 if done.returncode != 0:
                     raise RuntimeError(f"{method} on {version} failed:\n{done.stderr[-3000:]}")
                 result = json.loads(done.stdout.strip().splitlines()[-1])
                 if "skipped" in result:
                     continue
-                rows.append(dict(code=version, code_sha=sha, method=method, options=json.dumps(options), **result,
-                                 model=model_spec, device_kind=device, dtype=dtype, batch=batch, seq=seq,
-                                 tokens_per_batch=batch * seq, batches_per_task=batches, r=r))
+                rows.append(
+                    dict(
+                        code=version,
+                        code_sha=sha,
+                        method=method,
+                        options=json.dumps(options),
+                        **result,
+                        model=model_spec,
+                        device_kind=device,
+                        dtype=dtype,
+                        batch=batch,
+                        seq=seq,
+                        tokens_per_batch=batch * seq,
+                        batches_per_task=batches,
+                        r=r,
+                    )
+                )
     for row in rows:
         base = next(b for b in rows if b["code"] == row["code"] and b["method"] == "authors")
         row["begin_vs_authors"] = row["begin_task_peak_mb"] / base["begin_task_peak_mb"]
@@ -219,8 +276,15 @@ def compare(model_spec: str, *, versions: tuple[str, ...] = ("HEAD",), device: s
     return rows
 
 
-COLUMNS = ["code", "method", "options", "begin_task_peak_mb", "train_step_peak_mb", "begin_vs_authors",
-           "begin_minus_train_step_mb"]
+COLUMNS = [
+    "code",
+    "method",
+    "options",
+    "begin_task_peak_mb",
+    "train_step_peak_mb",
+    "begin_vs_authors",
+    "begin_minus_train_step_mb",
+]
 
 
 def main(argv=None) -> int:
@@ -251,13 +315,23 @@ def main(argv=None) -> int:
         variants["keeplora-offload"] = {"grad_offload": True}
     for tokens in filter(None, (v.strip() for v in args.micro_batch.split(","))):
         variants[f"keeplora-micro{tokens}"] = {"grad_micro_batch": int(tokens)}
-    rows = compare(args.model, versions=tuple(v.strip() for v in args.versions.split(",") if v.strip()),
-                   device=args.device, dtype=args.dtype, batch=args.batch, seq=args.seq, batches=args.batches,
-                   r=args.rank, variants=variants)
+    rows = compare(
+        args.model,
+        versions=tuple(v.strip() for v in args.versions.split(",") if v.strip()),
+        device=args.device,
+        dtype=args.dtype,
+        batch=args.batch,
+        seq=args.seq,
+        batches=args.batches,
+        r=args.rank,
+        variants=variants,
+    )
     append_rows("begin_task_memory", rows, results_dir=args.out)
     env = environment()
-    print(f"\n{args.model}, {args.device} ({env['device']}), {args.dtype}, batch {args.batch}×{args.seq}, "
-          f"torch {env['torch']}, git {env['git_sha']}")
+    print(
+        f"\n{args.model}, {args.device} ({env['device']}), {args.dtype}, batch {args.batch}×{args.seq}, "
+        f"torch {env['torch']}, git {env['git_sha']}"
+    )
     print_table(rows, COLUMNS)
     return 0
 

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +58,22 @@ PROJECT_SMOKE = [(1, 64, 64, 8, "float32"), (2, 40, 24, 4, "float32")]
 MOMENT_FULL = [(8192, 4096), (12608, 768)]
 MOMENT_QUICK = [(8192, 4096)]
 MOMENT_SMOKE = [(128, 48)]
-COLUMNS = ["op", "shape", "dtype", "provider", "backend", "mode", "time_ms", "floor_ms", "pct_floor", "vs_base",
-           "vs_unfused", "peak_MB", "saved_MB", "max_rel_err"]
+COLUMNS = [
+    "op",
+    "shape",
+    "dtype",
+    "provider",
+    "backend",
+    "mode",
+    "time_ms",
+    "floor_ms",
+    "pct_floor",
+    "vs_base",
+    "vs_unfused",
+    "peak_MB",
+    "saved_MB",
+    "max_rel_err",
+]
 
 
 # ------------------------------------------------------------------------------------------------------ floors
@@ -116,7 +131,7 @@ def plain_lora_linear(x, weight, bias, lora_a, lora_b, scale):
     return F.linear(x, weight, bias) + scale * F.linear(F.linear(x, lora_a), lora_b)
 
 
-def lora_providers(w, b, a, lb, scale, low_dtype) -> dict[str, tuple[Callable, Optional[torch.Tensor]]]:
+def lora_providers(w, b, a, lb, scale, low_dtype) -> dict[str, tuple[Callable, torch.Tensor | None]]:
     """name -> (forward function of x, the trainable B tensor or None)."""
     lb_ref = lb.detach().clone().requires_grad_()
     lb_unf = lb.detach().clone().requires_grad_()
@@ -139,8 +154,11 @@ def lora_providers(w, b, a, lb, scale, low_dtype) -> dict[str, tuple[Callable, O
 
 def _triton_forced_differs(op: str, device: torch.device, *dtypes: torch.dtype) -> bool:
     """Whether a forced-Triton provider adds a row: Triton can run here and is not already the automatic choice."""
-    return ("triton" in _dispatch.implemented(op) and _dispatch.triton_runs(device, dtypes)
-            and _dispatch.select(op, device, *dtypes) != "triton")
+    return (
+        "triton" in _dispatch.implemented(op)
+        and _dispatch.triton_runs(device, dtypes)
+        and _dispatch.select(op, device, *dtypes) != "triton"
+    )
 
 
 def _backend(name: str, op: str, device: torch.device, *dtypes: torch.dtype) -> str:
@@ -153,9 +171,11 @@ def _grad_modes(fwd: Callable, x: torch.Tensor, params, dy) -> dict[str, Callabl
     """The three timed modes of a provider at input ``x``: forward, backward through one retained graph, and the
     full step; gradients with respect to ``params`` (x and the trainable B's)."""
     y = fwd(x)
-    return {"forward": lambda: fwd(x),
-            "backward": lambda: torch.autograd.grad(y, params, dy, retain_graph=True),
-            "step": lambda: torch.autograd.grad(fwd(x), params, dy)}
+    return {
+        "forward": lambda: fwd(x),
+        "backward": lambda: torch.autograd.grad(y, params, dy, retain_graph=True),
+        "step": lambda: torch.autograd.grad(fwd(x), params, dy),
+    }
 
 
 def _saved_activation_bytes(fn: Callable[[], Any], weights: list[torch.Tensor]) -> int:
@@ -200,8 +220,14 @@ class _Bench:
             t = self.time(fn)
             if name in ("base", "unfused"):
                 anchors.setdefault(name, {})[mode] = t
-            yield mode, t, {f"vs_{ref}": t / anchors[ref][mode] if mode in anchors.get(ref, {}) else None
-                            for ref in ("base", "unfused")}
+            yield (
+                mode,
+                t,
+                {
+                    f"vs_{ref}": t / anchors[ref][mode] if mode in anchors.get(ref, {}) else None
+                    for ref in ("base", "unfused")
+                },
+            )
 
     def peak_mb(self, fn) -> float:
         return harness.measure_memory(fn, device=self.device) / 2**20
@@ -220,7 +246,7 @@ def bench_lora(bench: _Bench, shapes, dtype) -> None:
         w = (torch.randn(d, d, device=dev) / math.sqrt(d)).to(dtype)
         b = torch.randn(d, device=dev).to(dtype)
         a = torch.linalg.qr(torch.randn(d, r, device=dev)).Q.T.contiguous()  # fp32, orthonormal rows
-        lb = (torch.randn(d, r, device=dev) * 0.1)
+        lb = torch.randn(d, r, device=dev) * 0.1
         dy = torch.randn(T, d, device=dev).to(dtype)
         # fp32 reference of y, dX, dB in the same run
         x32 = x.float().requires_grad_()
@@ -245,11 +271,20 @@ def bench_lora(bench: _Bench, shapes, dtype) -> None:
             fns = _grad_modes(fwd, xg, params, dy)
             peak = bench.peak_mb(fns["step"])
             for mode, t, ratios in bench.time_modes(name, fns, anchors):
-                bench.add(op="lora_linear", shape=f"T={T},d={d},r={r}", dtype=str(dtype).split(".")[-1],
-                          provider=name, backend=backend, mode=mode, time_ms=t,
-                          floor_ms=floor_ms(*lora_counts(T, d, d, r, mode, x.element_size())), **ratios,
-                          peak_MB=round(peak, 2), saved_MB=saved,
-                          max_rel_err=None if err is None else float(f"{err:.3g}"))
+                bench.add(
+                    op="lora_linear",
+                    shape=f"T={T},d={d},r={r}",
+                    dtype=str(dtype).split(".")[-1],
+                    provider=name,
+                    backend=backend,
+                    mode=mode,
+                    time_ms=t,
+                    floor_ms=floor_ms(*lora_counts(T, d, d, r, mode, x.element_size())),
+                    **ratios,
+                    peak_MB=round(peak, 2),
+                    saved_MB=saved,
+                    max_rel_err=None if err is None else float(f"{err:.3g}"),
+                )
 
 
 def bench_qkv(bench: _Bench, shape, dtype) -> None:
@@ -265,10 +300,12 @@ def bench_qkv(bench: _Bench, shape, dtype) -> None:
     dys = [torch.randn(T, d, device=dev).to(dtype) for _ in range(3)]
     providers = {
         "base": lambda x_: tuple(F.linear(x_, w, b) for w, b in zip(ws, bs)),
-        "unfused": lambda x_: tuple(kk.lora_linear_unfused(x_, w, b, a, lb, scale)
-                                    for w, b, a, lb in zip(ws, bs, as_, lbs)),
-        "ours-3-calls": lambda x_: tuple(kk.lora_linear(x_, w, b, a, lb, scale)
-                                         for w, b, a, lb in zip(ws, bs, as_, lbs)),
+        "unfused": lambda x_: tuple(
+            kk.lora_linear_unfused(x_, w, b, a, lb, scale) for w, b, a, lb in zip(ws, bs, as_, lbs)
+        ),
+        "ours-3-calls": lambda x_: tuple(
+            kk.lora_linear(x_, w, b, a, lb, scale) for w, b, a, lb in zip(ws, bs, as_, lbs)
+        ),
         "ours-shared": lambda x_: kk.lora_linear_shared(x_, ws, bs, as_, lbs, [scale] * 3),
     }
     if _dispatch.triton_runs(dev, (dtype, dtype, torch.float32, torch.float32)):
@@ -278,16 +315,33 @@ def bench_qkv(bench: _Bench, shape, dtype) -> None:
     for name, fwd in providers.items():
         xg = x.detach().clone().requires_grad_()
         params = (xg,) if name == "base" else (xg, *lbs)
-        backend = _backend(name, "lora_linear_shared" if "shared" in name else "lora_linear", dev,
-                           dtype, dtype, torch.float32, torch.float32)
+        backend = _backend(
+            name,
+            "lora_linear_shared" if "shared" in name else "lora_linear",
+            dev,
+            dtype,
+            dtype,
+            torch.float32,
+            torch.float32,
+        )
         fns = _grad_modes(fwd, xg, params, dys)
         saved = _saved_activation_bytes(lambda: fwd(xg), ws + bs + as_ + lbs) / 2**20
         peak = bench.peak_mb(fns["step"])
         for mode, t, ratios in bench.time_modes(name, fns, anchors):
             f, nb = lora_counts(T, d, d, r, mode, x.element_size())  # per projection; the floor counts three
-            bench.add(op="lora_qkv", shape=f"T={T},d={d},r={r}", dtype=str(dtype).split(".")[-1], provider=name,
-                      backend=backend, mode=mode, time_ms=t, floor_ms=floor_ms(3 * f, 3 * nb), **ratios,
-                      peak_MB=round(peak, 2), saved_MB=saved)
+            bench.add(
+                op="lora_qkv",
+                shape=f"T={T},d={d},r={r}",
+                dtype=str(dtype).split(".")[-1],
+                provider=name,
+                backend=backend,
+                mode=mode,
+                time_ms=t,
+                floor_ms=floor_ms(3 * f, 3 * nb),
+                **ratios,
+                peak_MB=round(peak, 2),
+                saved_MB=saved,
+            )
 
 
 def bench_project(bench: _Bench, shapes) -> None:
@@ -312,14 +366,24 @@ def bench_project(bench: _Bench, shapes) -> None:
             project_triton = _dispatch.implementation("residual_project", "triton")
             providers["ours-triton"] = lambda: project_triton(g, basis, inplace=False)
         for name, fn in providers.items():
-            err = _rel_err(fn() if name != "ours-inplace" else kk.residual_project(g.clone(), basis, inplace=True),
-                           exact)
+            err = _rel_err(
+                fn() if name != "ours-inplace" else kk.residual_project(g.clone(), basis, inplace=True), exact
+            )
             t = bench.time(fn)
             backend = _backend(name, "residual_project", dev, dtype, basis.dtype)
             shape = f"d={d},n={n},k={k}" if b == 1 else f"b={b},d={d},n={n},k={k}"
-            bench.add(op="residual_project", shape=shape, dtype=dt, provider=name, backend=backend,
-                      mode="forward", time_ms=t, floor_ms=floor, peak_MB=round(bench.peak_mb(fn), 2),
-                      max_rel_err=float(f"{err:.3g}"))
+            bench.add(
+                op="residual_project",
+                shape=shape,
+                dtype=dt,
+                provider=name,
+                backend=backend,
+                mode="forward",
+                time_ms=t,
+                floor_ms=floor,
+                peak_MB=round(bench.peak_mb(fn), 2),
+                max_rel_err=float(f"{err:.3g}"),
+            )
 
 
 def bench_moment(bench: _Bench, shapes, dtype) -> None:
@@ -333,8 +397,11 @@ def bench_moment(bench: _Bench, shapes, dtype) -> None:
         floor = floor_ms(tiles_flops, n * d * x.element_size() + d * d * 4 * 2)
         providers = {
             "reference": lambda acc: second_moment_update_torch(acc, x, mask),
-            "addmm-out-dtype": lambda acc: acc.addmm_(x.t(), x) if x.dtype == torch.float32 else
-            torch.addmm(acc, x.t(), x, out_dtype=torch.float32),
+            "addmm-out-dtype": lambda acc: (
+                acc.addmm_(x.t(), x)
+                if x.dtype == torch.float32
+                else torch.addmm(acc, x.t(), x, out_dtype=torch.float32)
+            ),
             "ours": lambda acc: kk.second_moment_update(acc, x, mask),
         }
         for name, update in providers.items():
@@ -342,16 +409,31 @@ def bench_moment(bench: _Bench, shapes, dtype) -> None:
             try:
                 update(acc)
             except (RuntimeError, TypeError, NotImplementedError) as exc:  # out_dtype needs a CUDA build
-                bench.add(op="second_moment", shape=f"N={n},d={d}", dtype=str(dtype).split(".")[-1],
-                          provider=name, backend="unavailable", mode="forward", note=str(exc).splitlines()[0][:80])
+                bench.add(
+                    op="second_moment",
+                    shape=f"N={n},d={d}",
+                    dtype=str(dtype).split(".")[-1],
+                    provider=name,
+                    backend="unavailable",
+                    mode="forward",
+                    note=str(exc).splitlines()[0][:80],
+                )
                 continue
             err = None if name == "addmm-out-dtype" else _rel_err(acc, exact)  # addmm ignores the mask
             t = bench.time(lambda: update(acc))
             backend = _backend(name, "second_moment_update", dev, dtype, torch.float32)
-            bench.add(op="second_moment", shape=f"N={n},d={d}", dtype=str(dtype).split(".")[-1], provider=name,
-                      backend=backend, mode="forward", time_ms=t, floor_ms=floor,
-                      peak_MB=round(bench.peak_mb(lambda: update(acc)), 2),
-                      max_rel_err=None if err is None else float(f"{err:.3g}"))
+            bench.add(
+                op="second_moment",
+                shape=f"N={n},d={d}",
+                dtype=str(dtype).split(".")[-1],
+                provider=name,
+                backend=backend,
+                mode="forward",
+                time_ms=t,
+                floor_ms=floor,
+                peak_MB=round(bench.peak_mb(lambda: update(acc)), 2),
+                max_rel_err=None if err is None else float(f"{err:.3g}"),
+            )
 
 
 # ----------------------------------------------------------------------------------------------------- trace
@@ -376,16 +458,19 @@ def trace_lora_kernels(out_dir: Path, device: torch.device, shapes, dtype) -> Pa
                 step()
 
         step()  # compiled before the trace
-        sections.append(f"lora_linear Triton step x5, T={T} d={d} r={r} {str(dtype).split('.')[-1]}\n" +
-                        harness.profile_table(five_steps, device=device, row_limit=15))
+        sections.append(
+            f"lora_linear Triton step x5, T={T} d={d} r={r} {str(dtype).split('.')[-1]}\n"
+            + harness.profile_table(five_steps, device=device, row_limit=15)
+        )
     path = Path(out_dir) / "trace_kernels.txt"
     path.write_text("\n\n".join(sections))
     return path
 
 
 # ---------------------------------------------------------------------------------------------------- entry
-def run(out_dir, quick: bool, *, device: Optional[str] = None, smoke: Optional[bool] = None,
-        trace: bool = False) -> list[dict]:
+def run(
+    out_dir, quick: bool, *, device: str | None = None, smoke: bool | None = None, trace: bool = False
+) -> list[dict]:
     """Run the kernel benchmarks, append the rows to ``<out_dir>/bench_kernels.csv`` and return them; ``trace``
     also writes ``<out_dir>/trace_kernels.txt`` (:func:`trace_lora_kernels`) where Triton can run.
 

@@ -28,29 +28,57 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 import keeplora_kernels as kk
 from keeplora_kernels import _dispatch
-from keeplora_kernels.experimental import (BACKWARD_ORDERS, LoRALinearVariantFunction, StackedLoRALinearFunction,
-                                           stack_frozen)
+from keeplora_kernels.experimental import (
+    BACKWARD_ORDERS,
+    LoRALinearVariantFunction,
+    StackedLoRALinearFunction,
+    stack_frozen,
+)
 from keeplora_kernels.lora_linear import FORWARD_ORDERS, LoRALinearFunction
 
 from . import harness
-from .bench_kernels import (_experimental_triton, _peft_layer, _rel_err, _saved_activation_bytes, floor_ms,
-                           lora_counts, plain_lora_linear)
+from .bench_kernels import (
+    _experimental_triton,
+    _peft_layer,
+    _rel_err,
+    _saved_activation_bytes,
+    floor_ms,
+    lora_counts,
+    plain_lora_linear,
+)
 
 SHAPES = [(8192, 4096, 16), (12608, 768, 16)]
 SHAPES_SMOKE = [(64, 48, 8)]
 QKV_SHAPE = (12608, 768, 16)
 QKV_SHAPE_SMOKE = (40, 24, 4)
 FROZEN_EXTRAS: list[torch.Tensor] = []  # frozen tensors the providers made (the stacked [W; A])
-COLUMNS = ["op", "shape", "provider", "mode", "timing", "time_ms", "floor_ms", "pct_floor", "vs_base", "vs_unfused",
-           "saved_MB", "err_y", "err_adapter", "err_dx", "err_db", "note"]
+COLUMNS = [
+    "op",
+    "shape",
+    "provider",
+    "mode",
+    "timing",
+    "time_ms",
+    "floor_ms",
+    "pct_floor",
+    "vs_base",
+    "vs_unfused",
+    "saved_MB",
+    "err_y",
+    "err_adapter",
+    "err_dx",
+    "err_db",
+    "note",
+]
 
 
 def _variants(device: torch.device, dtype: torch.dtype) -> list[tuple[str, str]]:
@@ -65,9 +93,9 @@ def _function(backward_order: str):
     return LoRALinearVariantFunction if backward_order == "fused_dy" else LoRALinearFunction
 
 
-def lora_providers(w, b, a, lb, scale, device, dtype) -> dict[str, tuple[Callable, Optional[torch.Tensor]]]:
+def lora_providers(w, b, a, lb, scale, device, dtype) -> dict[str, tuple[Callable, torch.Tensor | None]]:
     """name -> (forward of x, the trainable B or None). Each provider owns its own B, A is frozen everywhere."""
-    providers: dict[str, tuple[Callable, Optional[torch.Tensor]]] = {"base": (lambda x: F.linear(x, w, b), None)}
+    providers: dict[str, tuple[Callable, torch.Tensor | None]] = {"base": (lambda x: F.linear(x, w, b), None)}
     lb_unf = lb.detach().clone().requires_grad_()
     providers["unfused"] = (lambda x: kk.lora_linear_unfused(x, w, b, a, lb_unf, scale), lb_unf)
     layer, lb_peft = _peft_layer(w, b, a, lb, scale, dtype)
@@ -77,8 +105,9 @@ def lora_providers(w, b, a, lb, scale, device, dtype) -> dict[str, tuple[Callabl
     for fwd, bwd in _variants(device, dtype):
         lb_v = lb.detach().clone().requires_grad_()
         if fwd == "stacked":
-            fn = (lambda x, lb_v=lb_v, bwd=bwd:
-                  StackedLoRALinearFunction.apply(x, stacked, b, lb_v, scale, w.shape[0], bwd))
+            fn = lambda x, lb_v=lb_v, bwd=bwd: StackedLoRALinearFunction.apply(
+                x, stacked, b, lb_v, scale, w.shape[0], bwd
+            )
         else:
             fn = lambda x, lb_v=lb_v, fwd=fwd, bwd=bwd: _function(bwd).apply(x, w, b, a, lb_v, scale, fwd, bwd)
         providers[f"{fwd}/{bwd}"] = (fn, lb_v)
@@ -87,8 +116,11 @@ def lora_providers(w, b, a, lb, scale, device, dtype) -> dict[str, tuple[Callabl
             for bwd in ("base_first", "expand_first"):
                 lb_e = lb.detach().clone().requires_grad_()
                 providers[f"ext:{fwd}/{bwd}"] = (
-                    lambda x, lb_e=lb_e, fwd=fwd, bwd=bwd: torch.ops.keeplora.lora_linear(x, w, b, a, lb_e, scale,
-                                                                                           fwd, bwd), lb_e)
+                    lambda x, lb_e=lb_e, fwd=fwd, bwd=bwd: torch.ops.keeplora.lora_linear(
+                        x, w, b, a, lb_e, scale, fwd, bwd
+                    ),
+                    lb_e,
+                )
     if _dispatch.triton_runs(device, (dtype,)):
         lb_t = lb.detach().clone().requires_grad_()
         triton_fn = _experimental_triton().lora_linear_triton
@@ -105,7 +137,7 @@ class _Timer:
             return harness.time_fn(fn, device=self.device, cuda_warmup_ms=10, cuda_rep_ms=40).median_ms
         return harness.time_fn(fn, device=self.device, warmup=1, repeats=2 if self.smoke else 5).median_ms
 
-    def graph(self, fn: Callable[[], Any]) -> Optional[float]:
+    def graph(self, fn: Callable[[], Any]) -> float | None:
         """Median time of ``fn`` replayed from a CUDA graph (None off CUDA): warm-up iterations and the capture on
         one side stream (the documented whole-step pattern, backward included), then timed replays."""
         if self.device.type != "cuda":
@@ -126,13 +158,16 @@ class _Timer:
 
 def _modes(fwd: Callable, x: torch.Tensor, params, dy) -> dict[str, Callable[[], Any]]:
     y = fwd(x)
-    return {"forward": lambda: fwd(x),
-            "backward": lambda: torch.autograd.grad(y, params, dy, retain_graph=True),
-            "step": lambda: torch.autograd.grad(fwd(x), params, dy)}
+    return {
+        "forward": lambda: fwd(x),
+        "backward": lambda: torch.autograd.grad(y, params, dy, retain_graph=True),
+        "step": lambda: torch.autograd.grad(fwd(x), params, dy),
+    }
 
 
-def _time_provider(timer: _Timer, fns: dict[str, Callable[[], Any]], graph: bool
-                   ) -> dict[tuple[str, str], tuple[float, str]]:
+def _time_provider(
+    timer: _Timer, fns: dict[str, Callable[[], Any]], graph: bool
+) -> dict[tuple[str, str], tuple[float, str]]:
     """{(mode, timing): (ms, note)}: eager times of every mode, or (``graph``) graph-replay times of forward and
     step, backward as their difference (a captured backward needs its forward in the same graph). A failing
     capture is recorded, not raised."""
@@ -152,13 +187,13 @@ def _time_provider(timer: _Timer, fns: dict[str, Callable[[], Any]], graph: bool
     return out
 
 
-def _errors(fwd, lb_param, x, dy, ref, w, b) -> dict[str, Optional[float]]:
+def _errors(fwd, lb_param, x, dy, ref, w, b) -> dict[str, float | None]:
     """Relative max errors against the fp32 reference ``ref = (y, adapter term, dX, dB)``."""
     xg = x.detach().clone().requires_grad_()
     params = (xg,) if lb_param is None else (xg, lb_param)
     y = fwd(xg)
     grads = torch.autograd.grad(y, params, dy)
-    errs: dict[str, Optional[float]] = {"err_y": _rel_err(y, ref[0]), "err_dx": _rel_err(grads[0], ref[2])}
+    errs: dict[str, float | None] = {"err_y": _rel_err(y, ref[0]), "err_dx": _rel_err(grads[0], ref[2])}
     if lb_param is not None:
         base32 = F.linear(x.float(), w.float(), None if b is None else b.float())
         errs["err_adapter"] = _rel_err(y.float() - base32, ref[1])
@@ -177,8 +212,7 @@ def _inputs(T, d, r, device, dtype, seed=0):
     return x, w, b, a, lb, dy
 
 
-def bench_single(timer: _Timer, rows: list[dict], shape, dtype, graph: bool = False
-                 ) -> dict[str, Callable[[], Any]]:
+def bench_single(timer: _Timer, rows: list[dict], shape, dtype, graph: bool = False) -> dict[str, Callable[[], Any]]:
     """All providers at one (T, d, r); returns the eager step of each provider (for the profiler table)."""
     T, d, r = shape
     dev = timer.device
@@ -205,22 +239,45 @@ def bench_single(timer: _Timer, rows: list[dict], shape, dtype, graph: bool = Fa
             fns = _modes(fwd, xg, params, dy)
             times = _time_provider(timer, fns, graph)
         except Exception as exc:  # noqa: BLE001 - one broken provider must not cost the others their rows
-            rows.append(dict(op="lora_linear", shape=f"T={T},d={d},r={r}", provider=name,
-                             note=f"FAILED: {type(exc).__name__}: {str(exc)[:100]}"))
+            rows.append(
+                dict(
+                    op="lora_linear",
+                    shape=f"T={T},d={d},r={r}",
+                    provider=name,
+                    note=f"FAILED: {type(exc).__name__}: {str(exc)[:100]}",
+                )
+            )
             continue
         steps[name] = fns["step"]
         if name in ("base", "unfused"):
             anchors[name] = {k: v[0] for k, v in times.items()}
         for (mode, timing), (ms, tnote) in times.items():
             flops, nbytes = lora_counts(T, d, d, r, mode, x.element_size())
-            ratios = {f"vs_{ref_name}": (round(ms / anchors[ref_name][(mode, timing)], 3)
-                                         if (mode, timing) in anchors.get(ref_name, {}) else None)
-                      for ref_name in ("base", "unfused")}
+            ratios = {
+                f"vs_{ref_name}": (
+                    round(ms / anchors[ref_name][(mode, timing)], 3)
+                    if (mode, timing) in anchors.get(ref_name, {})
+                    else None
+                )
+                for ref_name in ("base", "unfused")
+            }
             fl = floor_ms(flops, nbytes)
-            rows.append(dict(op="lora_linear", shape=f"T={T},d={d},r={r}", provider=name, mode=mode, timing=timing,
-                             time_ms=round(ms, 4), floor_ms=round(fl, 4),
-                             pct_floor=round(100 * fl / ms, 1) if ms and ms > 0 else None, **ratios,
-                             saved_MB=round(saved, 3), **errs, note=tnote or note))
+            rows.append(
+                dict(
+                    op="lora_linear",
+                    shape=f"T={T},d={d},r={r}",
+                    provider=name,
+                    mode=mode,
+                    timing=timing,
+                    time_ms=round(ms, 4),
+                    floor_ms=round(fl, 4),
+                    pct_floor=round(100 * fl / ms, 1) if ms and ms > 0 else None,
+                    **ratios,
+                    saved_MB=round(saved, 3),
+                    **errs,
+                    note=tnote or note,
+                )
+            )
     return steps
 
 
@@ -247,11 +304,14 @@ def bench_qkv(timer: _Timer, rows: list[dict], shape, dtype, graph: bool = False
         if fwd == "stacked":
             continue
         providers[f"{fwd}/{bwd}"] = three(
-            lambda x_, w, b, a, lb, s, fwd=fwd, bwd=bwd: _function(bwd).apply(x_, w, b, a, lb, s, fwd, bwd))
+            lambda x_, w, b, a, lb, s, fwd=fwd, bwd=bwd: _function(bwd).apply(x_, w, b, a, lb, s, fwd, bwd)
+        )
         if "lora_linear" in _dispatch.extension_ops(dev.type) and bwd != "fused_dy":
             providers[f"ext:{fwd}/{bwd}"] = three(
-                lambda x_, w, b, a, lb, s, fwd=fwd, bwd=bwd: torch.ops.keeplora.lora_linear(x_, w, b, a, lb, s, fwd,
-                                                                                             bwd))
+                lambda x_, w, b, a, lb, s, fwd=fwd, bwd=bwd: torch.ops.keeplora.lora_linear(
+                    x_, w, b, a, lb, s, fwd, bwd
+                )
+            )
     if _dispatch.triton_runs(dev, (dtype,)):
         shared = _experimental_triton().lora_linear_shared_triton
         lbs_t = [lb.detach().clone().requires_grad_() for lb in lbs]
@@ -270,30 +330,66 @@ def bench_qkv(timer: _Timer, rows: list[dict], shape, dtype, graph: bool = False
             return torch.autograd.grad(ys, params, dys, retain_graph=True)
 
         try:
-            times = _time_provider(timer, {"forward": lambda fwd=fwd: fwd(xg), "backward": backward, "step": step},
-                                   graph)
+            times = _time_provider(
+                timer, {"forward": lambda fwd=fwd: fwd(xg), "backward": backward, "step": step}, graph
+            )
         except Exception as exc:  # noqa: BLE001
-            rows.append(dict(op="lora_qkv", shape=f"T={T},d={d},r={r}", provider=name,
-                             note=f"FAILED: {type(exc).__name__}: {str(exc)[:100]}"))
+            rows.append(
+                dict(
+                    op="lora_qkv",
+                    shape=f"T={T},d={d},r={r}",
+                    provider=name,
+                    note=f"FAILED: {type(exc).__name__}: {str(exc)[:100]}",
+                )
+            )
             continue
         if name in ("base", "unfused"):
             anchors[name] = {k: v[0] for k, v in times.items()}
         for (mode, timing), (ms, tnote) in times.items():
-            ratios = {f"vs_{ref_name}": (round(ms / anchors[ref_name][(mode, timing)], 3)
-                                         if (mode, timing) in anchors.get(ref_name, {}) else None)
-                      for ref_name in ("base", "unfused")}
-            rows.append(dict(op="lora_qkv", shape=f"T={T},d={d},r={r}", provider=name, mode=mode, timing=timing,
-                             time_ms=round(ms, 4), **ratios, note=tnote))
+            ratios = {
+                f"vs_{ref_name}": (
+                    round(ms / anchors[ref_name][(mode, timing)], 3)
+                    if (mode, timing) in anchors.get(ref_name, {})
+                    else None
+                )
+                for ref_name in ("base", "unfused")
+            }
+            rows.append(
+                dict(
+                    op="lora_qkv",
+                    shape=f"T={T},d={d},r={r}",
+                    provider=name,
+                    mode=mode,
+                    timing=timing,
+                    time_ms=round(ms, 4),
+                    **ratios,
+                    note=tnote,
+                )
+            )
 
 
-def _fastest(rows: list[dict], shape: str) -> Optional[str]:
-    ours = [r for r in rows if r.get("op") == "lora_linear" and r.get("shape") == shape and r.get("mode") == "step"
-            and r.get("timing") == "eager" and "/" in r.get("provider", "") and r.get("time_ms")]
+def _fastest(rows: list[dict], shape: str) -> str | None:
+    ours = [
+        r
+        for r in rows
+        if r.get("op") == "lora_linear"
+        and r.get("shape") == shape
+        and r.get("mode") == "step"
+        and r.get("timing") == "eager"
+        and "/" in r.get("provider", "")
+        and r.get("time_ms")
+    ]
     return min(ours, key=lambda r: r["time_ms"])["provider"] if ours else None
 
 
-def run(out_dir: Optional[Path] = None, quick: bool = True, *, smoke: Optional[bool] = None,
-        device: Optional[str] = None, trace: bool = True) -> list[dict]:
+def run(
+    out_dir: Path | None = None,
+    quick: bool = True,
+    *,
+    smoke: bool | None = None,
+    device: str | None = None,
+    trace: bool = True,
+) -> list[dict]:
     """Run every provider at every shape, append the rows to ``<out_dir>/lora_variants.csv`` and return summary rows
     (the eager and graph step of every provider at each shape, the fastest first). ``smoke`` (default on CPU): tiny
     shapes, bf16 as on the GPU. ``quick`` is accepted for the GPU script's calling convention (one size only)."""
@@ -344,8 +440,15 @@ def run(out_dir: Optional[Path] = None, quick: bool = True, *, smoke: Optional[b
 def summarize(rows: list[dict]) -> list[dict]:
     """The GPU script's summary: every provider's step, eager and graph, per shape, fastest first."""
     steps = [r for r in rows if r.get("mode") == "step" and r.get("time_ms") not in (None, "")]
-    summary = [dict(op=f"{r['op']} {r['shape']} {r['provider']} step {r['timing']}", time_ms=float(r["time_ms"]),
-                    ratio=r.get("vs_base"), note=f"vs unfused {r.get('vs_unfused')}") for r in steps]
+    summary = [
+        dict(
+            op=f"{r['op']} {r['shape']} {r['provider']} step {r['timing']}",
+            time_ms=float(r["time_ms"]),
+            ratio=r.get("vs_base"),
+            note=f"vs unfused {r.get('vs_unfused')}",
+        )
+        for r in steps
+    ]
     return sorted(summary, key=lambda r: (r["op"].split(" ")[1], r["op"].split(" ")[-1], r["time_ms"]))
 
 
@@ -354,8 +457,11 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (seconds)")
     args = parser.parse_args(argv)
-    run(Path(args.out) if args.out else None, device="cpu" if args.cpu_smoke else None,
-        smoke=True if args.cpu_smoke else None)
+    run(
+        Path(args.out) if args.out else None,
+        device="cpu" if args.cpu_smoke else None,
+        smoke=True if args.cpu_smoke else None,
+    )
 
 
 if __name__ == "__main__":

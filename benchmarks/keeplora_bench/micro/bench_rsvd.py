@@ -23,9 +23,9 @@ from __future__ import annotations
 import argparse
 import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -56,26 +56,32 @@ def cases(device: torch.device, quick: bool, smoke: bool = False) -> list[Case]:
     clip = dict(rank=16, dtype=torch.float32)  # the authors' CLIP rank; fp32 gradients
     llama = dict(rank=24, dtype=torch.bfloat16)  # with oversample 8: l = 32 (performance.md), bf16 weights
     if device.type == "cuda":
-        full = [Case("clip_vision", 48, 768, 768, svd_subset=8, **clip),
-                Case("clip_text", 96, 512, 512, svd_subset=8, **clip),
-                Case("llama_4096x4096", 32, 4096, 4096, svd_subset=1, **llama),
-                Case("llama_11008x4096", 16, 11008, 4096, svd_subset=1, **llama),
-                Case("minilm", 24, 384, 384, svd_subset=8, **clip)]
+        full = [
+            Case("clip_vision", 48, 768, 768, svd_subset=8, **clip),
+            Case("clip_text", 96, 512, 512, svd_subset=8, **clip),
+            Case("llama_4096x4096", 32, 4096, 4096, svd_subset=1, **llama),
+            Case("llama_11008x4096", 16, 11008, 4096, svd_subset=1, **llama),
+            Case("minilm", 24, 384, 384, svd_subset=8, **clip),
+        ]
         # quick = full on a GPU: the cost is the one-matrix linalg_svd baseline, not the batch (the first H200 run
         # used a quarter of the Llama batches, where fixed launch overhead hid the bandwidth-bound part); ordered
         # by value, as a time box skips the last cases (run_detailed)
         return full
     if quick:  # CPU, < 1 min: the per-layer shapes with smaller batches; Llama scaled down by 4 per side
-        return [Case("clip_vision", 6, 768, 768, svd_subset=2, **clip),
-                Case("clip_text", 8, 512, 512, svd_subset=3, **clip),
-                Case("minilm", 8, 384, 384, svd_subset=4, **clip),
-                Case("llama_scaled_1024x1024", 2, 1024, 1024, svd_subset=1, **llama),
-                Case("llama_scaled_2752x1024", 1, 2752, 1024, svd_subset=1, **llama)]
-    return [Case("clip_vision", 48, 768, 768, svd_subset=4, **clip),
-            Case("clip_text", 96, 512, 512, svd_subset=8, **clip),
-            Case("minilm", 24, 384, 384, svd_subset=8, **clip),
-            Case("llama_4096x4096", 4, 4096, 4096, svd_subset=1, **llama),
-            Case("llama_11008x4096", 2, 11008, 4096, svd_subset=1, **llama)]
+        return [
+            Case("clip_vision", 6, 768, 768, svd_subset=2, **clip),
+            Case("clip_text", 8, 512, 512, svd_subset=3, **clip),
+            Case("minilm", 8, 384, 384, svd_subset=4, **clip),
+            Case("llama_scaled_1024x1024", 2, 1024, 1024, svd_subset=1, **llama),
+            Case("llama_scaled_2752x1024", 1, 2752, 1024, svd_subset=1, **llama),
+        ]
+    return [
+        Case("clip_vision", 48, 768, 768, svd_subset=4, **clip),
+        Case("clip_text", 96, 512, 512, svd_subset=8, **clip),
+        Case("minilm", 24, 384, 384, svd_subset=8, **clip),
+        Case("llama_4096x4096", 4, 4096, 4096, svd_subset=1, **llama),
+        Case("llama_11008x4096", 2, 11008, 4096, svd_subset=1, **llama),
+    ]
 
 
 def make_batch(case: Case, device: torch.device, seed: int = 0):
@@ -89,7 +95,7 @@ def make_batch(case: Case, device: torch.device, seed: int = 0):
     a = torch.empty(case.batch, case.m, case.n, dtype=case.dtype, device=device)
     for i in range(case.batch):  # written in place: no list of the whole batch next to the batch
         a[i] = (u * spectra[i].float()) @ v.T
-    optimal = spectra[:, case.rank:].square().sum(-1).sqrt()  # ‖A − A_r‖_F of the exact spectrum
+    optimal = spectra[:, case.rank :].square().sum(-1).sqrt()  # ‖A − A_r‖_F of the exact spectrum
     return a.contiguous(), optimal
 
 
@@ -103,7 +109,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _measure(fn: Callable, device: torch.device, expensive: bool, quick: bool, cpu_repeats: Optional[int] = None):
+def _measure(fn: Callable, device: torch.device, expensive: bool, quick: bool, cpu_repeats: int | None = None):
     """Outputs of one call, median ms and peak bytes.
 
     Cheap calls: do_bench on CUDA / wall-clock medians on CPU (harness.time_fn), peak memory from one more call.
@@ -145,6 +151,7 @@ COUNTED = ("keeplora_rsvd", *GRAPH_METHODS)  # rows that report library calls (C
 
 def _graph_methods(batches: list[torch.Tensor], r: int, over: int, q: int, backend: str):
     """(method, impl, fn, expensive, (over, q), graph note) of the two graph rows for ``batches`` (shape groups)."""
+
     def calls(*mats):
         return [kk.rsvd(x, r, oversample=over, power_iters=q, seed=0) for x in mats]
 
@@ -154,11 +161,13 @@ def _graph_methods(batches: list[torch.Tensor], r: int, over: int, q: int, backe
         return [kk.rsvd(x, r, oversample=over, power_iters=q, seed=0, graph=True) for x in batches]
 
     note = "replay" if graphed.graphed else f"eager: {graphed.reason}"
-    return [("keeplora_rsvd_graph", backend, lambda: graphed(*batches), False, (over, q), note),
-            ("keeplora_rsvd_graph_copy", backend, copied, False, (over, q), note)]
+    return [
+        ("keeplora_rsvd_graph", backend, lambda: graphed(*batches), False, (over, q), note),
+        ("keeplora_rsvd_graph_copy", backend, copied, False, (over, q), note),
+    ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gesvdj_runs(device: torch.device) -> bool:
     """Whether the extension's cuSOLVER small-SVD launcher runs here (CUDA build, cuSOLVER loadable); the reason is
     printed when not, and the A/B row is left out rather than failing its case."""
@@ -172,8 +181,14 @@ def _gesvdj_runs(device: torch.device) -> bool:
         return False
 
 
-def _rows(case_fields: dict, groups: list[tuple[torch.Tensor, torch.Tensor]], methods, device: torch.device,
-          quick: bool, backend: str) -> list[dict]:
+def _rows(
+    case_fields: dict,
+    groups: list[tuple[torch.Tensor, torch.Tensor]],
+    methods,
+    device: torch.device,
+    quick: bool,
+    backend: str,
+) -> list[dict]:
     """Measure ``methods`` on the shape ``groups`` [(batch, optimal residuals)] of one case; one row per method.
 
     Every method returns one (U, S, V) per group (the linalg_svd baseline: for the first matrices of the first
@@ -192,11 +207,23 @@ def _rows(case_fields: dict, groups: list[tuple[torch.Tensor, torch.Tensor]], me
         excess = torch.cat(excess)
         matrices = excess.numel()
         batch_ms = ms * total / matrices
-        row = {**case_fields, "sketch": case_fields["rank"] + over if over != "" else "", "power_iters": q,
-               "method": method, "impl": impl, "device_type": device.type, "matrices_timed": matrices,
-               "time_ms": ms, "batch_time_ms": batch_ms, "peak_mem_mb": peak / 2**20,
-               "resid_excess_mean": excess.mean().item(), "resid_excess_max": excess.max().item(),
-               "library_calls": "", "kernels": "", "graph": graph}
+        row = {
+            **case_fields,
+            "sketch": case_fields["rank"] + over if over != "" else "",
+            "power_iters": q,
+            "method": method,
+            "impl": impl,
+            "device_type": device.type,
+            "matrices_timed": matrices,
+            "time_ms": ms,
+            "batch_time_ms": batch_ms,
+            "peak_mem_mb": peak / 2**20,
+            "resid_excess_mean": excess.mean().item(),
+            "resid_excess_max": excess.max().item(),
+            "library_calls": "",
+            "kernels": "",
+            "graph": graph,
+        }
         if method in COUNTED and impl == backend:  # per-call overhead: library calls (CUDA: kernels)
             try:
                 counts = library_calls(fn, device=device)
@@ -222,8 +249,13 @@ def _lowrank_loop(batches: list[torch.Tensor], r: int):
     for a in batches:
         m, n = a.shape[-2:]
         outs = [torch.svd_lowrank(a[i].float(), q=min(4 * r, m, n), niter=4) for i in range(a.shape[0])]
-        out.append((torch.stack([o[0][:, :r] for o in outs]), torch.stack([o[1][:r] for o in outs]),
-                    torch.stack([o[2][:, :r] for o in outs])))
+        out.append(
+            (
+                torch.stack([o[0][:, :r] for o in outs]),
+                torch.stack([o[1][:r] for o in outs]),
+                torch.stack([o[2][:, :r] for o in outs]),
+            )
+        )
     return out
 
 
@@ -242,6 +274,7 @@ def run_case(case: Case, device: torch.device, quick: bool) -> list[dict]:
         if name == "keeplora_rsvd":
             methods += _graph_methods([a], r, over, q, backend)
             if backend == "extension" and r + over <= 32 and _gesvdj_runs(device):
+
                 def cusolver_small_svd(over=over, q=q):  # A/B with the row above: the small SVD by cuSOLVER
                     before = small_svd_method()
                     small_svd_method("cusolver")
@@ -252,6 +285,7 @@ def run_case(case: Case, device: torch.device, quick: bool) -> list[dict]:
 
                 methods.append(("keeplora_rsvd_gesvdj", backend, cusolver_small_svd, False, (over, q), ""))
         if backend != "torch" and name == "keeplora_rsvd":  # the PyTorch fallback of the same algorithm
+
             def fallback(over=over, q=q):
                 return [rsvd_torch(a, r, oversample=over, power_iters=q, seed=0)[:3]]
 
@@ -266,8 +300,14 @@ def run_case(case: Case, device: torch.device, quick: bool) -> list[dict]:
         return [(uu[..., :r], ss[..., :r], vh[..., :r, :].mT)]
 
     methods.append(("linalg_svd", "torch", full_svd, True, ("", ""), ""))
-    fields = {"case": case.name, "batch": case.batch, "m": case.m, "n": case.n, "rank": r,
-              "dtype": str(case.dtype).replace("torch.", "")}
+    fields = {
+        "case": case.name,
+        "batch": case.batch,
+        "m": case.m,
+        "n": case.n,
+        "rank": r,
+        "dtype": str(case.dtype).replace("torch.", ""),
+    }
     try:
         return _rows(fields, [(a, optimal)], methods, device, quick, backend)
     finally:
@@ -292,15 +332,15 @@ def model_sets(device: torch.device, quick: bool, smoke: bool = False) -> list[M
     if smoke:
         return [ModelSet("smoke_set", ((96, 64, 2), (64, 96, 1)), 4, torch.float32)]
     if device.type == "cuda":
-        return [ModelSet("llama7b_224", ((4096, 4096, 128), (11008, 4096, 64), (4096, 11008, 32)), 24,
-                         torch.bfloat16)]
-    return [ModelSet("llama7b_scaled_1_layer", ((1024, 1024, 4), (2752, 1024, 2), (1024, 2752, 1)), 24,
-                     torch.bfloat16)]
+        return [ModelSet("llama7b_224", ((4096, 4096, 128), (11008, 4096, 64), (4096, 11008, 32)), 24, torch.bfloat16)]
+    return [ModelSet("llama7b_scaled_1_layer", ((1024, 1024, 4), (2752, 1024, 2), (1024, 2752, 1)), 24, torch.bfloat16)]
 
 
 def run_model_set(mset: ModelSet, device: torch.device, quick: bool) -> list[dict]:
-    groups = [make_batch(Case(f"{mset.name}_{m}x{n}", count, m, n, mset.rank, mset.dtype, 1), device, seed=i)
-              for i, (m, n, count) in enumerate(mset.groups)]
+    groups = [
+        make_batch(Case(f"{mset.name}_{m}x{n}", count, m, n, mset.rank, mset.dtype, 1), device, seed=i)
+        for i, (m, n, count) in enumerate(mset.groups)
+    ]
     batches = [a for a, _ in groups]
     r, (over, q) = mset.rank, CONFIGS["keeplora_rsvd"](mset.rank)
     backend = _dispatch.select("rsvd", device)
@@ -308,12 +348,20 @@ def run_model_set(mset: ModelSet, device: torch.device, quick: bool) -> list[dic
     def eager():
         return [kk.rsvd(a, r, oversample=over, power_iters=q, seed=0) for a in batches]
 
-    methods = [("keeplora_rsvd", backend, eager, False, (over, q), ""), *_graph_methods(batches, r, over, q, backend),
-               ("svd_lowrank_loop", "torch", lambda: _lowrank_loop(batches, r), True, (3 * r, 4), "")]
+    methods = [
+        ("keeplora_rsvd", backend, eager, False, (over, q), ""),
+        *_graph_methods(batches, r, over, q, backend),
+        ("svd_lowrank_loop", "torch", lambda: _lowrank_loop(batches, r), True, (3 * r, 4), ""),
+    ]
     total = sum(c for _, _, c in mset.groups)
-    fields = {"case": mset.name, "batch": total, "m": "|".join(str(m) for m, _, _ in mset.groups),
-              "n": "|".join(str(n) for _, n, _ in mset.groups), "rank": r,
-              "dtype": str(mset.dtype).replace("torch.", "")}
+    fields = {
+        "case": mset.name,
+        "batch": total,
+        "m": "|".join(str(m) for m, _, _ in mset.groups),
+        "n": "|".join(str(n) for _, n, _ in mset.groups),
+        "rank": r,
+        "dtype": str(mset.dtype).replace("torch.", ""),
+    }
     try:
         return _rows(fields, groups, methods, device, quick, backend)
     finally:
@@ -335,11 +383,18 @@ def subspace_cases(device: torch.device, quick: bool, smoke: bool = False):
     if smoke:
         return [("smoke", [(96, 64, 2), (64, 96, 1)], (0.5,))]
     if device.type == "cuda":
-        return [("clip_vision_12_layers", [(768, 768, 48), (3072, 768, 12), (768, 3072, 12)], (0.85,)),
-                ("clip_text_12_layers", [(512, 512, 48), (2048, 512, 12), (512, 2048, 12)], (0.2,))]
+        return [
+            ("clip_vision_12_layers", [(768, 768, 48), (3072, 768, 12), (768, 3072, 12)], (0.85,)),
+            ("clip_text_12_layers", [(512, 512, 48), (2048, 512, 12), (512, 2048, 12)], (0.2,)),
+        ]
     layers = 1 if quick else 12
-    return [("clip_text_%d_layers" % layers, [(512, 512, 4 * layers), (2048, 512, layers), (512, 2048, layers)],
-             (0.2, 0.85))]
+    return [
+        (
+            f"clip_text_{layers}_layers",
+            [(512, 512, 4 * layers), (2048, 512, layers), (512, 2048, layers)],
+            (0.2, 0.85),
+        )
+    ]
 
 
 def make_weights(groups, device, seed=0):
@@ -361,10 +416,10 @@ def run_subspace_case(name, groups, energies, device, quick) -> list[dict]:
     weights = make_weights(groups, device)
     rows = []
     for energy in energies:
-        methods = [("principal_subspace", _dispatch.select("rsvd", device),
-                    lambda: kk.principal_subspace(weights, energy)),
-                   ("principal_subspace_ref_loop", "torch",
-                    lambda: [full_svd_subspace(w, energy) for w in weights])]
+        methods = [
+            ("principal_subspace", _dispatch.select("rsvd", device), lambda: kk.principal_subspace(weights, energy)),
+            ("principal_subspace_ref_loop", "torch", lambda: [full_svd_subspace(w, energy) for w in weights]),
+        ]
         results = {}
         for method, impl, fn in methods:
             out, ms, peak = _measure(fn, device, expensive=True, quick=quick, cpu_repeats=3)
@@ -372,13 +427,30 @@ def run_subspace_case(name, groups, energies, device, quick) -> list[dict]:
         ref = results["principal_subspace_ref_loop"][0]
         for method, (out, ms, peak, impl) in results.items():
             same_p = sum(int(a.shape == b.shape) for a, b in zip(out, ref))
-            dist = max((torch.linalg.matrix_norm(a.double() @ a.double().T - b.double() @ b.double().T, ord=2).item()
-                        for a, b in zip(out, ref) if a.shape == b.shape and a.shape[1]), default=0.0)
-            rows.append({"case": name, "weights": len(weights), "energy": energy, "method": method, "impl": impl,
-                         "device_type": device.type, "time_ms": ms, "peak_mem_mb": peak / 2**20,
-                         "speedup_vs_ref_loop": results["principal_subspace_ref_loop"][1] / ms,
-                         "ranks_equal_ref": f"{same_p}/{len(weights)}", "max_projector_dist": dist,
-                         "mean_rank": sum(a.shape[1] for a in out) / len(out)})
+            dist = max(
+                (
+                    torch.linalg.matrix_norm(a.double() @ a.double().T - b.double() @ b.double().T, ord=2).item()
+                    for a, b in zip(out, ref)
+                    if a.shape == b.shape and a.shape[1]
+                ),
+                default=0.0,
+            )
+            rows.append(
+                {
+                    "case": name,
+                    "weights": len(weights),
+                    "energy": energy,
+                    "method": method,
+                    "impl": impl,
+                    "device_type": device.type,
+                    "time_ms": ms,
+                    "peak_mem_mb": peak / 2**20,
+                    "speedup_vs_ref_loop": results["principal_subspace_ref_loop"][1] / ms,
+                    "ranks_equal_ref": f"{same_p}/{len(weights)}",
+                    "max_projector_dist": dist,
+                    "mean_rank": sum(a.shape[1] for a in out) / len(out),
+                }
+            )
     return rows
 
 
@@ -424,16 +496,35 @@ def run_memory_update_case(name, d, count, width, energies, device, quick) -> li
         for method, (out, ms, peak) in results.items():
             added = [out[n].shape[1] - width for n in moments]
             extra = [out[n].shape[1] - exact_out[n].shape[1] for n in moments]
-            rows.append({"case": name, "d": d, "moments": count, "old_width": width, "energy": energy,
-                         "method": method, "device_type": device.type, "time_ms": ms, "peak_mem_mb": peak / 2**20,
-                         "speedup_vs_exact": exact_ms / ms, "mean_added": sum(added) / len(added),
-                         "max_extra_vs_exact": max(extra)})
+            rows.append(
+                {
+                    "case": name,
+                    "d": d,
+                    "moments": count,
+                    "old_width": width,
+                    "energy": energy,
+                    "method": method,
+                    "device_type": device.type,
+                    "time_ms": ms,
+                    "peak_mem_mb": peak / 2**20,
+                    "speedup_vs_exact": exact_ms / ms,
+                    "mean_added": sum(added) / len(added),
+                    "max_extra_vs_exact": max(extra),
+                }
+            )
     return rows
 
 
-def run_detailed(out_dir: Optional[Path] = None, quick: bool = False, *, smoke: bool = False,
-                 device: Optional[torch.device] = None, cpu_threads: Optional[int] = 1,
-                 only: Optional[list[str]] = None, time_box_s: Optional[float] = None) -> list[dict]:
+def run_detailed(
+    out_dir: Path | None = None,
+    quick: bool = False,
+    *,
+    smoke: bool = False,
+    device: torch.device | None = None,
+    cpu_threads: int | None = 1,
+    only: list[str] | None = None,
+    time_box_s: float | None = None,
+) -> list[dict]:
     """Run every case on ``device`` (CUDA when available); append the rows to ``<out_dir>/rsvd.csv`` (default
     benchmarks/results/) and return them. ``only``: case names to run (default all). ``time_box_s``: no case
     starts after that many seconds (the later ones are skipped and named on stdout; cases run in order of value).
@@ -492,35 +583,58 @@ def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for row in rows:
         if "old_width" in row:  # memory update rows
-            out.append(dict(op=f"memory_update {row['case']} eps={row['energy']} {row['method']}",
-                            time_ms=row["time_ms"], pct_of_floor="", ratio=row["speedup_vs_exact"],
-                            peak_mb=row["peak_mem_mb"],
-                            note=f"added {row['mean_added']:.1f}/matrix, {row['max_extra_vs_exact']} more than eigh"))
+            out.append(
+                dict(
+                    op=f"memory_update {row['case']} eps={row['energy']} {row['method']}",
+                    time_ms=row["time_ms"],
+                    pct_of_floor="",
+                    ratio=row["speedup_vs_exact"],
+                    peak_mb=row["peak_mem_mb"],
+                    note=f"added {row['mean_added']:.1f}/matrix, {row['max_extra_vs_exact']} more than eigh",
+                )
+            )
             continue
         if "energy" in row:  # principal_subspace rows
-            out.append(dict(op=f"principal_subspace {row['case']} eps={row['energy']} {row['method']} [{row['impl']}]",
-                            time_ms=row["time_ms"], pct_of_floor="", ratio=row["speedup_vs_ref_loop"],
-                            peak_mb=row["peak_mem_mb"],
-                            note=f"ranks = ref {row['ranks_equal_ref']}, projector dist {row['max_projector_dist']:.1e}"))
+            out.append(
+                dict(
+                    op=f"principal_subspace {row['case']} eps={row['energy']} {row['method']} [{row['impl']}]",
+                    time_ms=row["time_ms"],
+                    pct_of_floor="",
+                    ratio=row["speedup_vs_ref_loop"],
+                    peak_mb=row["peak_mem_mb"],
+                    note=f"ranks = ref {row['ranks_equal_ref']}, projector dist {row['max_projector_dist']:.1e}",
+                )
+            )
             continue
         op = f"rsvd {row['case']} b={row['batch']} {row['method']}" + (
-            f" [{row['impl']}]" if row["method"].startswith("keeplora") else "")
+            f" [{row['impl']}]" if row["method"].startswith("keeplora") else ""
+        )
         if row.get("graph", "").startswith("eager"):
             op += " (graph fell back to eager)"
         pct = 100 * row["floor_ms"] / row["batch_time_ms"] if "floor_ms" in row else ""
-        out.append(dict(op=op, time_ms=row["batch_time_ms"], pct_of_floor=pct, ratio=row["speedup_vs_lowrank_loop"],
-                        peak_mb=row["peak_mem_mb"],
-                        note=f"resid_excess {row['resid_excess_mean']:.1e}, {row['matrices_timed']} timed"
-                        + (f", {row['library_calls']} calls" if row.get("library_calls", "") != "" else "")
-                        + (f"/{row['kernels']} kernels" if row.get("kernels", "") != "" else "")))
+        out.append(
+            dict(
+                op=op,
+                time_ms=row["batch_time_ms"],
+                pct_of_floor=pct,
+                ratio=row["speedup_vs_lowrank_loop"],
+                peak_mb=row["peak_mem_mb"],
+                note=f"resid_excess {row['resid_excess_mean']:.1e}, {row['matrices_timed']} timed"
+                + (f", {row['library_calls']} calls" if row.get("library_calls", "") != "" else "")
+                + (f"/{row['kernels']} kernels" if row.get("kernels", "") != "" else ""),
+            )
+        )
     return out
 
 
 def trace_rsvd(out_dir: Path, device: torch.device, smoke: bool = False) -> Path:
     """torch.profiler table (by self device time; CPU time without a GPU) of one warm batched ``kk.rsvd`` call on
     the Llama 4096² case at a quarter batch (tiny in smoke mode): where the gap to the bandwidth floor goes."""
-    case = Case("smoke", 2, 96, 64, 4, torch.float32, 1) if smoke else \
-        Case("llama_4096x4096", 8, 4096, 4096, 24, torch.bfloat16, 1)
+    case = (
+        Case("smoke", 2, 96, 64, 4, torch.float32, 1)
+        if smoke
+        else Case("llama_4096x4096", 8, 4096, 4096, 24, torch.bfloat16, 1)
+    )
     a, _ = make_batch(case, device)
     call = functools.partial(kk.rsvd, a, case.rank, oversample=8, power_iters=2, seed=0)
     with torch.no_grad():
@@ -528,12 +642,14 @@ def trace_rsvd(out_dir: Path, device: torch.device, smoke: bool = False) -> Path
         _sync(device)
         table = profile_table(call, device=device)
     path = Path(out_dir) / "trace_rsvd.txt"
-    path.write_text(f"kk.rsvd {case.name} b={case.batch} r={case.rank} oversample=8 power_iters=2 "
-                    f"[{_dispatch.select('rsvd', device)}]\n" + table)
+    path.write_text(
+        f"kk.rsvd {case.name} b={case.batch} r={case.rank} oversample=8 power_iters=2 "
+        f"[{_dispatch.select('rsvd', device)}]\n" + table
+    )
     return path
 
 
-def run(out_dir: Optional[Path] = None, quick: bool = False, trace: bool = False, **kwargs) -> list[dict]:
+def run(out_dir: Path | None = None, quick: bool = False, trace: bool = False, **kwargs) -> list[dict]:
     """Entry point of keeplora_bench.gpu_check: detailed rows to ``<out_dir>/rsvd.csv``, summary rows returned;
     ``trace`` also writes ``<out_dir>/trace_rsvd.txt`` (:func:`trace_rsvd`), unless the cases used up
     ``time_box_s`` and more (then the trace would run past the caller's box)."""
@@ -549,13 +665,40 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, trace: bool = False
     return rows
 
 
-COLUMNS = ["case", "batch", "m", "n", "rank", "dtype", "method", "impl", "sketch", "power_iters", "batch_time_ms",
-           "speedup_vs_lowrank_loop", "speedup_vs_linalg_svd", "resid_excess_mean", "resid_excess_max",
-           "library_calls", "kernels", "graph"]
+COLUMNS = [
+    "case",
+    "batch",
+    "m",
+    "n",
+    "rank",
+    "dtype",
+    "method",
+    "impl",
+    "sketch",
+    "power_iters",
+    "batch_time_ms",
+    "speedup_vs_lowrank_loop",
+    "speedup_vs_linalg_svd",
+    "resid_excess_mean",
+    "resid_excess_max",
+    "library_calls",
+    "kernels",
+    "graph",
+]
 
 
-SUBSPACE_COLUMNS = ["case", "weights", "energy", "method", "impl", "time_ms", "speedup_vs_ref_loop", "ranks_equal_ref",
-                    "max_projector_dist", "mean_rank"]
+SUBSPACE_COLUMNS = [
+    "case",
+    "weights",
+    "energy",
+    "method",
+    "impl",
+    "time_ms",
+    "speedup_vs_ref_loop",
+    "ranks_equal_ref",
+    "max_projector_dist",
+    "mean_rank",
+]
 
 
 def main(argv=None) -> None:
@@ -566,8 +709,7 @@ def main(argv=None) -> None:
     parser.add_argument("--cpu-threads", type=int, default=1, help="torch threads on CPU (0: torch's default)")
     parser.add_argument("--cases", nargs="*", default=None, help="case names to run (default: all)")
     args = parser.parse_args(argv)
-    rows = run_detailed(args.out, args.quick, device=args.device, cpu_threads=args.cpu_threads or None,
-                        only=args.cases)
+    rows = run_detailed(args.out, args.quick, device=args.device, cpu_threads=args.cpu_threads or None, only=args.cases)
     rsvd_rows = [r for r in rows if "energy" not in r]
     columns = COLUMNS + (["floor_ms", "x_floor"] if any("floor_ms" in r for r in rsvd_rows) else [])
     print_table(rsvd_rows, columns)

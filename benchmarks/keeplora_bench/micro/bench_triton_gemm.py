@@ -1,8 +1,8 @@
 """Go / no-go for the Triton full-GEMM LoRA route: can a Triton GEMM main loop match cuBLAS on the H200?
 
-The full-GEMM LoRA kernels (``keeplora_kernels/experimental/triton_lora_linear.py``) carry the base GEMM ``x·Wᵀ`` inside a Triton
-main loop. They are worth keeping only if a Triton main loop can run that GEMM at cuBLAS speed. Every provider here
-computes the plain GEMM ``y = x·Wᵀ`` (x: M×K bf16, W: N×K bf16, y bf16, fp32 accumulation), no adapter:
+The full-GEMM LoRA kernels (``keeplora_kernels/experimental/triton_lora_linear.py``) carry the base GEMM ``x·Wᵀ``
+inside a Triton main loop. They are worth keeping only if a Triton main loop can run that GEMM at cuBLAS speed. Every
+provider here computes the plain GEMM ``y = x·Wᵀ`` (x: M×K bf16, W: N×K bf16, y bf16, fp32 accumulation), no adapter:
 
 * ``cublas``                 ``torch.nn.functional.linear(x, w)``, the anchor;
 * ``triton_mainloop``        the project's forward kernel (``_fwd_kernel``, whose K loop is ``_accumulate_product``)
@@ -29,17 +29,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from keeplora_kernels.experimental import triton_lora_linear as tll
 from keeplora_kernels._triton_utils import cdiv, interpreted
+from keeplora_kernels.experimental import triton_lora_linear as tll
 from keeplora_kernels.experimental.triton_lora_linear import _grouped_pid
 
 from . import harness
@@ -88,21 +89,46 @@ class TileConfig:
 #   128×256×64 s3, not flattened: the first one with a pipeline drain and refill at every tile (what flattening
 #   buys; also the row that still measures if the flattened pipeline misbehaves)
 # 256×128 is left out: with x and W both K-major it moves the same bytes per stage as 128×256.
-TMA_CONFIGS = [TileConfig(128, 256, 64, 3, 8), TileConfig(128, 256, 64, 4, 8, split_epilogue=True),
-               TileConfig(128, 128, 64, 4, 8), TileConfig(128, 256, 64, 3, 8, flatten=False)]
-SMOKE_CONFIGS = [TileConfig(32, 32, 32, 1, 4, split_epilogue=True, group_m=2),
-                 TileConfig(16, 32, 16, 1, 4, flatten=False, group_m=2)]
+TMA_CONFIGS = [
+    TileConfig(128, 256, 64, 3, 8),
+    TileConfig(128, 256, 64, 4, 8, split_epilogue=True),
+    TileConfig(128, 128, 64, 4, 8),
+    TileConfig(128, 256, 64, 3, 8, flatten=False),
+]
+SMOKE_CONFIGS = [
+    TileConfig(32, 32, 32, 1, 4, split_epilogue=True, group_m=2),
+    TileConfig(16, 32, 16, 1, 4, flatten=False, group_m=2),
+]
 H200_SMEM = 232448  # bytes of shared memory one block may use on sm_90
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 # ------------------------------------------------------------------------------------------------------- kernel
 @triton.jit
-def _persistent_gemm_kernel(X, W, Y, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
-                            NUM_PROGRAMS: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr,
-                            OUT_DTYPE: tl.constexpr, FLATTEN: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            GROUP_M: tl.constexpr):
+def _persistent_gemm_kernel(
+    X,
+    W,
+    Y,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_ym,
+    stride_yn,
+    NUM_PROGRAMS: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    UPCAST: tl.constexpr,
+    OUT_DTYPE: tl.constexpr,
+    FLATTEN: tl.constexpr,
+    SPLIT_EPILOGUE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     """Y = X·Wᵀ, fp32 accumulation. ``NUM_PROGRAMS`` programs (one per SM) each walk the output tiles
     ``pid, pid + NUM_PROGRAMS, …`` in grouped order, so the grid is launched once and the tiles in flight at any
     moment share operand rows in L2. With ``USE_TMA`` X, W and Y are tensor descriptors (blocks BM×BK, BN×BK,
@@ -151,12 +177,11 @@ def _persistent_gemm_kernel(X, W, Y, M, N, K, stride_xm, stride_xk, stride_wn, s
                 x_ptrs += BLOCK_K * stride_xk
                 w_ptrs += BLOCK_K * stride_wk
             mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-            tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(OUT_DTYPE),
-                     mask=mask)
+            tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(OUT_DTYPE), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------- launchers
-def tma_usable(*tensors: torch.Tensor) -> Optional[str]:
+def tma_usable(*tensors: torch.Tensor) -> str | None:
     """None when every tensor can be described for TMA, else why not (the pointer path then runs)."""
     if TensorDescriptor is None:
         return "this triton has no triton.tools.tensor_descriptor"
@@ -186,14 +211,14 @@ def num_programs(device: torch.device, num_tiles: int) -> int:
     return max(1, min(sms, num_tiles))
 
 
-def persistent_gemm(x: torch.Tensor, w: torch.Tensor, cfg: TileConfig, *, use_tma: Optional[bool] = None,
-                    out: Optional[torch.Tensor] = None) -> tuple[Callable[[], torch.Tensor], str]:
+def persistent_gemm(
+    x: torch.Tensor, w: torch.Tensor, cfg: TileConfig, *, use_tma: bool | None = None, out: torch.Tensor | None = None
+) -> tuple[Callable[[], torch.Tensor], str]:
     """A launcher of ``y = x·wᵀ`` through :func:`_persistent_gemm_kernel` (descriptors are built once, outside the
     timed call). ``use_tma``: None = TMA where possible, True = require it, False = the pointer path. Returns
     ``(call, path)`` with path ``"tma"`` or ``"pointer (<why>)"``."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"persistent_gemm: x must be (M, K) and w (N, K), got {tuple(x.shape)} and "
-                         f"{tuple(w.shape)}")
+        raise ValueError(f"persistent_gemm: x must be (M, K) and w (N, K), got {tuple(x.shape)} and {tuple(w.shape)}")
     if x.dtype != w.dtype or x.dtype not in (torch.bfloat16, torch.float16):
         raise TypeError(f"persistent_gemm: x and w must both be bfloat16 or float16, got {x.dtype} and {w.dtype}")
     M, K = x.shape
@@ -205,18 +230,31 @@ def persistent_gemm(x: torch.Tensor, w: torch.Tensor, cfg: TileConfig, *, use_tm
     tma = why_not is None and use_tma is not False
     if tma:
         _ensure_allocator(x.device)
-        ops = (TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k]),
-               TensorDescriptor.from_tensor(w, [cfg.block_n, cfg.block_k]),
-               TensorDescriptor.from_tensor(y, [cfg.block_m, cfg.block_n // (2 if cfg.split_epilogue else 1)]))
+        ops = (
+            TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k]),
+            TensorDescriptor.from_tensor(w, [cfg.block_n, cfg.block_k]),
+            TensorDescriptor.from_tensor(y, [cfg.block_m, cfg.block_n // (2 if cfg.split_epilogue else 1)]),
+        )
     else:
         ops = (x, w, y)
     num_tiles = cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n)
     programs = num_programs(x.device, num_tiles)
     kernel = _persistent_gemm_kernel[(programs,)]
     args = (*ops, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1))
-    meta = dict(NUM_PROGRAMS=programs, USE_TMA=tma, UPCAST=interpreted(), OUT_DTYPE=_TL_DTYPES[y.dtype],
-                FLATTEN=cfg.flatten, SPLIT_EPILOGUE=cfg.split_epilogue, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    meta = dict(
+        NUM_PROGRAMS=programs,
+        USE_TMA=tma,
+        UPCAST=interpreted(),
+        OUT_DTYPE=_TL_DTYPES[y.dtype],
+        FLATTEN=cfg.flatten,
+        SPLIT_EPILOGUE=cfg.split_epilogue,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
 
     def call() -> torch.Tensor:
         kernel(*args, **meta)
@@ -263,19 +301,20 @@ def _time(fn: Callable[[], Any], device: torch.device, quick: bool, smoke: bool)
     return harness.time_fn(fn, device=device, warmup=1, repeats=1 if smoke else 3).median_ms
 
 
-def triton_runs(device: torch.device) -> Optional[str]:
+def triton_runs(device: torch.device) -> str | None:
     """None when Triton kernels can run on ``device``, else why not."""
     if device.type == "cuda" or interpreted():
         return None
     return "Triton runs on the CPU only under TRITON_INTERPRET=1"
 
 
-def bench_shape(M: int, N: int, K: int, device: torch.device, configs: list[TileConfig], *, quick: bool,
-                smoke: bool) -> list[dict[str, Any]]:
+def bench_shape(
+    M: int, N: int, K: int, device: torch.device, configs: list[TileConfig], *, quick: bool, smoke: bool
+) -> list[dict[str, Any]]:
     """One row per provider at shape (M, N, K): time, TFLOP/s, ratio to cuBLAS, error against fp32."""
     gen = torch.Generator(device="cpu").manual_seed(M * 7 + N * 3 + K)
     x = torch.randn(M, K, generator=gen).to(device=device, dtype=torch.bfloat16)
-    w = (torch.randn(N, K, generator=gen) / K ** 0.5).to(device=device, dtype=torch.bfloat16)
+    w = (torch.randn(N, K, generator=gen) / K**0.5).to(device=device, dtype=torch.bfloat16)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference is true fp32
     try:
@@ -286,16 +325,19 @@ def bench_shape(M: int, N: int, K: int, device: torch.device, configs: list[Tile
     shape = f"M={M},N={N},K={K}"
     # (provider, config, maker): maker() -> (call or None, path, note); made inside the loop so that a
     # configuration that cannot be built or compiled costs only its own row
-    providers: list[tuple[str, str, Callable[[], tuple[Optional[Callable[[], torch.Tensor]], str, str]]]] = [
-        ("cublas", "-", lambda: (lambda: F.linear(x, w), "torch", ""))]
+    providers: list[tuple[str, str, Callable[[], tuple[Callable[[], torch.Tensor] | None, str, str]]]] = [
+        ("cublas", "-", lambda: (lambda: F.linear(x, w), "torch", ""))
+    ]
     skip = triton_runs(device)
     if skip is None:
+
         def mainloop():
             call, _ = mainloop_gemm(x, w)
             return call, "pointer", "LoRA forward kernel, rank-0 adapter (r-loop empty): its _accumulate_product loop"
 
         providers.append(("triton_mainloop", mainloop_gemm_config(x), mainloop))
         for cfg in configs:
+
             def persistent(cfg=cfg):
                 if device.type == "cuda" and cfg.smem_bytes() > H200_SMEM:
                     return None, "-", f"skipped: {cfg.smem_bytes()} B of shared memory > {H200_SMEM}"
@@ -309,8 +351,19 @@ def bench_shape(M: int, N: int, K: int, device: torch.device, configs: list[Tile
     rows: list[dict[str, Any]] = []
     cublas_ms = cublas_err = None
     for provider, config, maker in providers:
-        row = dict(op="triton_gemm", shape=shape, provider=provider, config=config, path=None, time_ms=None,
-                   tflops=None, ratio=None, max_rel_err=None, wrong=None, note="")
+        row = dict(
+            op="triton_gemm",
+            shape=shape,
+            provider=provider,
+            config=config,
+            path=None,
+            time_ms=None,
+            tflops=None,
+            ratio=None,
+            max_rel_err=None,
+            wrong=None,
+            note="",
+        )
         rows.append(row)
         try:
             call, row["path"], row["note"] = maker()
@@ -337,29 +390,47 @@ def verdict(rows: list[dict[str, Any]], smoke: bool) -> dict[str, Any]:
     target = rows[0]["shape"] if smoke else f"M={LLAMA_SHAPE[0]},N={LLAMA_SHAPE[1]},K={LLAMA_SHAPE[2]}"
     at_shape = [r for r in rows if r["shape"] == target]  # smoke: the decision mechanics on the first shape
     candidates = [r for r in at_shape if r["provider"] != "cublas" and r["ratio"] is not None and not r["wrong"]]
-    row = dict(op="triton_gemm", shape=target, provider="verdict",
-               config=None, path=None, time_ms=None, tflops=None, ratio=None, max_rel_err=None, wrong=None)
+    row = dict(
+        op="triton_gemm",
+        shape=target,
+        provider="verdict",
+        config=None,
+        path=None,
+        time_ms=None,
+        tflops=None,
+        ratio=None,
+        max_rel_err=None,
+        wrong=None,
+    )
     if not candidates:
         row["note"] = "no-go: no correct Triton provider was timed at the decision shape"
         return row
     best = max(candidates, key=lambda r: r["ratio"])
     decision = "go" if best["ratio"] >= GO_RATIO else "no-go"
-    row.update(config=f"{best['provider']}:{best['config']}", time_ms=best["time_ms"], tflops=best["tflops"],
-               ratio=best["ratio"])
-    row["note"] = (f"{decision}: best Triton ({best['provider']} {best['config']}) at {best['ratio']:.3f}x cuBLAS "
-                   f"speed (threshold {GO_RATIO})" +
-                   (" [smoke: CPU interpreter times, not a decision]" if smoke else ""))
+    row.update(
+        config=f"{best['provider']}:{best['config']}",
+        time_ms=best["time_ms"],
+        tflops=best["tflops"],
+        ratio=best["ratio"],
+    )
+    row["note"] = (
+        f"{decision}: best Triton ({best['provider']} {best['config']}) at {best['ratio']:.3f}x cuBLAS "
+        f"speed (threshold {GO_RATIO})" + (" [smoke: CPU interpreter times, not a decision]" if smoke else "")
+    )
     return row
 
 
-def run(out_dir: Optional[Path] = None, quick: bool = False, smoke: bool = False, *,
-        device: Optional[str] = None, **kwargs) -> list[dict[str, Any]]:
+def run(
+    out_dir: Path | None = None, quick: bool = False, smoke: bool = False, *, device: str | None = None, **kwargs
+) -> list[dict[str, Any]]:
     """Benchmark every provider on :data:`SHAPES` (``smoke``: :data:`SMOKE_SHAPES` with small tiles), append the
     rows and the verdict to ``<out_dir>/triton_gemm.csv`` and return summary rows (op, time_ms, ratio, note)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type != "cuda" and not smoke:
-        raise ValueError(f"bench_triton_gemm: the full shapes need a CUDA device, got device={dev.type!r}; "
-                         "pass smoke=True (--smoke) for the tiny CPU shapes")
+        raise ValueError(
+            f"bench_triton_gemm: the full shapes need a CUDA device, got device={dev.type!r}; "
+            "pass smoke=True (--smoke) for the tiny CPU shapes"
+        )
     shapes = SMOKE_SHAPES if smoke else SHAPES
     configs = SMOKE_CONFIGS if dev.type != "cuda" else TMA_CONFIGS
     threads = torch.get_num_threads()
@@ -377,10 +448,16 @@ def run(out_dir: Optional[Path] = None, quick: bool = False, smoke: bool = False
                 row.update(device_type=dev.type, smoke=smoke, quick=quick)
             harness.append_rows("triton_gemm", rows, results_dir=Path(out_dir) if out_dir else None)
     harness.print_table(rows, COLUMNS)
-    return [dict(op=f"gemm {r['shape']} {r['provider']}" + (f" {r['config']}" if r["config"] not in (None, "-")
-                                                            and r["provider"] != "verdict" else ""),
-                 time_ms=r["time_ms"], ratio=r["ratio"],
-                 note=("WRONG " if r["wrong"] else "") + (r["note"] or "")) for r in rows]
+    return [
+        dict(
+            op=f"gemm {r['shape']} {r['provider']}"
+            + (f" {r['config']}" if r["config"] not in (None, "-") and r["provider"] != "verdict" else ""),
+            time_ms=r["time_ms"],
+            ratio=r["ratio"],
+            note=("WRONG " if r["wrong"] else "") + (r["note"] or ""),
+        )
+        for r in rows
+    ]
 
 
 def main(argv=None) -> None:

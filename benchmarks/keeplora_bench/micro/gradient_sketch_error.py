@@ -22,8 +22,17 @@ from .harness import append_rows, print_table
 from .models import profile_model
 
 
-def measure(model_spec: str, *, r: int = 16, oversample: int = 8, power_iters: int = 4, batch: int = 2,
-            seq: int = 256, batches: int = 4, seed: int = 0) -> list[dict[str, Any]]:
+def measure(
+    model_spec: str,
+    *,
+    r: int = 16,
+    oversample: int = 8,
+    power_iters: int = 4,
+    batch: int = 2,
+    seq: int = 256,
+    batches: int = 4,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
     from keeplora import KeepLoRA, KeepLoRAConfig
     from keeplora.adapters import adapters_bypassed
     from keeplora.statistics import estimate_gradients
@@ -34,8 +43,9 @@ def measure(model_spec: str, *, r: int = 16, oversample: int = 8, power_iters: i
     kl = KeepLoRA(model, KeepLoRAConfig(target_modules=pm.targets, r=r, alpha=float(r), progress=False))
     data = pm.batches(batches, batch, seq, "cpu", seed=seed + 1)
     with adapters_bypassed(kl.layers):
-        grads = estimate_gradients(model, kl.layers, data, None, device=torch.device("cpu"), dtype=torch.float64,
-                                   progress=False)
+        grads = estimate_gradients(
+            model, kl.layers, data, None, device=torch.device("cpu"), dtype=torch.float64, progress=False
+        )
     gen = torch.Generator().manual_seed(seed)
     rows = []
     for name, g in grads.items():

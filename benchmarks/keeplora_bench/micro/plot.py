@@ -57,8 +57,10 @@ def plot_profile(results: Path, out: Path) -> list[Path]:
         for ax, column, label in ((axes[0], "time_ms", "time (ms)"), (axes[1], "peak_mb", "peak memory (MB)")):
             width = 0.8 / len(methods)
             for i, method in enumerate(methods):
-                values = [next((_num(r[column]) for r in group if r["method"] == method and r["phase"] == p),
-                               float("nan")) for p in phases]
+                values = [
+                    next((_num(r[column]) for r in group if r["method"] == method and r["phase"] == p), float("nan"))
+                    for p in phases
+                ]
                 ax.bar([j + i * width for j in range(len(phases))], values, width, label=method)
             ax.set_xticks([j + 0.4 - width / 2 for j in range(len(phases))], phases)
             ax.set_ylabel(label)
@@ -77,8 +79,12 @@ def plot_rsvd(results: Path, out: Path) -> list[Path]:
     rows = _newest(rows, ("case", "device"))
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for method, group in _group(rows, ("method",)).items():
-        ax.scatter([max(_num(r["resid_excess_mean"]), 1e-7) for r in group],
-                   [_num(r["speedup_vs_lowrank_loop"]) for r in group], label=method[0], s=18)
+        ax.scatter(
+            [max(_num(r["resid_excess_mean"]), 1e-7) for r in group],
+            [_num(r["speedup_vs_lowrank_loop"]) for r in group],
+            label=method[0],
+            s=18,
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.axhline(1.0, color="grey", lw=0.8)

@@ -23,7 +23,7 @@ import copy
 import gc
 import statistics
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -38,8 +38,12 @@ METHODS = ("keeplora", "authors", "peft-lora")
 
 def _setup(method: str, model, pm: ProfileModel, r: int, alpha: float):
     if method == "keeplora":
-        return KeepLoRA(model, KeepLoRAConfig(target_modules=pm.targets, r=r, alpha=alpha, weight_energy=0.85,
-                                              feature_energy=0.99, progress=False))
+        return KeepLoRA(
+            model,
+            KeepLoRAConfig(
+                target_modules=pm.targets, r=r, alpha=alpha, weight_energy=0.85, feature_energy=0.99, progress=False
+            ),
+        )
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and _is_target(n, pm.targets)]
     if method == "authors":
         return AuthorsKeepLoRA(model, names, r=r, alpha=alpha, weight_energy=0.85, feature_energy=0.99)
@@ -60,10 +64,22 @@ def _adapter_subspaces(method: str, handle) -> dict[str, torch.Tensor]:
     return {n: l.lora_A.detach().float() for n, l in handle.layers.items()}
 
 
-def profile(model_spec: str, *, device: str = "cpu", dtype: str = "float32", batch: int = 4, seq: int = 128,
-            steps: int = 5, tasks: int = 2, batches_per_task: int = 4, r: int = 16,
-            methods: tuple[str, ...] = METHODS, seed: int = 0, warmup_task: Optional[bool] = None,
-            trace_dir: Optional[Path] = None) -> list[dict[str, Any]]:
+def profile(
+    model_spec: str,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    batch: int = 4,
+    seq: int = 128,
+    steps: int = 5,
+    tasks: int = 2,
+    batches_per_task: int = 4,
+    r: int = 16,
+    methods: tuple[str, ...] = METHODS,
+    seed: int = 0,
+    warmup_task: bool | None = None,
+    trace_dir: Path | None = None,
+) -> list[dict[str, Any]]:
     pm = profile_model(model_spec)
     torch_dtype = getattr(torch, dtype)
     dev = torch.device(device)
@@ -72,8 +88,15 @@ def profile(model_spec: str, *, device: str = "cpu", dtype: str = "float32", bat
         _warm_cuda_libraries(dev)
     torch.manual_seed(seed)
     pristine = pm.build().to(dtype=torch_dtype)
-    accumulators = 4 * sum(m.weight.numel() for n, m in pristine.named_modules()
-                           if isinstance(m, torch.nn.Linear) and _is_target(n, pm.targets)) / 2**20
+    accumulators = (
+        4
+        * sum(
+            m.weight.numel()
+            for n, m in pristine.named_modules()
+            if isinstance(m, torch.nn.Linear) and _is_target(n, pm.targets)
+        )
+        / 2**20
+    )
     rows: list[dict[str, Any]] = []
     subspaces = {}
     for method in methods:
@@ -117,25 +140,50 @@ def profile(model_spec: str, *, device: str = "cpu", dtype: str = "float32", bat
         if trace_dir is not None and method == "keeplora":
             _trace_task(handle, data, pm.loss, Path(trace_dir), dev)
         step_ms = statistics.median(step_times)
-        rows.append(dict(method=method, phase="train_step", time_ms=step_ms, peak_mb=max(step_peaks) / 2**20,
-                         tokens_per_s=tokens_per_batch / (step_ms / 1e3)))
+        rows.append(
+            dict(
+                method=method,
+                phase="train_step",
+                time_ms=step_ms,
+                peak_mb=max(step_peaks) / 2**20,
+                tokens_per_s=tokens_per_batch / (step_ms / 1e3),
+            )
+        )
         if begin:
             # begin_task's peak next to the training step's and the gradient accumulators' (fp32 d_out × d_in per
             # target): the pass should need no more than a training step plus its sums
             context = dict(train_step_peak_mb=max(step_peaks) / 2**20, accumulators_mb=accumulators)
-            rows.append(dict(method=method, phase="begin_task", time_ms=statistics.median(t for t, _ in begin),
-                             peak_mb=max(p for _, p in begin) / 2**20,
-                             tokens_per_s=batches_per_task * tokens_per_batch / (statistics.median(
-                                 t for t, _ in begin) / 1e3), **context))
+            rows.append(
+                dict(
+                    method=method,
+                    phase="begin_task",
+                    time_ms=statistics.median(t for t, _ in begin),
+                    peak_mb=max(p for _, p in begin) / 2**20,
+                    tokens_per_s=batches_per_task * tokens_per_batch / (statistics.median(t for t, _ in begin) / 1e3),
+                    **context,
+                )
+            )
             if offload is not None:
-                rows.append(dict(method=method, phase="begin_task_offload", time_ms=offload[0],
-                                 peak_mb=offload[1] / 2**20,
-                                 tokens_per_s=batches_per_task * tokens_per_batch / (offload[0] / 1e3), **context))
-            rows.append(dict(method=method, phase="end_task", time_ms=statistics.median(t for t, _ in end),
-                             peak_mb=max(p for _, p in end) / 2**20,
-                             tokens_per_s=batches_per_task * tokens_per_batch / (statistics.median(
-                                 t for t, _ in end) / 1e3)))
-        del model, handle, opt
+                rows.append(
+                    dict(
+                        method=method,
+                        phase="begin_task_offload",
+                        time_ms=offload[0],
+                        peak_mb=offload[1] / 2**20,
+                        tokens_per_s=batches_per_task * tokens_per_batch / (offload[0] / 1e3),
+                        **context,
+                    )
+                )
+            rows.append(
+                dict(
+                    method=method,
+                    phase="end_task",
+                    time_ms=statistics.median(t for t, _ in end),
+                    peak_mb=max(p for _, p in end) / 2**20,
+                    tokens_per_s=batches_per_task * tokens_per_batch / (statistics.median(t for t, _ in end) / 1e3),
+                )
+            )
+        model = handle = opt = None  # free this method's model before the next one is built
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -148,8 +196,9 @@ def profile(model_spec: str, *, device: str = "cpu", dtype: str = "float32", bat
             row["memory_vs_keeplora"] = row["peak_mb"] / max(base["peak_mb"], 1e-9)
         if row["method"] == "keeplora" and row["phase"].startswith("begin_task") and "begin_task" in authors:
             row["memory_vs_authors_begin_task"] = row["peak_mb"] / max(authors["begin_task"]["peak_mb"], 1e-9)
-        row.update(model=model_spec, device_kind=dev.type, dtype=dtype, batch=batch, tokens_per_batch=tokens_per_batch,
-                   r=r)
+        row.update(
+            model=model_spec, device_kind=dev.type, dtype=dtype, batch=batch, tokens_per_batch=tokens_per_batch, r=r
+        )
     if "keeplora" in subspaces and "authors" in subspaces:
         worst = 0.0
         for name, a in subspaces["keeplora"].items():
@@ -176,8 +225,10 @@ def _warm_cuda_libraries(dev: torch.device) -> None:
 def _trace_task(handle, data, loss, trace_dir: Path, dev: torch.device) -> None:
     """torch.profiler tables (by self device time, or CPU time without a GPU) of one begin_task and one end_task."""
     trace_dir.mkdir(parents=True, exist_ok=True)
-    for phase, call in (("begin_task", lambda: handle.begin_task(data, loss)),
-                        ("end_task", lambda: handle.end_task(data, loss))):
+    for phase, call in (
+        ("begin_task", lambda: handle.begin_task(data, loss)),
+        ("end_task", lambda: handle.end_task(data, loss)),
+    ):
         (trace_dir / f"trace_{phase}.txt").write_text(profile_table(call, device=dev))
 
 
@@ -189,19 +240,31 @@ def _tokens(batch) -> int:
     ids = batch["input_ids"] if isinstance(batch, dict) else batch.input_ids
     return int(ids.numel())
 
-COLUMNS = ["method", "phase", "time_ms", "peak_mb", "tokens_per_s", "time_vs_keeplora", "memory_vs_keeplora",
-           "train_step_peak_mb", "accumulators_mb", "memory_vs_authors_begin_task"]
+
+COLUMNS = [
+    "method",
+    "phase",
+    "time_ms",
+    "peak_mb",
+    "tokens_per_s",
+    "time_vs_keeplora",
+    "memory_vs_keeplora",
+    "train_step_peak_mb",
+    "accumulators_mb",
+    "memory_vs_authors_begin_task",
+]
 
 
-def run(out_dir: Optional[Path] = None, **kwargs) -> list[dict[str, Any]]:
+def run(out_dir: Path | None = None, **kwargs) -> list[dict[str, Any]]:
     rows = profile(**kwargs)
     append_rows("profile_lifecycle", rows, results_dir=out_dir)
     return rows
 
 
 def main(argv=None, prog: str = "keeplora profile") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="llama:d=256,layers=2,heads=4,ff=688,vocab=512")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
@@ -219,13 +282,25 @@ def main(argv=None, prog: str = "keeplora profile") -> int:
     unknown = set(methods) - set(METHODS)
     if unknown:
         parser.error(f"--methods: unknown {sorted(unknown)}; accepted: {list(METHODS)}")
-    rows = run(args.out, model_spec=args.model, device=args.device, dtype=dtype, batch=args.batch, seq=args.seq,
-               steps=args.steps, tasks=args.tasks, batches_per_task=args.batches_per_task, r=args.rank,
-               methods=methods)
+    rows = run(
+        args.out,
+        model_spec=args.model,
+        device=args.device,
+        dtype=dtype,
+        batch=args.batch,
+        seq=args.seq,
+        steps=args.steps,
+        tasks=args.tasks,
+        batches_per_task=args.batches_per_task,
+        r=args.rank,
+        methods=methods,
+    )
     env = environment()
-    print(f"\nprofile: {args.model}, {args.device} ({env['device']}), {dtype}, batch {args.batch} "
-          f"({rows[0]['tokens_per_batch']} tokens), "
-          f"r={args.rank}, torch {env['torch']}, git {env['git_sha']}")
+    print(
+        f"\nprofile: {args.model}, {args.device} ({env['device']}), {dtype}, batch {args.batch} "
+        f"({rows[0]['tokens_per_batch']} tokens), "
+        f"r={args.rank}, torch {env['torch']}, git {env['git_sha']}"
+    )
     print_table(rows, COLUMNS)
     return 0
 

@@ -17,7 +17,7 @@ import argparse
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -47,10 +47,14 @@ DY_PASS_CANDIDATES = [
 SHAPES = [(8192, 4096, 16), (12608, 768, 16), (2048, 4096, 64)]
 SMOKE_SHAPES = [(64, 48, 8)]
 SMOKE_CANDIDATES = {
-    "gemm": [dict(BLOCK_T=32, BLOCK_N=32, BLOCK_K=32, GROUP_T=4, num_warps=4, num_stages=1),
-             dict(BLOCK_T=16, BLOCK_N=32, BLOCK_K=16, GROUP_T=2, num_warps=4, num_stages=1)],
-    "dy_pass": [dict(BLOCK_T=32, BLOCK_N=32, num_warps=4, num_stages=1),
-                dict(BLOCK_T=16, BLOCK_N=16, num_warps=4, num_stages=1)],
+    "gemm": [
+        dict(BLOCK_T=32, BLOCK_N=32, BLOCK_K=32, GROUP_T=4, num_warps=4, num_stages=1),
+        dict(BLOCK_T=16, BLOCK_N=32, BLOCK_K=16, GROUP_T=2, num_warps=4, num_stages=1),
+    ],
+    "dy_pass": [
+        dict(BLOCK_T=32, BLOCK_N=32, num_warps=4, num_stages=1),
+        dict(BLOCK_T=16, BLOCK_N=16, num_warps=4, num_stages=1),
+    ],
 }
 FLOOR = {torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float32: 1e-5}
 COLUMNS = ["shape", "entry", "config", "status", "forward_ms", "backward_ms", "step_ms", "err", "torch_err"]
@@ -78,8 +82,15 @@ class _Patched:
         self.table[self.key] = self.saved
 
 
-def tune(out_dir: Optional[Path] = None, *, smoke: bool = False, device: Optional[str] = None,
-         shapes=None, dtype: torch.dtype = torch.bfloat16, time_box_s: float = float("inf")) -> list[dict[str, Any]]:
+def tune(
+    out_dir: Path | None = None,
+    *,
+    smoke: bool = False,
+    device: str | None = None,
+    shapes=None,
+    dtype: torch.dtype = torch.bfloat16,
+    time_box_s: float = float("inf"),
+) -> list[dict[str, Any]]:
     from keeplora_kernels.experimental import triton_lora_linear as tll
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -89,8 +100,10 @@ def tune(out_dir: Optional[Path] = None, *, smoke: bool = False, device: Optiona
     shapes = shapes or (SMOKE_SHAPES if smoke else SHAPES)
     width = "16bit" if dtype in (torch.float16, torch.bfloat16) else "32bit"
     if on_gpu:
-        entries = [("gemm", tll.GPU_TILES, f"gemm_{width}", GEMM_CANDIDATES),
-                   ("dy_pass", tll.GPU_TILES, f"dy_pass_{width}", DY_PASS_CANDIDATES)]
+        entries = [
+            ("gemm", tll.GPU_TILES, f"gemm_{width}", GEMM_CANDIDATES),
+            ("dy_pass", tll.GPU_TILES, f"dy_pass_{width}", DY_PASS_CANDIDATES),
+        ]
     else:  # the interpreter reads INTERPRETER_TILES
         entries = [(kernel, tll.INTERPRETER_TILES, kernel, SMOKE_CANDIDATES[kernel]) for kernel in ("gemm", "dy_pass")]
     triton_fn = tll.lora_linear_triton
@@ -112,13 +125,19 @@ def tune(out_dir: Optional[Path] = None, *, smoke: bool = False, device: Optiona
         xt = x.detach().clone().requires_grad_()
         yt = LoRALinearFunction.apply(xt, w, b, a, lb, scale)
         torch_err = max(_rel_err(yt, truth[0]), _rel_err(torch.autograd.grad(yt, (xt,), dy)[0], truth[1]))
-        for entry, table, key, candidates in entries:
+        for _entry, table, key, candidates in entries:
             for cfg in candidates:
                 if time.perf_counter() - start > time_box_s:
                     return rows
                 row = dict.fromkeys(COLUMNS)  # one schema for every row (the CSV is appended row by row)
-                row.update(shape=f"T={T},d={d},r={r}", entry=key, config=_config_name(cfg), dtype=str(dtype)[6:],
-                           device_type=dev.type, torch_err=float(f"{torch_err:.3g}"))
+                row.update(
+                    shape=f"T={T},d={d},r={r}",
+                    entry=key,
+                    config=_config_name(cfg),
+                    dtype=str(dtype)[6:],
+                    device_type=dev.type,
+                    torch_err=float(f"{torch_err:.3g}"),
+                )
                 with _Patched(table, key, cfg):
                     try:
                         xg = x.detach().clone().requires_grad_()
@@ -131,9 +150,11 @@ def tune(out_dir: Optional[Path] = None, *, smoke: bool = False, device: Optiona
                         else:
                             fns = _grad_modes(lambda x_: triton_fn(x_, w, b, a, lb, scale), xg, (xg, lb), dy)
                             for mode, fn in fns.items():
-                                row[f"{mode}_ms"] = (harness.time_fn(fn, device=dev, cuda_warmup_ms=10,
-                                                                     cuda_rep_ms=30) if on_gpu else
-                                                     harness.time_fn(fn, device=dev, warmup=0, repeats=1)).median_ms
+                                row[f"{mode}_ms"] = (
+                                    harness.time_fn(fn, device=dev, cuda_warmup_ms=10, cuda_rep_ms=30)
+                                    if on_gpu
+                                    else harness.time_fn(fn, device=dev, warmup=0, repeats=1)
+                                ).median_ms
                             row["status"] = "ok"
                     except Exception as exc:  # a candidate that does not compile (e.g. shared memory) is a result
                         row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
@@ -154,8 +175,9 @@ def best(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(out.values())
 
 
-def run(out_dir: Optional[Path] = None, quick: bool = True, *, smoke: bool = False, time_box_s: float = 100.0,
-        **_) -> list[dict[str, Any]]:
+def run(
+    out_dir: Path | None = None, quick: bool = True, *, smoke: bool = False, time_box_s: float = 100.0, **_
+) -> list[dict[str, Any]]:
     """Entry point of keeplora_bench.gpu_check: the sweep, then summary rows (op, time_ms, note) of the winners."""
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not _dispatch.triton_runs(dev, (torch.bfloat16,)):
@@ -164,10 +186,15 @@ def run(out_dir: Optional[Path] = None, quick: bool = True, *, smoke: bool = Fal
     winners = best(rows)
     harness.print_table(winners, COLUMNS)
     failed = sum(1 for r in rows if r.get("status") != "ok")
-    return [dict(op=f"tune {w['entry']} {w['shape']}", time_ms=w["step_ms"],
-                 note=f"best {w['config']} (fwd {w['forward_ms']:.3f}, bwd {w['backward_ms']:.3f}); "
-                      f"{len(rows)} tried, {failed} failed")
-            for w in winners]
+    return [
+        dict(
+            op=f"tune {w['entry']} {w['shape']}",
+            time_ms=w["step_ms"],
+            note=f"best {w['config']} (fwd {w['forward_ms']:.3f}, bwd {w['backward_ms']:.3f}); "
+            f"{len(rows)} tried, {failed} failed",
+        )
+        for w in winners
+    ]
 
 
 def main(argv=None) -> None:
