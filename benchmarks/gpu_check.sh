@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
-# Run on a lent GPU machine (device tool), from the repository root:
+# The prepared GPU run, from the repository root of a checkout on a GPU machine:
 #   bash benchmarks/gpu_check.sh            # results under $OUT, the summary table printed last
-# (device tool: timeout_s 540; the Python part stops at GPU_CHECK_TIMEOUT, default 470 s, then the bundle is made)
+# (the Python part stops at GPU_CHECK_TIMEOUT, default 470 s, then the bundle is made)
 # Uses the machine's preinstalled torch/triton/transformers/peft; nothing is installed there: the library, its kernels
 # and the benchmark app (benchmarks/keeplora_bench) are imported from this checkout through PYTHONPATH.
-# Everything is written to a work folder first and bundled at the end: the device returns at most 8 files,
-# so $OUT gets gpu_check.tar.gz (all logs and CSVs) and summary.json (also inside the bundle).
+# Everything is written to a work folder first and bundled at the end (few files to copy back), so $OUT gets gpu_check.tar.gz (all logs and CSVs) and summary.json (also inside the bundle).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-$PWD/gpu_check_out}

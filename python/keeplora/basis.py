@@ -86,7 +86,7 @@ def expand_bases(
     power_iters: int = 4,
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Grow each P by the GPM energy rule of the spec; returns the new bases (``d × (k + added)``, ≤ d columns).
+    """Grow each P by the GPM energy rule (docs/algorithm.md); returns the new bases (``d × (k + added)``, ≤ d columns).
 
     ``total = trace(C)``; ``C_r = (I − P·Pᵀ)·C·(I − P·Pᵀ)``; eigenpairs ``(λ_i, u_i)`` of ``C_r``, descending;
     ``captured = (total − trace(C_r)) / total``; append ``u_1, u_2, …`` while ``captured < energy``

@@ -1,4 +1,4 @@
-"""The memory update (``expand_bases``): exact eigh path and the randomized Ritz path give the spec's energy rule."""
+"""The memory update (``expand_bases``): exact eigh path and the randomized Ritz path give the GPM energy rule."""
 
 import pytest
 import torch

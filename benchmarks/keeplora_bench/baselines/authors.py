@@ -14,7 +14,7 @@ gradients, dense projector, per-matrix SVD loops), so a profile can run both on 
   sketch per count, placed side by side.
 
 The pre-trained subspace uses the input side and the non-strict energy rule, like ours, so the two produce
-comparable bases; the departures of the research code listed in keeplora.md are *not* reproduced here.
+comparable bases; the research code's other departures (docs/algorithm.md) are *not* reproduced here.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Kernel benchmarks: frozen-A LoRA linear (single and q/k/v shared-input), residual projection,
-streaming second moment — each against its baselines, with the floor of ``performance.md``.
+streaming second moment — each against its baselines, with its roofline floor on an H200.
 
 GPU (bf16; the project's GPU script calls :func:`run`)::
 
@@ -41,8 +41,8 @@ from keeplora_kernels.second_moment import second_moment_update_torch
 
 from . import harness
 
-H200_FLOPS = 790e12  # bf16 dense matmul, measured (performance.md)
-H200_BYTES_PER_S = 4.3e12  # device-to-device copy, measured (performance.md)
+H200_FLOPS = 790e12  # bf16 dense matmul on an H200, as cuBLAS reaches it (benchmarks/results/h200)
+H200_BYTES_PER_S = 4.3e12  # a device-to-device copy on an H200 (benchmarks/results/h200)
 
 LORA_SHAPES_FULL = [(t, d, r) for d in (768, 4096) for t in (2048, 8192, 12608) for r in (16, 64)]
 LORA_SHAPES_QUICK = [(8192, 4096, 16), (12608, 768, 16), (2048, 4096, 64)]
@@ -50,7 +50,7 @@ LORA_SHAPES_SMOKE = [(64, 48, 8)]
 QKV_SHAPE = (12608, 768, 16)  # the authors' CLIP ViT-B/16 shape: q, k, v of one input
 QKV_SHAPE_SMOKE = (64, 48, 8)
 # (batch, d, n, k, dtype); batch > 1 is how the engine calls it (all same-shaped weights of a group at once,
-# b·n/BLOCK_N programs), batch 1 the single-matrix floor of performance.md (n/BLOCK_N programs only)
+# b·n/BLOCK_N programs), batch 1 the single-matrix floor (n/BLOCK_N programs only)
 PROJECT_BATCHED = [(8, 1024, 1024, 64, dt) for dt in ("float32", "bfloat16")]
 PROJECT_FULL = [(1, 4096, 4096, k, dt) for k in (16, 64, 184, 256) for dt in ("float32", "bfloat16")] + PROJECT_BATCHED
 PROJECT_QUICK = [(1, 4096, 4096, k, dt) for k in (64, 184) for dt in ("float32", "bfloat16")] + PROJECT_BATCHED

@@ -15,7 +15,7 @@ and scaled to the batch (``batch_time_ms``).
 ``run(out_dir, quick)`` writes the detailed rows to ``<out_dir>/rsvd.csv`` and returns summary rows (op, time_ms,
 pct_of_floor, ratio, peak_mb, note) for keeplora_bench.gpu_check; on CUDA the full mode is sized for about a
 minute. On CUDA every keeplora row also reports the bandwidth floor ``(2q+2)·Σ m·n·bytes / 4.3 TB/s``
-(performance.md) and the time as a multiple of it (``x_floor``; the target is ≤ 1.5 on the Llama shapes).
+and the time as a multiple of it (``x_floor``; the target is ≤ 1.5 on the Llama shapes).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from keeplora_kernels.rsvd import rsvd_torch, small_svd_method
 
 from .harness import append_rows, library_calls, measure_memory, print_table, profile_table, time_fn
 
-H200_BANDWIDTH = 4.3e12  # bytes/s, measured device-to-device copy (performance.md)
+H200_BANDWIDTH = 4.3e12  # bytes/s: a device-to-device copy on an H200 (benchmarks/results/h200)
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def cases(device: torch.device, quick: bool, smoke: bool = False) -> list[Case]:
     if smoke:
         return [Case("smoke", 2, 96, 64, 4, torch.float32, 2)]
     clip = dict(rank=16, dtype=torch.float32)  # the authors' CLIP rank; fp32 gradients
-    llama = dict(rank=24, dtype=torch.bfloat16)  # with oversample 8: l = 32 (performance.md), bf16 weights
+    llama = dict(rank=24, dtype=torch.bfloat16)  # with oversample 8: l = 32, bf16 weights
     if device.type == "cuda":
         full = [
             Case("clip_vision", 48, 768, 768, svd_subset=8, **clip),
@@ -63,8 +63,8 @@ def cases(device: torch.device, quick: bool, smoke: bool = False) -> list[Case]:
             Case("llama_11008x4096", 16, 11008, 4096, svd_subset=1, **llama),
             Case("minilm", 24, 384, 384, svd_subset=8, **clip),
         ]
-        # quick = full on a GPU: the cost is the one-matrix linalg_svd baseline, not the batch (the first H200 run
-        # used a quarter of the Llama batches, where fixed launch overhead hid the bandwidth-bound part); ordered
+        # quick = full on a GPU: the cost is the one-matrix linalg_svd baseline, not the batch (at a fraction of
+        # the Llama batches fixed launch overhead hides the bandwidth-bound part); ordered
         # by value, as a time box skips the last cases (run_detailed)
         return full
     if quick:  # CPU, < 1 min: the per-layer shapes with smaller batches; Llama scaled down by 4 per side
@@ -137,7 +137,7 @@ def _measure(fn: Callable, device: torch.device, expensive: bool, quick: bool, c
     return out, ms, measure_memory(fn, device=device)
 
 
-# Our two settings: "fast" is performance.md's (sketch r + 8, q = 2); "matched" (sketch 2r, q = 4, the authors'
+# Our two settings: "fast" (sketch r + 8, q = 2: the engine's); "matched" (sketch 2r, q = 4, the authors'
 # niter) reaches the accuracy of the authors' loop (sketch 4r) on these spectra (see the resid_excess columns).
 CONFIGS = {"keeplora_rsvd": lambda r: (8, 2), "keeplora_rsvd_matched": lambda r: (r, 4)}
 # keeplora_rsvd_gesvdj (CUDA, l <= 32): the fast setting with cuSOLVER's gesvdjBatched as the small SVD instead of
@@ -530,7 +530,7 @@ def run_detailed(
     starts after that many seconds (the later ones are skipped and named on stdout; cases run in order of value).
 
     On CPU the torch thread count is set to ``cpu_threads`` for the run (default 1: on shared machines OpenMP
-    regions of several threads stall on descheduled threads and timings swing by 10×; None keeps torch's).
+    regions of several threads stall on descheduled threads and timings vary wildly; None keeps torch's).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     threads_before = torch.get_num_threads()

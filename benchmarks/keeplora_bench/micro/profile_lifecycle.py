@@ -7,9 +7,8 @@ baseline to KeepLoRA. A sanity column checks that KeepLoRA and the authors' pipe
 
 ``warmup_task`` (default on CUDA) runs one untimed one-batch task per method (batches of the timed shape, so that
 the same kernels are compiled) before the timed ones: otherwise the first begin_task/end_task pays Triton's JIT
-compiles and the CUDA libraries' first-use set-up, which the first method in the list absorbs for every other (the
-first H200 run measured keeplora's cold begin_task at 5.1 s; with a 512-token warm-up, 0.88 s timed against
-0.36 s for a later, profiled one). The timed tasks then start from one learned task, the steady state of a
+compiles and the CUDA libraries' first-use set-up, which the first method in the list absorbs for every other, and
+a short warm-up leaves part of it in the timed task. The timed tasks then start from one learned task, the steady state of a
 continual run. ``trace_dir`` writes torch.profiler tables
 of one more keeplora task (begin_task, end_task), untimed, to show where the time goes.
 
