@@ -8,9 +8,9 @@ baseline to KeepLoRA. A sanity column checks that KeepLoRA and the authors' pipe
 ``warmup_task`` (default on CUDA) runs one untimed one-batch task per method (batches of the timed shape, so that
 the same kernels are compiled) before the timed ones: otherwise the first begin_task/end_task pays Triton's JIT
 compiles and the CUDA libraries' first-use set-up, which the first method in the list absorbs for every other, and
-a short warm-up leaves part of it in the timed task. The timed tasks then start from one learned task, the steady state of a
-continual run. ``trace_dir`` writes torch.profiler tables
-of one more keeplora task (begin_task, end_task), untimed, to show where the time goes.
+a short warm-up leaves part of it in the timed task. The timed tasks then start from one learned task, the steady
+state of a continual run. ``trace_dir`` writes torch.profiler tables of one more keeplora task (begin_task,
+end_task), untimed, to show where the time goes.
 
     python -m keeplora_bench.micro.profile_lifecycle --model llama:d=256,layers=2 --batch 4 --seq 128
 """
