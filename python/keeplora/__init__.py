@@ -9,9 +9,10 @@ __version__ = "0.1.0"
 
 from .config import KeepLoRAConfig
 from .engine import KeepLoRA, KeepLoRAWarning
+from .state import ContinualState
 from .statistics import EmptyDataError
 
-__all__ = ["KeepLoRA", "KeepLoRAConfig", "KeepLoRAWarning", "EmptyDataError", "KeepLoRACallback"]
+__all__ = ["KeepLoRA", "KeepLoRAConfig", "KeepLoRAWarning", "ContinualState", "EmptyDataError", "KeepLoRACallback"]
 
 
 def __getattr__(name):
