@@ -5,7 +5,7 @@ be dispatched (the measurements are in ``benchmarks/results/h200/``):
 
 * :mod:`.triton_lora_linear`: the Triton full-GEMM LoRA linear (``lora_linear_triton``,
   ``lora_linear_shared_triton``), dispatched when its bf16 training step beats the ``expand_first`` torch step and
-  the compiled op at the Llama and CLIP layer shapes of ``benchmarks/bench_lora_variants.py``.
+  the compiled op at the Llama and CLIP layer shapes of ``keeplora_bench.micro.bench_lora_variants``.
 * :mod:`.lora_variants`: the ``fused_dy`` backward order (one Triton pass over dY, the registered op
   ``keeplora::lora_dy_pass``), dispatched when ``expand_first/fused_dy`` beats ``expand_first/expand_first`` at
   those shapes; and the stacked ``[W; A]`` forward (``StackedLoRALinearFunction``, ``stack_frozen``), dispatched

@@ -4,7 +4,7 @@
 * the ``fused_dy`` backward: one Triton pass over dY gives ``scale·ds``, dB and db together (dY is read once for
   the rank-r part instead of three times), then ``dX`` as in ``expand_first``. Dispatched when the
   ``expand_first/fused_dy`` bf16 training step beats ``expand_first/expand_first`` at the Llama and CLIP layer
-  shapes of ``benchmarks/bench_lora_variants.py``; it lost to the two cuBLAS GEMMs it replaces at both.
+  shapes of ``keeplora_bench.micro.bench_lora_variants``; it lost to the two cuBLAS GEMMs it replaces at both.
 * the stacked forward: one GEMM against ``[W; A]`` (formed once per task) gives ``X·Wᵀ`` and ``s = X·Aᵀ`` while
   reading X once. Dispatched when its forward beats the ``expand_first`` forward at those shapes; it gained
   nothing there.

@@ -2,9 +2,9 @@
 (q/k/v) forms, carrying the base GEMM ``x·Wᵀ`` in their own main loop.
 
 Dispatched when: the bf16 training step of :func:`lora_linear_triton` beats the ``expand_first`` torch step and the
-compiled op at the Llama and CLIP layer shapes of ``benchmarks/bench_lora_variants.py``, and
+compiled op at the Llama and CLIP layer shapes of ``keeplora_bench.micro.bench_lora_variants``, and
 :func:`lora_linear_shared_triton` beats three such steps on the CLIP q/k/v shape. The pointer-load main loop here
-does not reach cuBLAS; a persistent, TMA-fed one did in ``benchmarks/bench_triton_gemm.py``
+does not reach cuBLAS; a persistent, TMA-fed one did in ``keeplora_bench.micro.bench_triton_gemm``
 (numbers: ``benchmarks/results/h200/``).
 
 Layout: kernels, launchers (each returns :class:`Launch` plans, then runs them), the ``torch.autograd.Function``,
@@ -361,7 +361,7 @@ def _bwd_dx_kernel(
 
 
 # --------------------------------------------------------------------------------------------------- launchers
-# Tile sizes on a GPU, per kernel and input width, in one place: benchmarks/tune_triton.py sweeps these entries
+# Tile sizes on a GPU, per kernel and input width, in one place: keeplora_bench.micro.tune_triton sweeps these entries
 # (Hopper heuristics, not tuned). Under the interpreter the kernels use INTERPRETER_TILES (fewer numpy operations
 # per program). Every entry here is compiled for sm_90 and checked spill-free by tests/kernels/test_triton_compile.py.
 GPU_TILES: dict[str, dict[str, int]] = {
