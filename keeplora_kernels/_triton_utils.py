@@ -99,12 +99,6 @@ class Launch:
         self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
-def gpu_major(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 0
-    return torch.cuda.get_device_capability(device)[0]
-
-
 @triton.jit
 def load(ptrs, mask, UPCAST: tl.constexpr, ACC: tl.constexpr):
     """``tl.load`` with zeros outside ``mask``, converted to ``ACC`` right away when ``UPCAST``."""
