@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import checkpoint, distributed
 from .engine import KeepLoRA
@@ -66,18 +67,11 @@ class KeepLoRACallback(TrainerCallback):
             self.keeplora.begin_task(self._data(train_dataloader), self.loss_fn)
 
     def on_save(self, args, state, control, **kwargs):
-        folder = os.path.join(args.output_dir, f"{checkpoint_prefix()}-{state.global_step}")
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         self.keeplora.save(os.path.join(folder, STATE_SUBFOLDER))
 
     def on_train_end(self, args, state, control, train_dataloader=None, **kwargs):
         self.keeplora.end_task(self._data(train_dataloader), self.loss_fn)
-
-
-def checkpoint_prefix() -> str:
-    """The Trainer's checkpoint folder prefix (``checkpoint``)."""
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-    return PREFIX_CHECKPOINT_DIR
 
 
 def _resumed_folder(args, state) -> str:
@@ -85,7 +79,7 @@ def _resumed_folder(args, state) -> str:
     if isinstance(given, str) and given:
         folder = given
     else:
-        folder = os.path.join(args.output_dir, f"{checkpoint_prefix()}-{state.global_step}")
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
     if not os.path.isdir(folder):
         raise FileNotFoundError(
             f"the Trainer resumes at global step {state.global_step}, but the checkpoint folder {folder} does not "
