@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 
 # Property tests: "ci" (the default) is bounded and derandomized so that every run draws the same examples;
 # HYPOTHESIS_PROFILE=dev draws more, from a fresh seed each run.
-settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, print_blob=True)
+settings.register_profile("ci", max_examples=50, deadline=None, derandomize=True, print_blob=True)
 settings.register_profile("dev", max_examples=300, deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
