@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 
+import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
@@ -147,23 +148,26 @@ def test_lora_linear_shared_matches_one_oracle_per_projection(d_in, projections,
         as_.append(_orthonormal_rows(r, d_in, gen).to(dtype))
         lbs.append(torch.randn(d_out, r, generator=gen, dtype=dtype).requires_grad_())
         scales.append(float(r) / 4)
-    refs = lora_linear_shared_ref(x, ws, bs, as_, [lb.detach() for lb in lbs], scales)
+    dys = [torch.randn(tokens, d_out, generator=gen, dtype=dtype) for d_out, _, _ in projections]
+    # the oracle exactly (fp64) and as PyTorch computes it in the dtype: the suite's rule bounds the error by the latter
+    results = {}
+    for compute in {torch.float64, dtype}:
+        xr = x.to(compute).requires_grad_()
+        lrs = [lb.detach().to(compute).requires_grad_() for lb in lbs]
+        cast = [[t if t is None else t.to(compute) for t in group] for group in (ws, bs, as_)]
+        ys = lora_linear_shared_ref(xr, *cast, lrs, scales)
+        grads = torch.autograd.grad(ys, [xr, *lrs], [dy.to(compute) for dy in dys])
+        results[compute] = (*ys, *grads)
     for backend in _backends("lora_linear_shared"):
         xk = _layout(x, layout).requires_grad_()
         with _backend(backend):
             ys = kk.lora_linear_shared(xk, ws, bs, as_, lbs, scales)
         assert len(ys) == len(projections)
-        for y, ref in zip(ys, refs):
-            assert_close(y, ref)
-        # gradients: dX sums over projections, dB per projection
-        xr = x.clone().requires_grad_()
-        lrs = [lb.detach().clone().requires_grad_() for lb in lbs]
-        loss_ref = sum((y**2).sum() for y in lora_linear_shared_ref(xr, ws, bs, as_, lrs, scales))
-        loss = sum((y**2).sum() for y in ys)
-        got = torch.autograd.grad(loss, [xk, *lbs])
-        exact = torch.autograd.grad(loss_ref, [xr, *lrs])
-        for g, e in zip(got, exact):
-            assert_close(g, e)
+        grads = torch.autograd.grad(ys, [xk, *lbs], dys)  # dX sums over the projections, dB per projection
+        for got, low, exact in zip((*ys, *grads), results[dtype], results[torch.float64]):
+            assert got.shape == exact.shape
+            if exact.numel():
+                assert_within_torch_error(got, low, exact, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -348,12 +352,15 @@ def test_principal_subspace_keeps_the_energy_with_the_oracle_count(problem, dtyp
     cumulative = (sq.cumsum(0) / total).tolist() if total > 0 else []
     # the count is only well defined away from the cumulative energies (a rounding may move c_p across ε)
     assume(energy in (0.0, 1.0) or all(abs(c - energy) > 1e-3 for c in cumulative))
+    # ε = 1 on a rank-deficient weight returns zero columns (see the xfail test below): drawn there, not here
+    assume(not (energy == 1.0 and 0.0 in spectrum))
     p = energy_rank_loop(sq.tolist(), energy, strict=strict)
     p_low, p_high = p, p
     if energy == 1.0 and total > 0:
         # ε = 1 keeps every direction of a non-negligible singular value; whether the directions of (rounded) zero
         # ones are kept as well is decided by rounding, so any count up to the rank bound is the rule
-        p_low, p_high = int((sq > 1e-6 * total).sum()), r
+        nonnegligible = int((sq > 1e-6 * total).sum())
+        p_low, p_high = (max(nonnegligible - 1, 1) if strict else nonnegligible), r
     for backend in _backends("rsvd"):
         with _backend(backend):
             basis = kk.principal_subspace(_layout(w, layout), energy, side=side, strict=strict)
@@ -365,3 +372,20 @@ def test_principal_subspace_keeps_the_energy_with_the_oracle_count(problem, dtyp
             w64 = w.double() if side == "input" else w.double().T
             captured = torch.linalg.matrix_norm(w64 @ basis.double()).square().item() / total
             assert captured >= energy - RTOL_ATOL[torch.float32][0] * 10
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known bug: ε = 1 keeps the rounding-level directions of a rank-deficient weight "
+    "as zero columns, so the basis is not orthonormal",
+)
+@pytest.mark.parametrize("backend", _backends("rsvd"))
+def test_principal_subspace_full_energy_of_a_rank_deficient_weight_is_orthonormal(backend):
+    """Minimal example found by the property above: a 2 × 6 weight of rank 1 (σ₂ at rounding level) under ε = 1."""
+    gen = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(2, 2, generator=gen, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(6, 2, generator=gen, dtype=torch.float64)).Q
+    w = (u * torch.tensor([1.0, 0.0], dtype=torch.float64)) @ v.T
+    with _backend(backend):
+        basis = kk.principal_subspace(w, 1.0)
+    assert orthonormality_error(basis) <= 1e-10
