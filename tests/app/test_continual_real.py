@@ -47,6 +47,14 @@ def test_quick_run_on_the_real_benchmark(tmp_path):
     for name in methods:
         acc = result.matrices[name]
         assert acc.shape == (T, T)
+        assert np.isfinite(acc).all() and (acc >= 0).all() and (acc <= 1).all(), name
+    # the untouched model scores its zero-shot row after every task; the trained methods move away from it and learn
+    # the task they just trained on
+    np.testing.assert_array_equal(result.matrices["zero-shot"], np.tile(zero, (T, 1)))
+    for name in ["lora-ft", "keeplora", "keeplora+"]:
+        acc = result.matrices[name]
+        assert not np.array_equal(acc, np.tile(zero, (T, 1))), name
+        assert np.diag(acc).mean() > zero.mean(), name
     info = json.loads((tmp_path / "run" / "methods" / "keeplora" / "accuracy.json").read_text())["info"]
     sizes = [sum(t["basis_sizes"].values()) for t in info]
     assert sizes == sorted(sizes) and all(v <= 384 for t in info for v in t["basis_sizes"].values())
