@@ -8,7 +8,7 @@ import torch
 import keeplora_kernels as kk
 from keeplora_kernels import _dispatch
 from keeplora_kernels.lora_linear import BACKWARD_ORDERS, FORWARD_ORDERS, LoRALinearFunction
-from support.lora_checks import oracle_grads, seeded_inputs
+from support.lora_checks import assert_matches_oracle, oracle_grads, seeded_inputs
 from support.ref_ops import lora_linear_ref
 from support.tolerances import assert_close, assert_within_torch_error
 
@@ -45,29 +45,7 @@ def test_order_matches_the_oracle(variant, lead, d_in, d_out, r, dtype, bias):
     """Outputs and all gradients against the fp64 reference, within the dtype's tolerance; fp32 adapters under
     bf16 input (the engine's configuration) for bf16."""
     x, w, b, a, lb = _inputs(lead, d_in, d_out, r, dtype, bias)
-    if dtype == torch.bfloat16:
-        a, lb = a.float(), lb.float()
-    xs, ls = x.clone().requires_grad_(), lb.clone().requires_grad_()
-    bs = None if b is None else b.clone().requires_grad_()
-    y = _apply(variant, xs, w, bs, a, ls, 0.5)
-    assert y.dtype == dtype and y.shape == (*lead, d_out)
-    dy = torch.randn_like(y)
-    grads = torch.autograd.grad(y, [t for t in (xs, ls, bs) if t is not None], dy)
-    refs = _oracle(x, w, b, a, lb, dy, torch.float64)
-    if dtype == torch.float32:
-        assert_close(y, refs[0].to(dtype))
-        for got, ref in zip(grads, refs[1:]):
-            assert_close(got, ref.to(got.dtype))
-    else:  # the suite's low-precision rule: within 2× the error of PyTorch's own ops at this dtype
-        lows = _oracle(x, w, b, a, lb, dy, dtype)
-        for got, low, ref in zip((y,) + grads, lows, refs):
-            assert_within_torch_error(got, low, ref, dtype)
-    assert grads[1].dtype == lb.dtype
-
-
-def _oracle(x, w, b, a, lb, dy, dtype):
-    """``(y, dX, dB[, db])`` of the oracle with every operand in ``dtype`` (plain autograd)."""
-    return oracle_grads(x, w, b, a, lb, dy, dtype)
+    assert_matches_oracle(lambda *t: _apply(variant, *t, 0.5), x, w, b, a, lb, dtype)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(v))
@@ -220,7 +198,7 @@ def test_variants_on_cuda_within_the_bf16_rule(variant):
         y = _apply(variant, xs, w, b, a, ls, 0.5)
     dy = torch.randn_like(y)
     grads = torch.autograd.grad(y, (xs, ls), dy)
-    refs = _oracle(x, w, b, a, lb, dy, torch.float64)
-    lows = _oracle(x, w, b, a, lb, dy, torch.bfloat16)
+    refs = oracle_grads(x, w, b, a, lb, dy, torch.float64)
+    lows = oracle_grads(x, w, b, a, lb, dy, torch.bfloat16)
     for got, low, ref in zip((y, *grads), lows[:3], refs[:3]):
         assert_within_torch_error(got, low, ref, torch.bfloat16)

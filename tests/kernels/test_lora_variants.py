@@ -14,7 +14,7 @@ from keeplora_kernels.experimental import (
     stack_frozen,
 )
 from keeplora_kernels.lora_linear import FORWARD_ORDERS, LoRALinearFunction
-from support.lora_checks import oracle_grads, seeded_inputs
+from support.lora_checks import assert_matches_oracle, oracle_grads, seeded_inputs
 from support.ref_ops import lora_linear_ref
 from support.tolerances import assert_close, assert_within_torch_error
 from support.triton_env import DEVICE  # skips without triton
@@ -53,24 +53,7 @@ def test_variant_matches_the_oracle(variant, lead, d_in, d_out, r, dtype, bias):
     """Outputs and all gradients against the fp64 oracle, within the dtype's tolerance; fp32 adapters under bf16
     input (the engine's configuration) for bf16."""
     x, w, b, a, lb = _inputs(lead, d_in, d_out, r, dtype, bias)
-    if dtype == torch.bfloat16:
-        a, lb = a.float(), lb.float()
-    xs, ls = x.clone().requires_grad_(), lb.clone().requires_grad_()
-    bs = None if b is None else b.clone().requires_grad_()
-    y = _apply(variant, xs, w, bs, a, ls, 0.5)
-    assert y.dtype == dtype and y.shape == (*lead, d_out)
-    dy = torch.randn_like(y)
-    grads = torch.autograd.grad(y, [t for t in (xs, ls, bs) if t is not None], dy)
-    refs = oracle_grads(x, w, b, a, lb, dy, torch.float64)
-    if dtype == torch.float32:
-        assert_close(y, refs[0].to(dtype))
-        for got, ref in zip(grads, refs[1:]):
-            assert_close(got, ref.to(got.dtype))
-    else:  # the suite's low-precision rule: within 2× the error of PyTorch's own ops at this dtype
-        lows = oracle_grads(x, w, b, a, lb, dy, dtype)
-        for got, low, ref in zip((y,) + grads, lows, refs):
-            assert_within_torch_error(got, low, ref, dtype)
-    assert grads[1].dtype == lb.dtype
+    assert_matches_oracle(lambda *t: _apply(variant, *t, 0.5), x, w, b, a, lb, dtype)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(v))

@@ -4,6 +4,7 @@ import torch
 
 import keeplora_kernels as kk
 from support.ref_ops import lora_linear_ref
+from support.tolerances import assert_close, assert_within_torch_error
 
 
 def assert_saves_only_s(x, w, b, a, lb, fn=None):
@@ -43,3 +44,27 @@ def oracle_grads(x, w, b, a, lb, dy, dtype, scale=0.5):
     br = None if b is None else b.to(dtype).requires_grad_()
     yr = lora_linear_ref(xr, w.to(dtype), br, a.to(dtype), lr, scale)
     return (yr,) + torch.autograd.grad(yr, [t for t in (xr, lr, br) if t is not None], dy.to(dtype))
+
+
+def assert_matches_oracle(fn, x, w, b, a, lb, dtype):
+    """``fn(x, w, b, a, lb)`` (the LoRA linear at scale 0.5): output and every gradient against the fp64 oracle within
+    the dtype's tolerance; bf16 input gets fp32 adapters (the engine's configuration) and the suite's low-precision
+    rule (within 2× the error of PyTorch's own ops at that dtype)."""
+    if dtype == torch.bfloat16:
+        a, lb = a.float(), lb.float()
+    xs, ls = x.clone().requires_grad_(), lb.clone().requires_grad_()
+    bs = None if b is None else b.clone().requires_grad_()
+    y = fn(xs, w, bs, a, ls)
+    assert y.dtype == dtype and y.shape == (*x.shape[:-1], w.shape[0])
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [t for t in (xs, ls, bs) if t is not None], dy)
+    refs = oracle_grads(x, w, b, a, lb, dy, torch.float64)
+    if dtype == torch.float32:
+        assert_close(y, refs[0].to(dtype))
+        for got, ref in zip(grads, refs[1:]):
+            assert_close(got, ref.to(got.dtype))
+    else:
+        lows = oracle_grads(x, w, b, a, lb, dy, dtype)
+        for got, low, ref in zip((y, *grads), lows, refs):
+            assert_within_torch_error(got, low, ref, dtype)
+    assert grads[1].dtype == lb.dtype
