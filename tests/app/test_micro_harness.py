@@ -39,7 +39,7 @@ def test_library_calls_counts_launching_ops_not_views():
 
 
 def test_profile_runs_all_methods_and_the_baseline_agrees_with_keeplora():
-    rows = profile(TINY, batch=2, seq=16, steps=1, tasks=1, batches_per_task=2, r=4)
+    rows = profile(TINY, batch=2, seq=16, steps=1, tasks=1, batches_per_task=2, r=4, grad_micro_batches=(16,))
     phases = {(r["method"], r["phase"]) for r in rows}
     for method in ("keeplora", "authors"):
         assert {(method, p) for p in ("setup", "begin_task", "train_step", "end_task")} <= phases
@@ -49,8 +49,10 @@ def test_profile_runs_all_methods_and_the_baseline_agrees_with_keeplora():
     assert authors_begin["adapter_subspace_max_sine_vs_keeplora"] < 1e-2
     # begin_task's peak is reported next to the training step's and the accumulators' (with and without offload)
     ours = {r["phase"]: r for r in rows if r["method"] == "keeplora"}
-    for phase in ("begin_task", "begin_task_offload"):
+    assert ours["begin_task"]["default_grad_micro_batch"] == 4096
+    for phase in ("begin_task", "begin_task_offload", "begin_task_micro16"):
         assert ours[phase]["train_step_peak_mb"] == ours["train_step"]["peak_mb"]
+        assert ours[phase]["authors_begin_task_time_ratio"] == authors_begin["time_ms"] / ours[phase]["time_ms"]
         # (a CPU peak of a tiny model can measure 0 MB: the ratio's guard, not a division by zero)
         expected = ours[phase]["peak_mb"] / max(authors_begin["peak_mb"], 1e-9)
         assert ours[phase]["memory_vs_authors_begin_task"] == expected
@@ -71,7 +73,7 @@ def test_gpu_script_dry_mode(tmp_path):
             "--out",
             str(out),
             "--steps",
-            "environment,lora_variants,bench_kernels,bench_rsvd,profile",
+            "environment,lora_variants,bench_kernels,bench_rsvd,profile,profile_batched",
         ],
         cwd=ROOT,
         env=env,
@@ -81,8 +83,18 @@ def test_gpu_script_dry_mode(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["status"]) == {"environment", "lora_variants", "bench_kernels", "bench_rsvd", "profile"}
+    assert set(summary["status"]) == {
+        "environment",
+        "lora_variants",
+        "bench_kernels",
+        "bench_rsvd",
+        "profile",
+        "profile_batched",
+    }
+    assert all(status.startswith("ok") for status in summary["status"].values()), summary["status"]
     assert (out / "environment.json").is_file() and (out / "profile_lifecycle.csv").is_file()
+    batched = list(csv.DictReader((out / "profile_batched.csv").open()))
+    assert {r["phase"] for r in batched if r["method"] == "keeplora"} >= {"begin_task", "begin_task_micro8"}
     assert proc.stdout.strip().splitlines()[-1]  # the table prints last
 
 

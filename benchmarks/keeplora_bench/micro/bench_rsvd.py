@@ -515,6 +515,10 @@ def run_memory_update_case(name, d, count, width, energies, device, quick) -> li
     return rows
 
 
+# groups of cases: single rSVD calls, a whole model's weights, the engine's principal subspaces, memory updates
+SECTIONS = ("rsvd", "model_set", "principal_subspace", "memory_update")
+
+
 def run_detailed(
     out_dir: Path | None = None,
     quick: bool = False,
@@ -524,10 +528,12 @@ def run_detailed(
     cpu_threads: int | None = 1,
     only: list[str] | None = None,
     time_box_s: float | None = None,
+    sections: tuple[str, ...] = SECTIONS,
 ) -> list[dict]:
     """Run every case on ``device`` (CUDA when available); append the rows to ``<out_dir>/rsvd.csv`` (default
     benchmarks/results/) and return them. ``only``: case names to run (default all). ``time_box_s``: no case
-    starts after that many seconds (the later ones are skipped and named on stdout; cases run in order of value).
+    starts after that many seconds (the later ones are skipped and named on stdout). ``sections``: which groups of
+    cases run, in that order (each group's cases in order of value); default all of :data:`SECTIONS`.
 
     On CPU the torch thread count is set to ``cpu_threads`` for the run (default 1: on shared machines OpenMP
     regions of several threads stall on descheduled threads and timings vary wildly; None keeps torch's).
@@ -557,20 +563,32 @@ def run_detailed(
             return False
         return True
 
-    try:
-        with torch.no_grad():
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        raise ValueError(f"bench_rsvd: unknown sections {unknown}; accepted: {list(SECTIONS)}")
+
+    def run_section(section: str) -> None:
+        if section == "rsvd":
             for case in cases(device, quick, smoke):
                 if wanted(case.name):
                     keep("rsvd", run_case(case, device, quick))
+        elif section == "model_set":
             for mset in model_sets(device, quick, smoke):
                 if wanted(mset.name):
                     keep("rsvd", run_model_set(mset, device, quick))
+        elif section == "principal_subspace":
             for name, groups, energies in subspace_cases(device, quick, smoke):
                 if wanted(name):
                     keep("principal_subspace", run_subspace_case(name, groups, energies, device, quick))
+        else:
             for name, d, count, width, energies in memory_update_cases(device, quick, smoke):
                 if wanted(name):
                     keep("memory_update", run_memory_update_case(name, d, count, width, energies, device, quick))
+
+    try:
+        with torch.no_grad():
+            for section in sections:
+                run_section(section)
     finally:
         torch.set_num_threads(threads_before)
     return out

@@ -9,8 +9,10 @@ baseline to KeepLoRA. A sanity column checks that KeepLoRA and the authors' pipe
 the same kernels are compiled) before the timed ones: otherwise the first begin_task/end_task pays Triton's JIT
 compiles and the CUDA libraries' first-use set-up, which the first method in the list absorbs for every other, and
 a short warm-up leaves part of it in the timed task. The timed tasks then start from one learned task, the steady
-state of a continual run. ``trace_dir`` writes torch.profiler tables of one more keeplora task (begin_task,
-end_task), untimed, to show where the time goes.
+state of a continual run. KeepLoRA's begin_task is also timed with its gradient pass's activations in host memory
+(``begin_task_offload``) and, per value of ``grad_micro_batches``, with that many tokens per micro-batch
+(``begin_task_micro<N>``; a batch splits only by rows). ``trace_dir`` writes torch.profiler tables of one more
+keeplora task (begin_task, end_task), untimed, to show where the time goes.
 
     python -m keeplora_bench.micro.profile_lifecycle --model llama:d=256,layers=2 --batch 4 --seq 128
 """
@@ -78,6 +80,7 @@ def profile(
     seed: int = 0,
     warmup_task: bool | None = None,
     trace_dir: Path | None = None,
+    grad_micro_batches: tuple[int, ...] = (),
 ) -> list[dict[str, Any]]:
     pm = profile_model(model_spec)
     torch_dtype = getattr(torch, dtype)
@@ -130,12 +133,18 @@ def profile(
             step_peaks.append(time_and_memory(step, device=dev)[1])
             if method != "peft-lora":
                 end.append(time_and_memory(lambda: handle.end_task(data, pm.loss), device=dev))
-        offload = None
-        if method == "keeplora":  # one more task with the saved activations kept in host memory (grad_offload)
-            handle.config.grad_offload = True
-            offload = time_and_memory(lambda: handle.begin_task(data, pm.loss), device=dev)
-            handle.config.grad_offload = False
-            handle.end_task(data, pm.loss)
+        variants = {}  # keeplora's begin_task again under other settings of its gradient pass, one task each
+        if method == "keeplora":
+            default_micro = handle.config.grad_micro_batch
+            settings = [("begin_task_offload", dict(grad_offload=True))] + [
+                (f"begin_task_micro{n}", dict(grad_micro_batch=n)) for n in grad_micro_batches
+            ]
+            for phase, options in settings:
+                for key, value in options.items():
+                    setattr(handle.config, key, value)
+                variants[phase] = time_and_memory(lambda: handle.begin_task(data, pm.loss), device=dev)
+                handle.config.grad_offload, handle.config.grad_micro_batch = False, default_micro
+                handle.end_task(data, pm.loss)
         if trace_dir is not None and method == "keeplora":
             _trace_task(handle, data, pm.loss, Path(trace_dir), dev)
         step_ms = statistics.median(step_times)
@@ -152,6 +161,8 @@ def profile(
             # begin_task's peak next to the training step's and the gradient accumulators' (fp32 d_out × d_in per
             # target): the pass should need no more than a training step plus its sums
             context = dict(train_step_peak_mb=max(step_peaks) / 2**20, accumulators_mb=accumulators)
+            if method == "keeplora":
+                context["default_grad_micro_batch"] = default_micro
             rows.append(
                 dict(
                     method=method,
@@ -162,14 +173,14 @@ def profile(
                     **context,
                 )
             )
-            if offload is not None:
+            for phase, (ms, peak) in variants.items():
                 rows.append(
                     dict(
                         method=method,
-                        phase="begin_task_offload",
-                        time_ms=offload[0],
-                        peak_mb=offload[1] / 2**20,
-                        tokens_per_s=batches_per_task * tokens_per_batch / (offload[0] / 1e3),
+                        phase=phase,
+                        time_ms=ms,
+                        peak_mb=peak / 2**20,
+                        tokens_per_s=batches_per_task * tokens_per_batch / (ms / 1e3),
                         **context,
                     )
                 )
@@ -195,6 +206,7 @@ def profile(
             row["memory_vs_keeplora"] = row["peak_mb"] / max(base["peak_mb"], 1e-9)
         if row["method"] == "keeplora" and row["phase"].startswith("begin_task") and "begin_task" in authors:
             row["memory_vs_authors_begin_task"] = row["peak_mb"] / max(authors["begin_task"]["peak_mb"], 1e-9)
+            row["authors_begin_task_time_ratio"] = authors["begin_task"]["time_ms"] / max(row["time_ms"], 1e-9)
         row.update(
             model=model_spec, device_kind=dev.type, dtype=dtype, batch=batch, tokens_per_batch=tokens_per_batch, r=r
         )
@@ -251,6 +263,7 @@ COLUMNS = [
     "train_step_peak_mb",
     "accumulators_mb",
     "memory_vs_authors_begin_task",
+    "authors_begin_task_time_ratio",
 ]
 
 
@@ -274,6 +287,11 @@ def main(argv=None, prog: str = "keeplora profile") -> int:
     parser.add_argument("--batches-per-task", type=int, default=4)
     parser.add_argument("-r", "--rank", type=int, default=16)
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument(
+        "--grad-micro-batches",
+        default="",
+        help="comma-separated token counts: keeplora's begin_task timed again with each as grad_micro_batch",
+    )
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -293,6 +311,7 @@ def main(argv=None, prog: str = "keeplora profile") -> int:
         batches_per_task=args.batches_per_task,
         r=args.rank,
         methods=methods,
+        grad_micro_batches=tuple(int(v) for v in args.grad_micro_batches.split(",") if v.strip()),
     )
     env = environment()
     print(
