@@ -77,7 +77,7 @@ def _bert_batch(g):
 
 def _bert_loss(model, b):
     h = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state[:, 0]
-    return F.cross_entropy(h @ _BERT_HEAD, b["labels"])
+    return F.cross_entropy(h @ _BERT_HEAD.to(h), b["labels"])
 
 
 # ---- CLIP: both towers, the model's own contrastive loss

@@ -134,6 +134,59 @@ def account(
     return {k: v / MIB for k, v in out.items()}
 
 
+# ----------------------------------------------------------------------------------------------- phases
+def phases(
+    model_spec: str,
+    *,
+    device: str = "cpu",
+    dtype: str = "bfloat16",
+    batch: int = 1,
+    seq: int = 1024,
+    batches: int = 4,
+    r: int = 16,
+) -> dict[str, float]:
+    """MiB beyond what was allocated before, measured (not estimated) for begin_task and for each of its parts run
+    alone on this code: the gradient pass, then the adapter initialisation with the gradient sums held."""
+    from keeplora import KeepLoRA, KeepLoRAConfig
+    from keeplora.adapters import adapters_bypassed
+    from keeplora.statistics import estimate_gradients
+
+    dev = torch.device(device)
+    pm = profile_model(model_spec)
+    torch.manual_seed(0)
+    model = pm.build().to(dtype=getattr(torch, dtype)).to(dev)
+    config = KeepLoRAConfig(  # profile_lifecycle's settings
+        target_modules=pm.targets, r=r, alpha=float(r), weight_energy=0.85, feature_energy=0.99, progress=False
+    )
+    kl = KeepLoRA(model, config)
+    data = pm.batches(batches, batch, seq, dev, seed=1)
+    kl.begin_task(data[:1])  # first-use set-up and a learned task, as in profile_lifecycle
+    kl.end_task(data[:1])
+    cfg, held = kl.config, {}
+    out = {"begin_task": measure_memory(lambda: kl.begin_task(data), device=dev)}
+    kl.end_task(data)
+
+    def gradient_pass():
+        with adapters_bypassed(kl.layers):
+            held["grads"] = estimate_gradients(
+                model,
+                kl.layers,
+                data,
+                None,
+                device=dev,
+                dtype=cfg.torch_stats_dtype,
+                micro_batch_tokens=cfg.grad_micro_batch,
+                progress=False,
+            )
+
+    out["gradient pass (ends holding the sums)"] = measure_memory(gradient_pass, device=dev)
+    out["gradient sums held"] = sum(g.numel() * g.element_size() for g in held["grads"].values())
+    out["adapter initialisation, beyond the sums"] = measure_memory(
+        lambda: held.update(factors=kl._adapter_factors(held["grads"])), device=dev
+    )
+    return {k: v / MIB for k, v in out.items()}
+
+
 # ----------------------------------------------------------------------------------------------- measurement
 def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     """One method on one code version: peak of begin_task and of a training step (runs in its own process)."""
@@ -303,8 +356,22 @@ def main(argv=None) -> int:
     parser.add_argument("--offload", action="store_true", help="also measure keeplora with grad_offload=True")
     parser.add_argument("--micro-batch", default="", help="comma-separated grad_micro_batch values to measure too")
     parser.add_argument("--account", action="store_true", help="print the accounting of this code's peak")
+    parser.add_argument("--phases", action="store_true", help="print the measured peak of each part of begin_task")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
+    if args.phases:
+        table = phases(
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            batch=args.batch,
+            seq=args.seq,
+            batches=args.batches,
+            r=args.rank,
+        )
+        for key, mib in table.items():
+            print(f"{mib:10.2f} MiB  {key}")
+        return 0
     if args.account:
         table = account(args.model, dtype=args.dtype, batch=args.batch, seq=args.seq, r=args.rank)
         for key, mib in table.items():
