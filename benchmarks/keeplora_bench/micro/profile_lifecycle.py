@@ -32,7 +32,7 @@ from keeplora import KeepLoRA, KeepLoRAConfig
 
 from ..baselines import AuthorsKeepLoRA
 from .harness import append_rows, environment, print_table, profile_table, time_and_memory, time_fn
-from .models import ProfileModel, profile_model
+from .models import ProfileModel, lm_loss, profile_model
 
 METHODS = ("keeplora", "authors", "peft-lora")
 
@@ -102,6 +102,9 @@ def profile(
     rows: list[dict[str, Any]] = []
     subspaces = {}
     for method in methods:
+        # the model's own loss is given to keeplora as loss_fn=None (what a user passes for it), which lets the
+        # gradient pass split a batch into micro-batches; the authors' pipeline takes a loss function
+        loss = None if method == "keeplora" and pm.loss is lm_loss else pm.loss
         model = copy.deepcopy(pristine).to(dev)
         gc.collect()
         made = {}
@@ -112,13 +115,13 @@ def profile(
         begin, end, step_times, step_peaks = [], [], [], []
         if warmup_task and method != "peft-lora":  # untimed: JIT compiles and first-use set-up (module docstring)
             short = pm.batches(1, batch, seq, dev, seed=seed + 99)  # one batch of the timed shape: same JIT keys
-            handle.begin_task(short, pm.loss)
-            handle.end_task(short, pm.loss)
+            handle.begin_task(short, loss)
+            handle.end_task(short, loss)
         for task in range(tasks):
             data = pm.batches(batches_per_task, batch, seq, dev, seed=seed + 100 * task)
             tokens_per_batch = _tokens(data[0])
             if method != "peft-lora":
-                begin.append(time_and_memory(lambda: handle.begin_task(data, pm.loss), device=dev))
+                begin.append(time_and_memory(lambda: handle.begin_task(data, loss), device=dev))
                 if task == 0:
                     subspaces[method] = _adapter_subspaces(method, handle)
             model.train()
@@ -132,7 +135,7 @@ def profile(
             step_times.append(time_fn(step, device=dev, warmup=0, repeats=steps).median_ms)
             step_peaks.append(time_and_memory(step, device=dev)[1])
             if method != "peft-lora":
-                end.append(time_and_memory(lambda: handle.end_task(data, pm.loss), device=dev))
+                end.append(time_and_memory(lambda: handle.end_task(data, loss), device=dev))
         variants = {}  # keeplora's begin_task again under other settings of its gradient pass, one task each
         if method == "keeplora":
             default_micro = handle.config.grad_micro_batch
@@ -142,11 +145,11 @@ def profile(
             for phase, options in settings:
                 for key, value in options.items():
                     setattr(handle.config, key, value)
-                variants[phase] = time_and_memory(lambda: handle.begin_task(data, pm.loss), device=dev)
+                variants[phase] = time_and_memory(lambda: handle.begin_task(data, loss), device=dev)
                 handle.config.grad_offload, handle.config.grad_micro_batch = False, default_micro
-                handle.end_task(data, pm.loss)
+                handle.end_task(data, loss)
         if trace_dir is not None and method == "keeplora":
-            _trace_task(handle, data, pm.loss, Path(trace_dir), dev)
+            _trace_task(handle, data, loss, Path(trace_dir), dev)
         step_ms = statistics.median(step_times)
         rows.append(
             dict(
