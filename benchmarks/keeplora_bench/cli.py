@@ -55,6 +55,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             quick=args.quick,
             grid=args.grid,
             progress=not args.no_progress,
+            select=args.select,
         )
     except (ConfigError, SourceMissing, ModelMissing) as e:
         print(f"keeplora sweep: {e}", file=sys.stderr)
@@ -154,6 +155,12 @@ def add_subcommands(sub) -> None:
     )
     p.add_argument("--method", default="keeplora", help="the config's method to vary (default keeplora)")
     p.add_argument("--grid", action="store_true", help="full grid instead of one factor at a time")
+    p.add_argument(
+        "--select",
+        default="val_average",
+        choices=["val_average", "val_last", "val_transfer"],
+        help="the validation metric that selects the point (default val_average)",
+    )
     p.add_argument("--output", "-o")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-progress", action="store_true")

@@ -48,3 +48,28 @@ def test_single_task_and_bad_shapes():
 def test_markdown_table():
     text = M.markdown_table([{"m": "a", "x": 1.234}, {"m": "b", "x": float("nan")}], [("m", "method"), ("x", "X")])
     assert text.splitlines() == ["| method | X |", "|---|---:|", "| a | 1.2 |", "| b | — |"]
+
+
+def test_bwt_fwt_by_hand():
+    # BWT: (acc[2,0] - acc[0,0] + acc[2,1] - acc[1,1]) / 2 = (-0.20 - 0.10) / 2
+    assert M.bwt(ACC) == pytest.approx(-0.15)
+    # FWT against zero-shot z: (acc[0,1] - z1 + acc[1,2] - z2) / 2 = (0.40 - 0.50 + 0.20 - 0.30) / 2
+    assert M.fwt(ACC, [0.6, 0.5, 0.3]) == pytest.approx(-0.10)
+    assert math.isnan(M.bwt([[0.5]])) and math.isnan(M.fwt([[0.5]], [0.5]))
+    with pytest.raises(ValueError, match="one accuracy per task"):
+        M.fwt(ACC, [0.5, 0.5])
+
+
+def test_zero_shot_rows_have_no_forgetting_and_no_forward_transfer():
+    row = np.array([0.6, 0.7, 0.8])
+    acc = np.tile(row, (3, 1))
+    assert M.bwt(acc) == 0.0 and M.fwt(acc, row) == 0.0
+
+
+def test_summarize_with_zero_shot_and_panel():
+    panel = [[0.50, 0.70], [0.40, 0.60], [0.30, 0.50], [0.20, 0.40]]  # zero-shot row + one row per step
+    assert M.panel_curve(panel) == pytest.approx([0.60, 0.50, 0.40, 0.30])
+    out = M.summarize(ACC, zero_shot=[0.6, 0.5, 0.3], panel_rows=panel)
+    assert out == {"transfer": 32.5, "average": 65.0, "last": 80.0, "bwt": -15.0, "fwt": -10.0, "retention": 30.0}
+    with pytest.raises(ValueError, match="probes"):
+        M.panel_curve([[], []])

@@ -199,7 +199,67 @@ def test_clip_model_directory(world, tmp_path):
     assert info[0]["basis_sizes"] and all(k.startswith("text_model.") for k in info[0]["basis_sizes"])
 
 
-def test_sweep_one_factor_at_a_time(world, tmp_path):
+PANEL = [{"name": "probe-wordnet", "builder": "wordnet_supersense", "classes": ["food", "body", "artifact"]}]
+
+
+def test_validation_panel_and_drift_gate(world, tmp_path):
+    methods = [m for m in ALL_METHODS if m["name"] in ("zero-shot", "full-ft", "lora-ft", "keeplora")]
+    cfg = tiny_config(world / "bert", world / "cache", methods, panel=PANEL)
+    cfg["data"]["val_per_class"] = 4
+    out = tmp_path / "run"
+    lines = []
+    result = run(_write(cfg, tmp_path / "c.yaml"), output=out, progress=False, log=lines.append)
+    saved = json.loads((out / "results.json").read_text())
+    zero = json.loads((out / "zero_shot.json").read_text())
+    assert zero["probes"] == ["probe-wordnet"] and len(zero["val"]) == 3 and len(zero["panel"]) == 1
+    data = json.loads((out / "data.json").read_text())
+    assert [(d["name"], d["role"], d.get("val", 0), d["train"]) for d in data] == [
+        ("topic", "task", 4 * len(data[0]["classes"]), 8 * len(data[0]["classes"])),
+        ("sentiment", "task", 4 * 2, 8 * 2),
+        ("novel", "task", 4 * len(data[2]["classes"]), 8 * len(data[2]["classes"])),
+        ("probe-wordnet", "probe", 0, 0),
+    ]
+    for spec in methods:
+        name = spec["name"]
+        acc, val = np.array(saved["matrices"][name]), np.array(saved["val_matrices"][name])
+        panel = np.array(saved["panel_accuracy"][name])
+        assert val.shape == (3, 3) and panel.shape == (4, 1) and (panel[0] == zero["panel"]).all()
+        row = next(r for r in saved["methods"] if r["method"] == name)
+        expected = M.summarize(acc, zero["accuracy"], panel)
+        assert {k: row[k] for k in expected} == expected
+        assert {k[4:]: v for k, v in row.items() if k.startswith("val_")} == M.summarize(val, zero["val"])
+        if spec["type"] == "zero_shot":
+            assert row["bwt"] == 0.0 and row["fwt"] == 0.0 and row["retention"] == round(zero["panel"][0] * 100, 1)
+    gate = saved["drift_gate"]
+    drops = {name: next(r for r in saved["methods"] if r["method"] == name)["retention"] for name in gate["panel_drop"]}
+    zero_panel = round(zero["panel"][0] * 100, 1)
+    assert set(gate["panel_drop"]) == {"full-ft", "lora-ft"}
+    for name, drop in gate["panel_drop"].items():
+        assert drop == pytest.approx(drops[name] - zero_panel, abs=0.11)
+    lora_bwt = next(r for r in saved["methods"] if r["method"] == "lora-ft")["bwt"]
+    assert gate["passed"] == (min(gate["panel_drop"].values()) <= -5 and lora_bwt <= -3)
+    assert any(line.startswith("[keeplora] drift gate") for line in lines)
+    assert "Drift gate" in (out / "results.md").read_text() and "probe-wordnet" in (out / "results.md").read_text()
+    header = (out / "results.csv").read_text().splitlines()[0].split(",")
+    assert (
+        header[:7] == ["method", "transfer", "average", "last", "bwt", "fwt", "retention"] and "val_average" in header
+    )
+    assert (out / "retention.png").stat().st_size > 0
+    assert result.probes == ["probe-wordnet"]
+
+
+def test_probe_overlapping_a_training_split_is_refused(world, tmp_path):
+    cfg = tiny_config(
+        world / "bert",
+        world / "cache",
+        [{"name": "zero-shot", "type": "zero_shot"}],
+        panel=[{"name": "probe-topic", "builder": "fortune_topic"}],  # the same texts as the task "topic"
+    )
+    with pytest.raises(ValueError, match="probe-topic"):
+        run(_write(cfg, tmp_path / "c.yaml"), output=tmp_path / "o", progress=False, log=lambda _: None)
+
+
+def test_sweep_selects_on_validation_only(world, tmp_path):
     from keeplora_bench.continual.sweep import parse_params, sweep
 
     cfg = tiny_config(
@@ -210,18 +270,36 @@ def test_sweep_one_factor_at_a_time(world, tmp_path):
             {"name": "sentiment", "builder": "vader_sentiment", "domain": "tweets"},
             {"name": "novel", "builder": "austen_novel"},
         ],
+        panel=PANEL,
     )
     params = parse_params(["feature_energy=0.5,0.9", "r=2"])
+    with pytest.raises(ConfigError, match="val_per_class"):
+        sweep(_write(cfg, tmp_path / "c.yaml"), params, output=tmp_path / "sw0", progress=False, log=lambda _: None)
+    cfg["data"]["val_per_class"] = 4
     points = sweep(_write(cfg, tmp_path / "c.yaml"), params, output=tmp_path / "sw", progress=False, log=lambda _: None)
     assert [p["label"] for p in points] == ["baseline feature_energy=0.9 r=4", "feature_energy=0.5", "r=2"]
     for p in points:
-        assert len(p["basis_sizes"]) == 2 and set(p) >= {"transfer", "average", "last"}
+        assert len(p["basis_sizes"]) == 2 and set(p) >= {"val_transfer", "val_average", "val_last"}
+        assert not {"transfer", "average", "last", "retention"} & set(p)  # no test split, no probe evaluated
+    assert [p["selected"] for p in points].count(True) == 1
+    assert max(points, key=lambda p: p["val_average"])["selected"]
+    for point in (tmp_path / "sw").iterdir():
+        if point.is_dir():
+            zero = json.loads((point / "zero_shot.json").read_text())
+            assert zero["accuracy"] is None and "panel" not in zero
+            for line in (point / "log.jsonl").read_text().splitlines():
+                assert set(json.loads(line)) >= {"val_accuracy"} and not {"accuracy", "panel_accuracy"} & set(
+                    json.loads(line)
+                )
     # a lower ε_f keeps fewer feature directions
     assert sum(points[1]["basis_sizes"][-1].values()) < sum(points[0]["basis_sizes"][-1].values())
     for name in ("sweep.csv", "sweep.md", "sweep.json", "sweep_metrics.png", "basis_sizes.png"):
         assert (tmp_path / "sw" / name).stat().st_size > 0
+    assert "selected by val_average" in (tmp_path / "sw" / "sweep.md").read_text()
     with pytest.raises(ConfigError, match="not sweepable"):
         parse_params(["logit_scale=1,2"])
+    with pytest.raises(ConfigError, match="--select"):
+        sweep(_write(cfg, tmp_path / "c.yaml"), params, output=tmp_path / "sw", select="average", log=lambda _: None)
 
 
 def test_config_inheritance_order_and_quick(tmp_path):

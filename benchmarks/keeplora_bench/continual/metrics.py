@@ -6,6 +6,16 @@
 * Average  = mean over i of ``mean_j acc[j, i]``: every task at every step.
 * Last     = mean over i of ``acc[T-1, i]``: every task after the whole sequence.
 
+Forgetting and zero-shot erosion (the drift setting's metrics):
+
+* BWT (backward transfer, GEM's) = mean over i < T of ``acc[T-1, i] - acc[i, i]``: what the later tasks did to a
+  task's accuracy right after it was learned (negative = forgetting).
+* FWT (forward transfer) = mean over i >= 2 of ``acc[i-1, i] - zero_shot[i]``: what the earlier tasks did to a task
+  before it is trained, against the untouched model (GEM measures against a random-init model; the zero-shot model
+  is the reference that matters here).
+* Retention = mean accuracy on the held-out panel (probe tasks that no method trains) after the last step; its
+  curve over the steps starts at the zero-shot panel mean.
+
 Inputs are fractions or percentages; the functions do not rescale. Reported to one decimal in percent.
 """
 
@@ -40,10 +50,43 @@ def last(acc) -> float:
     return float(a[-1].mean())
 
 
-def summarize(acc) -> dict[str, float]:
-    """Transfer / Average / Last in percent (input in [0, 1]), rounded to one decimal."""
+def bwt(acc) -> float:
+    a = _matrix(acc)
+    if a.shape[0] < 2:
+        return float("nan")
+    return float(np.mean([a[-1, i] - a[i, i] for i in range(a.shape[0] - 1)]))
+
+
+def fwt(acc, zero_shot: Sequence[float]) -> float:
+    a = _matrix(acc)
+    z = np.asarray(zero_shot, dtype=np.float64)
+    if z.shape != (a.shape[0],):
+        raise ValueError(f"zero_shot must have one accuracy per task ({a.shape[0]}), got shape {z.shape}")
+    if a.shape[0] < 2:
+        return float("nan")
+    return float(np.mean([a[i - 1, i] - z[i] for i in range(1, a.shape[0])]))
+
+
+def panel_curve(panel_rows) -> list[float]:
+    """Mean panel accuracy at each step: ``panel_rows[j]`` = accuracy on every probe after step j (row 0 may be
+    the zero-shot model)."""
+    rows = np.asarray(panel_rows, dtype=np.float64)
+    if rows.ndim != 2 or rows.shape[1] == 0:
+        raise ValueError(f"panel rows must be steps x probes with at least one probe, got shape {rows.shape}")
+    return [float(r.mean()) for r in rows]
+
+
+def summarize(acc, zero_shot: Sequence[float] | None = None, panel_rows=None) -> dict[str, float]:
+    """Transfer / Average / Last (and, given the zero-shot row, BWT and FWT; given the panel rows after each step,
+    Retention) in percent (input in [0, 1]), rounded to one decimal."""
     a = _matrix(acc) * 100.0
-    return {"transfer": round(transfer(a), 1), "average": round(average(a), 1), "last": round(last(a), 1)}
+    out = {"transfer": round(transfer(a), 1), "average": round(average(a), 1), "last": round(last(a), 1)}
+    if zero_shot is not None:
+        out["bwt"] = round(bwt(a), 1)
+        out["fwt"] = round(fwt(a, np.asarray(zero_shot, dtype=np.float64) * 100.0), 1)
+    if panel_rows is not None and len(panel_rows):
+        out["retention"] = round(panel_curve(panel_rows)[-1] * 100.0, 1)
+    return out
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:

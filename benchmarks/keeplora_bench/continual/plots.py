@@ -68,16 +68,16 @@ def accuracy_over_steps(
 
 
 def sweep_metrics(points: Sequence[dict], path: Path) -> None:
-    """Transfer / Average / Last against each swept parameter (others at their defaults)."""
+    """The validation Transfer / Average / Last against each swept parameter (others at their defaults)."""
     params = sorted({p["param"] for p in points})
     fig, axes = plt.subplots(1, len(params), figsize=(4.2 * len(params), 3.3), squeeze=False)
     for ax, param in zip(axes[0], params):
         pts = sorted((p for p in points if p["param"] == param), key=lambda p: float(p["value"]))
         xs = [float(p["value"]) for p in pts]
-        for key, label in (("transfer", "Transfer"), ("average", "Average"), ("last", "Last")):
-            ax.plot(xs, [p[key] for p in pts], marker="o", label=label)
+        for key, label in (("val_transfer", "Transfer"), ("val_average", "Average"), ("val_last", "Last")):
+            ax.plot(xs, [p.get(key, float("nan")) for p in pts], marker="o", label=label)
         ax.set_xlabel(param)
-        ax.set_ylabel("accuracy (%)")
+        ax.set_ylabel("validation accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     save_figure(fig, path)
@@ -116,3 +116,17 @@ def _module_order(name: str):
 
 def _short(name: str) -> str:
     return name.replace("encoder.layer.", "L").replace("attention.self.", "").replace("attention.output.dense", "o")
+
+
+def retention_over_steps(curves: Mapping[str, Sequence[float]], tasks: Sequence[str], path: Path) -> None:
+    """Mean accuracy on the held-out panel after each step (step 0: the zero-shot model), one line per method."""
+    fig, ax = plt.subplots(figsize=(1.8 + 0.7 * len(tasks), 3.6))
+    steps = list(range(len(tasks) + 1))
+    for name, curve in curves.items():
+        ax.plot(steps[: len(curve)], np.asarray(curve) * 100, marker="o", markersize=3, label=name)
+    ax.set_xticks(steps, ["zero-shot"] + [f"after {t}" for t in tasks], rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("held-out panel accuracy (%)")
+    ax.set_title("Retention: accuracy on never-trained probe tasks", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    save_figure(fig, path)

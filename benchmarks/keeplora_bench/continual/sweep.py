@@ -1,9 +1,12 @@
-"""``keeplora sweep``: sensitivity of one method (KeepLoRA by default) to its hyper-parameters on a task sequence.
+"""``keeplora sweep``: choose one method's hyper-parameters on the validation splits of a task sequence.
 
 Points are one-factor-at-a-time around the config's values (the baseline point plus, per parameter, every other
 value), or the full grid with ``--grid``. Each point is an ordinary run folder under the sweep folder (so points
-resume like runs do); the sweep writes ``sweep.{csv,json,md}``, ``sweep_metrics.png`` (Transfer / Average / Last
-against each parameter) and ``basis_sizes.png`` (protected-basis size per module after each task, per point).
+resume like runs do) that evaluates **only the validation splits** (the config must carve them:
+``data.val_per_class > 0``): no test split and no held-out probe is ever evaluated, so a value chosen here is chosen
+on validation data. The point with the best ``select`` metric (default ``val_average``: the validation Average) is
+marked as selected. The sweep writes ``sweep.{csv,json,md}``, ``sweep_metrics.png`` (the validation metrics against
+each parameter) and ``basis_sizes.png`` (protected-basis size per module after each task, per point).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from .runconfig import ADAPTER_KEYS, KEEPLORA_KEYS, TRAINING_KEYS, ConfigError, 
 from .runner import Runner, prepare_output
 
 SWEEPABLE = set(ADAPTER_KEYS) | set(KEEPLORA_KEYS) | set(TRAINING_KEYS)
+SELECTABLE = ("val_average", "val_last", "val_transfer")  # higher is better
+METRICS = ("val_transfer", "val_average", "val_last")
 
 
 def parse_values(text: str) -> list:
@@ -79,8 +84,16 @@ def sweep(
     grid: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    select: str = "val_average",
 ) -> list[dict]:
     cfg = load_config(config, quick=quick) if not isinstance(config, dict) else config
+    if select not in SELECTABLE:
+        raise ConfigError(f"--select must be one of {list(SELECTABLE)}, got {select!r}")
+    if int(cfg["data"].get("val_per_class") or 0) <= 0:
+        raise ConfigError(
+            "keeplora sweep selects on validation splits only: set data.val_per_class > 0 in the config (the "
+            "test splits are evaluated by `keeplora run` only)"
+        )
     specs = {m["name"]: m for m in cfg["methods"]}
     if method not in specs:
         raise ConfigError(f"--method {method!r} is not in the config's methods {list(specs)}")
@@ -105,7 +118,7 @@ def sweep(
         run_dir = prepare_output(point_cfg, folder, resume)
         if zero_shot is not None and not (run_dir / "zero_shot.json").exists():
             shutil.copyfile(zero_shot, run_dir / "zero_shot.json")
-        result = Runner(point_cfg, run_dir, progress=progress, log=log).run()
+        result = Runner(point_cfg, run_dir, progress=progress, log=log, evaluate_test=False).run()
         zero_shot = run_dir / "zero_shot.json"
         info = json.loads((run_dir / "methods" / spec["slug"] / "accuracy.json").read_text())["info"]
         results.append(
@@ -121,14 +134,20 @@ def sweep(
                 "tasks": result.tasks,
             }
         )
-    write_sweep(out, results, base, params)
+    best = max(results, key=lambda r: r[select])
+    for r in results:
+        r["selected"] = r is best
+    log(f"[keeplora] sweep: selected {best['label']} ({select} {best[select]:.1f})")
+    write_sweep(out, results, base, params, select)
     return results
 
 
-def write_sweep(out: Path, results: list[dict], base: dict, params: dict[str, list]) -> None:
-    (out / "sweep.json").write_text(json.dumps(results, indent=1))
+def write_sweep(
+    out: Path, results: list[dict], base: dict, params: dict[str, list], select: str = "val_average"
+) -> None:
+    (out / "sweep.json").write_text(json.dumps({"select": select, "points": results}, indent=1))
     with open(out / "sweep.csv", "w", newline="") as f:
-        cols = ["label"] + list(params) + ["transfer", "average", "last", "seconds", "mean_basis_after_last"]
+        cols = ["label"] + list(params) + [*METRICS, "selected", "seconds", "mean_basis_after_last"]
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         for r in results:
@@ -136,14 +155,23 @@ def write_sweep(out: Path, results: list[dict], base: dict, params: dict[str, li
             last = r["basis_sizes"][-1] if r["basis_sizes"] else {}
             row["mean_basis_after_last"] = round(sum(last.values()) / len(last), 1) if last else ""
             w.writerow(row)
-    rows = [{**r, **{p: str(r.get(p, base[p])) for p in params}} for r in results]  # parameters verbatim
+    rows = [  # parameters verbatim; the selected point marked
+        {
+            **r,
+            **{p: str(r.get(p, base[p])) for p in params},
+            "label": r["label"] + (" **(selected)**" if r.get("selected") else ""),
+        }
+        for r in results
+    ]
     table = M.markdown_table(
         rows,
         [("label", "point")]
         + [(p, p) for p in params]
-        + [("transfer", "Transfer"), ("average", "Average"), ("last", "Last")],
+        + [("val_transfer", "val Transfer"), ("val_average", "val Average"), ("val_last", "val Last")],
     )
-    (out / "sweep.md").write_text(f"# Sweep of {base['name']}\n\n{table}\n")
+    (out / "sweep.md").write_text(
+        f"# Sweep of {base['name']}\n\nEvaluated on the validation splits only; selected by {select}.\n\n{table}\n"
+    )
     try:
         from .plots import basis_sizes, sweep_metrics
     except ImportError:
