@@ -124,6 +124,26 @@ def test_load_task_caches_the_validation_split(tmp_path, monkeypatch):
     assert again.fingerprint() == task.fingerprint()
 
 
+def test_texts_shared_by_two_classes_of_a_pool_reach_no_task(tmp_path, monkeypatch):
+    # two tasks that take different classes of one builder: a text under both classes (here up to case) is in neither
+    texts = {c: [f"{c} text {i}" for i in range(10)] for c in ("a", "b", "c")}
+    texts["a"].append("A shared quote")
+    texts["b"].append("a  SHARED quote")
+    assert T.drop_shared(texts) == {c: [f"{c} text {i}" for i in range(10)] for c in ("a", "b", "c")}
+    pool = T.Pool(texts, {c: f"about {c}" for c in texts}, [])
+    monkeypatch.setitem(T.BUILDERS, "two_halves", lambda **_: pool)
+    sizes = {"train_per_class": 6, "test_per_class": 5}  # 11 texts per class: only 10 once the shared one is out
+    first = T.TaskSpec.from_dict({"name": "first", "builder": "two_halves", "classes": ["a", "c"]}, sizes)
+    with pytest.raises(ValueError, match="class 'a' has 10 distinct texts, 11 needed"):
+        T.load_task(first, 0, tmp_path)
+    sizes = {"train_per_class": 6, "test_per_class": 4}
+    first = T.TaskSpec.from_dict({"name": "first", "builder": "two_halves", "classes": ["a", "c"]}, sizes)
+    second = T.TaskSpec.from_dict({"name": "second", "builder": "two_halves", "classes": ["b"]}, sizes)
+    tasks = [T.load_task(first, 0, tmp_path), T.load_task(second, 0, tmp_path)]
+    assert all("shared" not in t.casefold() for task in tasks for t, _ in task.train + task.test)
+    T.check_no_overlap(tasks)
+
+
 class _WordEncoder:
     """The two methods TaskData uses: one id per whitespace word, zero-padded."""
 

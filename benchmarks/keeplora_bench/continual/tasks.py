@@ -4,7 +4,9 @@ A task is a classification problem with its own label set (task identity is give
 Each builder turns the unpacked sources into a pool ``{class key: [text, ...]}`` plus one prompt per class; the
 split is drawn from the pool by :func:`balanced_split`, deterministically from the seed:
 
-* texts that occur under two classes are dropped, duplicates within a class are merged;
+* texts that occur under two classes of the builder's pool, up to case and whitespace, are dropped whether or not
+  the task takes both classes (so tasks that take different classes of one builder never share a text), and
+  duplicates within a class are merged;
 * per class the (sorted) texts are shuffled by a generator seeded from ``(seed, task, class)``; the first
   ``test_per_class`` go to test, the next ``val_per_class`` to validation, the next ``train_per_class`` to train —
   so a smaller training budget (e.g. ``--quick``) draws a subset of the same test set's complement, the test set
@@ -297,6 +299,15 @@ def balanced_split(
     return train, val, test
 
 
+def drop_shared(texts: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The pool without the texts that occur, up to case and whitespace, under more than one of its classes."""
+    owners: dict[str, set[str]] = {}
+    for c, entries in texts.items():
+        for t in entries:
+            owners.setdefault(normalise(t), set()).add(c)
+    return {c: [t for t in entries if len(owners[normalise(t)]) == 1] for c, entries in texts.items()}
+
+
 def normalise(text: str) -> str:
     """The form in which two texts count as the same: case-folded, runs of whitespace collapsed to one space."""
     return " ".join(text.casefold().split())
@@ -443,7 +454,7 @@ def load_task(spec: TaskSpec, seed: int, cache: os.PathLike | str | None = None)
         )
     prompts = [(spec.prompts or {}).get(c, pool.prompts[c]) for c in classes]
     train, val, test = balanced_split(
-        pool.texts, classes, spec.train_per_class, spec.test_per_class, seed, spec.name, spec.val_per_class
+        drop_shared(pool.texts), classes, spec.train_per_class, spec.test_per_class, seed, spec.name, spec.val_per_class
     )
     meta = {
         "name": spec.name,
