@@ -197,7 +197,9 @@ def test_builders_on_fixture_trees(fixture_cache):
     lang = T.BUILDERS["fortune_language"](cache=fixture_cache)
     assert sorted(lang.texts) == sorted(LANG_WORDS)
     assert all(any(w in t.split() for w in LANG_WORDS["ru"]) for t in lang.texts["ru"])
-    assert len(lang.texts["en"]) == 30 * len(TOPIC_WORDS)  # every English topic file
+    # English: only the file that is no topic class, without its capitalised repeat of a topic quote
+    assert len(lang.texts["en"]) == 30
+    assert all(any(w in t.split() for w in LANG_WORDS["en"]) for t in lang.texts["en"])
     vader = T.BUILDERS["vader_sentiment"](cache=fixture_cache, domain="amazon")
     assert {k: len(v) for k, v in vader.texts.items()} == {"negative": 30, "positive": 30}  # neutral rows dropped
     assert vader.prompts == {
@@ -216,16 +218,17 @@ def test_builders_on_fixture_trees(fixture_cache):
 
 def test_balanced_split_is_deterministic_balanced_and_disjoint():
     texts = {"a": [f"a{i}" for i in range(50)] + ["shared", "a3"], "b": [f"b{i}" for i in range(40)] + ["shared"]}
-    train, test = T.balanced_split(texts, ["a", "b"], 10, 5, seed=0, task="t")
-    assert (train, test) == T.balanced_split(texts, ["a", "b"], 10, 5, seed=0, task="t")
+    train, val, test = T.balanced_split(texts, ["a", "b"], 10, 5, seed=0, task="t")
+    assert val == []
+    assert (train, val, test) == T.balanced_split(texts, ["a", "b"], 10, 5, seed=0, task="t")
     assert [sum(1 for _, y in train if y == c) for c in (0, 1)] == [10, 10]
     assert [sum(1 for _, y in test if y == c) for c in (0, 1)] == [5, 5]
     assert not {t for t, _ in train} & {t for t, _ in test}
     assert "shared" not in {t for t, _ in train + test}  # under two classes: dropped
     # the test set does not depend on the training size, and another seed draws another split
-    _, test_small = T.balanced_split(texts, ["a", "b"], 3, 5, seed=0, task="t")
+    _, _, test_small = T.balanced_split(texts, ["a", "b"], 3, 5, seed=0, task="t")
     assert test_small == test
-    assert T.balanced_split(texts, ["a", "b"], 10, 5, seed=1, task="t")[1] != test
+    assert T.balanced_split(texts, ["a", "b"], 10, 5, seed=1, task="t")[2] != test
     with pytest.raises(ValueError, match="class 'b' has 40 distinct texts, 50 needed"):
         T.balanced_split(texts, ["a", "b"], 45, 5, seed=0, task="t")
 
@@ -247,6 +250,9 @@ def test_load_task_caches_processed_splits(fixture_cache, monkeypatch):
     folder = fixture_cache / "processed" / f"topic-{spec.key(0)}"
     lines = (folder / "train.jsonl").read_text().splitlines()
     assert [(json.loads(x)["text"], json.loads(x)["label"]) for x in lines] == task.train
+    assert task.val == [] and not (folder / "val.jsonl").exists()  # no validation split: no file
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["val_per_class"] == 0 and meta["pool_sizes"] == {"food": 30, "science": 30}
     # a second load needs no builder and no raw source
     monkeypatch.setitem(T.BUILDERS, "fortune_topic", lambda **_: pytest.fail("rebuilt despite the cache"))
     import shutil
@@ -269,6 +275,14 @@ def test_task_spec_validation():
         {"train_per_class": 7, "test_per_class": 9},
     )
     assert (spec.params, spec.train_per_class, spec.test_per_class) == ({"domain": "nyt"}, 7, 3)
+    assert spec.val_per_class == 0  # no validation split unless asked for
+    spec = T.TaskSpec.from_dict(
+        {"name": "t", "builder": "austen_novel", "size_factor": 2},
+        {"train_per_class": 7, "val_per_class": 3, "test_per_class": 9},
+    )
+    assert (spec.params, spec.train_per_class, spec.val_per_class, spec.test_per_class) == ({}, 14, 6, 18)
+    spec = T.TaskSpec.from_dict({"name": "t", "builder": "austen_novel", "val_per_class": 2}, {"val_per_class": 5})
+    assert spec.val_per_class == 2 and spec.params == {}
 
 
 def test_unknown_classes_are_reported(fixture_cache):
@@ -312,6 +326,10 @@ def test_real_sources_build_the_default_tasks():
     lang = T.BUILDERS["fortune_language"]()
     assert all(len(v) > 5000 for v in lang.texts.values())
     assert not lang.notes  # every file of the pinned packages is UTF-8
+    # the English class shares no quote with any file that fortune_topic offers as a class (up to case and spaces)
+    folder = S.source_root("fortunes") / R.FORTUNES_DIR
+    topical = {T.normalise(t) for k in T.FORTUNE_TOPIC_PROMPTS for t in R.read_fortune_file(folder / k, "en")[0]}
+    assert len(topical) > 4000 and not topical & {T.normalise(t) for t in lang.texts["en"]}
     for domain in R.VADER_DOMAINS:
         pool = T.BUILDERS["vader_sentiment"](domain=domain)
         assert min(len(v) for v in pool.texts.values()) > 1000

@@ -88,6 +88,12 @@ def write_fortunes(cache: Path, per_file: int = 30, seed: int = 0) -> None:
         entries = [_sentence(rng, words, 10) + f" {i}" for i in range(per_file)]
         (base / topic).write_text("\n%\n".join(entries) + "\n%\n")
         (base / f"{topic}.dat").write_bytes(b"\x00\x00\x00\x02binary index")
+    # an English file that is no topic class (fortune_language's English class draws only from such files) with a
+    # topic quote repeated in capitals, which that class must drop; its own generator leaves the other texts as they are
+    en_rng = random.Random(seed + 1)
+    entries = [_sentence(en_rng, LANG_WORDS["en"], 10) + f" {i}" for i in range(per_file)]
+    repeated = (base / next(iter(TOPIC_WORDS))).read_text().split("\n%\n")[0]
+    (base / "people").write_text("\n%\n".join(entries + [repeated.upper()]) + "\n%\n")
     for lang in ("de", "es", "it", "ru", "pl"):
         folder = _stamp(cache, f"fortunes-{lang}") / R.FORTUNES_DIR / lang
         folder.mkdir(parents=True)

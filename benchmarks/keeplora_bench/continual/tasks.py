@@ -1,14 +1,24 @@
-"""Task builders: raw sources -> balanced, deterministic train/test splits with natural-language label prompts.
+"""Task builders: raw sources -> balanced, deterministic train/validation/test splits with natural-language prompts.
 
 A task is a classification problem with its own label set (task identity is given by the label set, as in MTIL).
 Each builder turns the unpacked sources into a pool ``{class key: [text, ...]}`` plus one prompt per class; the
 split is drawn from the pool by :func:`balanced_split`, deterministically from the seed:
 
-* texts that occur under two classes are dropped, duplicates within a class are merged;
+* texts that occur under two classes of the builder's pool, up to case and whitespace, are dropped whether or not
+  the task takes both classes (so tasks that take different classes of one builder never share a text), and
+  duplicates within a class are merged;
 * per class the (sorted) texts are shuffled by a generator seeded from ``(seed, task, class)``; the first
-  ``test_per_class`` go to test, the next ``train_per_class`` to train — so a smaller training budget (e.g.
-  ``--quick``) draws a subset of the same test set's complement and the test set of a given size never depends
-  on the training size.
+  ``test_per_class`` go to test, the next ``val_per_class`` to validation, the next ``train_per_class`` to train —
+  so a smaller training budget (e.g. ``--quick``) draws a subset of the same test set's complement, the test set
+  of a given size never depends on the validation or training size, and without a validation split
+  (``val_per_class = 0``) train and test are those of a benchmark that has none;
+* validation and training draws pass over any text that repeats a test (or, for training, a validation) text of
+  the task, in any class, up to case and whitespace (:func:`normalise`), so a task never trains on a variant of
+  what it is scored on.
+
+No text of a test or validation split may occur in the training split of any task of a run (the same task or
+another), compared exactly and case/whitespace-normalised: :func:`check_no_overlap` enforces it, and the builders
+keep tasks that share raw files apart (see :func:`build_fortune_language`).
 
 Processed splits are cached as JSONL under ``<cache>/processed/<task>-<key>/`` (the key hashes everything the
 split depends on), so later runs need neither the registries nor the raw sources.
@@ -27,12 +37,13 @@ from pathlib import Path
 from . import readers as R
 from .sources import MANIFEST, cache_dir, source_root
 
-BUILDER_VERSION = 1  # bump when a builder's output changes: it invalidates the processed cache
+BUILDER_VERSION = 2  # bump when a builder's output changes: it invalidates the processed cache
 
 
 @dataclass
 class Task:
-    """One task of the sequence: ``train``/``test`` are lists of ``(text, label index)``."""
+    """One task of the sequence: ``train``/``test``/``val`` are lists of ``(text, label index)`` (``val`` may be
+    empty; a probe task that is only evaluated has an empty ``train``)."""
 
     name: str
     classes: list[str]
@@ -40,11 +51,13 @@ class Task:
     train: list[tuple[str, int]]
     test: list[tuple[str, int]]
     meta: dict = field(default_factory=dict)
+    val: list[tuple[str, int]] = field(default_factory=list)
 
     def fingerprint(self) -> str:
-        h = hashlib.sha256(
-            json.dumps([self.name, self.classes, self.prompts, self.train, self.test], ensure_ascii=False).encode()
-        )
+        # the validation split joins the payload only when there is one: fingerprints of tasks without one are
+        # those recorded before validation splits existed
+        payload = [self.name, self.classes, self.prompts, self.train, self.test] + ([self.val] if self.val else [])
+        h = hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode())
         return h.hexdigest()[:16]
 
 
@@ -160,7 +173,13 @@ FORTUNE_LANGUAGE_PROMPTS = {
 
 @builder("fortune_language")
 def build_fortune_language(cache: Path | None = None) -> Pool:
-    """Fortune cookies labelled by language: every non-offensive file of fortunes(-de/-es/-it/-ru/-pl)."""
+    """Fortune cookies labelled by language: every non-offensive file of fortunes(-de/-es/-it/-ru/-pl).
+
+    The English class and ``fortune_topic`` share the ``fortunes`` package, so one quote could be a language text
+    in one task and a topic text in another. English therefore draws only from the files that ``fortune_topic`` does
+    not offer as classes (any key of ``FORTUNE_TOPIC_PROMPTS``), and drops every entry that also occurs, up to case
+    and whitespace, in one of those topic files (fortune files repeat some quotes).
+    """
     texts: dict[str, list[str]] = {}
     encodings: dict[str, list[str]] = {}
     for lang in FORTUNE_LANGUAGE_PROMPTS:
@@ -170,10 +189,16 @@ def build_fortune_language(cache: Path | None = None) -> Pool:
             folder = folder / lang
         texts[lang] = []
         for path in R.fortune_files(folder):
+            if lang == "en" and path.name in FORTUNE_TOPIC_PROMPTS:
+                continue
             entries, enc = R.read_fortune_file(path, lang)
             if enc != "utf-8":
                 encodings.setdefault(lang, []).append(f"{path.name}:{enc}")
             texts[lang] += [e for e in entries if R.is_prose(e)]
+    folder = source_root("fortunes", cache) / R.FORTUNES_DIR
+    topic_files = [folder / key for key in FORTUNE_TOPIC_PROMPTS if (folder / key).is_file()]
+    topical = {normalise(t) for path in topic_files for t in R.read_fortune_file(path, "en")[0]}
+    texts["en"] = [t for t in texts["en"] if normalise(t) not in topical]
     return Pool(
         texts,
         dict(FORTUNE_LANGUAGE_PROMPTS),
@@ -218,28 +243,121 @@ def _rng(*parts) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
+Split = list[tuple[str, int]]
+
+
 def balanced_split(
-    texts: dict[str, list[str]], classes: list[str], train_per_class: int, test_per_class: int, seed: int, task: str
-) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-    """Deterministic balanced split (see module docstring); raises if a class has too few distinct texts."""
+    texts: dict[str, list[str]],
+    classes: list[str],
+    train_per_class: int,
+    test_per_class: int,
+    seed: int,
+    task: str,
+    val_per_class: int = 0,
+) -> tuple[Split, Split, Split]:
+    """Deterministic balanced ``(train, val, test)`` split (see module docstring); raises if a class has too few
+    distinct texts."""
+    sizes = {"train_per_class": train_per_class, "val_per_class": val_per_class, "test_per_class": test_per_class}
+    for name, n in sizes.items():
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"task {task!r}: {name} must be an integer >= 0, got {n!r}")
     owners: dict[str, set[str]] = {}
     for c in classes:
         for t in texts.get(c, []):
             owners.setdefault(t, set()).add(c)
-    train, test = [], []
+    need = test_per_class + val_per_class + train_per_class
+    what = f"({train_per_class} train + {val_per_class} validation + {test_per_class} test per class)"
+    rest: list[list[str]] = []
+    test: Split = []
     for label, c in enumerate(classes):
         unique = sorted({t for t in texts.get(c, []) if len(owners[t]) == 1})
-        need = train_per_class + test_per_class
         if len(unique) < need:
-            raise ValueError(
-                f"task {task!r}: class {c!r} has {len(unique)} distinct texts, {need} needed "
-                f"({train_per_class} train + {test_per_class} test per class)"
-            )
+            raise ValueError(f"task {task!r}: class {c!r} has {len(unique)} distinct texts, {need} needed {what}")
         _rng(seed, task, c).shuffle(unique)
         test += [(t, label) for t in unique[:test_per_class]]
-        train += [(t, label) for t in unique[test_per_class:need]]
+        rest.append(unique[test_per_class:])
+    held = {normalise(t) for t, _ in test}
+
+    def take(n: int) -> Split:
+        # the next n texts of every class, skipping those that repeat a held-out text up to case and whitespace
+        out = []
+        for label, texts_left in enumerate(rest):
+            keep = [i for i, t in enumerate(texts_left) if normalise(t) not in held][:n]
+            if len(keep) < n:
+                raise ValueError(
+                    f"task {task!r}: class {classes[label]!r} has too few distinct texts, {need} needed {what} "
+                    "once texts that repeat a test or validation text up to case and whitespace are left out"
+                )
+            out += [(texts_left[i], label) for i in keep]
+            rest[label] = texts_left[keep[-1] + 1 :] if keep else texts_left
+        return out
+
+    val = take(val_per_class)
+    held |= {normalise(t) for t, _ in val}
+    train = take(train_per_class)
     _rng(seed, task, "train-order").shuffle(train)
-    return train, test
+    return train, val, test
+
+
+def drop_shared(texts: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The pool without the texts that occur, up to case and whitespace, under more than one of its classes."""
+    owners: dict[str, set[str]] = {}
+    for c, entries in texts.items():
+        for t in entries:
+            owners.setdefault(normalise(t), set()).add(c)
+    return {c: [t for t in entries if len(owners[normalise(t)]) == 1] for c, entries in texts.items()}
+
+
+def normalise(text: str) -> str:
+    """The form in which two texts count as the same: case-folded, runs of whitespace collapsed to one space."""
+    return " ".join(text.casefold().split())
+
+
+def _shorten(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _overlaps(tasks: list[Task]) -> list[tuple[str, str, str, str, str]]:
+    """``(task, split, training task, "exact" | "normalised", text)`` for every held-out text found in a train split."""
+    trained: dict[str, list[tuple[str, str]]] = {}  # normalised text -> [(task, text as stored)]
+    for task in tasks:
+        for text, _ in task.train:
+            seen = trained.setdefault(normalise(text), [])
+            if (task.name, text) not in seen:
+                seen.append((task.name, text))
+    out = []
+    for task in tasks:
+        for split in ("test", "val"):
+            for text, _ in getattr(task, split):
+                for other, stored in trained.get(normalise(text), []):
+                    out.append((task.name, split, other, "exact" if stored == text else "normalised", text))
+    return out
+
+
+def find_overlaps(tasks: list[Task]) -> list[str]:
+    """Every test or validation text of any task that occurs in the training split of any task (the same or
+    another), exactly or after :func:`normalise`; one line per case, naming both tasks, their splits and the text."""
+    return [
+        f"{t}/{split} in {other}/train ({how}): {_shorten(text)!r}" for t, split, other, how, text in _overlaps(tasks)
+    ]
+
+
+def check_no_overlap(tasks: list[Task], show: int = 5) -> None:
+    """Raise ``ValueError`` if any test or validation text occurs in a training split (see :func:`find_overlaps`):
+    the count per pair of splits and the first ``show`` cases."""
+    found = _overlaps(tasks)
+    if not found:
+        return
+    counts: dict[str, int] = {}
+    for t, split, other, _, _ in found:
+        pair = f"{t}/{split} in {other}/train"
+        counts[pair] = counts.get(pair, 0) + 1
+    per_pair = "; ".join(f"{pair}: {n}" for pair, n in counts.items())
+    first = "\n  ".join(find_overlaps(tasks)[:show])
+    raise ValueError(
+        f"{len(found)} test/validation texts occur in a training split ({per_pair}); the first "
+        f"{min(show, len(found))}:\n  {first}"
+    )
 
 
 @dataclass
@@ -253,15 +371,15 @@ class TaskSpec:
     prompts: dict[str, str] | None = None  # overrides per class key
     train_per_class: int = 80
     test_per_class: int = 40
+    val_per_class: int = 0
 
     @classmethod
     def from_dict(cls, d: dict, defaults: dict | None = None) -> TaskSpec:
         d = dict(d)
-        known = {"name", "builder", "classes", "prompts", "train_per_class", "test_per_class"}
+        sizes = ("train_per_class", "val_per_class", "test_per_class")
+        known = {"name", "builder", "classes", "prompts", *sizes}
         factor = float(d.pop("size_factor", 1))
-        merged = {
-            k: int(round(factor * v)) for k, v in (defaults or {}).items() if k in ("train_per_class", "test_per_class")
-        }
+        merged = {k: int(round(factor * v)) for k, v in (defaults or {}).items() if k in sizes and v is not None}
         merged.update({k: d.pop(k) for k in list(d) if k in known})
         if "name" not in merged or "builder" not in merged:
             raise ValueError(f"a task needs 'name' and 'builder', got {d | merged}")
@@ -284,6 +402,8 @@ class TaskSpec:
             "version": BUILDER_VERSION,
             "sources": {s: MANIFEST[s].sha256 for s in sources},
         }
+        if self.val_per_class:  # absent when zero: keys of specs without a validation split are unchanged
+            payload["val"] = self.val_per_class
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -315,6 +435,7 @@ def load_task(spec: TaskSpec, seed: int, cache: os.PathLike | str | None = None)
     meta_path = folder / "meta.json"
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
+        val_path = folder / "val.jsonl"
         return Task(
             spec.name,
             meta["classes"],
@@ -322,6 +443,7 @@ def load_task(spec: TaskSpec, seed: int, cache: os.PathLike | str | None = None)
             _read_jsonl(folder / "train.jsonl"),
             _read_jsonl(folder / "test.jsonl"),
             meta,
+            _read_jsonl(val_path) if val_path.is_file() else [],
         )
     pool = BUILDERS[spec.builder](cache=cache_dir(cache), **spec.params)
     classes = list(spec.classes or pool.default_classes or pool.texts)
@@ -331,7 +453,9 @@ def load_task(spec: TaskSpec, seed: int, cache: os.PathLike | str | None = None)
             f"task {spec.name!r}: unknown classes {unknown}; builder {spec.builder!r} has {sorted(pool.texts)}"
         )
     prompts = [(spec.prompts or {}).get(c, pool.prompts[c]) for c in classes]
-    train, test = balanced_split(pool.texts, classes, spec.train_per_class, spec.test_per_class, seed, spec.name)
+    train, val, test = balanced_split(
+        drop_shared(pool.texts), classes, spec.train_per_class, spec.test_per_class, seed, spec.name, spec.val_per_class
+    )
     meta = {
         "name": spec.name,
         "builder": spec.builder,
@@ -340,6 +464,7 @@ def load_task(spec: TaskSpec, seed: int, cache: os.PathLike | str | None = None)
         "prompts": prompts,
         "train_per_class": spec.train_per_class,
         "test_per_class": spec.test_per_class,
+        "val_per_class": spec.val_per_class,
         "seed": seed,
         "pool_sizes": {c: len(pool.texts[c]) for c in classes},
         "sources": {s: {"version": MANIFEST[s].version, "sha256": MANIFEST[s].sha256} for s in pool.sources},
@@ -349,7 +474,9 @@ def load_task(spec: TaskSpec, seed: int, cache: os.PathLike | str | None = None)
     folder.mkdir(parents=True, exist_ok=True)
     _write_jsonl(folder / "train.jsonl", train)
     _write_jsonl(folder / "test.jsonl", test)
+    if val:
+        _write_jsonl(folder / "val.jsonl", val)
     tmp = meta_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(meta, indent=1, ensure_ascii=False))
     os.replace(tmp, meta_path)
-    return Task(spec.name, classes, prompts, train, test, meta)
+    return Task(spec.name, classes, prompts, train, test, meta, val)
