@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import platform
 import subprocess
 import time
@@ -74,7 +75,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {torch.get_num_threads()} torch thread(s), Python {platform.python_version()}, torch {torch.__version__}"
+    return (
+        f"{cpu} ({os.cpu_count()} cores, shared with other jobs, no GPU), {torch.get_num_threads()} torch thread, "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
+    )
 
 
 def git_sha() -> str:
