@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from keeplora import KeepLoRA, KeepLoRAConfig
+from keeplora import distributed as kd
+from keeplora import statistics as ks
 from keeplora.statistics import collect_feature_sketches, collect_second_moments
 from support.properties import orthonormality_error
 from support.tiny_models import CASES, sgd_pass
@@ -94,6 +96,39 @@ def test_sketch_equals_a_reference_from_hooked_inputs(case_name):
     assert all(tokens[n] == n_real for n in masked)
     widest = max(b["attention_mask"].numel() for b in data)
     assert all(sketches[n].shape[1] == widest for n in masked)
+
+
+def test_ranks_pad_their_sketches_to_the_widest_and_sum_them(monkeypatch):
+    """Two ranks simulated in one process: this rank holds the narrow last batch, the other the wider ones. The
+    reduced sketch equals one process's sketch over all the batches (the same column alignment)."""
+    case = CASES["bert"]
+    model, kl = make(case)
+    data = uneven_batches(case)
+    kwargs = dict(device=CPU, dtype=torch.float64, progress=False)
+    expected, expected_tokens = collect_feature_sketches(model, kl.layers, data, case.loss, **kwargs)
+    other, other_tokens = collect_feature_sketches(model, kl.layers, data[:2], case.loss, **kwargs)
+    other_sums = [other[n] * other_tokens[n] for n in kl.layers]  # the other rank's sums before the division
+    names = list(kl.layers)
+
+    def gather(obj):
+        assert obj == {n: data[2]["attention_mask"].numel() for n in names}  # this rank's widths
+        return [obj, {n: s.shape[1] for n, s in zip(names, other_sums)}]
+
+    def reduce(tensors):
+        sketches, tokens, batches = tensors[: len(names)], tensors[len(names) : 2 * len(names)], tensors[-1]
+        for mine, theirs in zip(sketches, other_sums):
+            assert mine.shape == theirs.shape  # padded to the widest rank before the sum
+            mine += theirs
+        for mine, name in zip(tokens, names):
+            mine += other_tokens[name]
+        batches += 2
+
+    monkeypatch.setattr(kd, "all_gather_objects", gather)
+    monkeypatch.setattr(ks, "all_reduce_sum", reduce)
+    sketches, tokens = collect_feature_sketches(model, kl.layers, data[2:], case.loss, **kwargs)
+    assert tokens == expected_tokens
+    for name in names:
+        torch.testing.assert_close(sketches[name], expected[name])
 
 
 def test_default_statistic_is_the_exact_second_moment():
