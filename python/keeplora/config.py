@@ -134,7 +134,8 @@ class KeepLoRAConfig:
                 "The task statistic of memory_source='features': 'second-moment' (default): the exact Σ x·xᵀ over "
                 "every real token; 'official-sketch' (the authors' CLIP code, kept for comparison): the sketch "
                 "S = Σ_b X_bᵀ / N_tokens (d_in × tokens per batch; token j of every batch lands in column j, a "
-                "shorter batch is zero-padded), whose left singular vectors with σ² feed the same energy rule "
+                "shorter batch is zero-padded, padding tokens are zeroed and not counted), whose left singular vectors "
+                "with σ² feed the same energy rule "
                 "(the moment S·Sᵀ). Not accepted with memory_source='gradients'."
             )
         },
