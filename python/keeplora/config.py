@@ -121,8 +121,22 @@ class KeepLoRAConfig:
         default="features",
         metadata={
             "help": (
-                "'features' (default): the exact second moment Σ x·xᵀ of each target's inputs over real tokens; "
+                "'features' (default): a statistic of each target's inputs over real tokens (feature_stat: the exact "
+                "second moment Σ x·xᵀ by default); "
                 "'gradients' (authors' LLaVA pipeline): the post-task gradient Gᵀ of the task data."
+            )
+        },
+    )
+    feature_stat: str = field(
+        default="second-moment",
+        metadata={
+            "help": (
+                "The task statistic of memory_source='features': 'second-moment' (default): the exact Σ x·xᵀ over "
+                "every real token; 'official-sketch' (the authors' CLIP code, kept for comparison): the sketch "
+                "S = Σ_b X_bᵀ / N_tokens (d_in × tokens per batch; token j of every batch lands in column j, a "
+                "shorter batch is zero-padded, padding tokens are zeroed and not counted), whose left singular vectors "
+                "with σ² feed the same energy rule "
+                "(the moment S·Sᵀ). Not accepted with memory_source='gradients'."
             )
         },
     )
@@ -227,6 +241,13 @@ class KeepLoRAConfig:
         _choice("b_init", self.b_init, ("gradient", "zero"))
         _choice("a_init", self.a_init, ("gradient", "random"))
         _choice("memory_source", self.memory_source, ("features", "gradients"))
+        _choice("feature_stat", self.feature_stat, ("second-moment", "official-sketch"))
+        if self.feature_stat == "official-sketch" and self.memory_source != "features":
+            raise ValueError(
+                "KeepLoRAConfig.feature_stat='official-sketch' is a statistic of the input features and needs "
+                f"memory_source='features', got memory_source={self.memory_source!r}; use "
+                "feature_stat='second-moment' with memory_source='gradients'"
+            )
         self._resolve_weight_subspace()
         if isinstance(self.stats_dtype, torch.dtype):
             self.stats_dtype = {v: k for k, v in _STATS_DTYPES.items()}.get(self.stats_dtype, self.stats_dtype)

@@ -31,7 +31,13 @@ from .basis import expand_bases, orthonormalize_against, random_residual_directi
 from .batching import bounded_batches
 from .config import KeepLoRAConfig
 from .state import ContinualState, fingerprint
-from .statistics import EmptyDataError, LossFn, collect_second_moments, estimate_gradients
+from .statistics import (
+    EmptyDataError,
+    LossFn,
+    collect_feature_sketches,
+    collect_second_moments,
+    estimate_gradients,
+)
 
 
 class KeepLoRAWarning(UserWarning):
@@ -489,11 +495,27 @@ class KeepLoRA:
         return out
 
     def _task_statistics(self, dataloader, loss_fn) -> tuple[dict[str, torch.Tensor] | None, dict[str, int]]:
-        """Second moments for the memory update (features or post-task gradients); None when ε_f = 0."""
+        """Second moments for the memory update (features or post-task gradients); None when ε_f = 0.
+
+        ``feature_stat='official-sketch'``: ``S·Sᵀ`` of the authors' sketch ``S`` (see
+        :func:`~keeplora.statistics.collect_feature_sketches`), whose eigenpairs are the left singular vectors of
+        ``S`` with ``σ²``, so that the energy rule and everything after it are those of the second moment.
+        """
         cfg = self.config
         if cfg.feature_energy == 0:
             _require_nonempty(dataloader)
             return None, {}
+        if cfg.memory_source == "features" and cfg.feature_stat == "official-sketch":
+            sketches, tokens = collect_feature_sketches(
+                self.model,
+                self.layers,
+                dataloader,
+                loss_fn,
+                device=self.device,
+                dtype=cfg.torch_stats_dtype,
+                progress=cfg.progress,
+            )
+            return {name: s @ s.t() for name, s in sketches.items()}, tokens
         if cfg.memory_source == "features":
             return collect_second_moments(
                 self.model,

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 import keeplora_kernels as kk
 
+from . import distributed
 from .distributed import all_reduce_sum, failures_shared
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -330,6 +331,35 @@ def estimate_gradients(
     return sums
 
 
+def _feature_pass(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    dataloader: Iterable[Any],
+    forward_fn: LossFn | None,
+    *,
+    device: torch.device,
+    progress: bool,
+    make_hook: Callable[[str, AttentionMaskTracker], Callable[..., None]],
+) -> torch.Tensor:
+    """Run ``forward_fn`` over the batches (eval mode, no grad) with ``make_hook(name, tracker)`` as a forward hook
+    on every target; returns this rank's batch count (a tensor on ``device``). Errors are shared over the ranks."""
+    forward_fn = forward_fn or (lambda m, b: m(**b) if isinstance(b, Mapping) else m(b))
+    tracker = AttentionMaskTracker(model)
+    handles = [layer.register_forward_hook(make_hook(name, tracker)) for name, layer in layers.items()]
+    batches = torch.zeros((), device=device, dtype=torch.int64)
+    with failures_shared("feature pass"):
+        try:
+            with _eval_mode(model), torch.no_grad():
+                for batch in _progress(dataloader, "keeplora: features", progress):
+                    forward_fn(model, move_to_device(batch, device))
+                    batches += 1
+        finally:
+            for h in handles:
+                h.remove()
+            tracker.close()
+    return batches
+
+
 def collect_second_moments(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
@@ -347,15 +377,13 @@ def collect_second_moments(
     called with (see :class:`AttentionMaskTracker`). Eval mode, no grad. Under ``torch.distributed`` moments and
     token counts are summed over the ranks; a rank with no batch contributes zero.
     """
-    forward_fn = forward_fn or (lambda m, b: m(**b) if isinstance(b, Mapping) else m(b))
     moments = {
         name: torch.zeros(layer.in_features, layer.in_features, device=device, dtype=dtype)
         for name, layer in layers.items()
     }
     tokens = {name: torch.zeros((), device=device, dtype=torch.int64) for name in layers}
-    tracker = AttentionMaskTracker(model)
 
-    def make_hook(name: str):
+    def make_hook(name: str, tracker: AttentionMaskTracker):
         def hook(_module, args, _output):
             x = args[0].detach()
             mask = tracker.mask_for(x)
@@ -364,28 +392,83 @@ def collect_second_moments(
 
         return hook
 
-    handles = [layer.register_forward_hook(make_hook(name)) for name, layer in layers.items()]
-    batches = torch.zeros((), device=device, dtype=torch.int64)
-    with failures_shared("feature pass"):
-        try:
-            with _eval_mode(model), torch.no_grad():
-                for batch in _progress(dataloader, "keeplora: features", progress):
-                    forward_fn(model, move_to_device(batch, device))
-                    batches += 1
-        finally:
-            for h in handles:
-                h.remove()
-            tracker.close()
+    batches = _feature_pass(
+        model, layers, dataloader, forward_fn, device=device, progress=progress, make_hook=make_hook
+    )
     all_reduce_sum([*moments.values(), *tokens.values(), batches])
     if int(batches.item()) == 0:
         raise EmptyDataError("the dataloader yielded no batch for the feature pass")
     return moments, {name: int(t.item()) for name, t in tokens.items()}
 
 
+def collect_feature_sketches(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    dataloader: Iterable[Any],
+    forward_fn: LossFn | None,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """The authors' CLIP feature statistic: per target the sketch ``S = Σ_b X_bᵀ / N_tokens`` and the token counts.
+
+    ``X_b`` is the target's input of one call (one batch), flattened token-major to ``tokens × d_in`` as for the
+    second moment; ``X_bᵀ`` is added column by column, so token ``j`` of every call lands in column ``j`` of the
+    ``d_in × width`` sketch, ``width`` being the most tokens any call had. A call with fewer tokens (a smaller last
+    batch, a shorter padded length) fills only the first columns: it is zero-padded to ``width``. Every call of a
+    target in a forward pass counts as one batch of the sum. Padding tokens (see :class:`AttentionMaskTracker`) are
+    zeroed in place, so they add nothing and are not counted in ``N_tokens``; the other tokens keep their columns.
+    The left singular vectors of ``S`` with ``σ²`` are the eigenpairs of ``S·Sᵀ``. Adding inputs of different
+    examples column by column is the authors' approximation, kept here for comparison with the exact
+    :func:`collect_second_moments`; ``S·Sᵀ`` is not ``Σ x·xᵀ`` (cross terms between the tokens sharing a column).
+
+    Under ``torch.distributed`` every rank's sketch is zero-padded to the widest rank's and the sketches and token
+    counts are summed over the ranks, like the moments: the calls of all ranks land in the same columns, the same
+    column alignment as the authors' code applies to the batches of one process. ``N_tokens`` is the total over all
+    ranks; a target with no real token keeps a zero sketch.
+    """
+    sketches = {name: torch.zeros(layer.in_features, 0, device=device, dtype=dtype) for name, layer in layers.items()}
+    tokens = {name: torch.zeros((), device=device, dtype=torch.int64) for name in layers}
+
+    def make_hook(name: str, tracker: AttentionMaskTracker):
+        def hook(_module, args, _output):
+            x = args[0].detach()
+            mask = tracker.mask_for(x)
+            rows = x.reshape(-1, x.shape[-1]).to(dtype)
+            if mask is not None:
+                rows = rows * mask.reshape(-1, 1).to(dtype)  # no boolean indexing: columns stay put, no host sync
+            sketch = sketches[name]
+            if rows.shape[0] > sketch.shape[1]:
+                sketch = torch.nn.functional.pad(sketch, (0, rows.shape[0] - sketch.shape[1]))
+                sketches[name] = sketch
+            sketch[:, : rows.shape[0]] += rows.t()
+            tokens[name] += x[..., 0].numel() if mask is None else mask.sum()
+
+        return hook
+
+    batches = _feature_pass(
+        model, layers, dataloader, forward_fn, device=device, progress=progress, make_hook=make_hook
+    )
+    widths = distributed.all_gather_objects({name: s.shape[1] for name, s in sketches.items()})
+    for name, sketch in sketches.items():
+        widest = max(w[name] for w in widths)
+        if widest > sketch.shape[1]:
+            sketches[name] = torch.nn.functional.pad(sketch, (0, widest - sketch.shape[1]))
+    all_reduce_sum([*sketches.values(), *tokens.values(), batches])
+    if int(batches.item()) == 0:
+        raise EmptyDataError("the dataloader yielded no batch for the feature pass")
+    counts = {name: int(t.item()) for name, t in tokens.items()}
+    for name, sketch in sketches.items():
+        sketch.div_(max(1, counts[name]))
+    return sketches, counts
+
+
 __all__ = [
     "AttentionMaskTracker",
     "EmptyDataError",
     "all_reduce_sum",
+    "collect_feature_sketches",
     "collect_second_moments",
     "estimate_gradients",
     "evenly_spaced",
