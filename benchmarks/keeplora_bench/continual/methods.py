@@ -146,6 +146,7 @@ class KeepLoRAMethod(Method):
             b_init=s["b_init"],
             a_init=s["a_init"],
             grad_data_fraction=float(s["grad_data_fraction"]),
+            feature_stat=s.get("feature_stat", "second-moment"),
             seed=int(self.seed),
             progress=self.progress,
         )

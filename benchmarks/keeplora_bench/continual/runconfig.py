@@ -38,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
         "b_init": "gradient",
         "a_init": "gradient",
         "grad_data_fraction": 1.0,
+        "feature_stat": "second-moment",
     },
     "tasks": [],
     "panel": [],
@@ -45,7 +46,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 ADAPTER_KEYS = ("r", "alpha", "target_modules")
-KEEPLORA_KEYS = ("weight_energy", "feature_energy", "b_init", "a_init", "grad_data_fraction")
+KEEPLORA_KEYS = ("weight_energy", "feature_energy", "b_init", "a_init", "grad_data_fraction", "feature_stat")
 TRAINING_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "schedule", "max_grad_norm")
 
 
