@@ -168,7 +168,11 @@ def add_subcommands(sub) -> None:
 
     p = sub.add_parser("aggregate", help=APP_COMMANDS["aggregate"])
     p.add_argument("runs", nargs="+", help="run folders written by `keeplora run`")
-    p.add_argument("--baseline", help="a method name: also report each method's per-run difference to it")
+    p.add_argument(
+        "--baseline",
+        action="append",
+        help="a method name: also report each method's paired difference to it, with a 95%% interval (repeatable)",
+    )
     p.add_argument("--output", "-o", help="also write the rows to this CSV file")
     p.set_defaults(func=cmd_aggregate)
 

@@ -1,22 +1,25 @@
-"""keeplora aggregate: mean ± std over runs and paired differences to a baseline, from results.csv files."""
+"""keeplora aggregate: means, sample sds and percentile-bootstrap intervals over runs, and paired differences to one
+or more baselines, from results.csv files."""
 
 import csv
 import math
 
+import numpy as np
 import pytest
 
 from keeplora.cli import main
-from keeplora_bench.continual.aggregate import aggregate, to_markdown
+from keeplora_bench.continual.aggregate import aggregate, bootstrap_ci, to_markdown
 
 
-def _run(tmp_path, name, rows):
+def _run(tmp_path, name, rows, extra=None):
     d = tmp_path / name
     d.mkdir()
+    fields = ["method", "transfer", "average", "last"] + list(extra or []) + ["seconds"]
     with (d / "results.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["method", "transfer", "average", "last", "seconds"])
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
-        for method, (t, a, l) in rows.items():
-            w.writerow(dict(method=method, transfer=t, average=a, last=l, seconds=1.0))
+        for method, values in rows.items():
+            w.writerow(dict(zip(fields[1:-1], values), method=method, seconds=1.0))
     return d
 
 
@@ -34,19 +37,54 @@ def test_means_stds_and_paired_differences(runs):
     assert list(rows) == ["lora-ft", "keeplora", "extra"]
     k = rows["keeplora"]
     assert k["n"] == 3 and k["last_mean"] == pytest.approx(74.0) and k["last_std"] == pytest.approx(1.0)
-    # per-run differences 3, 4, 2 -> mean 3, sample std 1
+    # per-run differences 3, 4, 2 -> mean 3, sample std 1; the interval lies within [2, 4] and excludes 0
     assert k["last_diff_mean"] == pytest.approx(3.0) and k["last_diff_std"] == pytest.approx(1.0)
+    assert 2.0 <= k["last_diff_vs_lora_ft_ci_low"] < 3.0 < k["last_diff_vs_lora_ft_ci_high"] <= 4.0
     assert rows["extra"]["n"] == 1 and math.isnan(rows["extra"]["last_std"])
-    assert math.isnan(rows["extra"]["last_diff_std"]) and rows["extra"]["last_diff_mean"] == pytest.approx(-68.0)
+    assert math.isnan(rows["extra"]["last_ci_low"]) and math.isnan(rows["extra"]["last_diff_vs_lora_ft_ci_high"])
+    assert rows["extra"]["last_diff_mean"] == pytest.approx(-68.0)
     table = to_markdown(list(rows.values()), "lora-ft")
-    assert "| keeplora | 3 | 61.0 ± 1.0 | 69.3 ± 2.5 | 74.0 ± 1.0 | +1.0 ± 1.0 | +1.3 ± 0.6 | +3.0 ± 1.0 |" in table
+    line = next(x for x in table.splitlines() if x.startswith("| keeplora |"))
+    assert line.startswith("| keeplora | 3 | 61.0 [") and "**+3.0 [" in line
+    assert "| extra | 1 | 1.0 | 2.0 | 3.0 | -57.0 | -64.0 | -68.0 |" in table  # one run: no interval, not bold
+
+
+def test_bootstrap_interval_properties():
+    assert bootstrap_ci([2.5, 2.5, 2.5, 2.5]) == (2.5, 2.5)  # a constant difference
+    assert bootstrap_ci([1.0, 2.0, 1.5, 3.0, 2.5]) == bootstrap_ci([1.0, 2.0, 1.5, 3.0, 2.5])  # deterministic
+    low, high = bootstrap_ci([1.0, 2.0, 1.5, 3.0, 2.5])
+    assert 0 < low < 2.0 < high  # clearly positive: excludes 0
+    low, high = bootstrap_ci([-2.0, 1.5, -1.0, 2.0, 0.5])
+    assert low < 0 < high  # changes sign: includes 0
+    # the percentile interval of the resampled means, checked against a direct computation
+    x = np.array([3.0, 1.0, 4.0, 1.0, 5.0])
+    idx = np.random.default_rng(0).integers(0, 5, size=(10_000, 5))
+    assert bootstrap_ci(x) == pytest.approx(tuple(np.percentile(x[idx].mean(1), [2.5, 97.5])))
+    assert all(math.isnan(v) for v in bootstrap_ci([1.0]))
+
+
+def test_several_baselines_and_columns_of_some_runs(tmp_path):
+    runs = [
+        _run(tmp_path, "a", {"lora-ft": (60, 70, 72, -4), "keeplora": (61, 72, 75, -1)}, extra=["bwt"]),
+        _run(tmp_path, "b", {"lora-ft": (62, 68, 70), "keeplora": (62, 69, 74)}),
+    ]
+    rows = {r["method"]: r for r in aggregate(runs, baseline=["lora-ft", "keeplora"])}
+    k, lora = rows["keeplora"], rows["lora-ft"]
+    assert k["bwt_mean"] == -1.0 and k["bwt_diff_vs_lora_ft_n"] == 1 and k["bwt_diff_vs_lora_ft_mean"] == 3.0
+    assert k["last_diff_vs_lora_ft_mean"] == pytest.approx(3.5) and lora["last_diff_vs_keeplora_mean"] == -3.5
+    assert k["last_diff_vs_keeplora_mean"] == 0.0 and "last_diff_mean" not in k  # the short form: one baseline
+    header = to_markdown(list(rows.values()), ["lora-ft", "keeplora"]).splitlines()[0]
+    assert header.split(" | ")[2:6] == ["transfer", "average", "last", "bwt"]
+    assert "Δbwt vs lora-ft" in header and "Δlast vs keeplora" in header
 
 
 def test_cli_prints_the_table_and_writes_csv(runs, tmp_path, capsys):
     out = tmp_path / "agg.csv"
-    assert main(["aggregate", *map(str, runs), "--baseline", "lora-ft", "-o", str(out)]) == 0
-    assert "Δlast vs lora-ft".lower() in capsys.readouterr().out.lower()
-    assert len(out.read_text().splitlines()) == 4
+    assert main(["aggregate", *map(str, runs), "--baseline", "lora-ft", "--baseline", "keeplora", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Δlast vs lora-ft" in text and "Δlast vs keeplora" in text and "bootstrap" in text
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 3 and "last_diff_vs_keeplora_ci_low" in rows[0]
 
 
 def test_bad_inputs_are_named(runs, tmp_path, capsys):

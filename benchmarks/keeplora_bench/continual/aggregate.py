@@ -1,81 +1,157 @@
-"""Mean ± standard deviation of Transfer / Average / Last over several runs (seeds) of one benchmark config.
+"""Several runs (seeds) of one benchmark config: each method's mean with a 95 % confidence interval, and its paired
+difference to one or more baseline methods with a 95 % confidence interval.
 
-    keeplora aggregate runs/default runs/default-seed1 runs/default-seed2 --baseline lora-ft
+    keeplora aggregate runs/drift runs/drift-seed1 ... --baseline lora-ft --baseline keeplora
 
-Each run folder holds the ``results.csv`` that ``keeplora run`` writes. A method's statistics use the runs that have
-it (``n``); the sample standard deviation needs two. With ``--baseline`` every method also gets its per-run
-difference to the baseline method, averaged: seeds move every method together (same splits, same order), so the
-paired difference is what tells a method from the baseline, not the overlap of two ± ranges.
+Each run folder holds the ``results.csv`` that ``keeplora run`` writes; the metrics are its numeric columns (wall
+times left out), in the file's order. A method's statistics use the runs that have it (``n``).
+
+Intervals are percentile bootstraps over runs (:data:`RESAMPLES` resamples of the runs with replacement, a fixed
+seed, so the output is deterministic). Differences are paired by run: seeds move every method together (the same
+splits, order and initialisation per seed), so the per-run difference is what tells two methods apart, not the
+overlap of two intervals. With few runs the bootstrap distribution has few distinct values and the interval is
+approximate; with one run it is undefined (shown as such, never as zero width). The sample standard deviations
+are reported as well.
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import re
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-METRICS = ("transfer", "average", "last")
+import numpy as np
+
+LEADING = ("transfer", "average", "last")  # listed first when present
+NOT_METRICS = {"method", "seconds"}
+RESAMPLES = 10_000
+SEED = 0
 
 
 def load_results(run_dir: Path) -> dict[str, dict[str, float]]:
-    """``{method: {metric: value}}`` from ``<run_dir>/results.csv``, in the run's method order."""
+    """``{method: {metric: value}}`` from ``<run_dir>/results.csv``, in the run's method order (empty cells left
+    out)."""
     path = Path(run_dir) / "results.csv"
     if not path.is_file():
         raise FileNotFoundError(
             f"keeplora aggregate: {path} not found (is {run_dir} a finished `keeplora run` folder?)"
         )
+    out = {}
     with path.open(newline="") as f:
-        return {row["method"]: {m: float(row[m]) for m in METRICS} for row in csv.DictReader(f)}
+        for row in csv.DictReader(f):
+            values = {}
+            for key, text in row.items():
+                if key in NOT_METRICS or text in (None, ""):
+                    continue
+                try:
+                    values[key] = float(text)
+                except ValueError:
+                    continue
+            out[row["method"]] = values
+    return out
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
+def metric_names(runs: Sequence[dict[str, dict[str, float]]]) -> list[str]:
+    seen = list(dict.fromkeys(k for run in runs for values in run.values() for k in values))
+    return [m for m in LEADING if m in seen] + [m for m in seen if m not in LEADING]
 
 
-def aggregate(run_dirs: Sequence[Path], baseline: str | None = None) -> list[dict]:
-    """One row per method: ``n``, ``<metric>_mean``, ``<metric>_std`` and, with ``baseline``, ``<metric>_diff_mean``
-    / ``<metric>_diff_std`` of the per-run difference (method − baseline) over the runs that have both."""
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def bootstrap_ci(values: Sequence[float], resamples: int = RESAMPLES, seed: int = SEED) -> tuple[float, float]:
+    """95 % percentile interval of the mean of ``values`` over resamples with replacement; NaNs for one value."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size < 2:
+        return math.nan, math.nan
+    idx = np.random.default_rng(seed).integers(0, x.size, size=(resamples, x.size))
+    means = x[idx].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def _std(values: Sequence[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def aggregate(run_dirs: Sequence[Path], baseline: str | Sequence[str] | None = None) -> list[dict]:
+    """One row per method: ``n``; per metric ``<m>_mean``, ``<m>_std``, ``<m>_ci_low``, ``<m>_ci_high``; per
+    baseline B and metric ``<m>_diff_vs_<slug(B)>_{mean,std,ci_low,ci_high,n}`` of the per-run difference method − B
+    over the runs that have both. For a single baseline the differences are also under ``<m>_diff_{mean,std}``."""
     if not run_dirs:
         raise ValueError("keeplora aggregate: give at least one run folder")
+    baselines = [baseline] if isinstance(baseline, str) else list(baseline or [])
     runs = [load_results(Path(d)) for d in run_dirs]
-    if baseline is not None and not any(baseline in r for r in runs):
-        known = sorted({m for r in runs for m in r})
-        raise ValueError(f"keeplora aggregate: --baseline {baseline!r} is in none of the runs; methods: {known}")
-    methods = list(dict.fromkeys(m for r in runs for m in r))
+    known = list(dict.fromkeys(m for r in runs for m in r))
+    for b in baselines:
+        if not any(b in r for r in runs):
+            raise ValueError(f"keeplora aggregate: --baseline {b!r} is in none of the runs; methods: {sorted(known)}")
+    metrics = metric_names(runs)
     rows = []
-    for method in methods:
+    for method in known:
         have = [r for r in runs if method in r]
         row: dict = {"method": method, "n": len(have)}
-        for metric in METRICS:
-            row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std([r[method][metric] for r in have])
-            if baseline is not None:
-                diffs = [r[method][metric] - r[baseline][metric] for r in have if baseline in r]
-                row[f"{metric}_diff_mean"], row[f"{metric}_diff_std"] = _mean_std(diffs) if diffs else (math.nan,) * 2
+        for metric in metrics:
+            values = [r[method][metric] for r in have if metric in r[method]]
+            row[f"{metric}_mean"] = statistics.fmean(values) if values else math.nan
+            row[f"{metric}_std"] = _std(values)
+            row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = bootstrap_ci(values)
+            for b in baselines:
+                diffs = [
+                    r[method][metric] - r[b][metric] for r in have if b in r and metric in r[method] and metric in r[b]
+                ]
+                key = f"{metric}_diff_vs_{slug(b)}"
+                row[f"{key}_n"] = len(diffs)
+                row[f"{key}_mean"] = statistics.fmean(diffs) if diffs else math.nan
+                row[f"{key}_std"] = _std(diffs)
+                row[f"{key}_ci_low"], row[f"{key}_ci_high"] = bootstrap_ci(diffs)
+                if len(baselines) == 1:
+                    row[f"{metric}_diff_mean"], row[f"{metric}_diff_std"] = row[f"{key}_mean"], row[f"{key}_std"]
         rows.append(row)
     return rows
 
 
-def _pm(mean: float, std: float, signed: bool = False) -> str:
-    head = f"{mean:+.1f}" if signed else f"{mean:.1f}"
-    return head if math.isnan(std) else f"{head} ± {std:.1f}"
+def _interval(mean: float, low: float, high: float, signed: bool = False) -> str:
+    if math.isnan(mean):
+        return "—"
+    fmt = "{:+.1f}" if signed else "{:.1f}"
+    head = fmt.format(mean)
+    if math.isnan(low):
+        return head
+    return f"{head} [{fmt.format(low)}, {fmt.format(high)}]"
 
 
-def to_markdown(rows: list[dict], baseline: str | None = None) -> str:
-    header = ["method", "n"] + [m.capitalize() for m in METRICS]
-    if baseline is not None:
-        header += [f"Δ{m.capitalize()} vs {baseline}" for m in METRICS]
+def to_markdown(rows: list[dict], baseline: str | Sequence[str] | None = None) -> str:
+    """Means with their 95 % intervals; per baseline, the paired differences with theirs, in bold when the interval
+    excludes 0."""
+    baselines = [baseline] if isinstance(baseline, str) else list(baseline or [])
+    metrics = [k[: -len("_mean")] for k in rows[0] if k.endswith("_mean") and "_diff" not in k] if rows else []
+    header = ["method", "n"] + [m for m in metrics]
+    for b in baselines:
+        header += [f"Δ{m} vs {b}" for m in metrics]
     lines = ["| " + " | ".join(header) + " |", "|---|---:|" + "---:|" * (len(header) - 2)]
     for row in rows:
-        cells = [row["method"], str(row["n"])] + [_pm(row[f"{m}_mean"], row[f"{m}_std"]) for m in METRICS]
-        if baseline is not None:
-            cells += [
-                "—" if row["method"] == baseline else _pm(row[f"{m}_diff_mean"], row[f"{m}_diff_std"], True)
-                for m in METRICS
-            ]
+        cells = [row["method"], str(row["n"])]
+        cells += [_interval(row[f"{m}_mean"], row[f"{m}_ci_low"], row[f"{m}_ci_high"]) for m in metrics]
+        for b in baselines:
+            for m in metrics:
+                key = f"{m}_diff_vs_{slug(b)}"
+                if row["method"] == b:
+                    cells.append("—")
+                    continue
+                text = _interval(row[f"{key}_mean"], row[f"{key}_ci_low"], row[f"{key}_ci_high"], signed=True)
+                excludes_zero = row[f"{key}_ci_low"] > 0 or row[f"{key}_ci_high"] < 0
+                cells.append(f"**{text}**" if excludes_zero else text)
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    note = (
+        "\n\nMeans over runs with 95 % percentile-bootstrap intervals over runs (paired by run for the differences; "
+        "bold: the interval excludes 0)."
+    )
+    return "\n".join(lines) + note
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
