@@ -90,11 +90,12 @@ def normalize_space(text: str) -> str:
 
 
 # ---------------------------------------------------------------- WordNet
-def read_wordnet(root: Path, pos: str = "noun") -> Iterator[tuple[str, str]]:
-    """Yield ``(definition, lexname)`` for every synset of ``data.<pos>``.
+def read_wordnet_synsets(root: Path, pos: str = "noun") -> Iterator[tuple[str, list[str], str, str]]:
+    """Yield ``(offset, lemmas, definition, lexname)`` for every synset of ``data.<pos>`` (lemmas with spaces for
+    underscores and without the adjective markers).
 
     The gloss is ``definition; "example"; ...``: only the definition is kept (the examples often quote the very
-    word, which is not what the task asks about).
+    word, which is not what a task asks about).
     """
     path = Path(root) / WORDNET_DIR / f"data.{pos}"
     with open(path, encoding="utf-8") as f:
@@ -106,9 +107,17 @@ def read_wordnet(root: Path, pos: str = "noun") -> Iterator[tuple[str, str]]:
                 continue
             fields = head.split(" ")
             lexname = WORDNET_LEXNAMES[int(fields[1])]
+            count = int(fields[3], 16)
+            lemmas = [re.sub(r"\(.*\)$", "", w).replace("_", " ") for w in fields[4 : 4 + 2 * count : 2]]
             definition = gloss.split('; "')[0].strip().rstrip(";").strip()
             if definition:
-                yield definition, lexname
+                yield fields[0], lemmas, definition, lexname
+
+
+def read_wordnet(root: Path, pos: str = "noun") -> Iterator[tuple[str, str]]:
+    """Yield ``(definition, lexname)`` for every synset of ``data.<pos>`` (see :func:`read_wordnet_synsets`)."""
+    for _, _, definition, lexname in read_wordnet_synsets(root, pos):
+        yield definition, lexname
 
 
 # ---------------------------------------------------------------- fortunes

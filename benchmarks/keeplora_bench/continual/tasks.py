@@ -129,6 +129,41 @@ def build_wordnet(cache: Path | None = None, pos: str = "noun") -> Pool:
     return Pool(texts, dict(prompts), ["wordnet-base"], default)
 
 
+@builder("wordnet_gloss")
+def build_wordnet_gloss(cache: Path | None = None, pos: str = "verb", synsets: int = 500) -> Pool:
+    """Lemma → definition retrieval as a ``synsets``-way task: each class is a WordNet synset, its prompt the
+    synset's definition, its one text the synset's first lemma; accuracy is recall@1 of the lemma among all the
+    definitions. Only synsets whose first lemma names no other synset of ``pos`` and whose definition is unique
+    qualify (the answer is then unambiguous); ``synsets`` of them are taken evenly spaced in file order, so the set
+    depends on the WordNet release only. Use it with ``test_per_class: 1`` and no training or validation split.
+    """
+    if pos not in ("noun", "verb"):
+        raise ValueError(f"wordnet_gloss: pos must be 'noun' or 'verb', got {pos!r}")
+    entries = list(R.read_wordnet_synsets(source_root("wordnet-base", cache), pos))
+    lemma_count: dict[str, int] = {}
+    definition_count: dict[str, int] = {}
+    for _, lemmas, definition, _ in entries:
+        for lemma in {normalise(w) for w in lemmas}:
+            lemma_count[lemma] = lemma_count.get(lemma, 0) + 1
+        definition_count[normalise(definition)] = definition_count.get(normalise(definition), 0) + 1
+    usable = [
+        (offset, lemmas[0], definition)
+        for offset, lemmas, definition, _ in entries
+        if lemmas and lemma_count[normalise(lemmas[0])] == 1 and definition_count[normalise(definition)] == 1
+    ]
+    if not isinstance(synsets, int) or not 2 <= synsets <= len(usable):
+        raise ValueError(
+            f"wordnet_gloss: synsets must be an integer in [2, {len(usable)}] for pos {pos!r}, got {synsets!r}"
+        )
+    chosen = [usable[i * len(usable) // synsets] for i in range(synsets)]
+    return Pool(
+        {offset: [lemma] for offset, lemma, _ in chosen},
+        {offset: definition for offset, _, definition in chosen},
+        ["wordnet-base"],
+        [offset for offset, _, _ in chosen],
+    )
+
+
 FORTUNE_TOPIC_DEFAULT = ["computers", "politics", "science", "work", "art", "food", "law", "startrek"]
 
 FORTUNE_TOPIC_PROMPTS = {
@@ -409,6 +444,7 @@ class TaskSpec:
 
 _SOURCES_OF = {
     "wordnet_supersense": ["wordnet-base"],
+    "wordnet_gloss": ["wordnet-base"],
     "fortune_topic": ["fortunes"],
     "fortune_language": ["fortunes", "fortunes-de", "fortunes-es", "fortunes-it", "fortunes-ru", "fortunes-pl"],
     "vader_sentiment": ["vaderSentiment"],
