@@ -16,7 +16,7 @@ import pytest
 from keeplora_bench.continual import readers as R
 from keeplora_bench.continual import sources as S
 from keeplora_bench.continual import tasks as T
-from support.app_fixtures import LANG_WORDS, TOPIC_WORDS, write_all_sources, write_r_lazyload
+from support.app_fixtures import LANG_WORDS, TOPIC_WORDS, _stamp, write_all_sources, write_r_lazyload
 
 
 # ------------------------------------------------------------------------------------------------ sources
@@ -122,6 +122,29 @@ def test_wordnet_reader(tmp_path):
         ("a living organism", "noun.Tops"),
         ("(botany) a living organism lacking the power of locomotion", "noun.plant"),
     ]
+    # word counts are hexadecimal; every other field after a word is its lex id
+    assert [lemmas for _, lemmas, _, _ in R.read_wordnet_synsets(tmp_path)] == [["animal"], ["plant", "flora"]]
+
+
+def test_wordnet_gloss_retrieval_keeps_unambiguous_synsets(tmp_path):
+    folder = _stamp(tmp_path, "wordnet-base") / R.WORDNET_DIR
+    folder.mkdir(parents=True)
+    lines = [
+        "00000001 29 v 01 run 0 000 | move fast on foot  \n",
+        "00000002 29 v 01 run 0 000 | be in charge of  \n",  # 'run' names two synsets: neither qualifies
+        "00000003 29 v 02 stroll 0 amble 0 000 | walk leisurely  \n",
+        "00000004 29 v 01 amble 0 000 | walk slowly  \n",  # 'amble' is also a lemma of 00000003: dropped
+        "00000005 29 v 01 jog 0 000 | run slowly  \n",
+        "00000006 29 v 01 trot 0 000 | Run   slowly  \n",  # repeats a definition up to case and spaces: dropped
+        "00000007 29 v 01 give_up 0 000 | stop trying  \n",
+    ]
+    (folder / "data.verb").write_text("".join(lines))
+    pool = T.BUILDERS["wordnet_gloss"](cache=tmp_path, pos="verb", synsets=2)
+    assert pool.default_classes == ["00000003", "00000007"]  # evenly spaced over the qualifying 00000003, 07
+    assert pool.texts == {"00000003": ["stroll"], "00000007": ["give up"]}
+    assert pool.prompts == {"00000003": "walk leisurely", "00000007": "stop trying"}
+    with pytest.raises(ValueError, match=r"synsets must be an integer in \[2, 2\]"):
+        T.BUILDERS["wordnet_gloss"](cache=tmp_path, pos="verb", synsets=3)
 
 
 def test_fortune_split_and_cleanup():
