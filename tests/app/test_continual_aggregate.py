@@ -92,3 +92,47 @@ def test_bad_inputs_are_named(runs, tmp_path, capsys):
     assert "results.csv not found" in capsys.readouterr().err
     assert main(["aggregate", *map(str, runs), "--baseline", "peft"]) == 2
     assert "'peft' is in none of the runs" in capsys.readouterr().err
+
+
+def test_output_is_deterministic_and_a_constant_difference_has_that_interval(tmp_path):
+    runs = [
+        _run(tmp_path, f"s{i}", {"lora-ft": (60 + i, 70 - i, 72 + i), "keeplora": (60 + i, 71.5 - i, 72 + 2 * i)})
+        for i in range(5)
+    ]
+    first, second = aggregate(runs, baseline="lora-ft"), aggregate(runs, baseline="lora-ft")
+    assert to_markdown(first, "lora-ft") == to_markdown(second, "lora-ft")
+    k = {r["method"]: r for r in first}["keeplora"]
+    # average: the difference is +1.5 in every run, so every resampled mean is 1.5
+    assert (k["average_diff_vs_lora_ft_ci_low"], k["average_diff_vs_lora_ft_ci_high"]) == pytest.approx((1.5, 1.5))
+    assert k["transfer_diff_vs_lora_ft_ci_low"] == k["transfer_diff_vs_lora_ft_ci_high"] == 0.0
+    assert 0 <= k["last_diff_vs_lora_ft_ci_low"] < 2.0 < k["last_diff_vs_lora_ft_ci_high"] <= 4.0  # differences 0..4
+
+
+def test_a_single_run_has_undefined_intervals(tmp_path, capsys):
+    run = _run(tmp_path, "only", {"lora-ft": (60, 70, 72), "keeplora": (61, 72, 75)})
+    k = {r["method"]: r for r in aggregate([run], baseline=["lora-ft"])}["keeplora"]
+    assert k["n"] == 1 and k["last_mean"] == 75.0 and k["last_diff_vs_lora_ft_mean"] == 3.0
+    assert all(math.isnan(k[key]) for key in ("last_ci_low", "last_ci_high", "last_std", "last_diff_vs_lora_ft_ci_low"))
+    out = tmp_path / "one.csv"
+    assert main(["aggregate", str(run), "--baseline", "lora-ft", "-o", str(out)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("| keeplora |"))
+    assert line == "| keeplora | 1 | 61.0 | 72.0 | 75.0 | +1.0 | +2.0 | +3.0 |"  # no interval, not bold
+    row = next(r for r in csv.DictReader(out.open()) if r["method"] == "keeplora")
+    assert row["last_ci_low"] == "nan" and row["last_diff_vs_lora_ft_ci_high"] == "nan"
+
+
+def test_wall_times_are_not_metrics_and_diff_named_metrics_are_kept(tmp_path):
+    runs = [
+        _run(
+            tmp_path,
+            f"s{i}",
+            {"a": (1, 2, 3, 9, 4, 0.5), "b": (2, 3, 4, 9, 5, 1.5)},
+            extra=["seed", "train_seconds", "val_diff"],
+        )
+        for i in range(2)
+    ]
+    rows = aggregate(runs, baseline=["b", "b"])  # a repeated --baseline counts once
+    assert not any(k.startswith(("seed", "train_seconds", "seconds")) for k in rows[0])
+    assert rows[0]["val_diff_diff_vs_b_mean"] == -1.0 and "val_diff_mean" in rows[0]
+    header = to_markdown(rows, ["b", "b"]).splitlines()[0]
+    assert header.split(" | ")[2:6] == ["transfer", "average", "last", "val_diff"] and header.count("Δlast vs b") == 1

@@ -10,7 +10,8 @@ Intervals are percentile bootstraps over runs (:data:`RESAMPLES` resamples of th
 seed, so the output is deterministic). Differences are paired by run: seeds move every method together (the same
 splits, order and initialisation per seed), so the per-run difference is what tells two methods apart, not the
 overlap of two intervals. With few runs the bootstrap distribution has few distinct values and the interval is
-approximate; with one run it is undefined (shown as such, never as zero width). The sample standard deviations
+approximate (5 runs allow only 126 distinct resamples, so the 2.5 % and 97.5 % points fall on a coarse grid of
+resampled means); with one run it is undefined (shown as such, never as zero width). The sample standard deviations
 are reported as well.
 """
 
@@ -26,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 LEADING = ("transfer", "average", "last")  # listed first when present
-NOT_METRICS = {"method", "seconds"}
+NOT_METRICS = {"method", "seed", "seconds", "wall_s"}  # identifiers and wall times: not compared across runs
+NOT_METRIC_SUFFIXES = ("_seconds", "_wall_s")
 RESAMPLES = 10_000
 SEED = 0
 
@@ -44,7 +46,7 @@ def load_results(run_dir: Path) -> dict[str, dict[str, float]]:
         for row in csv.DictReader(f):
             values = {}
             for key, text in row.items():
-                if key in NOT_METRICS or text in (None, ""):
+                if key is None or not is_metric(key) or text in (None, ""):
                     continue
                 try:
                     values[key] = float(text)
@@ -54,6 +56,10 @@ def load_results(run_dir: Path) -> dict[str, dict[str, float]]:
     return out
 
 
+def is_metric(column: str) -> bool:
+    return column not in NOT_METRICS and not column.endswith(NOT_METRIC_SUFFIXES)
+
+
 def metric_names(runs: Sequence[dict[str, dict[str, float]]]) -> list[str]:
     seen = list(dict.fromkeys(k for run in runs for values in run.values() for k in values))
     return [m for m in LEADING if m in seen] + [m for m in seen if m not in LEADING]
@@ -61,6 +67,10 @@ def metric_names(runs: Sequence[dict[str, dict[str, float]]]) -> list[str]:
 
 def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def _baselines(baseline: str | Sequence[str] | None) -> list[str]:
+    return list(dict.fromkeys([baseline] if isinstance(baseline, str) else (baseline or [])))
 
 
 def bootstrap_ci(values: Sequence[float], resamples: int = RESAMPLES, seed: int = SEED) -> tuple[float, float]:
@@ -84,7 +94,7 @@ def aggregate(run_dirs: Sequence[Path], baseline: str | Sequence[str] | None = N
     over the runs that have both. For a single baseline the differences are also under ``<m>_diff_{mean,std}``."""
     if not run_dirs:
         raise ValueError("keeplora aggregate: give at least one run folder")
-    baselines = [baseline] if isinstance(baseline, str) else list(baseline or [])
+    baselines = _baselines(baseline)
     runs = [load_results(Path(d)) for d in run_dirs]
     known = list(dict.fromkeys(m for r in runs for m in r))
     for b in baselines:
@@ -128,8 +138,10 @@ def _interval(mean: float, low: float, high: float, signed: bool = False) -> str
 def to_markdown(rows: list[dict], baseline: str | Sequence[str] | None = None) -> str:
     """Means with their 95 % intervals; per baseline, the paired differences with theirs, in bold when the interval
     excludes 0."""
-    baselines = [baseline] if isinstance(baseline, str) else list(baseline or [])
-    metrics = [k[: -len("_mean")] for k in rows[0] if k.endswith("_mean") and "_diff" not in k] if rows else []
+    baselines = _baselines(baseline)
+    means = [k[: -len("_mean")] for k in rows[0] if k.endswith("_mean")] if rows else []
+    # a difference column is "<metric>_diff..." of a metric that is itself listed; a metric may contain "_diff"
+    metrics = [m for m in means if not any(m == f"{o}_diff" or m.startswith(f"{o}_diff_vs_") for o in means)]
     header = ["method", "n"] + [m for m in metrics]
     for b in baselines:
         header += [f"Δ{m} vs {b}" for m in metrics]
