@@ -216,26 +216,10 @@ class KeepLoRA:
         if self.state.in_task:
             raise RuntimeError(f"begin_task called during task {self.state.tasks_done + 1}: call end_task first")
         start = time.perf_counter()
-        stats_dtype = self.config.torch_stats_dtype
         need_gradient = self.config.a_init == "gradient" or self.config.b_init == "gradient"
         grads = None
         if need_gradient:
-            # between tasks every B is zero (end_task merged and reset it): the pass skips the adapter branch
-            bypass = adapters_bypassed(self.layers) if self._adapters_are_zero() else contextlib.nullcontext()
-            with bypass:
-                grads = estimate_gradients(
-                    self.model,
-                    self.layers,
-                    dataloader,
-                    loss_fn,
-                    device=self.device,
-                    dtype=stats_dtype,
-                    fraction=self.config.grad_data_fraction,
-                    progress=self.config.progress,
-                    desc=f"task {self.state.tasks_done + 1} gradient",
-                    micro_batch_tokens=self.config.grad_micro_batch,
-                    offload=self.config.grad_offload,
-                )
+            grads = self._task_gradients(dataloader, loss_fn)
         else:
             _require_nonempty(dataloader)
         with distributed.failures_shared(f"task {self.state.tasks_done + 1} adapter initialisation"):
@@ -262,6 +246,25 @@ class KeepLoRA:
             "seconds_begin": time.perf_counter() - start,
         }
         return ranks
+
+    def _task_gradients(self, dataloader: Iterable[Any], loss_fn: LossFn | None) -> dict[str, torch.Tensor]:
+        """begin_task's gradient pass: the mean task gradient ``G`` of every target (``d_out × d_in``)."""
+        # between tasks every B is zero (end_task merged and reset it): the pass skips the adapter branch
+        bypass = adapters_bypassed(self.layers) if self._adapters_are_zero() else contextlib.nullcontext()
+        with bypass:
+            return estimate_gradients(
+                self.model,
+                self.layers,
+                dataloader,
+                loss_fn,
+                device=self.device,
+                dtype=self.config.torch_stats_dtype,
+                fraction=self.config.grad_data_fraction,
+                progress=self.config.progress,
+                desc=f"task {self.state.tasks_done + 1} gradient",
+                micro_batch_tokens=self.config.grad_micro_batch,
+                offload=self.config.grad_offload,
+            )
 
     def _adapters_are_zero(self) -> bool:
         """Whether every target's B is exactly zero on every rank (one host sync)."""

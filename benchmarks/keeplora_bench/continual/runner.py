@@ -164,7 +164,6 @@ class Runner:
         self.progress = progress
         self.log = log
         self.seed = int(cfg["seed"])
-        self.evaluate_test = evaluate_test
         if cfg["training"].get("threads"):
             torch.set_num_threads(int(cfg["training"]["threads"]))
         cache = cfg["data"].get("cache")
@@ -472,13 +471,11 @@ class Runner:
             out = self.run_method(spec, zero, zero_seconds, outer)
             name = spec["name"]
             metrics = {}
+            if out.get("panel_rows"):  # the panel is evaluated only with the test splits
+                result.panel_rows[name] = np.array([result.zero_shot_panel] + out["panel_rows"])
             if out.get("rows"):
                 result.matrices[name] = np.array(out["rows"])
-                panel = [result.zero_shot_panel] + out["panel_rows"] if out.get("panel_rows") else None
-                metrics.update(M.summarize(result.matrices[name], result.zero_shot, panel))
-            if out.get("panel_rows"):
-                result.panel_rows[name] = np.array([result.zero_shot_panel] + out["panel_rows"])
-                metrics["retention"] = round(M.panel_curve(result.panel_rows[name])[-1] * 100.0, 1)
+                metrics.update(M.summarize(result.matrices[name], result.zero_shot, result.panel_rows.get(name)))
             if out.get("val_rows"):
                 result.val_matrices[name] = np.array(out["val_rows"])
                 val = M.summarize(result.val_matrices[name], result.zero_shot_val)
@@ -488,8 +485,7 @@ class Runner:
             write_method_outputs(self.out, spec, result, out["info"])
             write_summary(self.out, self.cfg, result)
         outer.close()
-        write_summary(self.out, self.cfg, result, plots=True)
-        gate = drift_gate(self.cfg, result)
+        gate = write_summary(self.out, self.cfg, result, plots=True)
         if gate is not None:
             self.log(f"[keeplora] {gate['text']}")
         self.log(f"[keeplora] done in {time.perf_counter() - t0:.0f} s -> {self.out}")
@@ -590,7 +586,8 @@ def drift_gate(cfg: dict, result: RunResult) -> dict | None:
     }
 
 
-def write_summary(out: Path, cfg: dict, result: RunResult, plots: bool = False) -> None:
+def write_summary(out: Path, cfg: dict, result: RunResult, plots: bool = False) -> dict | None:
+    """results.{json,csv,md} (and the run's plots); returns the drift gate (:func:`drift_gate`)."""
     rows = [{"method": name, **result.metrics[name], "seconds": result.wall_s[name]} for name in result.metrics]
     columns = [(k, h) for k, h in METRIC_COLUMNS if any(k in r for r in rows)]
     gate = drift_gate(cfg, result)
@@ -643,6 +640,7 @@ def write_summary(out: Path, cfg: dict, result: RunResult, plots: bool = False) 
                 )
         except ImportError:
             pass
+    return gate
 
 
 def run(

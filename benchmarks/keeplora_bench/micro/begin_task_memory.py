@@ -146,40 +146,24 @@ def phases(
     r: int = 16,
 ) -> dict[str, float]:
     """MiB beyond what was allocated before, measured (not estimated) for begin_task and for each of its parts run
-    alone on this code: the gradient pass, then the adapter initialisation with the gradient sums held."""
-    from keeplora import KeepLoRA, KeepLoRAConfig
-    from keeplora.adapters import adapters_bypassed
-    from keeplora.statistics import estimate_gradients
+    alone on this code (the engine's own steps): the gradient pass, then the adapter initialisation with the gradient
+    sums held. KeepLoRA is set up as in profile_lifecycle."""
+    from .profile_lifecycle import _setup
 
     dev = torch.device(device)
     pm = profile_model(model_spec)
     torch.manual_seed(0)
     model = pm.build().to(dtype=getattr(torch, dtype)).to(dev)
-    config = KeepLoRAConfig(  # profile_lifecycle's settings
-        target_modules=pm.targets, r=r, alpha=float(r), weight_energy=0.85, feature_energy=0.99, progress=False
-    )
-    kl = KeepLoRA(model, config)
+    kl = _setup("keeplora", model, pm, r, float(r))
     data = pm.batches(batches, batch, seq, dev, seed=1)
     kl.begin_task(data[:1])  # first-use set-up and a learned task, as in profile_lifecycle
     kl.end_task(data[:1])
-    cfg, held = kl.config, {}
+    held = {}
     out = {"begin_task": measure_memory(lambda: kl.begin_task(data), device=dev)}
     kl.end_task(data)
-
-    def gradient_pass():
-        with adapters_bypassed(kl.layers):
-            held["grads"] = estimate_gradients(
-                model,
-                kl.layers,
-                data,
-                None,
-                device=dev,
-                dtype=cfg.torch_stats_dtype,
-                micro_batch_tokens=cfg.grad_micro_batch,
-                progress=False,
-            )
-
-    out["gradient pass (ends holding the sums)"] = measure_memory(gradient_pass, device=dev)
+    out["gradient pass (ends holding the sums)"] = measure_memory(
+        lambda: held.update(grads=kl._task_gradients(data, None)), device=dev
+    )
     out["gradient sums held"] = sum(g.numel() * g.element_size() for g in held["grads"].values())
     out["adapter initialisation, beyond the sums"] = measure_memory(
         lambda: held.update(factors=kl._adapter_factors(held["grads"])), device=dev
