@@ -102,23 +102,40 @@ def _cholesky_qr_q(y: torch.Tensor, backend: str) -> torch.Tensor:
 def _exact_subspace(
     mat: torch.Tensor, total: torch.Tensor, energy: float, strict: bool, out_dtype, backend: str
 ) -> list:
-    """Left singular vectors of each ``mat (b, s, o)`` kept by the energy rule, from the smaller float64 Gram."""
+    """Left singular vectors of each ``mat (b, s, o)`` kept by the energy rule, from the smaller float64 Gram.
+
+    From the right Gram (``s > o``) the left vectors are ``x·v/σ``, which rounding leaves meaningless where ``σ²`` is
+    within the Gram's rounding (``o·eps·λ_max``). Only ε near 1 on a (numerically) rank-deficient weight asks for
+    such directions; they hold no resolvable energy, so any orthonormal completion of the resolved ones serves as
+    them (as the left Gram's eigenvectors of its zero eigenvalues would)."""
     x = mat.to(torch.float64)
     s, o = x.shape[-2:]
     left = s <= o
     evals, evecs = torch.linalg.eigh(x @ x.mT if left else x.mT @ x)
     evals, evecs = evals.flip(-1).clamp_min(0), evecs.flip(-1)
     counts = energy_counts(evals.cumsum(-1) / total.unsqueeze(-1), energy, strict).tolist()
+    resolved = (evals > evals[:, :1] * (min(s, o) * torch.finfo(torch.float64).eps)).sum(-1).tolist()
     bases = []
     for j, p in enumerate(counts):
         if left or p == 0:
             basis = evecs[j, :, :p]
         else:  # u_i = x·v_i / σ_i, orthonormal up to rounding: the QR keeps their directions (R ≈ I)
-            sigma = evals[j, :p].sqrt()
-            inv = torch.where(sigma > 0, sigma.reciprocal(), torch.zeros_like(sigma))
-            basis = _cholesky_qr_q((x[j] @ evecs[j, :, :p] * inv).unsqueeze(0), backend)[0]
+            k = max(min(p, resolved[j]), 1)
+            sigma = evals[j, :k].sqrt()
+            basis = _cholesky_qr_q((x[j] @ evecs[j, :, :k] / sigma).unsqueeze(0), backend)[0]
+            if p > k:
+                basis = torch.cat([basis, _orthonormal_completion(basis, p - k)], 1)
         bases.append(basis.to(out_dtype).contiguous())
     return bases
+
+
+def _orthonormal_completion(q: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` orthonormal columns orthogonal to the orthonormal columns of ``q (s, k)`` (fixed seed)."""
+    gen = torch.Generator(device=q.device).manual_seed(0)
+    z = torch.randn(q.shape[0], count, generator=gen, dtype=q.dtype, device=q.device)
+    for _ in range(2):  # projecting twice: orthogonal to q to rounding
+        z = z - q @ (q.mT @ z)
+    return torch.linalg.qr(z).Q
 
 
 def _group_subspaces(

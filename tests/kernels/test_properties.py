@@ -352,8 +352,6 @@ def test_principal_subspace_keeps_the_energy_with_the_oracle_count(problem, dtyp
     cumulative = (sq.cumsum(0) / total).tolist() if total > 0 else []
     # the count is only well defined away from the cumulative energies (a rounding may move c_p across ε)
     assume(energy in (0.0, 1.0) or all(abs(c - energy) > 1e-3 for c in cumulative))
-    # ε = 1 on a rank-deficient weight returns zero columns (see the xfail test below): drawn there, not here
-    assume(not (energy == 1.0 and 0.0 in spectrum))
     p = energy_rank_loop(sq.tolist(), energy, strict=strict)
     p_low, p_high = p, p
     if energy == 1.0 and total > 0:
@@ -374,18 +372,17 @@ def test_principal_subspace_keeps_the_energy_with_the_oracle_count(problem, dtyp
             assert captured >= energy - RTOL_ATOL[torch.float32][0] * 10
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: ε = 1 keeps the rounding-level directions of a rank-deficient weight "
-    "as zero columns, so the basis is not orthonormal",
-)
 @pytest.mark.parametrize("backend", _backends("rsvd"))
 def test_principal_subspace_full_energy_of_a_rank_deficient_weight_is_orthonormal(backend):
-    """Minimal example found by the property above: a 2 × 6 weight of rank 1 (σ₂ at rounding level) under ε = 1."""
+    """Regression found by the property above: a 2 × 6 weight of rank 1 under ε = 1 kept its rounding-level second
+    direction as a zero column. The rule's count stands; directions of rounding-level σ are an orthonormal
+    completion."""
     gen = torch.Generator().manual_seed(0)
     u = torch.linalg.qr(torch.randn(2, 2, generator=gen, dtype=torch.float64)).Q
     v = torch.linalg.qr(torch.randn(6, 2, generator=gen, dtype=torch.float64)).Q
     w = (u * torch.tensor([1.0, 0.0], dtype=torch.float64)) @ v.T
     with _backend(backend):
         basis = kk.principal_subspace(w, 1.0)
+    assert basis.shape[0] == 6 and 1 <= basis.shape[1] <= 2
     assert orthonormality_error(basis) <= 1e-10
+    assert torch.linalg.matrix_norm(w @ basis).square().item() == pytest.approx(1.0, rel=1e-12)
