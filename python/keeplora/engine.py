@@ -227,6 +227,7 @@ class KeepLoRA:
         grads = None  # the d_out × d_in sums are not needed once A and B exist: free them before W is updated
         synced = distributed.sync_from_rank0([t for pair in factors.values() for t in pair])
         factors = {name: (synced[2 * i], synced[2 * i + 1]) for i, name in enumerate(factors)}
+        self._check_init(factors, self.state.tasks_done + 1)
         ranks = {}
         with torch.no_grad():
             for name, (a, b) in factors.items():
@@ -344,6 +345,28 @@ class KeepLoRA:
             }
         )
         return added
+
+    def _check_init(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], task: int) -> None:
+        """Refuse non-finite A, B or re-initialised weights ``W − scale·(A·B)ᵀ`` before anything is written (one
+        host sync; A and B are identical on every rank, the weights are checked shard by shard)."""
+        flags = {}
+        with torch.no_grad():
+            for name, (a, b) in factors.items():
+                flags[f"{name} (A)"] = finite.all_finite(a)
+                flags[f"{name} (B)"] = finite.all_finite(b)
+                if self.config.b_init == "gradient":
+                    weight = self.layers[name].base_layer.weight
+                    local = distributed.local_tensor(weight.detach())
+                    delta = distributed.local_part(
+                        (self.config.scale * (b.t() @ a.t()).float()).to(local.device), weight
+                    )
+                    flags[f"{name} (initialised weight)"] = finite.all_finite((local.float() - delta).to(local.dtype))
+        bad = finite.failed(flags, across_ranks=True)
+        if bad:
+            raise FloatingPointError(
+                f"task {task}: non-finite values in {bad[:4]} ({len(bad)} in all) at adapter initialisation (the "
+                "task gradient's singular vectors or B = Aᵀ·G hold inf or NaN); nothing was changed"
+            )
 
     def _check_merge(self, bases: dict[str, torch.Tensor], task: int) -> None:
         """Refuse non-finite grown bases or merged weights before anything is written (one host sync for all

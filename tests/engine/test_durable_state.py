@@ -326,6 +326,41 @@ def test_end_task_refuses_a_non_finite_adapter_naming_the_layer():
     assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
+@pytest.mark.parametrize("part", ["A", "B", "initialised weight"])
+def test_begin_task_refuses_non_finite_adapter_factors_naming_the_layer(part, monkeypatch):
+    """Finite gradients can still give non-finite factors (an SVD that fails, B = Aᵀ·G or W − s·(A·B)ᵀ
+    overflowing): injected here into one layer's factors, begin_task refuses before writing anything."""
+    data = CASE.batches()
+    model = CASE.model()
+    kl = KeepLoRA(model, config())
+    name = sorted(kl.layers)[1]
+    adapter_factors = KeepLoRA._adapter_factors
+
+    def poisoned(self, grads):
+        factors = adapter_factors(self, grads)
+        a, b = factors[name]
+        if part == "A":
+            a = a.clone().index_fill_(0, torch.tensor([0]), float("nan"))
+        elif part == "B":
+            b = b.clone().index_fill_(0, torch.tensor([0]), float("inf"))
+        else:  # finite factors whose product overflows the weight's dtype
+            a = a.clone().fill_(1e20)
+            b = b.clone().fill_(1e20)
+        factors[name] = (a, b)
+        return factors
+
+    monkeypatch.setattr(KeepLoRA, "_adapter_factors", poisoned)
+    before = snapshot(model)
+    with pytest.raises(FloatingPointError, match=rf"task 1: non-finite values in \['{name} \({part}\)'"):
+        kl.begin_task(data, CASE.loss)
+    assert not kl.in_task and kl.tasks_done == 0
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    monkeypatch.undo()
+    kl.begin_task(data, CASE.loss)  # nothing was left half-written: the same task begins normally
+    assert kl.in_task
+
+
 def test_nonfinite_names_every_bad_tensor():
     tensors = {
         "a": torch.ones(3, 4),
