@@ -20,6 +20,7 @@ from keeplora_bench.continual.runner import CheckpointError, prepare_output, run
 from support.app_fixtures import make_tiny_bert, tiny_config, write_all_sources
 
 METHODS = [{"name": "keeplora", "type": "keeplora"}]
+TRIALS = 10
 
 
 @pytest.fixture(scope="module")
@@ -100,13 +101,13 @@ def _tasks_done(out: Path) -> int | None:
 
 
 def test_run_killed_at_random_points_resumes_to_the_same_results(world, tmp_path):
-    """Three runs killed (SIGKILL) at a random time after their 0th, 1st and 2nd checkpoint, then resumed: each
-    gives the uninterrupted run's accuracy matrix."""
+    """Ten runs killed (SIGKILL) at a random time after they began and wrote their 0th, 1st, 2nd, ... checkpoint
+    (cycling over the tasks), then resumed: each gives the uninterrupted run's accuracy matrix."""
     root, reference, seconds = world
     per_task = reference.wall_s["keeplora"] / len(reference.tasks)
     rng = random.Random(1)
     done_at_kill = []
-    for trial in range(3):
+    for trial in range(TRIALS):
         out = tmp_path / f"run{trial}"
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child never returns to pytest
@@ -117,16 +118,22 @@ def test_run_killed_at_random_points_resumes_to_the_same_results(world, tmp_path
             finally:
                 os._exit(code)
         deadline = time.time() + 10 * seconds + 60
-        while (_tasks_done(out) or 0) < trial and time.time() < deadline and os.waitpid(pid, os.WNOHANG) == (0, 0):
+        while (
+            not ((out / "config.yaml").is_file() and (_tasks_done(out) or 0) >= trial % len(reference.tasks))
+            and time.time() < deadline
+            and os.waitpid(pid, os.WNOHANG) == (0, 0)
+        ):
             time.sleep(0.01)
         time.sleep(rng.uniform(0.0, per_task))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        done_at_kill.append(_tasks_done(out))
+        done_at_kill.append(_tasks_done(out) or 0)
         if not (out / "config.yaml").is_file():  # killed before the run began: start it
             shutil.rmtree(out, ignore_errors=True)
             resumed = _quiet_run(root / "cfg.yaml", out)
         else:
             resumed = _quiet_run(root / "cfg.yaml", out, resume=True)
         assert resumed.matrices["keeplora"].tolist() == reference.matrices["keeplora"].tolist(), trial
-    print(f"tasks finished when killed: {done_at_kill} (a task takes {per_task:.2f} s)")
+    print(
+        f"kills survived: {TRIALS}/{TRIALS}; tasks finished when killed: {done_at_kill} (a task takes {per_task:.2f} s)"
+    )
