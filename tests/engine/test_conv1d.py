@@ -323,6 +323,29 @@ def test_exported_adapters_rebuild_the_continual_model_with_peft(tmp_path):
     assert (logits(model, probe) - before).abs().max() > 1e-4
 
 
+def test_a_peft_model_with_a_conv1d_adapter_is_reused():
+    """get_peft_model on GPT-2 (PEFT sets fan_in_fan_out for Conv1D): KeepLoRA takes the adapter over, keeps the
+    function at begin_task, and PEFT's own merge of the trained adapter gives the model KeepLoRA's merge gives."""
+    from peft import LoraConfig, get_peft_model
+
+    base = CASE.model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # PEFT: "fan_in_fan_out is set to False ... Conv1D"
+        peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"]))
+    kl = KeepLoRA(peft_model, config(target_modules=None))
+    assert len(kl.layers) == 4 and all(type(layer.base_layer) is Conv1D for layer in kl.layers.values())
+    data = CASE.batches()
+    before = logits(peft_model, data[0])
+    kl.begin_task(data, CASE.loss)
+    torch.testing.assert_close(logits(peft_model, data[0]), before, rtol=1e-4, atol=1e-5)
+    sgd_pass(peft_model, kl.trainable_parameters(), data, CASE.loss, lr=0.5)
+    adapted = logits(peft_model, data[0])
+    peft_merged = copy.deepcopy(peft_model).merge_and_unload()  # PEFT's merge (fan_in_fan_out) of W + s·B·A
+    kl.end_task(data, CASE.loss)
+    torch.testing.assert_close(logits(peft_model, data[0]), adapted, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits(peft_merged, data[0]), adapted, rtol=1e-4, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------- refusals
 class _QuantizedLinear(nn.Linear):
     """Stands for a quantized linear (bitsandbytes' are nn.Linear subclasses)."""
