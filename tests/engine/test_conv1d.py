@@ -19,6 +19,7 @@ from transformers.pytorch_utils import Conv1D
 import keeplora_kernels as kk
 from keeplora import KeepLoRA, KeepLoRAConfig, KeepLoRAWarning
 from keeplora.adapters import KeepLoRALinear, target_shape, target_weight
+from keeplora.statistics import estimate_gradients
 from keeplora_kernels import _dispatch
 from keeplora_kernels.lora_linear import lora_linear_extension, lora_linear_torch
 from support.properties import orthonormality_error
@@ -117,8 +118,8 @@ def _assert_runs_equal(conv_kl, twin_kl, stage, adapters=True):
             assert_close(cb, tb, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("b_init", ["gradient", "zero"])
-def test_conv1d_run_equals_its_linear_twin_at_every_stage(b_init):
+@pytest.mark.parametrize(("b_init", "memory_source"), [("gradient", "features"), ("zero", "gradients")])
+def test_conv1d_run_equals_its_linear_twin_at_every_stage(b_init, memory_source):
     """Pre-trained bases, begin_task's A and B (and W for b_init='gradient'), training steps, end_task's merged
     weights and memory, two tasks: the Conv1D model and its Linear twin agree (fp64, so that the two weight
     layouts' different GEMM rounding stays far below the tolerance)."""
@@ -126,8 +127,9 @@ def test_conv1d_run_equals_its_linear_twin_at_every_stage(b_init):
     twin = linear_twin(conv)
     probe = CASE.batches(seed=9)[0]
     assert_close(logits(conv, probe), logits(twin, probe))  # the oracle is the same function
-    conv_kl = KeepLoRA(conv, config(b_init=b_init, stats_dtype="float64"))
-    twin_kl = KeepLoRA(twin, config(b_init=b_init, stats_dtype="float64"))
+    options = dict(b_init=b_init, memory_source=memory_source, stats_dtype="float64")
+    conv_kl = KeepLoRA(conv, config(**options))
+    twin_kl = KeepLoRA(twin, config(**options))
     assert all(p.shape[1] > 0 for p in conv_kl.bases.values())
     _assert_runs_equal(conv_kl, twin_kl, "pre-trained")
     for task in range(2):
@@ -144,6 +146,27 @@ def test_conv1d_run_equals_its_linear_twin_at_every_stage(b_init):
         _assert_runs_equal(conv_kl, twin_kl, f"task {task} end", adapters=False)
     assert_close(logits(conv, probe), logits(twin, probe))
     assert not torch.equal(logits(conv, probe), logits(CASE.model().double(), probe))  # the tasks did change it
+
+
+def test_gradient_estimate_is_the_autograd_gradient_of_the_transposed_stored_weight():
+    model = CASE.model()
+    kl = KeepLoRA(model, config())
+    data = CASE.batches()
+    grads = estimate_gradients(model, kl.layers, data, CASE.loss, device=torch.device("cpu"), dtype=torch.float64)
+    weights = {n: layer.base_layer.weight for n, layer in kl.layers.items()}
+    for w in weights.values():
+        w.requires_grad_(True)
+    for batch in data:
+        CASE.loss(model, batch).backward()
+    for name, w in weights.items():
+        assert grads[name].shape == target_shape(kl.layers[name])
+        torch.testing.assert_close(grads[name], w.grad.double().t() / len(data), rtol=1e-5, atol=1e-7)
+        w.requires_grad_(False)
+
+
+def test_default_targets_of_gpt2_are_its_attention_conv1d():
+    kl = KeepLoRA(CASE.model(), config(target_modules=None))  # PEFT's default targets for model type gpt2
+    assert sorted(kl.layers) == [f"transformer.h.{i}.attn.c_attn" for i in range(2)]
 
 
 # ----------------------------------------------------------------------------------------------- guarantees
@@ -297,6 +320,26 @@ def test_save_load_round_trips_mid_task_and_between_tasks(tmp_path):
             torch.testing.assert_close(run.bases[name], kl.bases[name], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(run.layers[name].base_layer.weight, layer.base_layer.weight)
         torch.testing.assert_close(logits(run.model, data1[0]), logits(model, data1[0]))
+
+
+def test_trainer_restore_writes_the_stored_weights(tmp_path):
+    """keeplora.trainer.restore (Trainer resume) puts a mid-task state into a running KeepLoRA in place."""
+    from keeplora.trainer import STATE_SUBFOLDER, restore
+
+    data = CASE.batches()
+    model = CASE.model()
+    kl = KeepLoRA(model, config())
+    kl.begin_task(data, CASE.loss)
+    sgd_pass(model, kl.trainable_parameters(), data, CASE.loss, lr=0.5)
+    kl.save(tmp_path / STATE_SUBFOLDER)
+    other_model = CASE.model()
+    other = KeepLoRA(other_model, config())
+    restore(other, tmp_path)
+    assert other.in_task
+    for name, layer in kl.layers.items():
+        assert torch.equal(other.layers[name].base_layer.weight, layer.base_layer.weight)
+        assert torch.equal(adapter(other, name)[1], adapter(kl, name)[1])
+    torch.testing.assert_close(logits(other_model, data[0]), logits(model, data[0]))
 
 
 def test_exported_adapters_rebuild_the_continual_model_with_peft(tmp_path):
