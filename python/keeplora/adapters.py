@@ -5,6 +5,11 @@ their class to :class:`KeepLoRALinear`, a subclass that only changes ``forward``
 configuration (one active adapter, W and A frozen, no dropout in effect) it runs the fused frozen-A op
 ``keeplora_kernels.lora_linear``, which keeps ``s = x·Aᵀ`` (T×r) for backward instead of x (T×d_in). Any other
 configuration falls back to PEFT's forward, so behaviour never silently changes.
+
+Targets are ``torch.nn.Linear`` and transformers' ``Conv1D`` (GPT-2 family), which stores its weight ``d_in × d_out``
+(PEFT's ``fan_in_fan_out``). :func:`target_weight` is the one place that reads a target's base weight: it gives it as
+``d_out × d_in`` for both (a Conv1D weight's transpose, a view, so in-place writes reach the stored weight); PEFT's
+``lora_A`` / ``lora_B`` are ``r × d_in`` / ``d_out × r`` for both.
 """
 
 from __future__ import annotations
@@ -18,10 +23,37 @@ from peft import LoraConfig, PeftModel, inject_adapter_in_model
 from peft.tuners.lora import layer as lora_layer
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 import keeplora_kernels as kk
 
 from .config import KeepLoRAConfig
+
+SUPPORTED_LAYERS = "supported: torch.nn.Linear, transformers Conv1D (GPT-2 family)"
+
+
+def _base_of(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if isinstance(module, LoraLayer) else module
+
+
+def is_supported(module: nn.Module) -> bool:
+    """Whether KeepLoRA can adapt ``module`` (a bare layer or a PEFT LoRA layer around one): its type is exactly
+    ``torch.nn.Linear`` or transformers' ``Conv1D`` (subclasses such as quantized linears are not)."""
+    return type(_base_of(module)) in (nn.Linear, Conv1D)
+
+
+def target_weight(module: nn.Module) -> torch.Tensor:
+    """The base weight of a target (a bare layer or a PEFT LoRA layer) as ``d_out × d_in``: ``nn.Linear``'s own
+    weight, or the transpose of a ``Conv1D``'s ``d_in × d_out`` weight (a view: in-place writes reach the stored
+    weight, and a DTensor stays one)."""
+    base = _base_of(module)
+    return base.weight.t() if type(base) is Conv1D else base.weight
+
+
+def target_shape(module: nn.Module) -> tuple[int, int]:
+    """``(d_out, d_in)`` of a target (a bare layer or a PEFT LoRA layer); the global shape of a sharded weight."""
+    d_out, d_in = target_weight(module).shape
+    return int(d_out), int(d_in)
 
 
 class KeepLoRALinear(lora_layer.Linear):
@@ -35,7 +67,7 @@ class KeepLoRALinear(lora_layer.Linear):
         if self.disable_adapters or self.merged or len(active) != 1:
             return None
         name = active[0]
-        if name not in self.lora_A or name in self.lora_variant or type(self.base_layer) is not nn.Linear:
+        if name not in self.lora_A or name in self.lora_variant or not is_supported(self.base_layer):
             return None
         if self.lora_A[name].weight.requires_grad or self.base_layer.weight.requires_grad:
             return None
@@ -50,9 +82,13 @@ class KeepLoRALinear(lora_layer.Linear):
         name = None if (args or kwargs) else self._fused_adapter()
         if name is None:
             return super().forward(x, *args, **kwargs)
-        base = self.base_layer
         return kk.lora_linear(
-            x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+            x,
+            target_weight(self.base_layer),
+            self.base_layer.bias,
+            self.lora_A[name].weight,
+            self.lora_B[name].weight,
+            self.scaling[name],
         )
 
 
@@ -97,8 +133,8 @@ def resolve_targets(model: nn.Module, config: KeepLoRAConfig) -> list[str]:
     """Full names (relative to the unwrapped model) of the modules to adapt, in model order.
 
     Names in a list match like PEFT's (equal, or ending with '.' + entry); a string is a regex that must match the
-    whole name. Raises ``ValueError`` naming every list entry that matches nothing and every match that is not a
-    ``torch.nn.Linear``.
+    whole name. Raises ``ValueError`` naming every list entry that matches nothing and every match that is neither a
+    ``torch.nn.Linear`` nor a transformers ``Conv1D`` (exact types).
     """
     root = unwrap_model(model)
     existing = _adapter_layers(root, config.adapter_name)
@@ -117,25 +153,28 @@ def resolve_targets(model: nn.Module, config: KeepLoRAConfig) -> list[str]:
             hit = bool(entries)
         if not hit:
             continue
-        base = module.get_base_layer() if isinstance(module, LoraLayer) else module
-        if type(base) is nn.Linear:
+        if is_supported(module):
             names.append(name)
         else:
-            not_linear.append(f"{name} ({type(base).__name__})")
+            base = _base_of(module)
+            not_linear.append(f"{name} ({type(base).__module__}.{type(base).__qualname__})")
     if isinstance(spec, list) and len(used_entries) < len(spec):
         missing = [e for e in spec if e not in used_entries]
-        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in root.named_modules() if type(m) is nn.Linear})
+        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in root.named_modules() if n and is_supported(m)})
         raise ValueError(
-            f"KeepLoRAConfig.target_modules: no module matches {missing}; the nn.Linear modules of "
+            f"KeepLoRAConfig.target_modules: no module matches {missing}; the nn.Linear / Conv1D modules of "
             f"this model have names ending with one of {linear_names}"
         )
     if not_linear:
         raise ValueError(
-            "KeepLoRAConfig.target_modules matched modules that are not torch.nn.Linear (KeepLoRA "
-            f"adapts linear layers only): {not_linear[:8]}"
+            "KeepLoRAConfig.target_modules matched modules that are not torch.nn.Linear or transformers Conv1D: "
+            f"{not_linear[:8]} ({SUPPORTED_LAYERS})"
         )
     if not names:
-        raise ValueError(f"KeepLoRAConfig.target_modules={spec!r} matches no nn.Linear module of the model")
+        raise ValueError(
+            f"KeepLoRAConfig.target_modules={spec!r} matches no nn.Linear or Conv1D module of the model "
+            f"({SUPPORTED_LAYERS})"
+        )
     return names
 
 
@@ -148,20 +187,27 @@ def check_shapes(model: nn.Module, names: list[str], config: KeepLoRAConfig) -> 
     root = unwrap_model(model)
     modules = dict(root.named_modules())
     for name in names:
-        module = modules[name]
-        d_in = (module.get_base_layer() if isinstance(module, LoraLayer) else module).in_features
+        d_out, d_in = target_shape(modules[name])
         if config.r > d_in:
             raise ValueError(f"KeepLoRAConfig.r = {config.r} exceeds d_in = {d_in} of target {name!r}; use r ≤ {d_in}")
         if config.weight_subspace_side == "output":
-            w = (module.get_base_layer() if isinstance(module, LoraLayer) else module).weight
-            if w.shape[0] != w.shape[1]:
+            if d_out != d_in:
                 raise ValueError(
                     "KeepLoRAConfig.weight_subspace_side='output' (also implied by "
                     "weight_subspace='official-clip') applies output-space singular vectors on the input "
-                    f"side, which needs square weights; {name!r} is {tuple(w.shape)}. Use "
+                    f"side, which needs square weights; {name!r} is {(d_out, d_in)} (d_out, d_in). Use "
                     "weight_subspace_side='input'."
                 )
         config.weight_energy_for(name)  # every target needs an ε_w
+
+
+def fan_in_fan_out(root: nn.Module, names: list[str]) -> bool:
+    """PEFT's ``LoraConfig.fan_in_fan_out`` for these targets: True when they are Conv1D layers (weight stored
+    ``d_in × d_out``). PEFT decides it per layer at injection anyway (and warns when the config disagrees); a model
+    whose targets mix both types gets the value of the majority."""
+    modules = dict(root.named_modules())
+    conv = sum(type(_base_of(modules[n])) is Conv1D for n in names)
+    return 2 * conv > len(names)
 
 
 def attach_adapters(model: nn.Module, names: list[str], config: KeepLoRAConfig) -> dict[str, KeepLoRALinear]:
@@ -195,6 +241,7 @@ def attach_adapters(model: nn.Module, names: list[str], config: KeepLoRAConfig) 
             target_modules=list(names),
             lora_dropout=config.lora_dropout,
             bias="none",
+            fan_in_fan_out=fan_in_fan_out(root, names),
         )
         if isinstance(model, PeftModel):
             model.add_adapter(config.adapter_name, lora_config)

@@ -5,7 +5,10 @@ with; :func:`read_state` reads one back, checked against a model, as a :class:`S
 :meth:`keeplora.KeepLoRA.load` applies. A state folder holds ``keeplora_state.json`` (format version, config, task
 counter, history, the record of the task in progress, target shapes and weight fingerprints), ``bases.safetensors``
 (the protected bases), ``weights.safetensors`` (the current target weights, which carry every merged task), mid-task
-``adapter.safetensors`` (A, B and B at task start), and ``manifest.json`` (every file's size and sha256). It is
+``adapter.safetensors`` (A, B and B at task start), and ``manifest.json`` (every file's size and sha256).
+Every target weight is saved ``d_out × d_in`` (the engine's convention, the shape in ``targets``): an ``nn.Linear``
+weight as the model stores it, a transformers ``Conv1D`` weight (stored ``d_in × d_out``) transposed; A and B are
+PEFT's ``r × d_in`` and ``d_out × r`` for both. It is
 written with :func:`keeplora.durable.atomic_folder` (fsynced, then renamed into place), so a crash or power loss
 leaves the previous or the new state, never a mix; loading verifies the manifest and checks every tensor before the
 model is touched.
@@ -47,8 +50,11 @@ class SavedState:
 
 
 def target_weights(layers: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """``{target: base weight}`` of PEFT LoRA layers."""
-    return {name: layer.base_layer.weight for name, layer in layers.items()}
+    """``{target: base weight}`` (``d_out × d_in``, see :func:`keeplora.adapters.target_weight`) of PEFT LoRA
+    layers."""
+    from .adapters import target_weight
+
+    return {name: target_weight(layer) for name, layer in layers.items()}
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:
@@ -62,6 +68,7 @@ def save_state(
     """Write ``state`` and ``config`` to ``directory`` with the model tensors that go with them, read from
     ``layers`` (``{target: PEFT LoRA layer}``): the target weights and, during a task, the adapter
     ``config.adapter_name``."""
+    weights = target_weights(layers)
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "config": config.to_dict(),
@@ -69,13 +76,13 @@ def save_state(
         "in_task": state.in_task,
         "history": state.history,
         "task_record": state.task_record,
-        "targets": {n: [layer.out_features, layer.in_features] for n, layer in layers.items()},
+        "targets": {n: list(w.shape) for n, w in weights.items()},
         "initial_fingerprint": state.initial_fingerprint,
-        "current_fingerprint": fingerprint(target_weights(layers)),
+        "current_fingerprint": fingerprint(weights),
     }
     files = {
         "bases.safetensors": {n: p.contiguous().cpu() for n, p in state.bases.items()},
-        "weights.safetensors": {n: _host(layer.base_layer.weight) for n, layer in layers.items()},
+        "weights.safetensors": {n: _host(w) for n, w in weights.items()},
     }
     if state.in_task:
         adapter = config.adapter_name
@@ -150,14 +157,12 @@ def _read_folder(folder: Path, model: torch.nn.Module):
         config = KeepLoRAConfig.from_dict(meta["config"])
     except (TypeError, ValueError) as error:
         raise ValueError(f"{folder / STATE_FILE} holds a config this keeplora rejects: {error}") from None
-    layers = _check_model_matches(model, config, meta, folder)
+    targets = _check_model_matches(model, config, meta, folder)
     bases = _read_tensors(folder, "bases.safetensors")
     weights = _read_tensors(folder, "weights.safetensors")
     expected: dict[str, dict[str, tuple[Any, torch.dtype | None]]] = {
-        "bases.safetensors": {n: ((layer.in_features, None), None) for n, layer in layers.items()},
-        "weights.safetensors": {
-            n: ((layer.out_features, layer.in_features), layer.weight.dtype) for n, layer in layers.items()
-        },
+        "bases.safetensors": {n: ((w.shape[1], None), None) for n, w in targets.items()},
+        "weights.safetensors": {n: (tuple(w.shape), w.dtype) for n, w in targets.items()},
     }
     files = {"bases.safetensors": bases, "weights.safetensors": weights}
     adapter = None
@@ -167,11 +172,11 @@ def _read_folder(folder: Path, model: torch.nn.Module):
         r = config.r
         expected["adapter.safetensors"] = {
             key: (shape, None)
-            for n, layer in layers.items()
+            for n, w in targets.items()
             for key, shape in (
-                (f"{n}.lora_A", (r, layer.in_features)),
-                (f"{n}.lora_B", (layer.out_features, r)),
-                (f"{n}.lora_B_start", (layer.out_features, r)),
+                (f"{n}.lora_A", (r, w.shape[1])),
+                (f"{n}.lora_B", (w.shape[0], r)),
+                (f"{n}.lora_B_start", (w.shape[0], r)),
             )
         }
     for file, tensors in files.items():
@@ -185,7 +190,7 @@ def _read_folder(folder: Path, model: torch.nn.Module):
                 f"{folder / 'bases.safetensors'}: the basis of {name!r} has "
                 f"{basis.shape[1]} columns, more than its {basis.shape[0]} rows"
             )
-    return config, meta, bases, weights, adapter, {n: layer.weight for n, layer in layers.items()}
+    return config, meta, bases, weights, adapter, targets
 
 
 def _read_tensors(folder: Path, file: str) -> dict[str, torch.Tensor]:
@@ -223,14 +228,10 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return unwrap_model(model)
 
 
-def _base_layer(module: torch.nn.Module) -> torch.nn.Module:
-    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
-
-
 def _check_model_matches(model, config, meta, folder) -> dict[str, torch.nn.Module]:
     """Before touching the model: the config must fit it (as KeepLoRA's constructor checks it), and the targets and
-    their shapes must be the saved ones. Returns ``{target name: its nn.Linear}``."""
-    from .adapters import check_shapes, resolve_targets
+    their shapes must be the saved ones. Returns ``{target name: its base weight, d_out × d_in}``."""
+    from .adapters import check_shapes, resolve_targets, target_weight
 
     bare = distributed.unwrap_data_parallel(model)
     names = resolve_targets(bare, config)
@@ -243,16 +244,16 @@ def _check_model_matches(model, config, meta, folder) -> dict[str, torch.nn.Modu
             f"{folder} was saved for targets {sorted(saved)[:4]}… ({len(saved)}), but this model has "
             f"{sorted(names)[:4]}… ({len(names)}): not the same model"
         )
-    layers = {}
+    targets = {}
     for name in names:
-        base = _base_layer(modules[name])
-        if [base.out_features, base.in_features] != list(saved[name]):
+        weight = target_weight(modules[name])
+        if list(weight.shape) != list(saved[name]):
             raise ValueError(
                 f"{folder}: target {name!r} was {tuple(saved[name])} (d_out, d_in) when saved, but is "
-                f"{(base.out_features, base.in_features)} in this model: not the same model"
+                f"{tuple(weight.shape)} in this model: not the same model"
             )
-        layers[name] = base
-    return layers
+        targets[name] = weight
+    return targets
 
 
 def _check_fingerprint(weights: dict[str, torch.Tensor], meta: dict, folder: Path) -> None:
@@ -278,7 +279,7 @@ def export_peft_adapter(
     adapter ``config.adapter_name`` on ``layers`` (the targets' PEFT LoRA layers in ``model``)."""
     from peft import LoraConfig
 
-    from .adapters import unwrap_model
+    from .adapters import fan_in_fan_out, unwrap_model
 
     adapter = config.adapter_name
     tensors = {}
@@ -297,6 +298,7 @@ def export_peft_adapter(
                 lora_alpha=config.alpha,
                 target_modules=list(layers),
                 bias="none",
+                fan_in_fan_out=fan_in_fan_out(root, list(layers)),
                 base_model_name_or_path=base_name,
             ).save_pretrained(str(tmp))
             save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -38,7 +38,9 @@ class KeepLoRAConfig:
                 "Modules to adapt. A list of names matched like PEFT does (a module is a target when its full name "
                 "equals an entry or ends with '.' + entry, e.g. 'query' or 'attention.output.dense'), or one string "
                 "used as a regular expression that must match the full module name. None: the targets of an existing "
-                "PEFT adapter, else PEFT's default targets for the model type. Targets must be torch.nn.Linear."
+                "PEFT adapter, else PEFT's default targets for the model type. Targets must be torch.nn.Linear or "
+                "transformers Conv1D (GPT-2 family; exact types: other layers, quantized linears included, are "
+                "refused)."
             )
         },
     )

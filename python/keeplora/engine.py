@@ -8,7 +8,9 @@
 
 Conventions: PyTorch weights are ``d_out × d_in``; every protected basis ``P`` is an orthonormal ``d_in × k`` basis
 of the input space; PEFT stores ``A`` as ``lora_A.weight`` (``r × d_in``) and ``B`` as ``lora_B.weight``
-(``d_out × r``), so the weight delta is ``scale·lora_B.weight·lora_A.weight``.
+(``d_out × r``), so the weight delta is ``scale·lora_B.weight·lora_A.weight``. A target's base weight is always read
+as ``d_out × d_in`` through :func:`keeplora.adapters.target_weight` (for a transformers ``Conv1D``, which stores it
+``d_in × d_out``, a transposed view, so the in-place merges write the stored weight).
 """
 
 from __future__ import annotations
@@ -26,7 +28,15 @@ from torch import nn
 import keeplora_kernels as kk
 
 from . import checkpoint, distributed, finite
-from .adapters import adapters_bypassed, attach_adapters, check_shapes, freeze_adapters, resolve_targets, unwrap_model
+from .adapters import (
+    adapters_bypassed,
+    attach_adapters,
+    check_shapes,
+    freeze_adapters,
+    resolve_targets,
+    target_weight,
+    unwrap_model,
+)
 from .basis import expand_bases, orthonormalize_against, random_residual_directions
 from .batching import bounded_batches
 from .config import KeepLoRAConfig
@@ -116,10 +126,7 @@ class KeepLoRA:
         check_shapes(bare, names, config)
         modules = dict(unwrap_model(bare).named_modules())
         distributed.check_wrapping(model, bare, {n: modules[n] for n in names}, config.adapter_name)
-        targets = {
-            n: (m.get_base_layer() if hasattr(m, "get_base_layer") else m).weight
-            for n, m in ((n, modules[n]) for n in names)
-        }
+        targets = {n: target_weight(modules[n]) for n in names}
         bad = finite.nonfinite(targets, across_ranks=True)
         if bad:
             raise ValueError(
@@ -134,7 +141,7 @@ class KeepLoRA:
         self.model = model
         self.config = config
         self.layers = attach_adapters(model, names, config)
-        first = next(iter(self.layers.values())).base_layer.weight
+        first = target_weight(next(iter(self.layers.values())))
         self.device = first.device
         if state is None:
             initial = fingerprint(checkpoint.target_weights(self.layers))
@@ -147,7 +154,7 @@ class KeepLoRA:
         with torch.no_grad():
             for name, layer in self.layers.items():
                 if weights is not None:
-                    distributed.copy_full_(layer.base_layer.weight, weights[name])
+                    distributed.copy_full_(target_weight(layer), weights[name])
                 if adapters is not None:
                     a, b = adapters[name]
                     distributed.copy_full_(layer.lora_A[config.adapter_name].weight, a)
@@ -237,7 +244,7 @@ class KeepLoRA:
                 distributed.copy_full_(lora_b, b.t())
                 self.state.b_start[name] = b.t().contiguous().to(device=self.device, dtype=lora_b.dtype)
                 if self.config.b_init == "gradient":
-                    distributed.add_full_(layer.base_layer.weight, -self.config.scale * (b.t() @ a.t()))
+                    distributed.add_full_(target_weight(layer), -self.config.scale * (b.t() @ a.t()))
                 ranks[name] = int((a.abs().sum(0) > 0).sum())
         freeze_adapters(self.layers, self.adapter_name)
         self.state.in_task = True
@@ -325,7 +332,7 @@ class KeepLoRA:
             for layer in self.layers.values():
                 lora_a, lora_b = layer.lora_A[self.adapter_name].weight, layer.lora_B[self.adapter_name].weight
                 a, b = distributed.full_tensor(lora_a.detach()), distributed.full_tensor(lora_b.detach())
-                distributed.add_full_(layer.base_layer.weight, self.config.scale * (b.float() @ a.float()))
+                distributed.add_full_(target_weight(layer), self.config.scale * (b.float() @ a.float()))
                 distributed.local_tensor(lora_a).zero_()
                 distributed.local_tensor(lora_b).zero_()
         added = {name: int(bases[name].shape[1] - self.state.bases[name].shape[1]) for name in self.layers}
@@ -378,7 +385,7 @@ class KeepLoRA:
                     flags[f"{name} (grown basis)"] = finite.all_finite(bases[name])
                 lora_a, lora_b = layer.lora_A[self.adapter_name].weight, layer.lora_B[self.adapter_name].weight
                 a, b = distributed.full_tensor(lora_a.detach()), distributed.full_tensor(lora_b.detach())
-                weight = layer.base_layer.weight
+                weight = target_weight(layer)
                 local = distributed.local_tensor(weight.detach())
                 delta = distributed.local_part((self.config.scale * (b.float() @ a.float())).to(local.device), weight)
                 flags[f"{name} (merged weight)"] = finite.all_finite((local.float() + delta).to(local.dtype))
@@ -431,9 +438,9 @@ class KeepLoRA:
         bases = {}
         with distributed.failures_shared("principal subspaces of the pre-trained weights"):
             for energy, group in by_energy.items():
-                biggest = max(self.layers[n].base_layer.weight.numel() for n in group)
+                biggest = max(target_weight(self.layers[n]).numel() for n in group)
                 for names in bounded_batches(group, 8 * biggest):  # the fp64 work copies dominate
-                    weights = [distributed.full_tensor(self.layers[n].base_layer.weight.detach()) for n in names]
+                    weights = [distributed.full_tensor(target_weight(self.layers[n]).detach()) for n in names]
                     found = kk.principal_subspace(weights, energy, **self.config.principal_subspace_options())
                     for name, basis in zip(names, found):
                         bases[name] = basis.to(device=self.device, dtype=self.config.torch_stats_dtype).contiguous()

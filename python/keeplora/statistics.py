@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 import keeplora_kernels as kk
 
 from . import distributed
+from .adapters import target_shape
 from .distributed import all_reduce_sum, failures_shared
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -251,9 +252,7 @@ def estimate_gradients(
     """
     split = loss_fn is None
     loss_fn = loss_fn or model_loss
-    sums = {
-        name: torch.zeros(layer.base_layer.weight.shape, device=device, dtype=dtype) for name, layer in layers.items()
-    }
+    sums = {name: torch.zeros(target_shape(layer), device=device, dtype=dtype) for name, layer in layers.items()}
     anchor = torch.zeros((), device=device, dtype=torch.float32, requires_grad=True)
     tapped = [0]
 

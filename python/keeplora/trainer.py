@@ -25,6 +25,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import checkpoint, distributed
+from .adapters import target_weight
 from .engine import KeepLoRA
 from .statistics import LossFn
 
@@ -118,7 +119,7 @@ def restore(keeplora: KeepLoRA, folder: str | os.PathLike) -> None:
     new_state.b_start = {n: new_state.b_start[n] for n in layers} if new_state.in_task else {}
     with torch.no_grad():
         for name, layer in layers.items():
-            distributed.copy_full_(layer.base_layer.weight, saved.weights[name])
+            distributed.copy_full_(target_weight(layer), saved.weights[name])
             if saved.adapters is not None:
                 a, b = saved.adapters[name]
                 distributed.copy_full_(layer.lora_A[adapter].weight, a)

@@ -4,7 +4,8 @@
     accelerate launch --multi_gpu --num_processes 2 tests/support/distributed_worker.py SCENARIO OUT_DIR
 
 Scenarios: ``ddp``, ``fsdp`` (FSDP2 ``fully_shard``), ``accelerate`` (DDP by ``Accelerator.prepare``): two tasks
-of :func:`continual_run` over this rank's shard of the data; ``trainer``: two tasks through ``transformers.Trainer``
+of :func:`continual_run` over this rank's shard of the data, on the tiny model named by ``KEEPLORA_TEST_CASE``
+(``bert`` when unset; ``gpt2`` for Conv1D targets); ``trainer``: two tasks through ``transformers.Trainer``
 with ``KeepLoRACallback``; ``collectives``: the helpers of keeplora.distributed on small tensors; ``fail`` /
 ``fail-fsdp``: rank 1's loss raises during the gradient pass. Each rank writes
 ``OUT_DIR/rank{r}.pt`` (tensors) and ``OUT_DIR/rank{r}.json`` (outcome). :func:`continual_run` is also the
@@ -25,9 +26,9 @@ import torch
 from keeplora import KeepLoRA, KeepLoRAConfig
 from keeplora import distributed as kd
 from support import tiny_models
-from support.tiny_models import CASES
+from support.tiny_models import CASES, CONV1D_CASES
 
-CASE = CASES["bert"]
+CASE = {**CASES, **CONV1D_CASES}[os.environ.get("KEEPLORA_TEST_CASE", "bert")]
 WORLD = 2
 BATCHES_PER_RANK = 2
 LR = 0.5
@@ -53,7 +54,9 @@ def build_model() -> torch.nn.Module:
 
 
 def loss_fn(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """The BERT case's loss (a fixed head on the first token) in the run's dtype."""
+    """The case's loss in the run's dtype (BERT: a fixed head on the first token)."""
+    if CASE.name != "bert":
+        return CASE.loss(model, batch)
     h = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state[:, 0]
     return torch.nn.functional.cross_entropy(h @ tiny_models._BERT_HEAD.to(h.dtype), batch["labels"])
 
@@ -134,7 +137,7 @@ def scenario_fsdp(out: Path) -> None:
     model = build_model()
     kl = KeepLoRA(model, config())
     full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    for layer in model.encoder.layer:
+    for layer in model.encoder.layer if hasattr(model, "encoder") else model.transformer.h:
         fully_shard(layer)
     fully_shard(model)
     sharded = {n: kd.is_sharded(layer.base_layer.weight) for n, layer in kl.layers.items()}

@@ -13,6 +13,8 @@ from transformers import (
     BertModel,
     CLIPConfig,
     CLIPModel,
+    GPT2Config,
+    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     ViTConfig,
@@ -167,6 +169,31 @@ def _llama_loss(model, b):
     return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
 
 
+# ---- GPT-2: causal LM, the model's own loss; every target is a transformers Conv1D (weight stored d_in × d_out):
+# c_attn 32→96, c_proj 32→32 (attention) and 128→32 (MLP), c_fc 32→128. No dropout, so that training steps in train
+# mode are deterministic (two runs that should agree do).
+def _gpt2():
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=32,
+            n_inner=128,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    )
+    # transformers finds no loss type in the class name "GPT2LMHeadModel": its loss_function property then logs a
+    # warning on every call (a graph break under torch.compile) and uses the causal LM loss, named here instead
+    model.loss_type = "ForCausalLM"
+    return model
+
+
 CASES = {
     "bert": Case("bert", _bert, ["query", "key", "value", "attention.output.dense"], _bert_batch, _bert_loss),
     "clip": Case(
@@ -179,6 +206,13 @@ CASES = {
     ),
     "vit": Case("vit", _vit, ["q_proj", "v_proj"], _vit_batch, _vit_loss, has_text_mask=False),
     "llama": Case("llama", _llama, ["q_proj", "k_proj", "v_proj", "o_proj"], _llama_batch, _llama_loss),
+}
+
+# Models whose targets are transformers Conv1D layers (weight stored d_in × d_out). Kept out of CASES: tests that
+# iterate CASES read ``layer.base_layer.weight`` as d_out × d_in; the Conv1D tests read it through
+# ``keeplora.adapters.target_weight`` (see tests/engine/test_conv1d.py).
+CONV1D_CASES = {
+    "gpt2": Case("gpt2", _gpt2, ["c_attn", "c_proj", "c_fc"], _llama_batch, _llama_loss),
 }
 
 
