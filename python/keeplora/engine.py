@@ -362,7 +362,7 @@ class KeepLoRA:
                 flags[f"{name} (A)"] = finite.all_finite(a)
                 flags[f"{name} (B)"] = finite.all_finite(b)
                 if self.config.b_init == "gradient":
-                    weight = self.layers[name].base_layer.weight
+                    weight = target_weight(self.layers[name])
                     local = distributed.local_tensor(weight.detach())
                     delta = distributed.local_part(
                         (self.config.scale * (b.t() @ a.t()).float()).to(local.device), weight

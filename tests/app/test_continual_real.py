@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from keeplora_bench.continual import sources as S
 from keeplora_bench.continual.model import ModelMissing, resolve_model_path
@@ -59,5 +61,22 @@ def test_quick_run_on_the_real_benchmark(tmp_path):
     info = json.loads((tmp_path / "run" / "methods" / "keeplora" / "accuracy.json").read_text())["info"]
     sizes = [sum(t["basis_sizes"].values()) for t in info]
     assert sizes == sorted(sizes) and all(v <= 384 for t in info for v in t["basis_sizes"].values())
+    # the run's last two saved KeepLoRA states (after tasks T − 1 and T): bases orthonormal within d_in, the old
+    # columns kept, and the last task's weight change leaving the earlier basis' inputs alone (ΔW·P ≈ 0)
+    states = tmp_path / "run" / "checkpoints"
+    last, previous = states / "keeplora" / "keeplora", states / "keeplora.previous" / "keeplora"
+    assert json.loads((last / "keeplora_state.json").read_text())["tasks_done"] == T
+    assert json.loads((previous / "keeplora_state.json").read_text())["tasks_done"] == T - 1
+    bases, old_bases = load_file(last / "bases.safetensors"), load_file(previous / "bases.safetensors")
+    weights, old_weights = load_file(last / "weights.safetensors"), load_file(previous / "weights.safetensors")
+    assert sorted(bases) == sorted(weights) and len(bases) == 24  # 6 layers × query, key, value, output
+    for name, p in bases.items():
+        p, old = p.double(), old_bases[name].double()
+        assert old.shape[1] <= p.shape[1] <= 384, name
+        torch.testing.assert_close(p[:, : old.shape[1]], old, rtol=0, atol=0)
+        assert (p.T @ p - torch.eye(p.shape[1], dtype=p.dtype)).abs().max() <= 1e-5, name
+        delta = weights[name].double() - old_weights[name].double()
+        assert delta.abs().max() > 0, name  # the task trained this layer
+        assert (delta @ old).abs().max() <= 1e-5 * old_weights[name].abs().max(), name
     # data sources recorded with their pinned versions
     assert data[0]["sources"] == {"wordnet-base": {"version": "1:3.0-37", "sha256": S.MANIFEST["wordnet-base"].sha256}}

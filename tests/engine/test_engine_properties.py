@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keeplora import KeepLoRA, KeepLoRAConfig, KeepLoRAWarning
+from keeplora.adapters import target_weight
 from support.properties import count_example, orthonormality_error
 from support.tiny_models import CASES
 
@@ -38,7 +39,7 @@ def _weights(kl) -> dict[str, torch.Tensor]:
     for name, layer in kl.layers.items():
         a = layer.lora_A[kl.adapter_name].weight.double()
         b = layer.lora_B[kl.adapter_name].weight.double()
-        out[name] = layer.base_layer.weight.double() + kl.config.scale * (b @ a)
+        out[name] = target_weight(layer).double() + kl.config.scale * (b @ a)
     return out
 
 

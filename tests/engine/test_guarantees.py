@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from keeplora import KeepLoRA, KeepLoRAConfig, KeepLoRAWarning
+from keeplora.adapters import target_weight
 from support.tiny_models import CASES
 
 ALL = sorted(CASES)
@@ -44,7 +45,7 @@ def adapter(kl, name):
 def effective_weight(kl, name):
     layer = kl.layers[name]
     a, b = adapter(kl, name)
-    return layer.base_layer.weight.double() + kl.config.scale * (a @ b).t()
+    return target_weight(layer).double() + kl.config.scale * (a @ b).t()
 
 
 def outputs(model, case, batch):
@@ -116,7 +117,7 @@ def test_one_sgd_step_on_b_is_the_projected_weight_step(case_name):
     kl.begin_task(data, case.loss)
     train(kl, case, data, steps=2)  # move B away from its initial value first
     batch = data[1]
-    base_weights = {n: kl.layers[n].base_layer.weight for n in kl.layers}
+    base_weights = {n: target_weight(kl.layers[n]) for n in kl.layers}
     for w in base_weights.values():  # autograd gradient of the effective weight (PEFT's general forward path)
         w.requires_grad_(True)
     loss = case.loss(model, batch)
@@ -140,7 +141,7 @@ def test_one_sgd_step_on_b_is_the_projected_weight_step(case_name):
 
 def _reference_gradients(case, model, kl, data):
     """Mean over batches of ∂L/∂W by plain autograd, in eval mode."""
-    weights = {n: kl.layers[n].base_layer.weight for n in kl.layers}
+    weights = {n: target_weight(kl.layers[n]) for n in kl.layers}
     total = {n: torch.zeros_like(w, dtype=torch.float64) for n, w in weights.items()}
     for w in weights.values():
         w.requires_grad_(True)
@@ -202,7 +203,7 @@ def test_pretrained_bases_follow_the_energy_rule(case_name):
     case = CASES[case_name]
     model, kl = make(case)
     for name, layer in kl.layers.items():
-        w = layer.base_layer.weight.double()
+        w = target_weight(layer).double()
         _, s, vh = torch.linalg.svd(w)
         frac = torch.cumsum(s**2, 0) / (s**2).sum()
         energy = kl.config.weight_energy_for(name)
@@ -283,7 +284,7 @@ def test_bases_stay_orthonormal_are_capped_and_a_full_basis_gives_a_zero_adapter
             torch.testing.assert_close(p.t() @ p, torch.eye(p.shape[1]), atol=1e-5, rtol=0)
     full = [n for n, p in kl.bases.items() if p.shape[1] == d_in[n]]
     assert full, "ε_f = 1 should fill some bases within three tasks"
-    weights = {n: kl.layers[n].base_layer.weight.clone() for n in full}
+    weights = {n: target_weight(kl.layers[n]).clone() for n in full}
     data = case.batches(seed=9)
     with pytest.warns(KeepLoRAWarning, match="spans all of"):
         kl.begin_task(data, case.loss)
@@ -293,7 +294,7 @@ def test_bases_stay_orthonormal_are_capped_and_a_full_basis_gives_a_zero_adapter
     train(kl, case, data, steps=2)
     kl.end_task(data, case.loss)
     for name in full:
-        assert torch.equal(kl.layers[name].base_layer.weight, weights[name])
+        assert torch.equal(target_weight(kl.layers[name]), weights[name])
 
 
 def test_random_a_ablation_stays_in_the_residual_subspace():

@@ -208,12 +208,12 @@ CASES = {
     "llama": Case("llama", _llama, ["q_proj", "k_proj", "v_proj", "o_proj"], _llama_batch, _llama_loss),
 }
 
-# Models whose targets are transformers Conv1D layers (weight stored d_in × d_out). Kept out of CASES: tests that
-# iterate CASES read ``layer.base_layer.weight`` as d_out × d_in; the Conv1D tests read it through
-# ``keeplora.adapters.target_weight`` (see tests/engine/test_conv1d.py).
+# Models whose targets are transformers Conv1D layers (weight stored d_in × d_out; tests read every target's weight
+# as d_out × d_in through ``keeplora.adapters.target_weight``); also part of CASES.
 CONV1D_CASES = {
     "gpt2": Case("gpt2", _gpt2, ["c_attn", "c_proj", "c_fc"], _llama_batch, _llama_loss),
 }
+CASES.update(CONV1D_CASES)
 
 
 def sgd_pass(model: torch.nn.Module, params, batches, loss, lr: float = 0.1) -> None:
