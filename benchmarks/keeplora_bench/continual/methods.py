@@ -17,6 +17,8 @@ methods differ only in what is trained and how the weights evolve between tasks:
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import shutil
 from pathlib import Path
 
@@ -61,6 +63,10 @@ class Method:
 
     def end_task(self, task: int, data: TaskData, loader: list[Batch]) -> None:
         pass
+
+    def eval_model(self):
+        """The context the runner evaluates in: the model as trained (MagMax swaps its merged model in)."""
+        return contextlib.nullcontext()
 
     # checkpoints: the model's changed tensors are saved by the runner; methods add their own state here
     def extra_state(self, folder: Path) -> dict:
@@ -206,7 +212,16 @@ def _energy(value):
 METHODS = {"zero_shot": ZeroShot, "full_ft": FullFineTuning, "lora_ft": LoRAFineTuning, "keeplora": KeepLoRAMethod}
 
 
+PEER_METHODS = {  # type -> (module in peers/, class): imported when built, since they subclass the classes above
+    "magmax": ("magmax", "MagMax"),
+    "osf": ("osf", "OSFFineTuning"),
+}
+
+
 def build_method(spec: dict, encoder: TextEncoder, seed: int) -> Method:
+    if spec["type"] in PEER_METHODS:
+        module, name = PEER_METHODS[spec["type"]]
+        return getattr(importlib.import_module(f".peers.{module}", __package__), name)(spec, encoder, seed)
     return METHODS[spec["type"]](spec, encoder, seed)
 
 

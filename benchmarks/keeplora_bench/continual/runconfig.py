@@ -14,7 +14,13 @@ from typing import Any
 
 import yaml
 
-METHOD_TYPES = ("zero_shot", "full_ft", "lora_ft", "keeplora")
+# a peer method's own keys (set in its method entry) and their defaults; docs/benchmark.md names their sources
+PEER_KEYS: dict[str, dict[str, Any]] = {
+    "osf": {"effective_rank": 8, "rank_step": 4},  # PEFT's sequential OSF recipe (peers/osf.py)
+    "magmax": {"merge_scale": 0.5},  # the authors' MagMax coefficient λ (peers/magmax.py)
+}
+PEER_ADAPTER_KEYS = {"osf": ("target_modules",), "magmax": ("r", "alpha", "target_modules")}
+METHOD_TYPES = ("zero_shot", "full_ft", "lora_ft", "keeplora", *PEER_KEYS)
 
 DEFAULTS: dict[str, Any] = {
     "name": None,
@@ -159,7 +165,35 @@ def resolve_method(cfg: dict, m: dict) -> dict:
         for k in KEEPLORA_KEYS:
             out[k] = m.get(k, cfg["keeplora"][k])
         out["head"] = bool(m.get("head", False))
+    for k in PEER_ADAPTER_KEYS.get(m["type"], ()):
+        out[k] = m.get(k, cfg["adapter"][k])
+    for k, default in PEER_KEYS.get(m["type"], {}).items():
+        out[k] = m.get(k, default)
+    _check_peer(out)
     unknown = set(m) - set(out) - {"name", "type"}
     if unknown:
         raise ConfigError(f"method {m['name']!r}: unknown keys {sorted(unknown)} for type {m['type']}")
     return out
+
+
+def _rank(value, name: str, allow_zero: bool) -> None:
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not (
+        (isinstance(value, int) and value >= low) or (isinstance(value, float) and 0 < value < 1)
+    ):
+        raise ConfigError(
+            f"{name}: an integer >= {low} (directions) or a float in (0, 1) (fraction of each weight's smaller "
+            f"dimension), got {value!r}"
+        )
+
+
+def _check_peer(spec: dict) -> None:
+    """The peer methods' own keys (``PEER_KEYS``): their accepted values, named in the error."""
+    where = f"method {spec['name']!r}"
+    if spec["type"] == "osf":
+        _rank(spec["effective_rank"], f"{where}: effective_rank", allow_zero=False)
+        _rank(spec["rank_step"], f"{where}: rank_step", allow_zero=True)
+    if spec["type"] == "magmax":
+        scale = spec["merge_scale"]
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise ConfigError(f"{where}: merge_scale must be a number > 0, got {scale!r}")

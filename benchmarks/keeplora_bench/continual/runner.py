@@ -57,6 +57,7 @@ from . import metrics as M
 from .data import TaskData, seed_from
 from .methods import Method, build_method
 from .model import load_encoder
+from .peers.osf import osf_missing
 from .runconfig import ConfigError, load_config
 from .tasks import TaskSpec, check_no_overlap, load_task
 
@@ -234,6 +235,12 @@ class Runner:
         enc = method.encoder
         enc.model.eval()
         out = {}
+        with method.eval_model():
+            self._evaluate_views(method, out)
+        return out
+
+    def _evaluate_views(self, method: Method, out: dict) -> None:
+        enc = method.encoder
         for view, pairs in self.views.items():
             accs = []
             for data, batches in pairs:
@@ -249,7 +256,6 @@ class Runner:
                     total += len(b.labels)
                 accs.append(correct / total)
             out[view] = accs
-        return out
 
     def zero_shot_row(self) -> tuple[dict[str, list[float]], float]:
         """The untouched model's accuracy on every view (cached in zero_shot.json) and the seconds it took."""
@@ -665,6 +671,10 @@ def run(
         if unknown:
             raise ConfigError(f"--methods: unknown {unknown}; the config has {known}")
         cfg = dict(cfg, methods=[m for m in cfg["methods"] if m["name"] in methods])
+    skipped = [m["name"] for m in cfg["methods"] if m["type"] == "osf"]
+    if skipped and osf_missing():  # OSF comes from PEFT: without it those methods are skipped, the others run
+        log(f"[keeplora] skipping {skipped}: {osf_missing()}")
+        cfg = dict(cfg, methods=[m for m in cfg["methods"] if m["type"] != "osf"])
     for m in cfg["methods"]:
         if m["type"] == "keeplora":
             try:
