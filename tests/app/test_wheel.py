@@ -99,26 +99,31 @@ def _check(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.fixture(scope="module")
-def installed(tmp_path_factory):
-    """``(site, run)``: the wheel installed into ``site``; ``run(*args)`` runs ``python -S *args`` outside the
-    checkout with only ``site`` and this environment's site-packages importable."""
-    tmp = tmp_path_factory.mktemp("wheel")
-    src = tmp / "src"
-    for name in SOURCES:
+def _copy_sources(src: Path) -> Path:
+    for name in SOURCES + [APP_SOURCE]:
         path = ROOT / name
         if path.is_dir():
             shutil.copytree(path, src / name, ignore=IGNORE)
         else:
-            src.mkdir(exist_ok=True)
+            src.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, src / name)
-    shutil.copytree(ROOT / APP_SOURCE, src / APP_SOURCE, ignore=IGNORE)
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    _check(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"), str(src)], env=_build_env())
+    return src
+
+
+PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """``(wheel, site, work, run)``: the wheel installed into ``site``; ``run(*args)`` runs ``python -S *args`` in
+    ``work``, outside the checkout, with only ``site`` and this environment's site-packages importable."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = _copy_sources(tmp / "src")
+    _check(PIP + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"), str(src)], env=_build_env())
     wheels = list((tmp / "dist").glob("keeplora-*.whl"))
     assert len(wheels) == 1, wheels
     site = tmp / "site"
-    _check(pip + ["install", "--no-deps", "--target", str(site), str(wheels[0])], env=_build_env())
+    _check(PIP + ["install", "--no-deps", "--target", str(site), str(wheels[0])], env=_build_env())
     work = tmp / "work"
     work.mkdir()
     deps = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
@@ -205,7 +210,7 @@ def test_the_installed_app_runs_the_bundled_default_config_quick(installed):
     _wheel, site, work, run = installed
     # one method keeps it short (the zero-shot row is always evaluated): the bundled config with its quick section,
     # the model package, the cached data and the engine all run from the installed wheel
-    proc = run("-m", "keeplora", "run", "--quick", "--methods", "keeplora", "--no-progress", timeout=420)
+    proc = run("-m", "keeplora", "run", "--quick", "--methods", "keeplora", "--no-progress", timeout=600)
     out = work / "runs" / "default-quick"
     results = json.loads((out / "results.json").read_text())
     assert results["config"] == "default" and results["quick"] is True
@@ -215,3 +220,28 @@ def test_the_installed_app_runs_the_bundled_default_config_quick(installed):
     assert len(matrix) == 4 and all(len(row) == 4 and all(0 <= a <= 1 for a in row) for row in matrix), matrix
     assert (out / "results.md").read_text() in proc.stdout
     assert (out / "config.source.yaml").read_text() == (ROOT / "configs" / "default.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_a_failing_compiler_leaves_the_extension_out_unless_it_is_required(tmp_path):
+    """The extension is optional at install: a compiler that fails gives a wheel without it and a warning; with
+    ``KEEPLORA_BUILD_EXT=1`` the same failure fails the build."""
+    env = {**_build_env(), "CC": "/bin/false", "CXX": "/bin/false"}
+    env.pop("KEEPLORA_BUILD_EXT")
+    optional = _copy_sources(tmp_path / "optional")
+    cmd = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-v", "wheel", "--no-deps"]
+    proc = _check(cmd + ["--no-build-isolation", "-w", str(tmp_path / "dist"), str(optional)], env=env, timeout=300)
+    assert "WARNING (keeplora): building the compiled extension keeplora_kernels._C failed" in proc.stdout + proc.stderr
+    (wheel,) = (tmp_path / "dist").glob("keeplora-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "keeplora_kernels/_dispatch.py" in names and not [n for n in names if "_C" in n and n.endswith(".so")]
+
+    required = _copy_sources(tmp_path / "required")
+    failed = subprocess.run(
+        PIP + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist-required"), str(required)],
+        env={**env, "KEEPLORA_BUILD_EXT": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert failed.returncode != 0 and not list((tmp_path / "dist-required").glob("*.whl"))
