@@ -3,6 +3,10 @@ embedded continual benchmark), ``bench`` and ``profile`` (microbenchmarks). ``ke
 them to :func:`main`.
 
 Heavy imports (torch, transformers) happen inside the commands, so ``keeplora <command> -h`` stays fast.
+
+A config argument is a YAML file, or the name of a bundled config (``default``, ``seed1``, ...: the files of the
+repository's ``configs/``, which an installed wheel carries as ``keeplora_bench/configs``); without one, ``run``,
+``sweep`` and ``data build`` use the bundled ``default``.
 """
 
 from __future__ import annotations
@@ -11,8 +15,43 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from keeplora.cli import APP_COMMANDS
+
+DEFAULT_CONFIG = "default"
+
+
+def config_dir() -> Path:
+    """The folder of the bundled configs: ``keeplora_bench/configs`` of an installed wheel, else ``configs/`` of the
+    source checkout that holds this package (an editable install)."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "configs"
+    return packaged if packaged.is_dir() else here.parents[1] / "configs"
+
+
+def bundled_configs() -> list[str]:
+    """The names of the bundled configs (file stems), sorted."""
+    return sorted(p.stem for p in config_dir().glob("*.yaml"))
+
+
+def resolve_config(arg: str | None) -> Path:
+    """The config file a command reads: ``arg`` when it is an existing file, else the bundled config of that name
+    (``default``, ``default.yaml``); None: the bundled default. Raises ConfigError naming the bundled configs."""
+    from .continual.runconfig import ConfigError
+
+    arg = DEFAULT_CONFIG if arg is None else str(arg)
+    path = Path(arg)
+    if path.is_file():
+        return path
+    if path.name == arg:  # a bare name: look among the bundled configs
+        bundled = config_dir() / (arg if arg.endswith((".yaml", ".yml")) else f"{arg}.yaml")
+        if bundled.is_file():
+            return bundled
+    raise ConfigError(
+        f"config {arg!r} is neither a file nor a bundled config; bundled configs (in {config_dir()}): "
+        f"{', '.join(bundled_configs()) or 'none found'}"
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -23,7 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         result = run(
-            args.config,
+            resolve_config(args.config),
             output=args.output,
             quick=args.quick,
             resume=args.resume,
@@ -48,7 +87,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if not params:
             raise ConfigError("give at least one --param NAME=V1,V2,...")
         sweep(
-            args.config,
+            resolve_config(args.config),
             params,
             method=args.method,
             output=args.output,
@@ -81,10 +120,14 @@ def cmd_data(args: argparse.Namespace) -> int:
             )
         return 0
     # build: the processed splits of a config (after this, runs need neither the registries nor the raw sources)
-    from .continual.runconfig import load_config
+    from .continual.runconfig import ConfigError, load_config
     from .continual.tasks import TaskSpec, load_task
 
-    cfg = load_config(args.config, quick=args.quick)
+    try:
+        cfg = load_config(resolve_config(args.config), quick=args.quick)
+    except ConfigError as e:
+        print(f"keeplora data build: {e}", file=sys.stderr)
+        return 2
     cache = args.cache or cfg["data"].get("cache")
     for t in cfg["tasks"]:
         task = load_task(TaskSpec.from_dict(t, cfg["data"]), int(cfg["seed"]), cache)
@@ -135,9 +178,12 @@ def cmd_profile(argv: list[str]) -> int:
 _PASSTHROUGH = {"profile": cmd_profile, "bench": cmd_bench}
 
 
+CONFIG_HELP = "a YAML file (e.g. configs/default.yaml) or a bundled config's name (default: default)"
+
+
 def add_subcommands(sub) -> None:
     p = sub.add_parser("run", help=APP_COMMANDS["run"])
-    p.add_argument("config", help="YAML config, e.g. configs/default.yaml")
+    p.add_argument("config", nargs="?", help=CONFIG_HELP)
     p.add_argument("--output", "-o", help="run folder (default runs/<config name>[-quick])")
     p.add_argument("--quick", action="store_true", help="apply the config's `quick` section (CI-sized)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output")
@@ -146,7 +192,7 @@ def add_subcommands(sub) -> None:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("sweep", help=APP_COMMANDS["sweep"])
-    p.add_argument("config")
+    p.add_argument("config", nargs="?", help=CONFIG_HELP)
     p.add_argument(
         "--param",
         action="append",
@@ -184,7 +230,7 @@ def add_subcommands(sub) -> None:
     s = dsub.add_parser("status", help="which sources are cached")
     s.add_argument("--cache")
     b = dsub.add_parser("build", help="build and cache a config's processed task splits")
-    b.add_argument("config")
+    b.add_argument("config", nargs="?", help=CONFIG_HELP)
     b.add_argument("--quick", action="store_true")
     b.add_argument("--cache")
     p.set_defaults(func=cmd_data)

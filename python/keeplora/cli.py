@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 # The benchmark app's subcommands with their one-line help: ``keeplora --help`` lists them without importing the app.
 APP_COMMANDS = {
@@ -38,17 +39,36 @@ def run_app(argv: list[str]) -> int:
     return int(app_main(argv))
 
 
+def _version(distribution: str) -> str:
+    """The installed version of a distribution, read from its metadata (nothing is imported)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def cmd_info(_args: argparse.Namespace) -> int:
     import torch
 
     import keeplora
     import keeplora_kernels
+    from keeplora_kernels import _dispatch, _extension
 
     print(f"keeplora {keeplora.__version__}, torch {torch.__version__}")
-    print(f"compiled extension: {keeplora_kernels.extension_status()}")
+    print(
+        f"  triton {_version('triton')}, transformers {_version('transformers')}, peft {_version('peft')}; "
+        f"torch CUDA build: {torch.version.cuda or 'none'}"
+    )
+    print(f"  keeplora imported from {Path(keeplora.__file__).resolve().parent}")
+    lib = _extension.library()
+    if lib is None:
+        present = "absent (the PyTorch/Triton paths are used)"
+    else:
+        present = f"present, built with CUDA: {'yes' if lib.built_with_cuda() else 'no'}"
+    print(f"compiled extension: {present}; {keeplora_kernels.extension_status()}")
     print(f"CUDA available: {torch.cuda.is_available()}")
-    from keeplora_kernels import _dispatch
-
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for device in devices:
         print(f"backends on {device.type} (KEEPLORA_BACKEND={_dispatch.requested_backend()}), per data dtype:")

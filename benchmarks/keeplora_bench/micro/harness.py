@@ -28,7 +28,10 @@ from typing import Any
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parents[2] / "results"  # benchmarks/results
+# benchmarks/results of a source checkout; an installed app (a wheel) writes to ./benchmark-results of the working
+# folder instead of into site-packages
+_APP_ROOT = Path(__file__).resolve().parents[2]
+RESULTS_DIR = _APP_ROOT / "results" if _APP_ROOT.name == "benchmarks" else Path("benchmark-results")
 
 
 @functools.cache

