@@ -13,10 +13,12 @@ methods differ only in what is trained and how the weights evolve between tasks:
   trained with the B's; its logits are added to the prompt logits for that task (as in the authors' code).
   The ablations are configs: ``weight_energy: 0`` (no pretrained subspace), ``feature_energy: 0`` (no task
   memory), ``a_init: random`` (A random inside the residual subspace).
+* the peers (``peers/``, each module names its source and its deviations): ``inflora``, ``olora``.
 """
 
 from __future__ import annotations
 
+import importlib
 import shutil
 from pathlib import Path
 
@@ -204,9 +206,16 @@ def _energy(value):
 
 
 METHODS = {"zero_shot": ZeroShot, "full_ft": FullFineTuning, "lora_ft": LoRAFineTuning, "keeplora": KeepLoRAMethod}
+PEER_METHODS = {  # type -> "module:class" under .peers, imported when built (the peers subclass Method)
+    "inflora": "inflora:InfLoRA",
+    "olora": "olora:OLoRA",
+}
 
 
 def build_method(spec: dict, encoder: TextEncoder, seed: int) -> Method:
+    if spec["type"] in PEER_METHODS:
+        module, _, name = PEER_METHODS[spec["type"]].partition(":")
+        return getattr(importlib.import_module(f".peers.{module}", __package__), name)(spec, encoder, seed)
     return METHODS[spec["type"]](spec, encoder, seed)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-METHOD_TYPES = ("zero_shot", "full_ft", "lora_ft", "keeplora")
+METHOD_TYPES = ("zero_shot", "full_ft", "lora_ft", "keeplora", "inflora", "olora")
 
 DEFAULTS: dict[str, Any] = {
     "name": None,
@@ -47,6 +47,12 @@ DEFAULTS: dict[str, Any] = {
 
 ADAPTER_KEYS = ("r", "alpha", "target_modules")
 KEEPLORA_KEYS = ("weight_energy", "feature_energy", "b_init", "a_init", "grad_data_fraction", "feature_stat")
+# each peer's own keys and defaults (a top-level section named like the type overrides a default; see peers/)
+PEER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "inflora": {"feature_energy": 0.95, "feature_energy_end": 1.0, "memory_rule": "authors"},
+    "olora": {"lambda_orth": 0.5, "lambda_l2": 0.0, "orth_penalty": "squared"},
+}
+ADAPTER_TYPES = ("lora_ft", "keeplora", "inflora", "olora")  # the methods the shared ``adapter`` keys apply to
 TRAINING_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "schedule", "max_grad_norm")
 
 
@@ -152,13 +158,17 @@ def resolve_method(cfg: dict, m: dict) -> dict:
     out = {"name": m["name"], "type": m["type"], "slug": method_slug(m["name"])}
     for k in TRAINING_KEYS:
         out[k] = m.get(k, cfg["training"][k])
-    if m["type"] in ("lora_ft", "keeplora"):
+    if m["type"] in ADAPTER_TYPES:
         for k in ADAPTER_KEYS:
             out[k] = m.get(k, cfg["adapter"][k])
     if m["type"] == "keeplora":
         for k in KEEPLORA_KEYS:
             out[k] = m.get(k, cfg["keeplora"][k])
         out["head"] = bool(m.get("head", False))
+    for k, v in PEER_DEFAULTS.get(m["type"], {}).items():
+        out[k] = m.get(k, (cfg.get(m["type"]) or {}).get(k, v))
+    if m["type"] == "inflora":
+        out["num_tasks"] = len(cfg["tasks"])  # its memory threshold's schedule runs over the task sequence
     unknown = set(m) - set(out) - {"name", "type"}
     if unknown:
         raise ConfigError(f"method {m['name']!r}: unknown keys {sorted(unknown)} for type {m['type']}")

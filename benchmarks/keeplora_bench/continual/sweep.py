@@ -22,10 +22,10 @@ from pathlib import Path
 import yaml
 
 from . import metrics as M
-from .runconfig import ADAPTER_KEYS, KEEPLORA_KEYS, TRAINING_KEYS, ConfigError, load_config, method_slug
+from .runconfig import ADAPTER_KEYS, KEEPLORA_KEYS, PEER_DEFAULTS, TRAINING_KEYS, ConfigError, load_config, method_slug
 from .runner import Runner, prepare_output
 
-SWEEPABLE = set(ADAPTER_KEYS) | set(KEEPLORA_KEYS) | set(TRAINING_KEYS)
+SWEEPABLE = set(ADAPTER_KEYS) | set(KEEPLORA_KEYS) | set(TRAINING_KEYS) | {k for d in PEER_DEFAULTS.values() for k in d}
 SELECTABLE = ("val_average", "val_last", "val_transfer")  # higher is better
 METRICS = ("val_transfer", "val_average", "val_last")
 
