@@ -21,7 +21,9 @@ Deviations from the authors' code:
 * **Memory representation.** The authors' DualGPM stores the protected basis while it holds at most ``d/2``
   directions and its orthogonal complement afterwards (``remove``/``retain``); both give the same projector, so
   this module always stores the protected basis ``M`` (KeepLoRA's :func:`keeplora.basis.expand_bases`, exact
-  ``eigh``; the residual by ``keeplora_kernels.residual_project``).
+  ``eigh``; the residual by ``keeplora_kernels.residual_project``). (When the first task alone fills more than
+  ``d/2`` directions, the authors' code stores them under the complement's label and then fails its own assertion
+  on the complement's size; here the memory may hold any number of directions up to ``d``.)
 * **Energy rule.** ``memory_rule: authors`` (default) reproduces the authors' criterion: they apply the GPM rule
   to the SVD of the ``d × d`` moment ``C`` itself, so the energies are the *squared* eigenvalues of ``C`` (the
   eigenpairs of ``(I − MMᵀ)·C²·(I − MMᵀ)``, which is what is handed to ``expand_bases``). ``memory_rule: gpm``
