@@ -36,7 +36,7 @@ Deviations from the authors' code:
   when fewer than ``r`` free directions remain the missing rows are zero.
 * **Statistics.** The inputs' moments come from KeepLoRA's feature pass
   (:func:`keeplora.statistics.collect_second_moments`): padding tokens are excluded, the forward is the method's
-  loss (the texts and the class prompts of the task), fp64 accumulators.
+  loss (the texts and the class prompts of the task), fp32 accumulators (KeepLoRA's default), fp64 algebra.
 * **Targets, scale, classifier, optimisation.** The shared ``adapter`` config applies (targets, ``r``, the
   ``alpha / r`` scale; the authors adapt only the attention's key and value with scale 1) and the benchmark's
   shared training loop (AdamW, the configured epochs, learning rate and schedule; the authors use Adam with a
@@ -77,7 +77,9 @@ def design_down_projection(
             f"design_down_projection: moment must be ({d}, {d}) like the memory, got {tuple(moment.shape)}"
         )
     residual = kk.residual_project(moment.to(memory.dtype), memory)
-    u = torch.linalg.svd(residual, full_matrices=False).U
+    # its left singular vectors are the eigenvectors of residual·residualᵀ (symmetric: eigh, much faster than svd)
+    gram = residual @ residual.t()
+    u = torch.linalg.eigh(0.5 * (gram + gram.t())).eigenvectors.flip(-1)
     n = min(r, d - k)
     u = orthonormalize_against(u[:, :n], memory, fill_to=n, generator=generator)
     a = memory.new_zeros(r, d)
@@ -110,17 +112,18 @@ class InfLoRA(TaskAdapterMethod):
         return self.energy_start + (self.energy_end - self.energy_start) * task / self.num_tasks
 
     def moments(self, task: int, loader) -> dict[str, torch.Tensor]:
-        """``Σ x·xᵀ / N`` of every target's inputs over the task's training batches (fp64, no grad)."""
+        """``Σ x·xᵀ / N`` of every target's inputs over the task's training batches (no grad; fp32 sums, returned in
+        fp64)."""
         sums, tokens = collect_second_moments(
             self.model,
             {name: layer.base_layer for name, layer in self.layers.items()},
             loader,
             self.loss_fn(task),
             device=self.device,
-            dtype=torch.float64,
+            dtype=torch.float32,
             progress=False,
         )
-        return {name: c / max(1, tokens[name]) for name, c in sums.items()}
+        return {name: c.double() / max(1, tokens[name]) for name, c in sums.items()}
 
     def setup(self) -> None:
         self.attach()
@@ -134,8 +137,22 @@ class InfLoRA(TaskAdapterMethod):
         self.setup()
         moments = self.moments(task, loader)
         generator = torch.Generator().manual_seed(seed_from(self.seed, "inflora", task))
+        done: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (moment, memory, A) designed so far
         for name, layer in self.layers.items():
-            a = design_down_projection(moments[name], self.memory[name], self.r, generator)
+            moment, memory = moments[name], self.memory[name]
+            # targets that share their input (query, key, value) have equal moments and memories: design A once
+            same = (
+                a
+                for c, m, a in done
+                if c.shape == moment.shape
+                and m.shape == memory.shape
+                and torch.equal(c, moment)
+                and torch.equal(m, memory)
+            )
+            a = next(same, None)
+            if a is None:
+                a = design_down_projection(moment, memory, self.r, generator)
+                done.append((moment, memory, a))
             layer.add_adapter(a, torch.zeros(layer.out_features, self.r))
             layer.lora_B[-1].requires_grad_(True)
 
