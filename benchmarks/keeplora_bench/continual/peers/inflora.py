@@ -39,9 +39,10 @@ Deviations from the authors' code:
   loss (the texts and the class prompts of the task), fp32 accumulators (KeepLoRA's default), fp64 algebra.
 * **Targets, scale, classifier, optimisation.** The shared ``adapter`` config applies (targets, ``r``, the
   ``alpha / r`` scale; the authors adapt only the attention's key and value with scale 1) and the benchmark's
-  shared training loop (AdamW, the configured epochs, learning rate and schedule; the authors use Adam with a
-  cosine schedule) and prompt logits (the authors train a classifier per task with ``B`` and pick the task by
-  clustering at inference; there is no classifier and no task prediction here).
+  shared training loop (AdamW, the configured epochs, learning rate and schedule, the model in train mode; the
+  authors use Adam with a cosine schedule and train with the network in eval mode, i.e. without dropout) and prompt
+  logits of each task's own classes (the authors train a linear classifier per task with ``B`` and predict over
+  the concatenated classifiers of every task seen, class-incremental; there is no classifier here).
 
 Keys (method entry, or a top-level ``inflora:`` section): ``feature_energy`` (ε_start, default 0.95),
 ``feature_energy_end`` (ε_end, default 1.0; equal to ``feature_energy`` for a constant threshold), ``memory_rule``
