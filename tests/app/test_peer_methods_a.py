@@ -63,6 +63,12 @@ def test_peer_keys_defaults_sections_and_errors(tmp_path, world):
     assert flat["feature_energy_end"] == 0.9
     with pytest.raises(ConfigError, match=r"unknown keys \['lambda_orth'\] for type inflora"):
         load_config(_config(world, tmp_path, [{"name": "x", "type": "inflora", "lambda_orth": 1.0}]))
+    from keeplora_bench.continual.sweep import parse_params
+
+    assert parse_params(["lambda_orth=0.1,1", "memory_rule=authors,gpm"]) == {
+        "lambda_orth": [0.1, 1],
+        "memory_rule": ["authors", "gpm"],
+    }
     runner = _runner(world, tmp_path, PEERS)
     enc = runner._fresh_encoder()
     with pytest.raises(ValueError, match=r"memory_rule must be one of \('authors', 'gpm'\), got 'svd'"):
