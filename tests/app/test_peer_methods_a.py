@@ -154,6 +154,15 @@ def test_inflora_a_orthogonal_to_memory_frozen_only_b_trains(world, tmp_path):
         assert sizes[1][name] >= sizes[0][name] and memory.shape[1] == sizes[1][name] <= memory.shape[0]
         torch.testing.assert_close(memory.t() @ memory, torch.eye(memory.shape[1], dtype=memory.dtype))
     assert sum(sizes[1].values()) > sum(sizes[0].values())
+    # query, key and value read the same input: one design and one memory for the three
+    for i in range(2):
+        qkv = [f"encoder.layer.{i}.attention.self.{p}" for p in ("query", "key", "value")]
+        assert all(torch.equal(method.layers[n].lora_A[1], method.layers[qkv[0]].lora_A[1]) for n in qkv)
+        assert all(torch.equal(method.memory[n], method.memory[qkv[0]]) for n in qkv)
+        assert not torch.equal(
+            method.layers[f"encoder.layer.{i}.attention.output.dense"].lora_A[1][:1],
+            method.layers[qkv[0]].lora_A[1][:1],
+        )
     # nothing but the adapters changed
     for key, value in method.model.state_dict().items():
         if ".lora_" not in key:

@@ -134,27 +134,36 @@ class InfLoRA(TaskAdapterMethod):
                 for name, layer in self.layers.items()
             }
 
+    def representatives(self, moments: dict[str, torch.Tensor]) -> dict[str, str]:
+        """Each target -> the first target with an equal moment and memory: targets that share their input (query,
+        key, value) get the same A and the same memory, computed once."""
+        out: dict[str, str] = {}
+        for name in self.layers:
+            c, m = moments[name], self.memory[name]
+            out[name] = next(
+                (
+                    rep
+                    for rep in dict.fromkeys(out.values())
+                    if moments[rep].shape == c.shape
+                    and self.memory[rep].shape == m.shape
+                    and torch.equal(moments[rep], c)
+                    and torch.equal(self.memory[rep], m)
+                ),
+                name,
+            )
+        return out
+
     def begin_task(self, task, data, loader):
         self.setup()
         moments = self.moments(task, loader)
+        reps = self.representatives(moments)
         generator = torch.Generator().manual_seed(seed_from(self.seed, "inflora", task))
-        done: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (moment, memory, A) designed so far
+        designed = {
+            rep: design_down_projection(moments[rep], self.memory[rep], self.r, generator)
+            for rep in dict.fromkeys(reps.values())
+        }
         for name, layer in self.layers.items():
-            moment, memory = moments[name], self.memory[name]
-            # targets that share their input (query, key, value) have equal moments and memories: design A once
-            same = (
-                a
-                for c, m, a in done
-                if c.shape == moment.shape
-                and m.shape == memory.shape
-                and torch.equal(c, moment)
-                and torch.equal(m, memory)
-            )
-            a = next(same, None)
-            if a is None:
-                a = design_down_projection(moment, memory, self.r, generator)
-                done.append((moment, memory, a))
-            layer.add_adapter(a, torch.zeros(layer.out_features, self.r))
+            layer.add_adapter(designed[reps[name]], torch.zeros(layer.out_features, self.r))
             layer.lora_B[-1].requires_grad_(True)
 
     def parameters(self, task):
@@ -164,10 +173,13 @@ class InfLoRA(TaskAdapterMethod):
         for _, b in self.current():
             b.requires_grad_(False)
         moments = self.moments(task, loader)
+        reps = self.representatives(moments)
+        unique = {rep: moments[rep] for rep in dict.fromkeys(reps.values())}
         if self.rule == "authors":
-            moments = {name: c @ c for name, c in moments.items()}
+            unique = {rep: c @ c for rep, c in unique.items()}
         energy = self.threshold(task)
-        self.memory = expand_bases(self.memory, moments, energy, method="exact")
+        grown = expand_bases({rep: self.memory[rep] for rep in unique}, unique, energy, method="exact")
+        self.memory = {name: grown[reps[name]] for name in self.layers}
         self.info.append(
             {
                 "basis_sizes": {name: int(m.shape[1]) for name, m in self.memory.items()},
