@@ -13,6 +13,7 @@ methods differ only in what is trained and how the weights evolve between tasks:
   trained with the B's; its logits are added to the prompt logits for that task (as in the authors' code).
   The ablations are configs: ``weight_energy: 0`` (no pretrained subspace), ``feature_energy: 0`` (no task
   memory), ``a_init: random`` (A random inside the residual subspace).
+* the peers (``peers/``, each module names its source and its deviations): ``inflora``, ``olora``.
 """
 
 from __future__ import annotations
@@ -210,9 +211,9 @@ def _energy(value):
 
 
 METHODS = {"zero_shot": ZeroShot, "full_ft": FullFineTuning, "lora_ft": LoRAFineTuning, "keeplora": KeepLoRAMethod}
-
-
 PEER_METHODS = {  # type -> (module in peers/, class): imported when built, since they subclass the classes above
+    "inflora": ("inflora", "InfLoRA"),
+    "olora": ("olora", "OLoRA"),
     "magmax": ("magmax", "MagMax"),
     "osf": ("osf", "OSFFineTuning"),
 }

@@ -14,12 +14,16 @@ from typing import Any
 
 import yaml
 
-# a peer method's own keys (set in its method entry) and their defaults; docs/benchmark.md names their sources
+# a peer method's own keys and their defaults (set in its method entry, or in a top-level section named by its
+# type); docs/benchmark.md names their sources
 PEER_KEYS: dict[str, dict[str, Any]] = {
+    "inflora": {"feature_energy": 0.95, "feature_energy_end": 1.0, "memory_rule": "authors"},  # peers/inflora.py
+    "olora": {"lambda_orth": 0.5, "lambda_l2": 0.0, "orth_penalty": "squared"},  # peers/olora.py
     "osf": {"effective_rank": 8, "rank_step": 4},  # PEFT's sequential OSF recipe (peers/osf.py)
     "magmax": {"merge_scale": 0.5},  # the authors' MagMax coefficient λ (peers/magmax.py)
 }
-PEER_ADAPTER_KEYS = {"osf": ("target_modules",), "magmax": ("r", "alpha", "target_modules")}
+ADAPTER_TYPES = ("lora_ft", "keeplora", "inflora", "olora", "magmax")  # the methods every ``adapter`` key applies to
+PEER_ADAPTER_KEYS = {"osf": ("target_modules",)}  # OSF has no rank or alpha of its own: only the targets
 METHOD_TYPES = ("zero_shot", "full_ft", "lora_ft", "keeplora", *PEER_KEYS)
 
 DEFAULTS: dict[str, Any] = {
@@ -158,7 +162,7 @@ def resolve_method(cfg: dict, m: dict) -> dict:
     out = {"name": m["name"], "type": m["type"], "slug": method_slug(m["name"])}
     for k in TRAINING_KEYS:
         out[k] = m.get(k, cfg["training"][k])
-    if m["type"] in ("lora_ft", "keeplora"):
+    if m["type"] in ADAPTER_TYPES:
         for k in ADAPTER_KEYS:
             out[k] = m.get(k, cfg["adapter"][k])
     if m["type"] == "keeplora":
@@ -168,7 +172,9 @@ def resolve_method(cfg: dict, m: dict) -> dict:
     for k in PEER_ADAPTER_KEYS.get(m["type"], ()):
         out[k] = m.get(k, cfg["adapter"][k])
     for k, default in PEER_KEYS.get(m["type"], {}).items():
-        out[k] = m.get(k, default)
+        out[k] = m.get(k, (cfg.get(m["type"]) or {}).get(k, default))
+    if m["type"] == "inflora":
+        out["num_tasks"] = len(cfg["tasks"])  # its memory threshold's schedule runs over the task sequence
     _check_peer(out)
     unknown = set(m) - set(out) - {"name", "type"}
     if unknown:
