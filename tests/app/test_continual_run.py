@@ -298,6 +298,8 @@ def test_sweep_selects_on_validation_only(world, tmp_path):
     assert "selected by val_average" in (tmp_path / "sw" / "sweep.md").read_text()
     with pytest.raises(ConfigError, match="not sweepable"):
         parse_params(["logit_scale=1,2"])
+    # numbers however written (YAML alone reads "5e-4" as a string), names stay strings
+    assert parse_params(["lr=5e-4,1.0e-3,0.002,2", "b_init=zero"]) == {"lr": [5e-4, 1e-3, 0.002, 2], "b_init": ["zero"]}
     with pytest.raises(ConfigError, match="--select"):
         sweep(_write(cfg, tmp_path / "c.yaml"), params, output=tmp_path / "sw", select="average", log=lambda _: None)
 

@@ -33,8 +33,18 @@ METRICS = ("val_transfer", "val_average", "val_last")
 
 
 def parse_values(text: str) -> list:
-    """``"0.6,0.85"`` -> ``[0.6, 0.85]`` (YAML scalars: numbers, strings, booleans)."""
-    return [yaml.safe_load(v) for v in text.split(",") if v.strip()]
+    """``"0.6,0.85"`` -> ``[0.6, 0.85]`` (YAML scalars: numbers, strings, booleans; ``1e-3`` is a number too)."""
+    return [_scalar(v) for v in text.split(",") if v.strip()]
+
+
+def _scalar(text: str):
+    value = yaml.safe_load(text)
+    if isinstance(value, str):  # YAML 1.1 reads an exponent without a dot ("5e-4") as a string
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def parse_params(items: list[str]) -> dict[str, list]:
