@@ -43,9 +43,9 @@ def _live_tensor_bytes() -> int:
             if obj.device.type != "cpu":
                 continue
             storage = obj.untyped_storage()
-        except (ReferenceError, RuntimeError):  # weakref proxies, tensors without storage (meta, sparse)
-            continue
-        key = storage.data_ptr()
+            key = storage.data_ptr()
+        except (ReferenceError, RuntimeError):  # weakref proxies; tensors without storage (meta, sparse, fake ones
+            continue  # that earlier torch.compile tests of the same process leave behind)
         if key and key not in seen:
             seen.add(key)
             total += storage.nbytes()
