@@ -129,11 +129,13 @@ def cmd_data(args: argparse.Namespace) -> int:
         print(f"keeplora data build: {e}", file=sys.stderr)
         return 2
     cache = args.cache or cfg["data"].get("cache")
-    for t in cfg["tasks"]:
+    probe = {"train_per_class": 0, "val_per_class": 0}  # the runner's panel: test splits only, never trained
+    specs = [(t, "task") for t in cfg["tasks"]] + [({**p, **probe}, "probe") for p in cfg.get("panel") or []]
+    for t, kind in specs:
         task = load_task(TaskSpec.from_dict(t, cfg["data"]), int(cfg["seed"]), cache)
         print(
-            f"{task.name:<22} {len(task.classes)} classes  train {len(task.train):5d}  test {len(task.test):5d}  "
-            f"{task.fingerprint()}"
+            f"{kind:<5} {task.name:<22} {len(task.classes):3d} classes  train {len(task.train):5d}  "
+            f"val {len(task.val):4d}  test {len(task.test):5d}  {task.fingerprint()}"
         )
     return 0
 

@@ -80,3 +80,21 @@ def test_quick_run_on_the_real_benchmark(tmp_path):
         assert (delta @ old).abs().max() <= 1e-5 * old_weights[name].abs().max(), name
     # data sources recorded with their pinned versions
     assert data[0]["sources"] == {"wordnet-base": {"version": "1:3.0-37", "sha256": S.MANIFEST["wordnet-base"].sha256}}
+
+
+def test_data_build_lists_every_split_of_tasks_and_probes(capsys):
+    """`keeplora data build` on the drift setting (quick sizes): one line per task and per probe with its split sizes
+    (probes: test only)."""
+    _require_real()
+    from keeplora.cli import main
+
+    assert main(["data", "build", str(CONFIG.with_name("drift.yaml")), "--quick"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    cfg = load_config(CONFIG.with_name("drift.yaml"), quick=True)
+    assert [r[1] for r in rows] == [t["name"] for t in cfg["tasks"]] + [p["name"] for p in cfg["panel"]]
+    for r in rows:
+        sizes = {r[i]: int(r[i + 1]) for i in (4, 6, 8)}
+        if r[0] == "task":
+            assert sizes["train"] > 0 and sizes["val"] > 0 and sizes["test"] > 0, r
+        else:
+            assert r[0] == "probe" and sizes["train"] == 0 and sizes["val"] == 0 and sizes["test"] > 0, r
