@@ -96,6 +96,14 @@ class FullFineTuning(Method):
         return [p for p in self.model.parameters() if p.requires_grad]
 
 
+def merge_peft(peft_model, model: nn.Module) -> None:
+    """Merge a PEFT model's adapters into ``model`` (which PEFT injected them into) and freeze every parameter."""
+    merged = peft_model.merge_and_unload()
+    assert merged is model, "peft merged into a new object; the encoder would lose its weights"
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
 class LoRAFineTuning(Method):
     """Sequential LoRA with peft's standard initialisation, merged after each task."""
 
@@ -119,11 +127,8 @@ class LoRAFineTuning(Method):
         return [p for n, p in self.model.named_parameters() if p.requires_grad and "lora_" in n]
 
     def end_task(self, task, data, loader):
-        merged = self.peft_model.merge_and_unload()
-        assert merged is self.model, "peft merged into a new object; the encoder would lose its weights"
+        merge_peft(self.peft_model, self.model)
         self.peft_model = None
-        for p in self.model.parameters():
-            p.requires_grad_(False)
 
 
 class KeepLoRAMethod(Method):

@@ -34,7 +34,7 @@ import re
 
 import torch
 
-from ..methods import Method, _targets
+from ..methods import Method, _targets, merge_peft
 
 MIN_PEFT = "0.18"  # the first PEFT release with OSFConfig
 
@@ -103,11 +103,8 @@ class OSFFineTuning(Method):
         return [p for n, p in self.model.named_parameters() if p.requires_grad and "osf_svd_params" in n]
 
     def end_task(self, task, data, loader):
-        merged = self.peft_model.merge_and_unload()
-        assert merged is self.model, "peft merged into a new object; the encoder would lose its weights"
+        merge_peft(self.peft_model, self.model)
         self.peft_model = None
-        for p in self.model.parameters():
-            p.requires_grad_(False)
         modules = dict(self.model.named_modules())
         self.info.append(
             {
