@@ -215,7 +215,11 @@ def add_subcommands(sub) -> None:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("aggregate", help=APP_COMMANDS["aggregate"])
-    p.add_argument("runs", nargs="+", help="run folders written by `keeplora run`")
+    p.add_argument(
+        "runs",
+        nargs="+",
+        help="run folders written by `keeplora run` (folders of one config and seed split by --methods merge)",
+    )
     p.add_argument(
         "--baseline",
         action="append",

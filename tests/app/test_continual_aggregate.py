@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import yaml
 
 from keeplora.cli import main
 from keeplora_bench.continual.aggregate import aggregate, bootstrap_ci, to_markdown
@@ -136,3 +137,48 @@ def test_wall_times_are_not_metrics_and_diff_named_metrics_are_kept(tmp_path):
     assert rows[0]["val_diff_diff_vs_b_mean"] == -1.0 and "val_diff_mean" in rows[0]
     header = to_markdown(rows, ["b", "b"]).splitlines()[0]
     assert header.split(" | ")[2:6] == ["transfer", "average", "last", "val_diff"] and header.count("Δlast vs b") == 1
+
+
+def _config(run_dir, seed, methods, lr=1e-3):
+    specs = [{"name": m, "type": m.replace("-", "_"), "lr": lr} for m in methods]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"name": "drift", "seed": seed, "methods": specs}))
+    return run_dir
+
+
+def test_folders_of_one_seed_split_over_methods_are_one_run(tmp_path):
+    """`keeplora run --methods` in two processes for one seed: the folders merge into one run (n counts seeds), the
+    method both ran (zero-shot) must agree, and the paired differences pair within the seed."""
+    s0 = _config(
+        _run(tmp_path, "s0", {"zero-shot": (50, 50, 50), "lora-ft": (60, 70, 72), "keeplora": (61, 72, 75)}),
+        0,
+        ["zero-shot", "lora-ft", "keeplora"],
+    )
+    s1a = _config(
+        _run(tmp_path, "s1a", {"zero-shot": (51, 51, 51), "lora-ft": (62, 68, 70)}), 1, ["zero-shot", "lora-ft"]
+    )
+    s1b = _config(
+        _run(tmp_path, "s1b", {"zero-shot": (51, 51, 51), "keeplora": (62, 71, 74)}), 1, ["zero-shot", "keeplora"]
+    )
+    rows = {r["method"]: r for r in aggregate([s0, s1a, s1b], baseline="lora-ft")}
+    assert {m: r["n"] for m, r in rows.items()} == {"zero-shot": 2, "lora-ft": 2, "keeplora": 2}
+    assert rows["keeplora"]["average_diff_vs_lora_ft_n"] == 2
+    assert rows["keeplora"]["average_diff_vs_lora_ft_mean"] == pytest.approx(((72 - 70) + (71 - 68)) / 2)
+    # without the configs the three folders are three runs and seed 1's halves cannot pair
+    for d in (s0, s1a, s1b):
+        (d / "config.yaml").unlink()
+    rows = {r["method"]: r for r in aggregate([s0, s1a, s1b], baseline="lora-ft")}
+    assert rows["zero-shot"]["n"] == 3 and rows["keeplora"]["average_diff_vs_lora_ft_n"] == 1
+
+
+def test_folders_of_one_run_that_disagree_are_refused(tmp_path):
+    a = _config(_run(tmp_path, "a", {"zero-shot": (50, 50, 50), "lora-ft": (60, 70, 72)}), 0, ["zero-shot", "lora-ft"])
+    b = _config(
+        _run(tmp_path, "b", {"zero-shot": (50, 50, 49), "keeplora": (61, 72, 75)}), 0, ["zero-shot", "keeplora"]
+    )
+    with pytest.raises(ValueError, match="different numbers for 'zero-shot'"):
+        aggregate([a, b])
+    c = _config(_run(tmp_path, "c", {"lora-ft": (61, 71, 73)}), 0, ["lora-ft"], lr=2e-3)
+    with pytest.raises(ValueError, match="define method 'lora-ft' differently"):
+        aggregate([a, c])
+    # the same folder twice is one run, not two
+    assert {r["method"]: r["n"] for r in aggregate([a, a])} == {"zero-shot": 1, "lora-ft": 1}

@@ -4,7 +4,10 @@ difference to one or more baseline methods with a 95 % confidence interval.
     keeplora aggregate runs/drift runs/drift-seed1 ... --baseline lora-ft --baseline keeplora
 
 Each run folder holds the ``results.csv`` that ``keeplora run`` writes; the metrics are its numeric columns (wall
-times left out), in the file's order. A method's statistics use the runs that have it (``n``).
+times left out), in the file's order. A method's statistics use the runs that have it (``n``). Folders whose resolved
+configs (``config.yaml``) are equal apart from ``methods`` are one run split over method subsets (``keeplora run
+--methods``, e.g. two processes for one seed): their methods are merged, and a method that two of them ran must have
+equal numbers (runs are deterministic), else the folders are refused.
 
 Intervals are percentile bootstraps over runs (:data:`RESAMPLES` resamples of the runs with replacement, a fixed
 seed, so the output is deterministic). Differences are paired by run: seeds move every method together (the same
@@ -25,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 LEADING = ("transfer", "average", "last")  # listed first when present
 NOT_METRICS = {"method", "seed", "seconds", "wall_s"}  # identifiers and wall times: not compared across runs
@@ -54,6 +58,40 @@ def load_results(run_dir: Path) -> dict[str, dict[str, float]]:
                     continue
             out[row["method"]] = values
     return out
+
+
+def _run_config(run_dir: Path) -> tuple[str | None, dict[str, dict]]:
+    """The resolved config without its method list (``None`` for a folder without ``config.yaml``), and the
+    method definitions by name: folders with the same identity are one run."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return None, {}
+    config = yaml.safe_load(path.read_text()) or {}
+    specs = {m["name"]: m for m in config.pop("methods", None) or [] if isinstance(m, dict) and "name" in m}
+    return yaml.safe_dump(config, sort_keys=True), specs
+
+
+def load_runs(run_dirs: Sequence[Path]) -> list[dict[str, dict[str, float]]]:
+    """One ``{method: {metric: value}}`` per run, merging the folders of one run (see the module docstring)."""
+    merged: dict[object, tuple[list[Path], dict[str, dict], dict[str, dict[str, float]]]] = {}
+    for i, d in enumerate(run_dirs):
+        identity, specs = _run_config(Path(d))
+        folders, known_specs, methods = merged.setdefault((None, i) if identity is None else identity, ([], {}, {}))
+        for name, spec in specs.items():
+            if known_specs.setdefault(name, spec) != spec:
+                raise ValueError(
+                    f"keeplora aggregate: {folders[0]} and {d} share a config and seed but define method {name!r} "
+                    "differently; they cannot be one run"
+                )
+        for method, values in load_results(Path(d)).items():
+            if method in methods and methods[method] != values:
+                raise ValueError(
+                    f"keeplora aggregate: {', '.join(map(str, folders))} and {d} are one run (same config and seed) "
+                    f"but give different numbers for {method!r}; give the folders of one run only once"
+                )
+            methods[method] = values
+        folders.append(Path(d))
+    return [methods for _, _, methods in merged.values()]
 
 
 def is_metric(column: str) -> bool:
@@ -95,7 +133,7 @@ def aggregate(run_dirs: Sequence[Path], baseline: str | Sequence[str] | None = N
     if not run_dirs:
         raise ValueError("keeplora aggregate: give at least one run folder")
     baselines = _baselines(baseline)
-    runs = [load_results(Path(d)) for d in run_dirs]
+    runs = load_runs(run_dirs)
     known = list(dict.fromkeys(m for r in runs for m in r))
     for b in baselines:
         if not any(b in r for r in runs):
