@@ -181,7 +181,21 @@ class _GradientTap(torch.autograd.Function):
 # the model's own loss (loss_fn=None) per transformers loss type: does the token mean skip the first label of each
 # row (causal LMs predict token t+1 from t)? Only these are split into micro-batches (see _micro_batches).
 _TOKEN_MEAN_LOSSES = {"ForCausalLM": True, "ForMaskedLM": False, "ForTokenClassification": False}
+# transformers causal LMs whose class name holds no loss type: their loss_type is None and their forward uses the
+# default loss function, the causal LM loss (PreTrainedModel.loss_function)
+_UNNAMED_CAUSAL_LMS = {"GPT2LMHeadModel"}
 _IGNORE_INDEX = -100
+
+
+def _token_mean_loss(model: nn.Module) -> bool | None:
+    """Whether the model's own loss is a token mean over shifted labels (True), unshifted ones (False), or neither
+    known (None)."""
+    if "_loss_function" in vars(model):  # a user replaced transformers' loss function
+        return None
+    loss_type = getattr(model, "loss_type", None)
+    if loss_type is None and type(model).__name__ in _UNNAMED_CAUSAL_LMS:
+        loss_type = "ForCausalLM"
+    return _TOKEN_MEAN_LOSSES.get(loss_type or "")
 
 
 def _micro_batches(model: nn.Module, batch: Any, max_tokens: int) -> list[tuple[Any, torch.Tensor | None]]:
@@ -193,7 +207,7 @@ def _micro_batches(model: nn.Module, batch: Any, max_tokens: int) -> list[tuple[
     its own ``n_i`` labels, so it is weighted by ``n_i / N``; parts with no label are skipped (they add nothing to
     the sum). The weights stay on the device (no host sync).
     """
-    shifted = _TOKEN_MEAN_LOSSES.get(getattr(model, "loss_type", None) or "")
+    shifted = _token_mean_loss(model)
     labels = batch.get("labels") if isinstance(batch, Mapping) else None
     if max_tokens <= 0 or shifted is None or not isinstance(labels, torch.Tensor) or labels.dim() < 2:
         return [(batch, None)]

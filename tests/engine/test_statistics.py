@@ -148,9 +148,13 @@ def test_batch_budget_is_validated(monkeypatch):
 # ---- micro-batched gradient pass: exact for the model's own token-mean loss
 def _own_loss_model(kind: str):
     """Tiny transformers models whose own loss is a mean over the labels that are not -100."""
-    from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM
+    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
+    if kind == "gpt2":  # loss_type None (no loss type in the class name): transformers uses the causal LM loss
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32))
+        assert model.loss_type is None
+        return model.eval(), ["c_attn", "c_proj", "c_fc"]
     if kind == "llama":
         model = LlamaForCausalLM(
             LlamaConfig(
@@ -193,7 +197,7 @@ def _labelled_batches(kind: str, n: int, rows: int = 7, length: int = 9, seed: i
     return out
 
 
-@pytest.mark.parametrize("kind", ["bert", "llama"])
+@pytest.mark.parametrize("kind", ["bert", "llama", "gpt2"])
 @pytest.mark.parametrize("tokens", [9, 20, 27])  # one row per part, two rows, three rows (a shorter last part)
 def test_micro_batched_pass_equals_the_unsplit_pass(kind, tokens):
     from keeplora.statistics import _micro_batches
@@ -234,6 +238,11 @@ def test_micro_batching_leaves_user_losses_and_other_batches_whole():
     assert _micro_batches(model, odd, 9) == [(odd, None)]
     unlabelled = {**batch, "labels": torch.full_like(batch["labels"], -100)}  # full loss is 0/0: left to raise
     assert _micro_batches(model, unlabelled, 9) == [(unlabelled, None)]
+    gpt2, _ = _own_loss_model("gpt2")
+    gpt2_batch = _labelled_batches("gpt2", 1)[0]
+    assert _micro_batches(gpt2, gpt2_batch, 9)[0][1] is not None
+    gpt2.loss_function = lambda logits, labels, **kw: logits.sum()  # a user's own loss: unknown, left whole
+    assert _micro_batches(gpt2, gpt2_batch, 9) == [(gpt2_batch, None)]
     bert, _ = _own_loss_model("bert")
     case, tiny, kl = make("bert")  # BertModel with a user loss: no loss type of its own
     assert _micro_batches(tiny, case.batches(n=1)[0], 9)[0][1] is None
