@@ -50,6 +50,16 @@ from .statistics import (
 )
 
 
+def _canonical_signs(a: torch.Tensor) -> torch.Tensor:
+    """``a`` with each column's largest-magnitude entry made positive (zero columns unchanged).
+
+    A singular vector's sign is free, and which one an SVD returns can follow the rounding of its input (one process
+    against several ranks, a Conv1D's transposed weight against a Linear's): fixing it makes such runs agree exactly.
+    It changes no result: B = Aᵀ·Gᵀ flips with A, and training then mirrors exactly (AdamW is sign-equivariant)."""
+    pivot = a.gather(0, a.abs().argmax(0, keepdim=True))
+    return a * torch.where(pivot < 0, -1.0, 1.0).to(a.dtype)
+
+
 class KeepLoRAWarning(UserWarning):
     """Something the user should know about the continual state (e.g. a module with no residual directions left)."""
 
@@ -479,6 +489,7 @@ class KeepLoRA:
                 a[:, :rank] = orthonormalize_against(left[name][:, :rank], basis, fill_to=rank, generator=generator)
             else:
                 a[:, :rank] = random_residual_directions(basis, rank, generator)
+            a = _canonical_signs(a)
             if cfg.b_init == "gradient":
                 # Aᵀ·Ĝ = Aᵀ·Gᵀ − (Aᵀ·P)·(Pᵀ·Gᵀ) = Aᵀ·Gᵀ because A ⟂ P: Ĝ (d_in × d_out) is never formed
                 b = a.t() @ grads[name].t()

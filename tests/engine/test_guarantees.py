@@ -83,6 +83,30 @@ def test_adapter_is_orthonormal_and_orthogonal_to_the_protected_basis(case_name)
         assert p.shape[1] > 0 or kl.config.weight_energy_for(name) == 0
         torch.testing.assert_close(a.t() @ a, torch.eye(a.shape[1], dtype=torch.float64), atol=1e-5, rtol=0)
         assert (p.t() @ a).abs().max() < 1e-5
+        assert (a.gather(0, a.abs().argmax(0, keepdim=True)) > 0).all()  # signs fixed: largest entry positive
+
+
+def test_the_adapter_sign_convention_changes_no_result(monkeypatch):
+    """Flipping every adapter direction's sign (A's column with B's row) mirrors training exactly: after AdamW steps
+    and end_task, the merged weights and the memory are bit-identical. So fixing the signs costs nothing."""
+    from keeplora import engine
+
+    case = CASES["llama"]
+    results = []
+    for flip in (False, True):
+        if flip:
+            canonical = engine._canonical_signs
+            monkeypatch.setattr(engine, "_canonical_signs", lambda a: -canonical(a))
+        model, kl = make(case)
+        data = case.batches()
+        kl.begin_task(data, case.loss)
+        train(kl, case, data, steps=3)
+        kl.end_task(data, case.loss)
+        results.append({n: (target_weight(kl.layers[n]).clone(), kl.bases[n].clone()) for n in kl.layers})
+    for name, (w, basis) in results[0].items():
+        assert not torch.equal(w, CASES["llama"].model().get_submodule(name).weight)  # training moved it
+        assert torch.equal(results[1][name][0], w), name
+        assert torch.equal(results[1][name][1], basis), name
 
 
 @pytest.mark.parametrize("case_name", ALL)
