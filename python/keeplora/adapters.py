@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -203,8 +204,8 @@ def check_shapes(model: nn.Module, names: list[str], config: KeepLoRAConfig) -> 
 
 def fan_in_fan_out(root: nn.Module, names: list[str]) -> bool:
     """PEFT's ``LoraConfig.fan_in_fan_out`` for these targets: True when they are Conv1D layers (weight stored
-    ``d_in × d_out``). PEFT decides it per layer at injection anyway (and warns when the config disagrees); a model
-    whose targets mix both types gets the value of the majority."""
+    ``d_in × d_out``). PEFT sets it per layer at injection anyway (warning where the config disagrees, which
+    attach_adapters silences), so a model whose targets mix both types gets the value of the majority."""
     modules = dict(root.named_modules())
     conv = sum(type(_base_of(modules[n])) is Conv1D for n in names)
     return 2 * conv > len(names)
@@ -243,10 +244,13 @@ def attach_adapters(model: nn.Module, names: list[str], config: KeepLoRAConfig) 
             bias="none",
             fan_in_fan_out=fan_in_fan_out(root, names),
         )
-        if isinstance(model, PeftModel):
-            model.add_adapter(config.adapter_name, lora_config)
-        else:
-            inject_adapter_in_model(lora_config, root, adapter_name=config.adapter_name)
+        with warnings.catch_warnings():
+            # targets mixing nn.Linear and Conv1D: PEFT sets fan_in_fan_out right per layer, warning for each
+            warnings.filterwarnings("ignore", message="fan_in_fan_out is set to", category=UserWarning)
+            if isinstance(model, PeftModel):
+                model.add_adapter(config.adapter_name, lora_config)
+            else:
+                inject_adapter_in_model(lora_config, root, adapter_name=config.adapter_name)
     if isinstance(model, PeftModel):
         model.set_adapter(config.adapter_name)
     modules = dict(root.named_modules())

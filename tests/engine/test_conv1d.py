@@ -30,11 +30,12 @@ CASE = CONV1D_CASES["gpt2"]
 SHAPES = {"attn.c_attn": (96, 32), "attn.c_proj": (32, 32), "mlp.c_fc": (128, 32), "mlp.c_proj": (32, 128)}
 
 
-def linear_twin(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every ``Conv1D`` replaced by the ``nn.Linear`` computing the same function."""
+def linear_twin(model: nn.Module, only: str = "") -> nn.Module:
+    """A copy of ``model`` with every ``Conv1D`` (whose name contains ``only``) replaced by the ``nn.Linear``
+    computing the same function."""
     twin = copy.deepcopy(model)
     for name, module in list(twin.named_modules()):
-        if type(module) is not Conv1D:
+        if type(module) is not Conv1D or only not in name:
             continue
         d_in, d_out = module.weight.shape
         linear = nn.Linear(d_in, d_out, dtype=module.weight.dtype)
@@ -99,8 +100,9 @@ def _assert_runs_equal(conv_kl, twin_kl, stage, adapters=True):
     for name, layer in conv_kl.layers.items():
         twin = twin_kl.layers[name]
         assert type(twin.base_layer) is nn.Linear
-        # the stored Conv1D weight is the twin's transposed (merges wrote the stored weight)
-        assert_close(layer.base_layer.weight.t(), twin.base_layer.weight)
+        # a stored Conv1D weight is the twin's transposed (merges wrote the stored weight)
+        stored = layer.base_layer.weight
+        assert_close(stored.t() if type(layer.base_layer) is Conv1D else stored, twin.base_layer.weight)
         assert conv_kl.bases[name].shape == twin_kl.bases[name].shape, (stage, name)
         assert_close(projector(conv_kl.bases[name]), projector(twin_kl.bases[name]), dtype=torch.float32)
         if adapters:
@@ -109,17 +111,27 @@ def _assert_runs_equal(conv_kl, twin_kl, stage, adapters=True):
             assert_close(cb, tb, dtype=torch.float32)
 
 
-@pytest.mark.parametrize(("b_init", "memory_source"), [("gradient", "features"), ("zero", "gradients")])
-def test_conv1d_run_equals_its_linear_twin_at_every_stage(b_init, memory_source):
+@pytest.mark.parametrize(
+    ("b_init", "memory_source", "mixed"),
+    [("gradient", "features", False), ("zero", "gradients", False), ("gradient", "features", True)],
+)
+def test_conv1d_run_equals_its_linear_twin_at_every_stage(b_init, memory_source, mixed):
     """Pre-trained bases, begin_task's A and B (and W for b_init='gradient'), training steps, end_task's merged
     weights and memory, two tasks: the Conv1D model and its Linear twin agree (fp64, so that the two weight
-    layouts' different GEMM rounding stays far below the tolerance)."""
+    layouts' different GEMM rounding stays far below the tolerance). ``mixed``: the MLP targets are nn.Linear and
+    the attention ones Conv1D (one PEFT config serves both: PEFT sets fan_in_fan_out per layer)."""
     conv = CASE.model().double()
+    if mixed:
+        conv = linear_twin(conv, only="mlp")
+        types = {type(m).__name__ for n, m in conv.named_modules() if n.endswith(("c_attn", "c_fc"))}
+        assert types == {"Conv1D", "Linear"}
     twin = linear_twin(conv)
     probe = CASE.batches(seed=9)[0]
     assert_close(logits(conv, probe), logits(twin, probe))  # the oracle is the same function
     options = dict(b_init=b_init, memory_source=memory_source, stats_dtype="float64")
-    conv_kl = KeepLoRA(conv, config(**options))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PEFT's per-layer fan_in_fan_out correction is not the user's concern
+        conv_kl = KeepLoRA(conv, config(**options))
     twin_kl = KeepLoRA(twin, config(**options))
     assert all(p.shape[1] > 0 for p in conv_kl.bases.values())
     _assert_runs_equal(conv_kl, twin_kl, "pre-trained")
