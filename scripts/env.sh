@@ -18,7 +18,7 @@ _keeplora_key="$KEEPLORA_EXTRAS $(cat "$KEEPLORA_ROOT/pyproject.toml" "$KEEPLORA
 _keeplora_stamp="$KEEPLORA_VENV/.keeplora-installed"
 if [ ! -f "$_keeplora_stamp" ] || [ "$(cat "$_keeplora_stamp")" != "$_keeplora_key" ]; then
   _pip() { python -m pip --disable-pip-version-check -q "$@"; }
-  _pip install "setuptools>=64" wheel ninja
+  _pip install "setuptools>=77" wheel ninja
   if ! python -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
       echo "[keeplora] installing torch (CUDA)"; _pip install torch

@@ -27,7 +27,7 @@ rm -rf "$VENV"
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 _pip() { python -m pip --disable-pip-version-check -q "$@"; }
-_pip install "setuptools>=64" wheel
+_pip install "setuptools>=77" wheel
 # torch first and alone, so that resolving the other packages cannot replace it
 if [ -n "${TORCH_INDEX_URL:-}" ]; then _pip install --index-url "$TORCH_INDEX_URL" "torch==$TORCH"
 else _pip install "torch==$TORCH"; fi

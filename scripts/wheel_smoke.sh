@@ -22,7 +22,7 @@ rm -rf "$work/venv" "$work/src" "$work/dist" "$work/run"
 # shellcheck disable=SC1091
 . "$work/venv/bin/activate"
 _pip() { python -m pip --disable-pip-version-check -q "$@"; }
-_pip install "setuptools>=64" wheel ninja
+_pip install "setuptools>=77" wheel ninja
 say "installing ${KEEPLORA_TORCH:-torch==2.13.0} first"
 _pip install "${KEEPLORA_TORCH:-torch==2.13.0}"
 
