@@ -13,12 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from keeplora_bench.continual import metrics as M
 from keeplora_bench.continual.runconfig import ConfigError, load_config
 from keeplora_bench.continual.runner import CHECKPOINT_DELAY_ENV, run
-from support.app_fixtures import make_tiny_bert, make_tiny_clip, tiny_config, write_all_sources
+from support.app_fixtures import make_tiny_clip, tiny_config, write_config
 
 ALL_METHODS = [
     {"name": "zero-shot", "type": "zero_shot"},
@@ -32,19 +31,6 @@ ALL_METHODS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench")
-    write_all_sources(root / "cache")
-    make_tiny_bert(root / "bert")
-    return root
-
-
-def _write(cfg: dict, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
-
-
 def _env() -> dict:
     path = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=path)
@@ -53,7 +39,7 @@ def _env() -> dict:
 
 
 def test_all_methods_outputs_and_invariants(world, tmp_path):
-    cfg_path = _write(tiny_config(world / "bert", world / "cache", ALL_METHODS), tmp_path / "cfg.yaml")
+    cfg_path = write_config(tiny_config(world / "bert", world / "cache", ALL_METHODS), tmp_path / "cfg.yaml")
     out = tmp_path / "run"
     result = run(cfg_path, output=out, progress=False, log=lambda _: None)
     T = 3
@@ -116,7 +102,7 @@ def test_keeplora_leaves_protected_inputs_alone(world, tmp_path):
             {"name": "sentiment2", "builder": "vader_sentiment", "domain": "nyt"},
         ],
     )
-    result = run(_write(cfg, tmp_path / "c.yaml"), output=tmp_path / "r", progress=False, log=lambda _: None)
+    result = run(write_config(cfg, tmp_path / "c.yaml"), output=tmp_path / "r", progress=False, log=lambda _: None)
     acc = result.matrices["keeplora"]
     info = json.loads((tmp_path / "r" / "methods" / "keeplora" / "accuracy.json").read_text())["info"]
     full = all(info[0]["basis_sizes"][k] == info[0]["d_in"][k] for k in info[0]["d_in"])
@@ -128,7 +114,7 @@ def test_keeplora_leaves_protected_inputs_alone(world, tmp_path):
 
 def test_crash_then_resume_equals_uninterrupted(world, tmp_path):
     methods = [{"name": "lora-ft", "type": "lora_ft"}, {"name": "keeplora+", "type": "keeplora", "head": True}]
-    cfg_path = _write(tiny_config(world / "bert", world / "cache", methods), tmp_path / "cfg.yaml")
+    cfg_path = write_config(tiny_config(world / "bert", world / "cache", methods), tmp_path / "cfg.yaml")
     cmd = [sys.executable, "-m", "keeplora", "run", str(cfg_path), "--no-progress", "--output"]
     # 1) start, and kill -9 right after the first checkpoint (the run sleeps after each checkpoint, test knob)
     crashed = tmp_path / "crashed"
@@ -163,13 +149,13 @@ def test_crash_then_resume_equals_uninterrupted(world, tmp_path):
 
 def test_resume_needs_the_same_config(world, tmp_path):
     cfg = tiny_config(world / "bert", world / "cache", [{"name": "zero-shot", "type": "zero_shot"}])
-    path = _write(cfg, tmp_path / "cfg.yaml")
+    path = write_config(cfg, tmp_path / "cfg.yaml")
     run(path, output=tmp_path / "r", progress=False, log=lambda _: None)
     with pytest.raises(ConfigError, match="already holds a run"):
         run(path, output=tmp_path / "r", progress=False, log=lambda _: None)
     cfg["seed"] = 1
     with pytest.raises(ConfigError, match="differs"):
-        run(_write(cfg, path), output=tmp_path / "r", resume=True, progress=False, log=lambda _: None)
+        run(write_config(cfg, path), output=tmp_path / "r", resume=True, progress=False, log=lambda _: None)
     with pytest.raises(ConfigError, match="holds no run"):
         run(path, output=tmp_path / "none", resume=True, progress=False, log=lambda _: None)
 
@@ -193,7 +179,7 @@ def test_clip_model_directory(world, tmp_path):
     )
     cfg["adapter"]["target_modules"] = text_targets
     cfg["model"]["logit_scale"] = "model"
-    result = run(_write(cfg, tmp_path / "c.yaml"), output=tmp_path / "r", progress=False, log=lambda _: None)
+    result = run(write_config(cfg, tmp_path / "c.yaml"), output=tmp_path / "r", progress=False, log=lambda _: None)
     assert set(result.matrices) == {"zero-shot", "lora-ft", "keeplora+"}
     info = json.loads((tmp_path / "r" / "methods" / "keeplora+" / "accuracy.json").read_text())["info"]
     assert info[0]["basis_sizes"] and all(k.startswith("text_model.") for k in info[0]["basis_sizes"])
@@ -208,7 +194,7 @@ def test_validation_panel_and_drift_gate(world, tmp_path):
     cfg["data"]["val_per_class"] = 4
     out = tmp_path / "run"
     lines = []
-    result = run(_write(cfg, tmp_path / "c.yaml"), output=out, progress=False, log=lines.append)
+    result = run(write_config(cfg, tmp_path / "c.yaml"), output=out, progress=False, log=lines.append)
     saved = json.loads((out / "results.json").read_text())
     zero = json.loads((out / "zero_shot.json").read_text())
     assert zero["probes"] == ["probe-wordnet"] and len(zero["val"]) == 3 and len(zero["panel"]) == 1
@@ -256,7 +242,7 @@ def test_probe_overlapping_a_training_split_is_refused(world, tmp_path):
         panel=[{"name": "probe-topic", "builder": "fortune_topic"}],  # the same texts as the task "topic"
     )
     with pytest.raises(ValueError, match="probe-topic"):
-        run(_write(cfg, tmp_path / "c.yaml"), output=tmp_path / "o", progress=False, log=lambda _: None)
+        run(write_config(cfg, tmp_path / "c.yaml"), output=tmp_path / "o", progress=False, log=lambda _: None)
 
 
 def test_sweep_selects_on_validation_only(world, tmp_path):
@@ -274,9 +260,13 @@ def test_sweep_selects_on_validation_only(world, tmp_path):
     )
     params = parse_params(["feature_energy=0.5,0.9", "r=2"])
     with pytest.raises(ConfigError, match="val_per_class"):
-        sweep(_write(cfg, tmp_path / "c.yaml"), params, output=tmp_path / "sw0", progress=False, log=lambda _: None)
+        sweep(
+            write_config(cfg, tmp_path / "c.yaml"), params, output=tmp_path / "sw0", progress=False, log=lambda _: None
+        )
     cfg["data"]["val_per_class"] = 4
-    points = sweep(_write(cfg, tmp_path / "c.yaml"), params, output=tmp_path / "sw", progress=False, log=lambda _: None)
+    points = sweep(
+        write_config(cfg, tmp_path / "c.yaml"), params, output=tmp_path / "sw", progress=False, log=lambda _: None
+    )
     assert [p["label"] for p in points] == ["baseline feature_energy=0.9 r=4", "feature_energy=0.5", "r=2"]
     for p in points:
         assert len(p["basis_sizes"]) == 2 and set(p) >= {"val_transfer", "val_average", "val_last"}
@@ -301,7 +291,9 @@ def test_sweep_selects_on_validation_only(world, tmp_path):
     # numbers however written (YAML alone reads "5e-4" as a string), names stay strings
     assert parse_params(["lr=5e-4,1.0e-3,0.002,2", "b_init=zero"]) == {"lr": [5e-4, 1e-3, 0.002, 2], "b_init": ["zero"]}
     with pytest.raises(ConfigError, match="--select"):
-        sweep(_write(cfg, tmp_path / "c.yaml"), params, output=tmp_path / "sw", select="average", log=lambda _: None)
+        sweep(
+            write_config(cfg, tmp_path / "c.yaml"), params, output=tmp_path / "sw", select="average", log=lambda _: None
+        )
 
 
 def test_config_inheritance_order_and_quick(tmp_path):
@@ -321,7 +313,7 @@ def test_config_inheritance_order_and_quick(tmp_path):
     assert quick["training"]["epochs"] == 1 and quick["data"]["train_per_class"] < base["data"]["train_per_class"]
     with pytest.raises(ConfigError, match="unknown keys"):
         load_config(
-            _write(
+            write_config(
                 {
                     "tasks": [{"name": "a", "builder": "austen_novel"}],
                     "methods": [{"name": "x", "type": "lora_ft", "head": True}],
@@ -339,7 +331,7 @@ def _cli(*args, env=None):
 
 def test_cli_missing_source_names_the_command(world, tmp_path):
     cfg = tiny_config(world / "bert", tmp_path / "empty-cache", [{"name": "zero-shot", "type": "zero_shot"}])
-    proc = _cli("run", str(_write(cfg, tmp_path / "c.yaml")), "--output", str(tmp_path / "o"), "--no-progress")
+    proc = _cli("run", str(write_config(cfg, tmp_path / "c.yaml")), "--output", str(tmp_path / "o"), "--no-progress")
     assert proc.returncode == 2
     assert f"keeplora data fetch fortunes --cache {tmp_path / 'empty-cache'}" in proc.stderr
 

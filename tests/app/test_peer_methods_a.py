@@ -19,17 +19,9 @@ from keeplora_bench.continual.peers.inflora import A_SCALE, design_down_projecti
 from keeplora_bench.continual.peers.olora import olora_penalty
 from keeplora_bench.continual.runconfig import ConfigError, load_config
 from keeplora_bench.continual.runner import Runner, prepare_output, run
-from support.app_fixtures import make_tiny_bert, tiny_config, write_all_sources
+from support.app_fixtures import tiny_config
 
 PEERS = [{"name": "inflora", "type": "inflora"}, {"name": "olora", "type": "olora"}]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("peers")
-    write_all_sources(root / "cache")
-    make_tiny_bert(root / "bert")
-    return root
 
 
 def _config(world: Path, tmp_path: Path, methods: list[dict], **extra) -> Path:

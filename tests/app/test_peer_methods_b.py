@@ -9,14 +9,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
 
 from keeplora_bench.continual import runner as R
 from keeplora_bench.continual.methods import build_method
 from keeplora_bench.continual.peers.magmax import MagMax, max_magnitude
 from keeplora_bench.continual.peers.osf import OSFFineTuning, osf_missing, preserved_leak
 from keeplora_bench.continual.runconfig import ConfigError, load_config
-from support.app_fixtures import make_tiny_bert, tiny_config, write_all_sources
+from support.app_fixtures import tiny_config, write_config
 from support.tiny_models import CASES, sgd_pass
 
 BERT = CASES["bert"]
@@ -132,7 +131,7 @@ def test_osf_without_peft_support_is_refused_by_name_and_skipped_by_the_runner(w
     cfg = tiny_config(
         world / "bert", world / "cache", [{"name": "osf", "type": "osf"}, {"name": "zs", "type": "zero_shot"}]
     )
-    result = R.run(_write(cfg, tmp_path / "c.yaml"), output=tmp_path / "r", progress=False, log=lines.append)
+    result = R.run(write_config(cfg, tmp_path / "c.yaml"), output=tmp_path / "r", progress=False, log=lines.append)
     assert set(result.matrices) == {"zs"}
     assert any(line.startswith("[keeplora] skipping ['osf']") and reason in line for line in lines)
 
@@ -214,26 +213,13 @@ def test_no_protection_protects_nothing_and_trains_b():
 
 
 # ---------------------------------------------------------------------------------------------------- end to end
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench")
-    write_all_sources(root / "cache")
-    make_tiny_bert(root / "bert")
-    return root
-
-
-def _write(cfg: dict, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
-
-
 class _Stop(Exception):
     pass
 
 
 def test_peers_end_to_end_and_resume_equals_uninterrupted(world, tmp_path, monkeypatch):
     methods = PEERS if osf_missing() is None else PEERS[1:]
-    cfg_path = _write(tiny_config(world / "bert", world / "cache", methods), tmp_path / "cfg.yaml")
+    cfg_path = write_config(tiny_config(world / "bert", world / "cache", methods), tmp_path / "cfg.yaml")
     clean = R.run(cfg_path, output=tmp_path / "clean", progress=False, log=lambda _: None)
     saved = json.loads((tmp_path / "clean" / "results.json").read_text())
     for m in methods:
@@ -279,7 +265,7 @@ def test_peers_end_to_end_and_resume_equals_uninterrupted(world, tmp_path, monke
 
 def test_peer_keys_are_resolved_and_checked(world, tmp_path):
     cfg = tiny_config(world / "bert", world / "cache", PEERS)
-    resolved = {m["name"]: m for m in load_config(_write(cfg, tmp_path / "c.yaml"))["methods"]}
+    resolved = {m["name"]: m for m in load_config(write_config(cfg, tmp_path / "c.yaml"))["methods"]}
     assert resolved["osf"]["effective_rank"] == 8 and resolved["osf"]["rank_step"] == 4
     assert "r" not in resolved["osf"] and resolved["osf"]["target_modules"] == resolved["magmax"]["target_modules"]
     assert resolved["magmax"]["merge_scale"] == 0.5 and resolved["magmax"]["r"] == 4
@@ -294,7 +280,7 @@ def test_peer_keys_are_resolved_and_checked(world, tmp_path):
         kind = "magmax" if "merge_scale" in keys else "osf"
         cfg = tiny_config(world / "bert", world / "cache", [{"name": "p", "type": kind} | keys])
         with pytest.raises(ConfigError, match=message):
-            load_config(_write(cfg, tmp_path / "bad.yaml"))
+            load_config(write_config(cfg, tmp_path / "bad.yaml"))
 
 
 def test_peers_config_lists_the_peers():

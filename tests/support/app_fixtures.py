@@ -303,3 +303,19 @@ def tiny_config(model_dir: Path, cache: Path, methods: list[dict], tasks: list[d
     }
     cfg.update(extra)
     return cfg
+
+
+# ------------------------------------------------------------------------------------------------ a bench world
+def make_bench_world(root: Path) -> Path:
+    """``root`` with a fake data cache (``cache/``) and a tiny BERT model folder (``bert/``)."""
+    write_all_sources(root / "cache")
+    make_tiny_bert(root / "bert")
+    return root
+
+
+def write_config(cfg: dict, path: Path) -> Path:
+    """``cfg`` as a YAML config file at ``path`` (keys in their order)."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
