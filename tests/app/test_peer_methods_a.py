@@ -61,14 +61,16 @@ def test_peer_keys_defaults_sections_and_errors(tmp_path, world):
         "lambda_orth": [0.1, 1],
         "memory_rule": ["authors", "gpm"],
     }
-    runner = _runner(world, tmp_path, PEERS)
-    enc = runner._fresh_encoder()
-    with pytest.raises(ValueError, match=r"memory_rule must be one of \('authors', 'gpm'\), got 'svd'"):
-        build_method(dict(runner.cfg["methods"][0], memory_rule="svd"), enc, 0)
-    with pytest.raises(ValueError, match=r"orth_penalty must be one of \('squared', 'abs'\), got 'l1'"):
-        build_method(dict(runner.cfg["methods"][1], orth_penalty="l1"), enc, 0)
-    with pytest.raises(ValueError, match=r"lambda_orth must be >= 0, got -1.0"):
-        build_method(dict(runner.cfg["methods"][1], lambda_orth=-1.0), enc, 0)
+    # refused when the config is loaded (not when the method's turn comes, after the earlier methods ran)
+    for bad, message in [
+        ({"type": "inflora", "memory_rule": "svd"}, r"'x': memory_rule must be one of \('authors', 'gpm'\), got 'svd'"),
+        ({"type": "inflora", "feature_energy_end": 1.5}, r"feature_energy_end must be a number in \[0, 1\], got 1.5"),
+        ({"type": "olora", "orth_penalty": "l1"}, r"orth_penalty must be one of \('squared', 'abs'\), got 'l1'"),
+        ({"type": "olora", "lambda_orth": -1.0}, r"lambda_orth must be a number >= 0, got -1.0"),
+        ({"type": "olora", "lambda_l2": "big"}, r"lambda_l2 must be a number >= 0, got 'big'"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(_config(world, tmp_path, [{"name": "x", **bad}]))
 
 
 # ----------------------------------------------------------------------------------------------- adapters

@@ -22,6 +22,7 @@ PEER_KEYS: dict[str, dict[str, Any]] = {
     "osf": {"effective_rank": 8, "rank_step": 4},  # PEFT's sequential OSF recipe (peers/osf.py)
     "magmax": {"merge_scale": 0.5},  # the authors' MagMax coefficient λ (peers/magmax.py)
 }
+PEER_CHOICES = {"memory_rule": ("authors", "gpm"), "orth_penalty": ("squared", "abs")}  # their accepted values
 ADAPTER_TYPES = ("lora_ft", "keeplora", "inflora", "olora", "magmax")  # the methods every ``adapter`` key applies to
 PEER_ADAPTER_KEYS = {"osf": ("target_modules",)}  # OSF has no rank or alpha of its own: only the targets
 METHOD_TYPES = ("zero_shot", "full_ft", "lora_ft", "keeplora", *PEER_KEYS)
@@ -193,12 +194,28 @@ def _rank(value, name: str, allow_zero: bool) -> None:
         )
 
 
+def _number(value, name: str, low: float, high: float | None = None) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and value >= low
+    if not ok or (high is not None and value > high):
+        span = f"in [{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+        raise ConfigError(f"{name} must be a number {span}, got {value!r}")
+
+
 def _check_peer(spec: dict) -> None:
     """The peer methods' own keys (``PEER_KEYS``): their accepted values, named in the error."""
     where = f"method {spec['name']!r}"
     if spec["type"] == "osf":
         _rank(spec["effective_rank"], f"{where}: effective_rank", allow_zero=False)
         _rank(spec["rank_step"], f"{where}: rank_step", allow_zero=True)
+    if spec["type"] == "inflora":
+        for key in ("feature_energy", "feature_energy_end"):
+            _number(spec[key], f"{where}: {key}", low=0.0, high=1.0)
+    if spec["type"] == "olora":
+        for key in ("lambda_orth", "lambda_l2"):
+            _number(spec[key], f"{where}: {key}", low=0.0)
+    for key, choices in PEER_CHOICES.items():
+        if key in spec and spec[key] not in choices:
+            raise ConfigError(f"{where}: {key} must be one of {choices}, got {spec[key]!r}")
     if spec["type"] == "magmax":
         scale = spec["merge_scale"]
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:

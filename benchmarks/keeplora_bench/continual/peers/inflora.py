@@ -61,9 +61,11 @@ from keeplora.basis import expand_bases, orthonormalize_against
 from keeplora.statistics import collect_second_moments
 
 from ..data import seed_from
+from ..runconfig import PEER_CHOICES
 from .adapters import TaskAdapterMethod
 
-MEMORY_RULES = ("authors", "gpm")
+MEMORY_RULES = PEER_CHOICES["memory_rule"]
+
 A_SCALE = 1.0 / math.sqrt(3.0)  # the authors' scale of the designed A
 
 
@@ -95,13 +97,6 @@ class InfLoRA(TaskAdapterMethod):
         self.energy_end = float(spec["feature_energy_end"])
         self.rule = spec["memory_rule"]
         self.num_tasks = int(spec["num_tasks"])
-        for key, value in (("feature_energy", self.energy_start), ("feature_energy_end", self.energy_end)):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"method {spec['name']!r}: {key} must be in [0, 1], got {value}")
-        if self.rule not in MEMORY_RULES:
-            raise ValueError(f"method {spec['name']!r}: memory_rule must be one of {MEMORY_RULES}, got {self.rule!r}")
-        if self.num_tasks < 1:
-            raise ValueError(f"method {spec['name']!r}: num_tasks must be >= 1, got {self.num_tasks}")
         self.memory: dict[str, torch.Tensor] = {}
 
     @property

@@ -35,9 +35,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..runconfig import PEER_CHOICES
 from .adapters import TaskAdapterMethod
 
-ORTH_PENALTIES = ("squared", "abs")
+ORTH_PENALTIES = PEER_CHOICES["orth_penalty"]
 
 
 def olora_penalty(
@@ -71,13 +72,6 @@ class OLoRA(TaskAdapterMethod):
         self.lambda_orth = float(spec["lambda_orth"])
         self.lambda_l2 = float(spec["lambda_l2"])
         self.orth_penalty = spec["orth_penalty"]
-        for key, value in (("lambda_orth", self.lambda_orth), ("lambda_l2", self.lambda_l2)):
-            if not value >= 0.0:
-                raise ValueError(f"method {spec['name']!r}: {key} must be >= 0, got {value}")
-        if self.orth_penalty not in ORTH_PENALTIES:
-            raise ValueError(
-                f"method {spec['name']!r}: orth_penalty must be one of {ORTH_PENALTIES}, got {self.orth_penalty!r}"
-            )
 
     def factors(self) -> list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]:
         """``(A_prev, A_t, B_t)`` per layer: the earlier tasks' A stacked (None on the first task), the newest A, B."""
