@@ -141,7 +141,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_aggregate(args: argparse.Namespace) -> int:
-    from .continual.aggregate import aggregate, to_markdown, write_csv
+    from .continual.aggregate import aggregate, to_markdown, write_csv, write_plots
 
     try:
         rows = aggregate(args.runs, baseline=args.baseline)
@@ -151,6 +151,9 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     print(to_markdown(rows, args.baseline))
     if args.output:
         write_csv(rows, args.output)
+    if args.plots:
+        for path in write_plots(args.runs, rows, args.baseline, Path(args.plots)):
+            print(f"[keeplora] wrote {path}")
     return 0
 
 
@@ -226,6 +229,12 @@ def add_subcommands(sub) -> None:
         help="a method name: also report each method's paired difference to it, with a 95%% interval (repeatable)",
     )
     p.add_argument("--output", "-o", help="also write the rows to this CSV file")
+    p.add_argument(
+        "--plots",
+        metavar="DIR",
+        help="also write plots to DIR: the held-out panel over the steps (mean and interval over runs) and the "
+        "paired differences to each --baseline",
+    )
     p.set_defaults(func=cmd_aggregate)
 
     p = sub.add_parser("data", help=APP_COMMANDS["data"])

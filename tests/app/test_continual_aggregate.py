@@ -2,6 +2,7 @@
 or more baselines, from results.csv files."""
 
 import csv
+import json
 import math
 
 import numpy as np
@@ -182,3 +183,34 @@ def test_folders_of_one_run_that_disagree_are_refused(tmp_path):
         aggregate([a, c])
     # the same folder twice is one run, not two
     assert {r["method"]: r["n"] for r in aggregate([a, a])} == {"zero-shot": 1, "lora-ft": 1}
+
+
+def test_plots_of_the_panel_over_runs_and_of_the_paired_differences(tmp_path, capsys):
+    """--plots: the held-out panel's curves of one run split over two folders merge per method; the PNGs are
+    written, and disagreeing curves of one run are refused."""
+    runs = []
+    for seed in range(3):
+        curves = {"zero-shot": [0.6] * 4, "lora-ft": [0.6, 0.5 - 0.01 * seed, 0.45, 0.4]}
+        k_curves = {"zero-shot": [0.6] * 4, "keeplora": [0.6, 0.59, 0.58 + 0.01 * seed, 0.58]}
+        for part, (rows, cv) in enumerate(
+            [
+                ({"zero-shot": (50, 50, 50), "lora-ft": (60, 70 - seed, 72)}, curves),
+                ({"zero-shot": (50, 50, 50), "keeplora": (61, 72, 75 + seed)}, k_curves),
+            ]
+        ):
+            d = _config(_run(tmp_path, f"s{seed}{part}", rows), seed, list(rows))
+            (d / "results.json").write_text(json.dumps({"tasks": ["a", "b", "c"], "panel_curves": cv}))
+            runs.append(d)
+    out = tmp_path / "plots"
+    assert main(["aggregate", *map(str, runs), "--baseline", "lora-ft", "--plots", str(out)]) == 0
+    assert "| keeplora | 3 |" in capsys.readouterr().out
+    for name in ("retention.png", "differences_vs_lora_ft.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from keeplora_bench.continual.aggregate import load_panel_curves
+
+    curves, tasks = load_panel_curves(runs)
+    assert tasks == ["a", "b", "c"] and len(curves) == 3
+    assert sorted(curves[2]) == ["keeplora", "lora-ft", "zero-shot"] and curves[2]["keeplora"][2] == 0.6
+    (runs[1] / "results.json").write_text(json.dumps({"panel_curves": {"zero-shot": [0.5] * 4}}))
+    with pytest.raises(ValueError, match="different panel curves for 'zero-shot'"):
+        load_panel_curves(runs)

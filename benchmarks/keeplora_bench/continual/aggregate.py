@@ -21,6 +21,7 @@ are reported as well.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import re
 import statistics
@@ -71,27 +72,55 @@ def _run_config(run_dir: Path) -> tuple[str | None, dict[str, dict]]:
     return yaml.safe_dump(config, sort_keys=True), specs
 
 
-def load_runs(run_dirs: Sequence[Path]) -> list[dict[str, dict[str, float]]]:
-    """One ``{method: {metric: value}}`` per run, merging the folders of one run (see the module docstring)."""
-    merged: dict[object, tuple[list[Path], dict[str, dict], dict[str, dict[str, float]]]] = {}
+def group_runs(run_dirs: Sequence[Path]) -> list[list[Path]]:
+    """The folders of each run, in first-seen order: folders whose configs are equal apart from ``methods`` are one
+    run; a method defined differently by two of them is refused."""
+    groups: dict[object, tuple[list[Path], dict[str, dict]]] = {}
     for i, d in enumerate(run_dirs):
         identity, specs = _run_config(Path(d))
-        folders, known_specs, methods = merged.setdefault((None, i) if identity is None else identity, ([], {}, {}))
+        folders, known_specs = groups.setdefault((None, i) if identity is None else identity, ([], {}))
         for name, spec in specs.items():
             if known_specs.setdefault(name, spec) != spec:
                 raise ValueError(
                     f"keeplora aggregate: {folders[0]} and {d} share a config and seed but define method {name!r} "
                     "differently; they cannot be one run"
                 )
-        for method, values in load_results(Path(d)).items():
-            if method in methods and methods[method] != values:
+        if Path(d) not in folders:
+            folders.append(Path(d))
+    return [folders for folders, _ in groups.values()]
+
+
+def _merge(folders: Sequence[Path], per_folder: Sequence[dict], what: str) -> dict:
+    """``{method: value}`` of one run from its folders; a method two folders ran must have equal values."""
+    merged: dict = {}
+    for folder, values in zip(folders, per_folder):
+        for method, value in values.items():
+            if method in merged and merged[method] != value:
                 raise ValueError(
-                    f"keeplora aggregate: {', '.join(map(str, folders))} and {d} are one run (same config and seed) "
-                    f"but give different numbers for {method!r}; give the folders of one run only once"
+                    f"keeplora aggregate: {', '.join(map(str, folders))} are one run (same config and seed) but give "
+                    f"different {what} for {method!r} (in {folder})"
                 )
-            methods[method] = values
-        folders.append(Path(d))
-    return [methods for _, _, methods in merged.values()]
+            merged[method] = value
+    return merged
+
+
+def load_runs(run_dirs: Sequence[Path]) -> list[dict[str, dict[str, float]]]:
+    """One ``{method: {metric: value}}`` per run, merging the folders of one run (see the module docstring)."""
+    return [_merge(fs, [load_results(f) for f in fs], "numbers") for fs in group_runs(run_dirs)]
+
+
+def load_panel_curves(run_dirs: Sequence[Path]) -> tuple[list[dict[str, list[float]]], list[str]]:
+    """Per run ``{method: held-out panel accuracy after each step}`` (from ``results.json``; step 0 is the zero-shot
+    model), and the run's task names; runs without a panel give ``{}``."""
+    runs, tasks = [], []
+    for folders in group_runs(run_dirs):
+        curves = []
+        for f in folders:
+            saved = json.loads((f / "results.json").read_text()) if (f / "results.json").is_file() else {}
+            curves.append(saved.get("panel_curves") or {})
+            tasks = tasks or list(saved.get("tasks") or [])
+        runs.append(_merge(folders, curves, "panel curves"))
+    return runs, tasks
 
 
 def is_metric(column: str) -> bool:
@@ -210,3 +239,33 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def write_plots(
+    run_dirs: Sequence[Path], rows: list[dict], baseline: str | Sequence[str] | None, out: Path
+) -> list[Path]:
+    """``retention.png`` (the held-out panel over the steps: mean and 95 % interval over runs, when the runs have a
+    panel) and ``differences_vs_<baseline>.png`` per baseline (the test metrics' paired differences); returns the
+    files written."""
+    from . import plots
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    curves, tasks = load_panel_curves(run_dirs)
+    methods = list(dict.fromkeys(m for run in curves for m in run))
+    if methods:
+        bands, counts = {}, {}
+        for m in methods:
+            have = np.array([run[m] for run in curves if m in run], dtype=np.float64)
+            intervals = [bootstrap_ci(have[:, step]) for step in range(have.shape[1])]
+            bands[m] = (have.mean(0), [lo for lo, _ in intervals], [hi for _, hi in intervals])
+            counts[m] = len(have)
+        plots.retention_over_seeds(bands, counts, tasks, out / "retention.png")
+        written.append(out / "retention.png")
+    metrics = [m for m in metric_names(load_runs(run_dirs)) if not m.startswith("val_")]
+    for b in _baselines(baseline):
+        path = out / f"differences_vs_{slug(b)}.png"
+        plots.paired_differences(rows, b, metrics, lambda m, b=b: f"{m}_diff_vs_{slug(b)}", path)
+        written.append(path)
+    return written

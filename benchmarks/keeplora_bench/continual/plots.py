@@ -130,3 +130,58 @@ def retention_over_steps(curves: Mapping[str, Sequence[float]], tasks: Sequence[
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     save_figure(fig, path)
+
+
+def retention_over_seeds(
+    bands: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]],
+    counts: Mapping[str, int],
+    tasks: Sequence[str],
+    path: Path,
+) -> None:
+    """Held-out panel accuracy after each step over several runs: per method its mean (line) and 95 % interval
+    (band), ``bands[method] = (mean, low, high)`` in [0, 1]; ``counts[method]`` runs."""
+    fig, ax = plt.subplots(figsize=(1.8 + 0.7 * len(tasks), 3.8))
+    steps = np.arange(len(tasks) + 1)
+    for name, (mean, low, high) in bands.items():
+        n = len(mean)
+        (line,) = ax.plot(
+            steps[:n], np.asarray(mean) * 100, marker="o", markersize=3, label=f"{name} (n={counts[name]})"
+        )
+        if not np.isnan(np.asarray(low, dtype=float)).all():
+            ax.fill_between(steps[:n], np.asarray(low) * 100, np.asarray(high) * 100, color=line.get_color(), alpha=0.2)
+    ax.set_xticks(steps, ["zero-shot"] + [f"after {t}" for t in tasks], rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("held-out panel accuracy (%)")
+    ax.set_title("Retention over runs: mean and 95 % bootstrap interval", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    save_figure(fig, path)
+
+
+def paired_differences(rows: Sequence[Mapping], baseline: str, metrics: Sequence[str], key: str, path: Path) -> None:
+    """One panel per metric: each method's mean paired difference to ``baseline`` (points, in points of %) with its
+    95 % interval (bars); ``key(metric)`` is the column prefix of the differences in ``rows``."""
+    others = [r for r in rows if r["method"] != baseline]
+    cols = min(3, len(metrics))
+    nrows = (len(metrics) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols, 0.8 + 0.32 * len(others) * nrows + 0.6 * nrows))
+    axes = np.atleast_1d(axes).ravel()
+    y = np.arange(len(others))
+    for ax, metric in zip(axes, metrics):
+        k = key(metric)
+        mean = np.array([r[f"{k}_mean"] for r in others], dtype=float)
+        low = np.array([r[f"{k}_ci_low"] for r in others], dtype=float)
+        high = np.array([r[f"{k}_ci_high"] for r in others], dtype=float)
+        err = np.vstack([mean - low, high - mean])
+        err[np.isnan(err)] = 0.0
+        colors = ["tab:green" if lo > 0 else "tab:red" if hi < 0 else "tab:grey" for lo, hi in zip(low, high)]
+        for j, color in enumerate(colors):
+            ax.errorbar(mean[j], y[j], xerr=err[:, j : j + 1], fmt="o", color=color, ms=4, elinewidth=1.5, capsize=3)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_yticks(y, [r["method"] for r in others], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(f"Δ {metric}", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    for ax in axes[len(metrics) :]:
+        ax.axis("off")
+    fig.suptitle(f"Paired difference to {baseline} over runs (95 % interval; green/red: excludes 0)", fontsize=10)
+    save_figure(fig, path, rect=(0, 0, 1, 0.94))
