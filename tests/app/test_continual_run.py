@@ -38,6 +38,7 @@ def _env() -> dict:
     return env
 
 
+@pytest.mark.filterwarnings("error:`is_gradient_checkpointing`:FutureWarning")  # PEFT's, silenced by wrap_peft
 def test_all_methods_outputs_and_invariants(world, tmp_path):
     cfg_path = write_config(tiny_config(world / "bert", world / "cache", ALL_METHODS), tmp_path / "cfg.yaml")
     out = tmp_path / "run"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -96,6 +97,16 @@ class FullFineTuning(Method):
         return [p for p in self.model.parameters() if p.requires_grad]
 
 
+def wrap_peft(model: nn.Module, peft_config):
+    """``get_peft_model(model, peft_config)``, injecting in place into ``model``. PEFT reads transformers'
+    deprecated ``is_gradient_checkpointing`` there, a FutureWarning that is neither the user's nor ours."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, peft_config)
+
+
 def merge_peft(peft_model, model: nn.Module) -> None:
     """Merge a PEFT model's adapters into ``model`` (which PEFT injected them into) and freeze every parameter."""
     merged = peft_model.merge_and_unload()
@@ -112,7 +123,7 @@ class LoRAFineTuning(Method):
         self.peft_model = None
 
     def begin_task(self, task, data, loader):
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
 
         cfg = LoraConfig(
             r=int(self.spec["r"]),
@@ -121,7 +132,7 @@ class LoRAFineTuning(Method):
             target_modules=_targets(self.spec["target_modules"]),
             bias="none",
         )
-        self.peft_model = get_peft_model(self.model, cfg)  # injects in place into self.model
+        self.peft_model = wrap_peft(self.model, cfg)
 
     def parameters(self, task):
         return [p for n, p in self.model.named_parameters() if p.requires_grad and "lora_" in n]

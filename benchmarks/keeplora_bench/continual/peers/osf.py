@@ -34,7 +34,7 @@ import re
 
 import torch
 
-from ..methods import Method, _targets, merge_peft
+from ..methods import Method, _targets, merge_peft, wrap_peft
 
 MIN_PEFT = "0.18"  # the first PEFT release with OSFConfig
 
@@ -88,7 +88,7 @@ class OSFFineTuning(Method):
         return ranks
 
     def begin_task(self, task, data, loader):
-        from peft import OSFConfig, get_peft_model
+        from peft import OSFConfig
 
         self.ranks = self.preserved_ranks(task)
         self.pre_task = {n: m.weight.detach().clone() for n, m in self.model.named_modules() if n in self.ranks}
@@ -97,7 +97,7 @@ class OSFFineTuning(Method):
             effective_rank=max(self.ranks.values()),
             rank_pattern={f"^{re.escape(name)}$": k for name, k in self.ranks.items()},
         )
-        self.peft_model = get_peft_model(self.model, cfg)  # injects in place into self.model
+        self.peft_model = wrap_peft(self.model, cfg)
 
     def parameters(self, task):
         return [p for n, p in self.model.named_parameters() if p.requires_grad and "osf_svd_params" in n]
