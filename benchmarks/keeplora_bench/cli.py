@@ -133,9 +133,11 @@ def cmd_data(args: argparse.Namespace) -> int:
     specs = [(t, "task") for t in cfg["tasks"]] + [({**p, **probe}, "probe") for p in cfg.get("panel") or []]
     for t, kind in specs:
         task = load_task(TaskSpec.from_dict(t, cfg["data"]), int(cfg["seed"]), cache)
+        pools = list((task.meta.get("pool_sizes") or {}).values())  # texts per class the splits were drawn from
+        pool = f"{min(pools)}-{max(pools)}" if pools else "?"
         print(
             f"{kind:<5} {task.name:<22} {len(task.classes):3d} classes  train {len(task.train):5d}  "
-            f"val {len(task.val):4d}  test {len(task.test):5d}  {task.fingerprint()}"
+            f"val {len(task.val):4d}  test {len(task.test):5d}  pool/class {pool:>11}  {task.fingerprint()}"
         )
     return 0
 

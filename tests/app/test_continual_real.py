@@ -84,7 +84,7 @@ def test_quick_run_on_the_real_benchmark(tmp_path):
 
 def test_data_build_lists_every_split_of_tasks_and_probes(capsys):
     """`keeplora data build` on the drift setting (quick sizes): one line per task and per probe with its split sizes
-    (probes: test only)."""
+    (probes: test only) and the size of the pools they were drawn from."""
     _require_real()
     from keeplora.cli import main
 
@@ -94,6 +94,9 @@ def test_data_build_lists_every_split_of_tasks_and_probes(capsys):
     assert [r[1] for r in rows] == [t["name"] for t in cfg["tasks"]] + [p["name"] for p in cfg["panel"]]
     for r in rows:
         sizes = {r[i]: int(r[i + 1]) for i in (4, 6, 8)}
+        assert r[10] == "pool/class", r
+        smallest = int(r[11].split("-")[0])  # every class's pool holds what its splits drew
+        assert smallest * int(r[2]) >= sizes["train"] + sizes["val"] + sizes["test"], r
         if r[0] == "task":
             assert sizes["train"] > 0 and sizes["val"] > 0 and sizes["test"] > 0, r
         else:
