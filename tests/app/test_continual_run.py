@@ -297,6 +297,29 @@ def test_sweep_selects_on_validation_only(world, tmp_path):
         )
 
 
+def test_a_sweep_point_equals_the_run_of_the_config_with_its_value(world, tmp_path):
+    """Sweep points share their method's random stream (LoRA-FT's random A init included), so a point differs from
+    the baseline by the swept value only, and equals a plain run of the config with that value."""
+    from keeplora_bench.continual.sweep import parse_params, sweep
+
+    cfg = tiny_config(world / "bert", world / "cache", [{"name": "lora-ft", "type": "lora_ft"}], panel=PANEL)
+    cfg["data"]["val_per_class"] = 4
+    points = sweep(
+        write_config(cfg, tmp_path / "c.yaml"),
+        parse_params(["lr=0.2"]),
+        method="lora-ft",
+        output=tmp_path / "sw",
+        progress=False,
+        log=lambda _: None,
+    )
+    cfg["training"]["lr"] = 0.2
+    plain = run(write_config(cfg, tmp_path / "c2.yaml"), output=tmp_path / "plain", progress=False, log=lambda _: None)
+    point = next(p for p in points if p["label"] == "lr=0.2")
+    for key in ("val_transfer", "val_average", "val_last", "val_bwt"):
+        assert point[key] == plain.metrics["lora-ft"][key], key
+    assert points[0]["val_average"] != point["val_average"]  # the learning rate did matter
+
+
 def test_config_inheritance_order_and_quick(tmp_path):
     root = Path(__file__).resolve().parents[2] / "configs"
     base = load_config(root / "default.yaml")

@@ -281,7 +281,9 @@ class Runner:
     def train_task(self, method: Method, t: int) -> dict:
         spec = method.spec
         data = self.datas[t]
-        torch.manual_seed(seed_from(self.seed, spec["slug"], t))
+        # a sweep's points share their method's stream (seed_key, common random numbers): two points differ by the
+        # swept value only, and a point equals the run of the config with that value
+        torch.manual_seed(seed_from(self.seed, spec.get("seed_key", spec["slug"]), t))
         bs = int(spec["batch_size"])
         fixed_loader = data.batches("train", bs)  # stored (shuffled-once) order: gradient estimate / features
         method.begin_task(t, data, fixed_loader)

@@ -123,6 +123,7 @@ def sweep(
         spec.update(point["overrides"])
         spec["name"] = f"{method} {point['label']}" if point["overrides"] else method
         spec["slug"] = method_slug(spec["name"])
+        spec["seed_key"] = base["slug"]  # the base method's random stream (the runner's seeding)
         point_cfg = dict(cfg, methods=[spec], name=f"{cfg['name']}-{spec['slug']}")
         folder = out / spec["slug"]
         log(f"[keeplora] sweep point {i + 1}/{len(points)}: {point['label']}")
