@@ -147,10 +147,11 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 
     try:
         rows = aggregate(args.runs, baseline=args.baseline)
+        metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+        print(to_markdown(rows, args.baseline, metrics))
     except (FileNotFoundError, ValueError) as exc:
         print(exc, file=sys.stderr)
         return 2
-    print(to_markdown(rows, args.baseline))
     if args.output:
         write_csv(rows, args.output)
     if args.plots:
@@ -231,6 +232,7 @@ def add_subcommands(sub) -> None:
         help="a method name: also report each method's paired difference to it, with a 95%% interval (repeatable)",
     )
     p.add_argument("--output", "-o", help="also write the rows to this CSV file")
+    p.add_argument("--metrics", help="comma-separated metrics for the printed table (default: all; the CSV has all)")
     p.add_argument(
         "--plots",
         metavar="DIR",

@@ -214,3 +214,12 @@ def test_plots_of_the_panel_over_runs_and_of_the_paired_differences(tmp_path, ca
     (runs[1] / "results.json").write_text(json.dumps({"panel_curves": {"zero-shot": [0.5] * 4}}))
     with pytest.raises(ValueError, match="different panel curves for 'zero-shot'"):
         load_panel_curves(runs)
+
+
+def test_metrics_option_selects_the_table_columns(runs, capsys):
+    assert main(["aggregate", *map(str, runs), "--baseline", "lora-ft", "--metrics", "last,average"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header == "| method | n | last | average | Δlast vs lora-ft | Δaverage vs lora-ft |"
+    assert main(["aggregate", *map(str, runs), "--metrics", "last,retention"]) == 2
+    err = capsys.readouterr().err
+    assert "--metrics ['retention'] not in the runs" in err and "'transfer'" in err

@@ -202,13 +202,24 @@ def _interval(mean: float, low: float, high: float, signed: bool = False) -> str
     return f"{head} [{fmt.format(low)}, {fmt.format(high)}]"
 
 
-def to_markdown(rows: list[dict], baseline: str | Sequence[str] | None = None) -> str:
-    """Means with their 95 % intervals; per baseline, the paired differences with theirs, in bold when the interval
-    excludes 0."""
-    baselines = _baselines(baseline)
+def table_metrics(rows: list[dict]) -> list[str]:
+    """The metrics of ``aggregate``'s rows, in their order."""
     means = [k[: -len("_mean")] for k in rows[0] if k.endswith("_mean")] if rows else []
     # a difference column is "<metric>_diff..." of a metric that is itself listed; a metric may contain "_diff"
-    metrics = [m for m in means if not any(m == f"{o}_diff" or m.startswith(f"{o}_diff_vs_") for o in means)]
+    return [m for m in means if not any(m == f"{o}_diff" or m.startswith(f"{o}_diff_vs_") for o in means)]
+
+
+def to_markdown(
+    rows: list[dict], baseline: str | Sequence[str] | None = None, metrics: Sequence[str] | None = None
+) -> str:
+    """Means with their 95 % intervals; per baseline, the paired differences with theirs, in bold when the interval
+    excludes 0. ``metrics``: the columns to show (default: all), refused when unknown."""
+    baselines = _baselines(baseline)
+    known = table_metrics(rows)
+    unknown = [m for m in metrics or [] if m not in known]
+    if unknown:
+        raise ValueError(f"keeplora aggregate: --metrics {unknown} not in the runs; choose from {known}")
+    metrics = list(metrics) if metrics else known
     header = ["method", "n"] + [m for m in metrics]
     for b in baselines:
         header += [f"Δ{m} vs {b}" for m in metrics]
