@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 import keeplora_kernels as kk
 
 from . import distributed
-from .adapters import target_shape
+from .adapters import target_shape, unwrap_model
 from .distributed import all_reduce_sum, failures_shared
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -189,7 +189,8 @@ _IGNORE_INDEX = -100
 
 def _token_mean_loss(model: nn.Module) -> bool | None:
     """Whether the model's own loss is a token mean over shifted labels (True), unshifted ones (False), or neither
-    known (None)."""
+    known (None). A PeftModel's loss is its transformers model's."""
+    model = unwrap_model(model)
     if "_loss_function" in vars(model):  # a user replaced transformers' loss function
         return None
     loss_type = getattr(model, "loss_type", None)

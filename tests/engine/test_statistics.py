@@ -241,6 +241,10 @@ def test_micro_batching_leaves_user_losses_and_other_batches_whole():
     gpt2, _ = _own_loss_model("gpt2")
     gpt2_batch = _labelled_batches("gpt2", 1)[0]
     assert _micro_batches(gpt2, gpt2_batch, 9)[0][1] is not None
+    from peft import LoraConfig, get_peft_model
+
+    wrapped = get_peft_model(_own_loss_model("gpt2")[0], LoraConfig(r=2, target_modules=["c_attn"]))
+    assert _micro_batches(wrapped, gpt2_batch, 9)[0][1] is not None  # a PeftModel's loss is its base model's
     gpt2.loss_function = lambda logits, labels, **kw: logits.sum()  # a user's own loss: unknown, left whole
     assert _micro_batches(gpt2, gpt2_batch, 9) == [(gpt2_batch, None)]
     bert, _ = _own_loss_model("bert")
