@@ -243,7 +243,9 @@ def test_micro_batching_leaves_user_losses_and_other_batches_whole():
     assert _micro_batches(gpt2, gpt2_batch, 9)[0][1] is not None
     from peft import LoraConfig, get_peft_model
 
-    wrapped = get_peft_model(_own_loss_model("gpt2")[0], LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    wrapped = get_peft_model(
+        _own_loss_model("gpt2")[0], LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True)
+    )
     assert _micro_batches(wrapped, gpt2_batch, 9)[0][1] is not None  # a PeftModel's loss is its base model's
     gpt2.loss_function = lambda logits, labels, **kw: logits.sum()  # a user's own loss: unknown, left whole
     assert _micro_batches(gpt2, gpt2_batch, 9) == [(gpt2_batch, None)]
