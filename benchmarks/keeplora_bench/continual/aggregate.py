@@ -266,15 +266,17 @@ def write_plots(
     curves, tasks = load_panel_curves(run_dirs)
     methods = list(dict.fromkeys(m for run in curves for m in run))
     if methods:
-        bands, counts = {}, {}
+        means, intervals = {}, {}
         for m in methods:
             have = np.array([run[m] for run in curves if m in run], dtype=np.float64)
-            intervals = [bootstrap_ci(have[:, step]) for step in range(have.shape[1])]
-            bands[m] = (have.mean(0), [lo for lo, _ in intervals], [hi for _, hi in intervals])
-            counts[m] = len(have)
-        plots.retention_over_seeds(bands, counts, tasks, out / "retention.png")
+            label = f"{m} (n={len(have)})"
+            bounds = [bootstrap_ci(have[:, step]) for step in range(have.shape[1])]
+            means[label] = have.mean(0)
+            intervals[label] = ([lo for lo, _ in bounds], [hi for _, hi in bounds])
+        title = "Retention over runs: mean and 95 % bootstrap interval"
+        plots.retention_over_steps(means, tasks, out / "retention.png", intervals, title)
         written.append(out / "retention.png")
-    metrics = [m for m in metric_names(load_runs(run_dirs)) if not m.startswith("val_")]
+    metrics = [m for m in table_metrics(rows) if not m.startswith("val_")]
     for b in _baselines(baseline):
         path = out / f"differences_vs_{slug(b)}.png"
         plots.paired_differences(rows, b, metrics, lambda m, b=b: f"{m}_diff_vs_{slug(b)}", path)

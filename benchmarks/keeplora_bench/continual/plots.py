@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -118,46 +118,34 @@ def _short(name: str) -> str:
     return name.replace("encoder.layer.", "L").replace("attention.self.", "").replace("attention.output.dense", "o")
 
 
-def retention_over_steps(curves: Mapping[str, Sequence[float]], tasks: Sequence[str], path: Path) -> None:
-    """Mean accuracy on the held-out panel after each step (step 0: the zero-shot model), one line per method."""
-    fig, ax = plt.subplots(figsize=(1.8 + 0.7 * len(tasks), 3.6))
-    steps = list(range(len(tasks) + 1))
-    for name, curve in curves.items():
-        ax.plot(steps[: len(curve)], np.asarray(curve) * 100, marker="o", markersize=3, label=name)
-    ax.set_xticks(steps, ["zero-shot"] + [f"after {t}" for t in tasks], rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("held-out panel accuracy (%)")
-    ax.set_title("Retention: accuracy on never-trained probe tasks", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    save_figure(fig, path)
-
-
-def retention_over_seeds(
-    bands: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]],
-    counts: Mapping[str, int],
+def retention_over_steps(
+    curves: Mapping[str, Sequence[float]],
     tasks: Sequence[str],
     path: Path,
+    intervals: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+    title: str = "Retention: accuracy on never-trained probe tasks",
 ) -> None:
-    """Held-out panel accuracy after each step over several runs: per method its mean (line) and 95 % interval
-    (band), ``bands[method] = (mean, low, high)`` in [0, 1]; ``counts[method]`` runs."""
+    """Mean accuracy on the held-out panel after each step (step 0: the zero-shot model), one line per method, in
+    [0, 1]; ``intervals[method] = (low, high)`` adds a band (e.g. a 95 % interval over runs; NaNs draw none)."""
     fig, ax = plt.subplots(figsize=(1.8 + 0.7 * len(tasks), 3.8))
     steps = np.arange(len(tasks) + 1)
-    for name, (mean, low, high) in bands.items():
-        n = len(mean)
-        (line,) = ax.plot(
-            steps[:n], np.asarray(mean) * 100, marker="o", markersize=3, label=f"{name} (n={counts[name]})"
-        )
-        if not np.isnan(np.asarray(low, dtype=float)).all():
-            ax.fill_between(steps[:n], np.asarray(low) * 100, np.asarray(high) * 100, color=line.get_color(), alpha=0.2)
+    for name, curve in curves.items():
+        n = len(curve)
+        (line,) = ax.plot(steps[:n], np.asarray(curve) * 100, marker="o", markersize=3, label=name)
+        low, high = (np.asarray(v, dtype=float) * 100 for v in (intervals or {}).get(name, ([np.nan], [np.nan])))
+        if not np.isnan(low).all():
+            ax.fill_between(steps[:n], low, high, color=line.get_color(), alpha=0.2)
     ax.set_xticks(steps, ["zero-shot"] + [f"after {t}" for t in tasks], rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("held-out panel accuracy (%)")
-    ax.set_title("Retention over runs: mean and 95 % bootstrap interval", fontsize=9)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     save_figure(fig, path)
 
 
-def paired_differences(rows: Sequence[Mapping], baseline: str, metrics: Sequence[str], key: str, path: Path) -> None:
+def paired_differences(
+    rows: Sequence[Mapping], baseline: str, metrics: Sequence[str], key: Callable[[str], str], path: Path
+) -> None:
     """One panel per metric: each method's mean paired difference to ``baseline`` (points, in points of %) with its
     95 % interval (bars); ``key(metric)`` is the column prefix of the differences in ``rows``."""
     others = [r for r in rows if r["method"] != baseline]
