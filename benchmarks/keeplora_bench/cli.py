@@ -143,12 +143,18 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_aggregate(args: argparse.Namespace) -> int:
-    from .continual.aggregate import aggregate, to_markdown, write_csv, write_plots
+    from .continual.aggregate import aggregate, run_gates, to_markdown, write_csv, write_plots
 
     try:
         rows = aggregate(args.runs, baseline=args.baseline)
         metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
         print(to_markdown(rows, args.baseline, metrics))
+        gates = run_gates(args.runs)
+        if gates:
+            passed = sum(run["gate"]["passed"] is True for run in gates)
+            print(f"\ndrift gate per run (over the methods of all its folders): passed on {passed} of {len(gates)}")
+            for run in gates:
+                print(f"  {' + '.join(run['folders'])}: {run['gate']['text']}")
     except (FileNotFoundError, ValueError) as exc:
         print(exc, file=sys.stderr)
         return 2

@@ -223,3 +223,35 @@ def test_metrics_option_selects_the_table_columns(runs, capsys):
     assert main(["aggregate", *map(str, runs), "--metrics", "last,retention"]) == 2
     err = capsys.readouterr().err
     assert "--metrics ['retention'] not in the runs" in err and "'transfer'" in err
+
+
+def test_drift_gate_of_a_run_split_over_folders_judges_all_its_methods(tmp_path, capsys):
+    """A seed run in two processes (LoRA-FT in one, full FT in the other): neither folder's own gate sees both
+    baselines; aggregate's gate of the merged run does, and passes only when one baseline eroded by >= 5 and
+    LoRA-FT's BWT is <= -3."""
+
+    def folder(name, seed, rows):
+        d = _config(_run(tmp_path, name, rows, extra=["bwt", "retention"]), seed, list(rows))
+        (d / "results.json").write_text(json.dumps({"zero_shot_panel": [0.60, 0.70]}))  # mean 65.0
+        return d
+
+    zero = (50, 50, 50, 0, 65)
+    runs = [
+        folder("s0a", 0, {"zero-shot": zero, "lora-ft": (60, 70, 72, -4.0, 61.0)}),  # LoRA-FT erodes only 4
+        folder("s0b", 0, {"zero-shot": zero, "full-ft": (60, 70, 72, -1.0, 59.5)}),  # full FT erodes 5.5
+        folder("s1a", 1, {"zero-shot": zero, "lora-ft": (60, 70, 72, -2.0, 61.0)}),  # BWT -2: not forgetting
+        folder("s1b", 1, {"zero-shot": zero, "full-ft": (60, 70, 72, -1.0, 59.0)}),
+        folder("s2", 2, {"zero-shot": zero, "full-ft": (60, 70, 72, -1.0, 50.0)}),  # no LoRA-FT: not computed
+    ]
+    from keeplora_bench.continual.aggregate import run_gates
+
+    gates = run_gates(runs)
+    assert [g["folders"] for g in gates] == [[str(runs[0]), str(runs[1])], [str(runs[2]), str(runs[3])], [str(runs[4])]]
+    assert [g["gate"]["passed"] for g in gates] == [True, False, None]
+    assert gates[0]["gate"]["panel_drop"] == {"lora-ft": -4.0, "full-ft": -5.5}
+    assert gates[1]["gate"]["lora_ft_bwt"] == -2.0
+    assert main(["aggregate", *map(str, runs), "--baseline", "lora-ft"]) == 0
+    assert "drift gate per run (over the methods of all its folders): passed on 1 of 3" in capsys.readouterr().out
+    (runs[1] / "results.json").write_text(json.dumps({"zero_shot_panel": [0.60, 0.71]}))
+    with pytest.raises(ValueError, match="different zero-shot panels"):
+        run_gates(runs)

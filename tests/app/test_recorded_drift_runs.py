@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from keeplora_bench.continual.metrics import GATE_BWT, GATE_PANEL_DROP
 from keeplora_bench.continual.runconfig import load_config
-from keeplora_bench.continual.runner import GATE_BWT, GATE_PANEL_DROP
 
 ROOT = Path(__file__).resolve().parents[2]
 RECORDS = ROOT / "docs" / "results" / "drift-seeds"

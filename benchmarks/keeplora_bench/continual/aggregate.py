@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from . import metrics as M
+
 LEADING = ("transfer", "average", "last")  # listed first when present
 NOT_METRICS = {"method", "seed", "seconds", "wall_s"}  # identifiers and wall times: not compared across runs
 NOT_METRIC_SUFFIXES = ("_seconds", "_wall_s")
@@ -121,6 +123,29 @@ def load_panel_curves(run_dirs: Sequence[Path]) -> tuple[list[dict[str, list[flo
             tasks = tasks or list(saved.get("tasks") or [])
         runs.append(_merge(folders, curves, "panel curves"))
     return runs, tasks
+
+
+def run_gates(run_dirs: Sequence[Path]) -> list[dict]:
+    """Per run (its folders merged), the drift gate over all its methods: ``{"folders", "gate"}``; runs without
+    a held-out panel are left out. A run split over processes has a gate only in the folder with the baselines
+    (or none); this one judges the whole run (:func:`metrics.judge_drift`)."""
+    out = []
+    for folders in group_runs(run_dirs):
+        panels, kinds = [], {}
+        for f in folders:
+            saved = json.loads((f / "results.json").read_text()) if (f / "results.json").is_file() else {}
+            if saved.get("zero_shot_panel"):
+                panels.append(float(np.mean(saved["zero_shot_panel"])) * 100.0)
+            kinds.update({name: spec.get("type") for name, spec in _run_config(f)[1].items()})
+        if not panels:
+            continue
+        if max(panels) - min(panels) > 1e-9:
+            raise ValueError(
+                f"keeplora aggregate: {', '.join(map(str, folders))} are one run but give different zero-shot panels"
+            )
+        metrics = _merge(folders, [load_results(f) for f in folders], "numbers")
+        out.append({"folders": [str(f) for f in folders], "gate": M.judge_drift(kinds, metrics, panels[0])})
+    return out
 
 
 def is_metric(column: str) -> bool:

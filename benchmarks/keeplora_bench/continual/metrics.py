@@ -25,6 +25,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+GATE_PANEL_DROP = 5.0  # points below zero-shot on the panel that full FT or LoRA-FT must lose
+GATE_BWT = -3.0  # LoRA-FT's backward transfer must be at most this
+
 
 def _matrix(acc) -> np.ndarray:
     a = np.asarray(acc, dtype=np.float64)
@@ -104,3 +107,41 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> 
     for r in rows:
         out.append("| " + " | ".join(fmt(r.get(k, "")) for k, _ in columns) + " |")
     return "\n".join(out)
+
+
+def judge_drift(kinds: dict[str, str], metrics: dict[str, dict], zero_panel: float) -> dict:
+    """The drift gate from a run's methods (``{name: type}``), their metrics (``retention``, ``bwt``) and the
+    zero-shot model's panel mean (%): what the runner writes and ``keeplora aggregate`` recomputes for a
+    run whose methods were split over several processes."""
+    drops = {
+        name: metrics[name]["retention"] - zero_panel
+        for name, kind in kinds.items()
+        if kind in ("full_ft", "lora_ft") and "retention" in metrics.get(name, {})
+    }
+    lora = [name for name, kind in kinds.items() if kind == "lora_ft" and "bwt" in metrics.get(name, {})]
+    if not drops or not lora:
+        return {
+            "passed": None,
+            "text": "drift gate: not computed (needs a full_ft or lora_ft method with the panel, and a lora_ft method)",
+        }
+    eroded = min(drops.values()) <= -GATE_PANEL_DROP
+    bwt = min(metrics[name]["bwt"] for name in lora)
+    forgot = bwt <= GATE_BWT
+    passed = bool(eroded and forgot)
+    detail = (
+        f"panel drop vs zero-shot ({zero_panel:.1f}): "
+        + ", ".join(f"{name} {d:+.1f}" for name, d in drops.items())
+        + f" (need <= -{GATE_PANEL_DROP:g} for one); LoRA-FT BWT {bwt:+.1f} (need <= {GATE_BWT:g})"
+    )
+    verdict = (
+        "PASSED: the unprotected baselines forget and erode, so this run can judge protection"
+        if passed
+        else "FAILED: the unprotected baselines do not drift enough here, so this run cannot judge protection"
+    )
+    return {
+        "passed": passed,
+        "zero_shot_panel": round(zero_panel, 1),
+        "panel_drop": {k: round(v, 1) for k, v in drops.items()},
+        "lora_ft_bwt": bwt,
+        "text": f"drift gate {verdict}; {detail}",
+    }

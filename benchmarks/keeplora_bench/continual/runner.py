@@ -21,8 +21,8 @@ tasks that no method trains, each with only a test split). ``evaluate_test=False
 splits only: neither a task's test split nor the panel.
 
 **Drift gate.** The benchmark can judge protection only if the unprotected baselines do forget and erode: the gate
-passes when full fine-tuning or LoRA-FT ends at least :data:`GATE_PANEL_DROP` points below the zero-shot model on
-the panel and LoRA-FT's BWT is at most :data:`GATE_BWT`. Every run prints it and writes it to ``results.*``; a run
+passes when full fine-tuning or LoRA-FT ends at least ``metrics.GATE_PANEL_DROP`` points below the zero-shot model on
+the panel and LoRA-FT's BWT is at most ``metrics.GATE_BWT``. Every run prints it and writes it to ``results.*``; a run
 whose gate fails says that it cannot judge protection.
 
 Checkpoints: after every task of every method the runner writes the method's state crash-safely (a new folder with a
@@ -62,8 +62,6 @@ from .runconfig import ConfigError, load_config
 from .tasks import TaskSpec, check_no_overlap, load_task
 
 CHECKPOINT_DELAY_ENV = "KEEPLORA_CHECKPOINT_DELAY_S"  # seconds to sleep after each checkpoint (crash tests only)
-GATE_PANEL_DROP = 5.0  # points below zero-shot on the panel that full FT or LoRA-FT must lose
-GATE_BWT = -3.0  # LoRA-FT's backward transfer must be at most this
 
 
 @dataclass
@@ -559,39 +557,7 @@ def drift_gate(cfg: dict, result: RunResult) -> dict | None:
     if not result.panel_rows or not result.matrices:
         return None
     kinds = {m["name"]: m["type"] for m in cfg["methods"]}
-    zero = float(np.mean(result.zero_shot_panel)) * 100.0
-    drops = {
-        name: result.metrics[name]["retention"] - zero
-        for name, kind in kinds.items()
-        if kind in ("full_ft", "lora_ft") and "retention" in result.metrics.get(name, {})
-    }
-    lora = [name for name, kind in kinds.items() if kind == "lora_ft" and "bwt" in result.metrics.get(name, {})]
-    if not drops or not lora:
-        return {
-            "passed": None,
-            "text": "drift gate: not computed (needs a full_ft or lora_ft method with the panel, and a lora_ft method)",
-        }
-    eroded = min(drops.values()) <= -GATE_PANEL_DROP
-    bwt = min(result.metrics[name]["bwt"] for name in lora)
-    forgot = bwt <= GATE_BWT
-    passed = bool(eroded and forgot)
-    detail = (
-        f"panel drop vs zero-shot ({zero:.1f}): "
-        + ", ".join(f"{name} {d:+.1f}" for name, d in drops.items())
-        + f" (need <= -{GATE_PANEL_DROP:g} for one); LoRA-FT BWT {bwt:+.1f} (need <= {GATE_BWT:g})"
-    )
-    verdict = (
-        "PASSED: the unprotected baselines forget and erode, so this run can judge protection"
-        if passed
-        else "FAILED: the unprotected baselines do not drift enough here, so this run cannot judge protection"
-    )
-    return {
-        "passed": passed,
-        "zero_shot_panel": round(zero, 1),
-        "panel_drop": {k: round(v, 1) for k, v in drops.items()},
-        "lora_ft_bwt": bwt,
-        "text": f"drift gate {verdict}; {detail}",
-    }
+    return M.judge_drift(kinds, result.metrics, float(np.mean(result.zero_shot_panel)) * 100.0)
 
 
 def write_summary(out: Path, cfg: dict, result: RunResult, plots: bool = False) -> dict | None:

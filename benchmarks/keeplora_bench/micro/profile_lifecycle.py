@@ -48,9 +48,11 @@ def _setup(method: str, model, pm: ProfileModel, r: int, alpha: float):
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and _is_target(n, pm.targets)]
     if method == "authors":
         return AuthorsKeepLoRA(model, names, r=r, alpha=alpha, weight_energy=0.85, feature_energy=0.99)
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
-    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=pm.targets))
+    from ..continual.methods import wrap_peft  # PEFT's own deprecation warning silenced
+
+    return wrap_peft(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=pm.targets))
 
 
 def _trainable(method: str, handle) -> list[torch.nn.Parameter]:
