@@ -85,7 +85,7 @@ def test_cli_prints_the_table_and_writes_csv(runs, tmp_path, capsys):
     assert main(["aggregate", *map(str, runs), "--baseline", "lora-ft", "--baseline", "keeplora", "-o", str(out)]) == 0
     text = capsys.readouterr().out
     assert "Δlast vs lora-ft" in text and "Δlast vs keeplora" in text and "bootstrap" in text
-    rows = list(csv.DictReader(out.open()))
+    rows = list(csv.DictReader(out.read_text().splitlines()))
     assert len(rows) == 3 and "last_diff_vs_keeplora_ci_low" in rows[0]
 
 
@@ -119,7 +119,7 @@ def test_a_single_run_has_undefined_intervals(tmp_path, capsys):
     assert main(["aggregate", str(run), "--baseline", "lora-ft", "-o", str(out)]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("| keeplora |"))
     assert line == "| keeplora | 1 | 61.0 | 72.0 | 75.0 | +1.0 | +2.0 | +3.0 |"  # no interval, not bold
-    row = next(r for r in csv.DictReader(out.open()) if r["method"] == "keeplora")
+    row = next(r for r in csv.DictReader(out.read_text().splitlines()) if r["method"] == "keeplora")
     assert row["last_ci_low"] == "nan" and row["last_diff_vs_lora_ft_ci_high"] == "nan"
 
 

@@ -13,8 +13,10 @@ import numpy as np  # noqa: E402
 
 
 def save_figure(fig, path: Path, **layout) -> Path:
-    """Lay out, write (110 dpi) and close ``fig``; ``layout`` goes to ``tight_layout``. Returns ``path``."""
-    fig.tight_layout(**layout)
+    """Lay out, write (110 dpi) and close ``fig``; ``layout`` goes to ``tight_layout`` (unless the figure has its
+    own layout engine, e.g. ``layout="constrained"``). Returns ``path``."""
+    if fig.get_layout_engine() is None:
+        fig.tight_layout(**layout)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
@@ -151,7 +153,8 @@ def paired_differences(
     others = [r for r in rows if r["method"] != baseline]
     cols = min(3, len(metrics))
     nrows = (len(metrics) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols, 0.8 + 0.32 * len(others) * nrows + 0.6 * nrows))
+    height = 0.8 + 0.32 * len(others) * nrows + 0.6 * nrows
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols, height), layout="constrained")
     axes = np.atleast_1d(axes).ravel()
     y = np.arange(len(others))
     for ax, metric in zip(axes, metrics):
@@ -172,4 +175,4 @@ def paired_differences(
     for ax in axes[len(metrics) :]:
         ax.axis("off")
     fig.suptitle(f"Paired difference to {baseline} over runs (95 % interval; green/red: excludes 0)", fontsize=10)
-    save_figure(fig, path, rect=(0, 0, 1, 0.94))
+    save_figure(fig, path)
