@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from keeplora_bench.continual.metrics import GATE_BWT, GATE_PANEL_DROP
+from keeplora_bench.continual.aggregate import load_results
+from keeplora_bench.continual.metrics import judge_drift
 from keeplora_bench.continual.runconfig import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,7 +49,8 @@ def test_the_recorded_drift_runs_cover_five_seeds_with_the_gate_verdicts_of_thei
     gates = {p.name: json.loads((p / "results.json").read_text()).get("drift_gate") or {} for p in records}
     computed = {name: g for name, g in gates.items() if g.get("passed") is not None}
     assert len(computed) == len(SEEDS), gates  # one run with LoRA-FT per seed
-    for name, gate in computed.items():
-        eroded = min(gate["panel_drop"].values()) <= -GATE_PANEL_DROP
-        assert gate["passed"] == (eroded and gate["lora_ft_bwt"] <= GATE_BWT), name
-        assert gate["text"].startswith("drift gate PASSED" if gate["passed"] else "drift gate FAILED"), name
+    for name, gate in computed.items():  # the gate as it stands, from the folder's recorded numbers
+        saved = json.loads((RECORDS / name / "results.json").read_text())
+        kinds = {m["name"]: m["type"] for m in yaml.safe_load((RECORDS / name / "config.yaml").read_text())["methods"]}
+        zero = sum(saved["zero_shot_panel"]) / len(saved["zero_shot_panel"]) * 100.0
+        assert judge_drift(kinds, load_results(RECORDS / name), zero)["passed"] == gate["passed"], name
