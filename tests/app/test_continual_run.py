@@ -347,6 +347,36 @@ def test_config_inheritance_order_and_quick(tmp_path):
         )
 
 
+def test_config_numbers_in_exponent_form_and_bad_training_values(tmp_path):
+    # PyYAML reads `1e-3` (no dot) as a string; the config loader reads it as YAML 1.2 does, a float
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "tasks: [{name: a, builder: austen_novel}]\ntraining: {lr: 1e-3}\n"
+        "methods: [{name: x, type: lora_ft, weight_decay: 5E-2}, {name: y, type: keeplora, lr: 2.5e-4}]\n"
+    )
+    cfg = load_config(path)
+    assert [(m["lr"], m["weight_decay"]) for m in cfg["methods"]] == [(1e-3, 5e-2), (2.5e-4, 0.01)]
+    assert all(type(m["lr"]) is float for m in cfg["methods"])
+    bad = {
+        "lr: fast": r"method 'x': lr must be a number > 0, got 'fast'",
+        "lr: 0": r"method 'x': lr must be a number > 0",
+        "weight_decay: -1.0": r"method 'x': weight_decay must be a number >= 0",
+        "epochs: 1.5": r"method 'x': epochs must be an integer >= 1",
+        "schedule: cosine": r"method 'x': schedule must be 'onecycle' or 'constant'",
+    }
+    for entry, message in bad.items():
+        path.write_text(
+            f"tasks: [{{name: a, builder: austen_novel}}]\nmethods: [{{name: x, type: lora_ft, {entry}}}]\n"
+        )
+        with pytest.raises(ConfigError, match=message):
+            load_config(path)
+    path.write_text(
+        "tasks: [{name: a, builder: austen_novel}]\ntraining: {batch_size: 0}\nmethods: [{name: x, type: zero_shot}]\n"
+    )
+    with pytest.raises(ConfigError, match="training: batch_size must be an integer >= 1"):
+        load_config(path)
+
+
 def _cli(*args, env=None):
     return subprocess.run(
         [sys.executable, "-m", "keeplora", *args], capture_output=True, text=True, env=env or _env(), timeout=300

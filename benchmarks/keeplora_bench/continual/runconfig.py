@@ -65,6 +65,18 @@ class ConfigError(ValueError):
     pass
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1's safe loader, except that numbers in exponent form without a dot (``1e-3``, ``5E4``) are floats,
+    as YAML 1.2 reads them, instead of strings (a learning rate written ``1e-3`` is then a number)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def deep_merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in over.items():
@@ -80,7 +92,7 @@ def _read(path: Path, seen: tuple = ()) -> dict:
     if path in seen:
         raise ConfigError(f"config inheritance cycle through {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_Loader) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     if not isinstance(raw, dict):
@@ -135,6 +147,7 @@ def validate(cfg: dict) -> dict:
     clash = sorted(set(probe_names) & set(names)) or sorted({n for n in probe_names if probe_names.count(n) > 1})
     if clash:
         raise ConfigError(f"panel: probe names must be distinct from each other and from the tasks; repeated: {clash}")
+    _check_training(cfg["training"], "training")
     methods = cfg.get("methods")
     if not isinstance(methods, list) or not methods:
         raise ConfigError("methods: a non-empty list of {name, type, ...} is required")
@@ -148,11 +161,6 @@ def validate(cfg: dict) -> dict:
         slugs.add(slug)
         resolved.append(resolve_method(cfg, m))
     cfg["methods"] = resolved
-    t = cfg["training"]
-    if int(t["epochs"]) < 1 or int(t["batch_size"]) < 1:
-        raise ConfigError("training.epochs and training.batch_size must be >= 1")
-    if t["schedule"] not in ("onecycle", "constant"):
-        raise ConfigError(f"training.schedule must be 'onecycle' or 'constant', got {t['schedule']!r}")
     if cfg["model"]["kind"] not in ("auto", "mean_pool", "clip"):
         raise ConfigError(f"model.kind must be auto, mean_pool or clip, got {cfg['model']['kind']!r}")
     return cfg
@@ -163,6 +171,7 @@ def resolve_method(cfg: dict, m: dict) -> dict:
     out = {"name": m["name"], "type": m["type"], "slug": method_slug(m["name"])}
     for k in TRAINING_KEYS:
         out[k] = m.get(k, cfg["training"][k])
+    _check_training(out, f"method {m['name']!r}")
     if m["type"] in ADAPTER_TYPES:
         for k in ADAPTER_KEYS:
             out[k] = m.get(k, cfg["adapter"][k])
@@ -199,6 +208,20 @@ def _number(value, name: str, low: float, high: float | None = None) -> None:
     if not ok or (high is not None and value > high):
         span = f"in [{low:g}, {high:g}]" if high is not None else f">= {low:g}"
         raise ConfigError(f"{name} must be a number {span}, got {value!r}")
+
+
+def _check_training(spec: dict, where: str) -> None:
+    """The ``training`` section's keys, or a method's (its own or inherited): in range, named in the error."""
+    for key in ("epochs", "batch_size"):
+        if isinstance(spec[key], bool) or not isinstance(spec[key], int) or spec[key] < 1:
+            raise ConfigError(f"{where}: {key} must be an integer >= 1, got {spec[key]!r}")
+    if isinstance(spec["lr"], bool) or not isinstance(spec["lr"], (int, float)) or not spec["lr"] > 0:
+        raise ConfigError(f"{where}: lr must be a number > 0, got {spec['lr']!r}")
+    _number(spec["weight_decay"], f"{where}: weight_decay", low=0.0)
+    if spec["max_grad_norm"] is not None:
+        _number(spec["max_grad_norm"], f"{where}: max_grad_norm (or null for no clipping)", low=0.0)
+    if spec["schedule"] not in ("onecycle", "constant"):
+        raise ConfigError(f"{where}: schedule must be 'onecycle' or 'constant', got {spec['schedule']!r}")
 
 
 def _check_peer(spec: dict) -> None:
