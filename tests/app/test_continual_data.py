@@ -288,6 +288,32 @@ def test_load_task_caches_processed_splits(fixture_cache, monkeypatch):
     assert spec.key(1) != spec.key(0)
 
 
+def test_runs_sharing_the_cache_build_the_same_task_at_once(fixture_cache, monkeypatch):
+    # Two runs started together both miss the cache and write the same files. The interleaving that broke a run:
+    # the other writer finishes a whole file between this writer's write and its rename.
+    spec = T.TaskSpec.from_dict(
+        {"name": "topic", "builder": "fortune_topic", "classes": ["food", "science"]},
+        {"train_per_class": 6, "val_per_class": 2, "test_per_class": 4},
+    )
+    real_replace = T.os.replace
+    interleaved = []
+
+    def replace_after_the_other_writer(src, dst):
+        if not interleaved:
+            interleaved.append(dst)
+            T._write_jsonl(Path(dst), [("written by the other run", 0)])
+        real_replace(src, dst)
+
+    monkeypatch.setattr(T.os, "replace", replace_after_the_other_writer)
+    task = T.load_task(spec, seed=0, cache=fixture_cache)
+    monkeypatch.setattr(T.os, "replace", real_replace)
+    assert interleaved, "the interleaving was not exercised"
+    folder = fixture_cache / "processed" / f"topic-{spec.key(0)}"
+    assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "test.jsonl", "train.jsonl", "val.jsonl"]
+    again = T.load_task(spec, seed=0, cache=fixture_cache)  # the last writer's bytes are what the cache holds
+    assert (again.train, again.val, again.test) == (task.train, task.val, task.test)
+
+
 def test_task_spec_validation():
     with pytest.raises(ValueError, match="unknown builder"):
         T.TaskSpec.from_dict({"name": "x", "builder": "nope"})
