@@ -162,7 +162,7 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
         write_csv(rows, args.output)
     if args.plots:
         for path in write_plots(args.runs, rows, args.baseline, Path(args.plots)):
-            print(f"[keeplora] wrote {path}")
+            print(f"[keeplora] wrote {path}", file=sys.stderr)  # stdout is the table alone
     return 0
 
 

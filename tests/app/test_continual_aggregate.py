@@ -140,9 +140,9 @@ def test_wall_times_are_not_metrics_and_diff_named_metrics_are_kept(tmp_path):
     assert header.split(" | ")[2:6] == ["transfer", "average", "last", "val_diff"] and header.count("Δlast vs b") == 1
 
 
-def _config(run_dir, seed, methods, lr=1e-3):
+def _config(run_dir, seed, methods, lr=1e-3, name="drift"):
     specs = [{"name": m, "type": m.replace("-", "_"), "lr": lr} for m in methods]
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({"name": "drift", "seed": seed, "methods": specs}))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"name": name, "seed": seed, "methods": specs}))
     return run_dir
 
 
@@ -157,8 +157,11 @@ def test_folders_of_one_seed_split_over_methods_are_one_run(tmp_path):
     s1a = _config(
         _run(tmp_path, "s1a", {"zero-shot": (51, 51, 51), "lora-ft": (62, 68, 70)}), 1, ["zero-shot", "lora-ft"]
     )
-    s1b = _config(
-        _run(tmp_path, "s1b", {"zero-shot": (51, 51, 51), "keeplora": (62, 71, 74)}), 1, ["zero-shot", "keeplora"]
+    s1b = _config(  # a config of another name that extends seed 1's (a peers config) is the same run
+        _run(tmp_path, "s1b", {"zero-shot": (51, 51, 51), "keeplora": (62, 71, 74)}),
+        1,
+        ["zero-shot", "keeplora"],
+        name="peers-seed1",
     )
     rows = {r["method"]: r for r in aggregate([s0, s1a, s1b], baseline="lora-ft")}
     assert {m: r["n"] for m, r in rows.items()} == {"zero-shot": 2, "lora-ft": 2, "keeplora": 2}
@@ -203,7 +206,9 @@ def test_plots_of_the_panel_over_runs_and_of_the_paired_differences(tmp_path, ca
             runs.append(d)
     out = tmp_path / "plots"
     assert main(["aggregate", *map(str, runs), "--baseline", "lora-ft", "--plots", str(out)]) == 0
-    assert "| keeplora | 3 |" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "| keeplora | 3 |" in printed.out and "wrote" not in printed.out  # stdout: the table alone (> aggregate.md)
+    assert f"wrote {out / 'retention.png'}" in printed.err
     for name in ("retention.png", "differences_vs_lora_ft.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from keeplora_bench.continual.aggregate import load_panel_curves

@@ -64,19 +64,21 @@ def load_results(run_dir: Path) -> dict[str, dict[str, float]]:
 
 
 def _run_config(run_dir: Path) -> tuple[str | None, dict[str, dict]]:
-    """The resolved config without its method list (``None`` for a folder without ``config.yaml``), and the
-    method definitions by name: folders with the same identity are one run."""
+    """The resolved config without its name and method list (``None`` for a folder without ``config.yaml``), and
+    the method definitions by name: folders with the same identity are one run. The name only labels a config (no
+    random stream derives from it), so a peers config that extends a setting pairs with that setting's runs."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         return None, {}
     config = yaml.safe_load(path.read_text()) or {}
+    config.pop("name", None)
     specs = {m["name"]: m for m in config.pop("methods", None) or [] if isinstance(m, dict) and "name" in m}
     return yaml.safe_dump(config, sort_keys=True), specs
 
 
 def group_runs(run_dirs: Sequence[Path]) -> list[list[Path]]:
-    """The folders of each run, in first-seen order: folders whose configs are equal apart from ``methods`` are one
-    run; a method defined differently by two of them is refused."""
+    """The folders of each run, in first-seen order: folders whose configs are equal apart from ``name`` and
+    ``methods`` are one run; a method defined differently by two of them is refused."""
     groups: dict[object, tuple[list[Path], dict[str, dict]]] = {}
     for i, d in enumerate(run_dirs):
         identity, specs = _run_config(Path(d))
