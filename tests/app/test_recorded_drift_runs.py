@@ -1,9 +1,9 @@
 """The recorded five-seed runs of the drift setting (``docs/results/drift-seeds/``, the tables of the README and
-``docs/benchmark.md``) against the configs and the gate as they stand: every folder is a run of
-``configs/drift.yaml`` or ``configs/drift-seed<N>.yaml`` (apart from its name, the torch thread count and which methods
-it ran), so a config change that is not re-run fails here; and each seed's recorded drift-gate verdict is the one the
-gate's thresholds give for its recorded numbers, so the docs' count of seeds that can judge protection stays true
-when the gate changes."""
+``docs/benchmark.md``) and of the peers on it (``docs/results/peers-drift/``) against the configs and the gate as they
+stand: every folder is a run of its setting's config for its seed (apart from its name, the torch thread count and
+which methods it ran), so a config change that is not re-run fails here; and each seed's recorded drift-gate verdict
+is the one the gate's thresholds give for its recorded numbers, so the docs' count of seeds that can judge
+protection stays true when the gate changes."""
 
 import json
 from pathlib import Path
@@ -16,22 +16,24 @@ from keeplora_bench.continual.metrics import judge_drift
 from keeplora_bench.continual.runconfig import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
-RECORDS = ROOT / "docs" / "results" / "drift-seeds"
+RESULTS = ROOT / "docs" / "results"
+RECORDS = RESULTS / "drift-seeds"
 SEEDS = {0, 1, 2, 3, 4}
+SETTINGS = {"drift-seeds": "drift", "peers-drift": "peers"}  # results folder -> its configs (seed 0, seed<N>)
 
 
-def _records() -> list[Path]:
-    return sorted(p.parent for p in RECORDS.glob("*/config.yaml"))
+def _records(folder: str = "drift-seeds") -> list[Path]:
+    return sorted(p.parent for p in (RESULTS / folder).glob("*/config.yaml"))
 
 
-def _source(seed: int) -> Path:
-    return ROOT / "configs" / ("drift.yaml" if seed == 0 else f"drift-seed{seed}.yaml")
+def _source(setting: str, seed: int) -> Path:
+    return ROOT / "configs" / (f"{setting}.yaml" if seed == 0 else f"{setting}-seed{seed}.yaml")
 
 
-@pytest.mark.parametrize("record", [p.name for p in _records()])
+@pytest.mark.parametrize("record", [f"{f}/{p.name}" for f in SETTINGS for p in _records(f)])
 def test_a_recorded_drift_run_is_a_run_of_its_config_as_it_stands(record):
-    recorded = yaml.safe_load((RECORDS / record / "config.yaml").read_text())
-    expected = load_config(_source(recorded["seed"]))
+    recorded = yaml.safe_load((RESULTS / record / "config.yaml").read_text())
+    expected = load_config(_source(SETTINGS[record.split("/")[0]], recorded["seed"]))
     methods = {}
     for which, cfg in (("recorded", recorded), ("expected", expected)):
         cfg.pop("name")
