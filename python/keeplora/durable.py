@@ -58,6 +58,24 @@ def fsync_dir(path: str | os.PathLike) -> None:
     fsync_file(path)
 
 
+def replace_file(path: str | os.PathLike, text: str) -> None:
+    """Replace one file atomically and durably: write a sibling of this writer's own (``.<name>.*.tmp``; writers
+    that race on one target, e.g. runs building the same cached task, never rename each other's half-written
+    file), fsync it, rename it over ``path``, fsync the directory. The last writer's bytes win."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
 def _digest(path: Path, *, sync: bool = False) -> tuple[int, str]:
     """``(size, sha256 hex)`` of a file read once; with ``sync`` the same descriptor is fsynced."""
     sha = hashlib.sha256()

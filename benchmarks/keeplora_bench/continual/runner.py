@@ -83,21 +83,8 @@ class CheckpointError(RuntimeError):
     """A method's checkpoint cannot be read; the message names the damaged file and how to restart before it."""
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Replace a file atomically and durably: write a sibling, fsync it, rename it over ``path``, fsync the
-    directory."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    durable.fsync_dir(path.parent)
-
-
 def _dump_json(path: Path, obj) -> None:
-    _write_text(path, json.dumps(obj, indent=1, ensure_ascii=False))
+    durable.replace_file(path, json.dumps(obj, indent=1, ensure_ascii=False))
 
 
 def _canonical(cfg) -> str:
@@ -143,7 +130,7 @@ def prepare_output(cfg: dict, output: Path | None, resume: bool, source: Path | 
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} already holds a run: pass --resume to continue it, or another --output")
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(snapshot, yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
+    durable.replace_file(snapshot, yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
     if source is not None:
         shutil.copyfile(source, out / "config.source.yaml")
     return out

@@ -30,10 +30,11 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from keeplora import durable
 
 from . import readers as R
 from .sources import MANIFEST, cache_dir, source_root
@@ -453,21 +454,8 @@ _SOURCES_OF = {
 }
 
 
-def _replace_atomically(path: Path, text: str) -> None:
-    # A temporary name of this writer's own: runs that share the cache may build the same task at once (they write
-    # identical bytes; whichever replaces last wins) and must not rename each other's half-written file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_jsonl(path: Path, rows: list[tuple[str, int]]) -> None:
-    _replace_atomically(path, "".join(json.dumps({"text": t, "label": y}, ensure_ascii=False) + "\n" for t, y in rows))
+    durable.replace_file(path, "".join(json.dumps({"text": t, "label": y}, ensure_ascii=False) + "\n" for t, y in rows))
 
 
 def _read_jsonl(path: Path) -> list[tuple[str, int]]:
@@ -522,5 +510,5 @@ def load_task(spec: TaskSpec, seed: int, cache: os.PathLike | str | None = None)
     _write_jsonl(folder / "test.jsonl", test)
     if val:
         _write_jsonl(folder / "val.jsonl", val)
-    _replace_atomically(meta_path, json.dumps(meta, indent=1, ensure_ascii=False))
+    durable.replace_file(meta_path, json.dumps(meta, indent=1, ensure_ascii=False))
     return Task(spec.name, classes, prompts, train, test, meta, val)
