@@ -31,6 +31,7 @@ def runs(tmp_path):
         _run(tmp_path, "s0", {"lora-ft": (60, 70, 72), "keeplora": (61, 72, 75)}),
         _run(tmp_path, "s1", {"lora-ft": (62, 68, 70), "keeplora": (62, 69, 74)}),
         _run(tmp_path, "s2", {"lora-ft": (58, 66, 71), "keeplora": (60, 67, 73), "extra": (1, 2, 3)}),
+        _run(tmp_path, "s3", {"lora-ft": (60, 67, 71), "keeplora": (61, 68, 74)}),
     ]
 
 
@@ -38,16 +39,16 @@ def test_means_stds_and_paired_differences(runs):
     rows = {r["method"]: r for r in aggregate(runs, baseline="lora-ft")}
     assert list(rows) == ["lora-ft", "keeplora", "extra"]
     k = rows["keeplora"]
-    assert k["n"] == 3 and k["last_mean"] == pytest.approx(74.0) and k["last_std"] == pytest.approx(1.0)
-    # per-run differences 3, 4, 2 -> mean 3, sample std 1; the interval lies within [2, 4] and excludes 0
-    assert k["last_diff_mean"] == pytest.approx(3.0) and k["last_diff_std"] == pytest.approx(1.0)
+    assert k["n"] == 4 and k["last_mean"] == pytest.approx(74.0) and k["last_std"] == pytest.approx((2 / 3) ** 0.5)
+    # per-run differences 3, 4, 2, 3 -> mean 3, sample std sqrt(2/3); the interval lies within [2, 4], excludes 0
+    assert k["last_diff_mean"] == pytest.approx(3.0) and k["last_diff_std"] == pytest.approx((2 / 3) ** 0.5)
     assert 2.0 <= k["last_diff_vs_lora_ft_ci_low"] < 3.0 < k["last_diff_vs_lora_ft_ci_high"] <= 4.0
     assert rows["extra"]["n"] == 1 and math.isnan(rows["extra"]["last_std"])
     assert math.isnan(rows["extra"]["last_ci_low"]) and math.isnan(rows["extra"]["last_diff_vs_lora_ft_ci_high"])
     assert rows["extra"]["last_diff_mean"] == pytest.approx(-68.0)
     table = to_markdown(list(rows.values()), "lora-ft")
     line = next(x for x in table.splitlines() if x.startswith("| keeplora |"))
-    assert line.startswith("| keeplora | 3 | 61.0 [") and "**+3.0 [" in line
+    assert line.startswith("| keeplora | 4 | 61.0 [") and "**+3.0 [" in line
     assert "| extra | 1 | 1.0 | 2.0 | 3.0 | -57.0 | -64.0 | -68.0 |" in table  # one run: no interval, not bold
 
 
@@ -63,6 +64,20 @@ def test_bootstrap_interval_properties():
     idx = np.random.default_rng(0).integers(0, 5, size=(10_000, 5))
     assert bootstrap_ci(x) == pytest.approx(tuple(np.percentile(x[idx].mean(1), [2.5, 97.5])))
     assert all(math.isnan(v) for v in bootstrap_ci([1.0]))
+
+
+def test_too_few_runs_have_no_interval_and_nothing_in_bold(tmp_path):
+    # below MIN_RUNS the percentile interval would be the range of the runs (P(all copies of the minimum) >= 1/27)
+    assert all(math.isnan(v) for n in (2, 3) for v in bootstrap_ci([1.0, 2.0, 3.0][:n]))
+    low, high = bootstrap_ci([1.0, 2.0, 3.0, 4.0])  # from MIN_RUNS = 4 on: strictly inside the range
+    assert 1.0 < low < 2.5 < high < 4.0
+    runs = [_run(tmp_path, f"s{i}", {"lora-ft": (60, 70, 72), "keeplora": (61 + i, 72 + i, 75 + i)}) for i in range(3)]
+    rows = aggregate(runs, baseline="lora-ft")
+    k = {r["method"]: r for r in rows}["keeplora"]
+    assert k["n"] == 3 and k["last_diff_vs_lora_ft_mean"] == pytest.approx(4.0)
+    assert math.isnan(k["last_diff_vs_lora_ft_ci_low"]) and math.isnan(k["last_ci_high"])
+    line = next(x for x in to_markdown(rows, "lora-ft").splitlines() if x.startswith("| keeplora |"))
+    assert line == "| keeplora | 3 | 62.0 | 73.0 | 76.0 | +2.0 | +3.0 | +4.0 |"  # every run better, yet not bold
 
 
 def test_several_baselines_and_columns_of_some_runs(tmp_path):

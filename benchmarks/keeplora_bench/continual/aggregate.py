@@ -14,7 +14,9 @@ seed, so the output is deterministic). Differences are paired by run: seeds move
 splits, order and initialisation per seed), so the per-run difference is what tells two methods apart, not the
 overlap of two intervals. With few runs the bootstrap distribution has few distinct values and the interval is
 approximate (5 runs allow only 126 distinct resamples, so the 2.5 % and 97.5 % points fall on a coarse grid of
-resampled means); with one run it is undefined (shown as such, never as zero width). The sample standard deviations
+resampled means). Below :data:`MIN_RUNS` runs no interval is given (shown as such, never as zero width, and never in
+bold): with 3 runs a resample of three copies of the smallest value already has probability 1/27 > 2.5 %, so the
+"interval" is the range of the runs, whatever their spread, and not a 95 % interval. The sample standard deviations
 are reported as well.
 """
 
@@ -37,6 +39,7 @@ LEADING = ("transfer", "average", "last")  # listed first when present
 NOT_METRICS = {"method", "seed", "seconds", "wall_s"}  # identifiers and wall times: not compared across runs
 NOT_METRIC_SUFFIXES = ("_seconds", "_wall_s")
 RESAMPLES = 10_000
+MIN_RUNS = 4  # fewest runs with an interval narrower than their range (1/n**n < 2.5 % from n = 4)
 SEED = 0
 
 
@@ -168,9 +171,10 @@ def _baselines(baseline: str | Sequence[str] | None) -> list[str]:
 
 
 def bootstrap_ci(values: Sequence[float], resamples: int = RESAMPLES, seed: int = SEED) -> tuple[float, float]:
-    """95 % percentile interval of the mean of ``values`` over resamples with replacement; NaNs for one value."""
+    """95 % percentile interval of the mean of ``values`` over resamples with replacement; NaNs for fewer than
+    :data:`MIN_RUNS` values."""
     x = np.asarray(values, dtype=np.float64)
-    if x.size < 2:
+    if x.size < MIN_RUNS:
         return math.nan, math.nan
     idx = np.random.default_rng(seed).integers(0, x.size, size=(resamples, x.size))
     means = x[idx].mean(axis=1)
