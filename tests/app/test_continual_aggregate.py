@@ -11,6 +11,7 @@ import yaml
 
 from keeplora.cli import main
 from keeplora_bench.continual.aggregate import aggregate, bootstrap_ci, to_markdown
+from keeplora_bench.continual.runconfig import load_config
 
 
 def _run(tmp_path, name, rows, extra=None):
@@ -201,6 +202,40 @@ def test_folders_of_one_run_that_disagree_are_refused(tmp_path):
         aggregate([a, c])
     # the same folder twice is one run, not two
     assert {r["method"]: r["n"] for r in aggregate([a, a])} == {"zero-shot": 1, "lora-ft": 1}
+
+
+def _resolved(run_dir, tmp_path, text):
+    """A run folder's ``config.yaml`` as ``keeplora run`` writes it: the resolved config of ``text``."""
+    source = tmp_path / f"{run_dir.name}.yaml"
+    source.write_text("tasks: [{name: t, builder: b}]\n" + text)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(load_config(source)))
+    return run_dir
+
+
+def test_a_method_value_from_its_section_or_its_entry_is_the_same_run(tmp_path):
+    """Runs are identified by what their methods share and by each method's resolved values, not by where a value
+    was written: a KeepLoRA at ε_w 0.95 set in the ``keeplora`` section pairs with a LoRA-FT run whose section said
+    0.85 (LoRA-FT never reads it); a shared setting that differs, or a method resolved differently, does not."""
+    zero, lora, keep = (50, 50, 50), (60, 70, 72), (61, 72, 75)
+    methods = "methods: [{name: zero-shot, type: zero_shot}, {name: kl, type: keeplora}]"  # the ones each ran
+    lora_methods = "methods: [{name: zero-shot, type: zero_shot}, {name: lora-ft, type: lora_ft}]"
+    a = _resolved(_run(tmp_path, "a", {"zero-shot": zero, "lora-ft": lora}), tmp_path, lora_methods)
+    b = _resolved(
+        _run(tmp_path, "b", {"zero-shot": zero, "kl": keep}), tmp_path, "keeplora: {weight_energy: 0.95}\n" + methods
+    )
+    assert yaml.safe_load((a / "config.yaml").read_text())["keeplora"]["weight_energy"] == 0.85
+    rows = {r["method"]: r for r in aggregate([a, b], baseline="lora-ft")}
+    assert {m: r["n"] for m, r in rows.items()} == {"zero-shot": 1, "lora-ft": 1, "kl": 1}
+    assert rows["kl"]["average_diff_vs_lora_ft_mean"] == 2.0  # paired within the one run
+    c = _resolved(
+        _run(tmp_path, "c", {"zero-shot": zero, "kl": keep}),
+        tmp_path,
+        "data: {train_per_class: 81}\nkeeplora: {weight_energy: 0.95}\n" + methods,
+    )
+    assert {r["method"]: r["n"] for r in aggregate([a, c])} == {"zero-shot": 2, "lora-ft": 1, "kl": 1}
+    d = _resolved(_run(tmp_path, "d", {"zero-shot": zero, "kl": keep}), tmp_path, methods)  # kl at ε_w 0.85
+    with pytest.raises(ValueError, match="define method 'kl' differently"):
+        aggregate([b, d])
 
 
 def test_plots_of_the_panel_over_runs_and_of_the_paired_differences(tmp_path, capsys):

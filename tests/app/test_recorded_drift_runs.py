@@ -1,7 +1,8 @@
 """The recorded five-seed runs of the drift setting (``docs/results/drift-seeds/``, the tables of the README and
 ``docs/benchmark.md``) and of the peers on it (``docs/results/peers-drift/``) against the configs and the gate as they
-stand: every folder is a run of its setting's config for its seed (apart from its name, the torch thread count and
-which methods it ran), so a config change that is not re-run fails here; and each seed's recorded drift-gate verdict
+stand: every folder is a run of its setting's config for its seed (the same shared settings apart from the torch
+thread count, and each method it ran resolved as the config resolves it now, wherever the config sets its values), so
+a config change that is not re-run fails here; and each seed's recorded drift-gate verdict
 is the one the gate's thresholds give for its recorded numbers, so the docs' count of seeds that can judge
 protection stays true when the gate changes."""
 
@@ -13,7 +14,7 @@ import yaml
 
 from keeplora_bench.continual.aggregate import load_results
 from keeplora_bench.continual.metrics import judge_drift
-from keeplora_bench.continual.runconfig import load_config
+from keeplora_bench.continual.runconfig import load_config, shared_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "docs" / "results"
@@ -34,12 +35,12 @@ def _source(setting: str, seed: int) -> Path:
 def test_a_recorded_drift_run_is_a_run_of_its_config_as_it_stands(record):
     recorded = yaml.safe_load((RESULTS / record / "config.yaml").read_text())
     expected = load_config(_source(SETTINGS[record.split("/")[0]], recorded["seed"]))
-    methods = {}
+    methods, shared = {}, {}
     for which, cfg in (("recorded", recorded), ("expected", expected)):
-        cfg.pop("name")
-        cfg["training"].pop("threads")
-        methods[which] = {m["name"]: m for m in cfg.pop("methods")}
-    assert recorded == expected
+        methods[which] = {m["name"]: m for m in cfg["methods"]}
+        shared[which] = shared_settings(cfg)
+        shared[which]["training"].pop("threads")
+    assert shared["recorded"] == shared["expected"]
     assert methods["recorded"], "a run without methods"
     for name, spec in methods["recorded"].items():
         assert spec == methods["expected"].get(name), name

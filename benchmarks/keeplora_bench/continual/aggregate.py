@@ -5,9 +5,10 @@ difference to one or more baseline methods with a 95 % confidence interval.
 
 Each run folder holds the ``results.csv`` that ``keeplora run`` writes; the metrics are its numeric columns (wall
 times left out), in the file's order. A method's statistics use the runs that have it (``n``). Folders whose resolved
-configs (``config.yaml``) are equal apart from ``methods`` are one run split over method subsets (``keeplora run
---methods``, e.g. two processes for one seed): their methods are merged, and a method that two of them ran must have
-equal numbers (runs are deterministic), else the folders are refused.
+configs (``config.yaml``) have equal shared settings (all but the name, the methods and the per-method defaults the
+methods carry) are one run split over method subsets (``keeplora run --methods``, e.g. two processes for one seed):
+their methods are merged, and a method that two of them ran must be defined alike and have equal numbers (runs are
+deterministic), else the folders are refused.
 
 Intervals are percentile bootstraps over runs (:data:`RESAMPLES` resamples of the runs with replacement, a fixed
 seed, so the output is deterministic). Differences are paired by run: seeds move every method together (the same
@@ -34,6 +35,7 @@ import numpy as np
 import yaml
 
 from . import metrics as M
+from .runconfig import shared_settings
 
 LEADING = ("transfer", "average", "last")  # listed first when present
 NOT_METRICS = {"method", "seed", "seconds", "wall_s"}  # identifiers and wall times: not compared across runs
@@ -67,21 +69,21 @@ def load_results(run_dir: Path) -> dict[str, dict[str, float]]:
 
 
 def _run_config(run_dir: Path) -> tuple[str | None, dict[str, dict]]:
-    """The resolved config without its name and method list (``None`` for a folder without ``config.yaml``), and
-    the method definitions by name: folders with the same identity are one run. The name only labels a config (no
-    random stream derives from it), so a peers config that extends a setting pairs with that setting's runs."""
+    """The run's shared settings (:func:`~.runconfig.shared_settings`, as text; ``None`` for a folder without
+    ``config.yaml``) and the method definitions by name: folders with the same identity are one run. The name only
+    labels a config (no random stream derives from it), so a peers config that extends a setting pairs with that
+    setting's runs; a method's values are compared in its resolved definition, not in the section defaults."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         return None, {}
     config = yaml.safe_load(path.read_text()) or {}
-    config.pop("name", None)
-    specs = {m["name"]: m for m in config.pop("methods", None) or [] if isinstance(m, dict) and "name" in m}
-    return yaml.safe_dump(config, sort_keys=True), specs
+    specs = {m["name"]: m for m in config.get("methods") or [] if isinstance(m, dict) and "name" in m}
+    return yaml.safe_dump(shared_settings(config), sort_keys=True), specs
 
 
 def group_runs(run_dirs: Sequence[Path]) -> list[list[Path]]:
-    """The folders of each run, in first-seen order: folders whose configs are equal apart from ``name`` and
-    ``methods`` are one run; a method defined differently by two of them is refused."""
+    """The folders of each run, in first-seen order: folders with equal shared settings are one run; a method
+    defined differently by two of them is refused."""
     groups: dict[object, tuple[list[Path], dict[str, dict]]] = {}
     for i, d in enumerate(run_dirs):
         identity, specs = _run_config(Path(d))

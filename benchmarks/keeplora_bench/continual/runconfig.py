@@ -148,6 +148,12 @@ def validate(cfg: dict) -> dict:
     if clash:
         raise ConfigError(f"panel: probe names must be distinct from each other and from the tasks; repeated: {clash}")
     _check_training(cfg["training"], "training")
+    for section, keys in (("adapter", ADAPTER_KEYS), ("keeplora", KEEPLORA_KEYS), *PEER_KEYS.items()):
+        given = cfg.get(section) or {}
+        if not isinstance(given, dict):
+            raise ConfigError(f"{section}: a mapping of method defaults with keys from {sorted(keys)}; got {given!r}")
+        if set(given) - set(keys):  # the methods read only these keys: another one would be silently ignored
+            raise ConfigError(f"{section}: unknown keys {sorted(set(given) - set(keys))}; accepted: {sorted(keys)}")
     methods = cfg.get("methods")
     if not isinstance(methods, list) or not methods:
         raise ConfigError("methods: a non-empty list of {name, type, ...} is required")
@@ -164,6 +170,22 @@ def validate(cfg: dict) -> dict:
     if cfg["model"]["kind"] not in ("auto", "mean_pool", "clip"):
         raise ConfigError(f"model.kind must be auto, mean_pool or clip, got {cfg['model']['kind']!r}")
     return cfg
+
+
+def shared_settings(cfg: dict) -> dict:
+    """What all methods of a run share (seed, model, data, tasks, panel, the run-level training keys): a resolved
+    config without its name, its methods and the per-method defaults that :func:`resolve_method` copied into every
+    method (the ``adapter``, ``keeplora`` and peer sections, the training keys a method may override). Resolved
+    configs with equal shared settings and equal definitions of the methods they have in common describe one run,
+    however the methods got their values (a method-level key or a section default)."""
+    out = copy.deepcopy(cfg)
+    for key in ("name", "methods", "adapter", "keeplora", *PEER_KEYS):
+        out.pop(key, None)
+    training = out.get("training")
+    if isinstance(training, dict):
+        for key in TRAINING_KEYS:
+            training.pop(key, None)
+    return out
 
 
 def resolve_method(cfg: dict, m: dict) -> dict:
