@@ -143,7 +143,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_aggregate(args: argparse.Namespace) -> int:
-    from .continual.aggregate import aggregate, run_gates, to_markdown, write_csv, write_plots
+    from .continual.aggregate import aggregate, gate_over_runs, run_gates, to_markdown, write_csv, write_plots
 
     try:
         rows = aggregate(args.runs, baseline=args.baseline)
@@ -155,6 +155,7 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
             print(f"\ndrift gate per run (over the methods of all its folders): passed on {passed} of {len(gates)}")
             for run in gates:
                 print(f"  {' + '.join(run['folders'])}: {run['gate']['text']}")
+            print(gate_over_runs(gates)["text"])
     except (FileNotFoundError, ValueError) as exc:
         print(exc, file=sys.stderr)
         return 2

@@ -310,3 +310,38 @@ def test_drift_gate_of_a_run_split_over_folders_judges_all_its_methods(tmp_path,
     (runs[1] / "results.json").write_text(json.dumps({"zero_shot_panel": [0.60, 0.71]}))
     with pytest.raises(ValueError, match="different zero-shot panels"):
         run_gates(runs)
+
+
+def test_drift_gate_over_runs_applies_the_thresholds_to_the_means(tmp_path, capsys):
+    """Five seeds whose LoRA-FT sits near the thresholds: the per-run gate passes on some seeds only, the gate over
+    the runs judges the means (each with its interval) against the same thresholds, and it fails when a mean misses
+    one of them."""
+    from keeplora_bench.continual.aggregate import gate_over_runs, run_gates
+
+    def runs_with(drops, bwts, folder):
+        out = []
+        for seed, (drop, bwt) in enumerate(zip(drops, bwts)):
+            rows = {"zero-shot": (50, 50, 50, 0.0, 65.0), "lora-ft": (60, 70, 72, bwt, 65.0 + drop)}
+            d = _config(_run(tmp_path, f"{folder}{seed}", rows, extra=["bwt", "retention"]), seed, list(rows))
+            (d / "results.json").write_text(json.dumps({"zero_shot_panel": [0.60, 0.70]}))  # mean 65.0
+            out.append(d)
+        return out
+
+    near = runs_with([-6.0, -9.0, -4.5, -4.0, -7.5], [-4.0, -4.0, -5.0, -2.0, -4.5], "a")  # means -6.2, -3.9
+    gates = run_gates(near)
+    assert [g["gate"]["passed"] for g in gates] == [True, True, False, False, True]
+    over = gate_over_runs(gates)
+    assert over["passed"] is True and over["n"] == 5
+    mean, low, high = over["panel_drop"]["lora-ft"]
+    assert mean == pytest.approx(-6.2) and low < mean < high
+    assert over["lora_ft_bwt"][0] == pytest.approx(-3.9)
+    assert main(["aggregate", *map(str, near)]) == 0
+    out = capsys.readouterr().out
+    assert "passed on 3 of 5" in out and "drift gate over 5 runs (means, 95 % intervals) PASSED" in out
+    assert "lora-ft -6.2 [" in out and "LoRA-FT BWT -3.9 [" in out
+
+    shallow = run_gates(runs_with([-6.0, -4.0, -4.5, -4.0, -5.0], [-4.0] * 5, "b"))  # panel mean -4.7
+    assert gate_over_runs(shallow)["passed"] is False
+    no_forgetting = run_gates(runs_with([-8.0] * 5, [-4.0, -2.0, -2.5, -3.0, -3.0], "c"))  # BWT mean -2.9
+    assert gate_over_runs(no_forgetting)["passed"] is False
+    assert gate_over_runs([])["passed"] is None

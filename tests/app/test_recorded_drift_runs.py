@@ -4,7 +4,8 @@ stand: every folder is a run of its setting's config for its seed (the same shar
 thread count, and each method it ran resolved as the config resolves it now, wherever the config sets its values), so
 a config change that is not re-run fails here; and each seed's recorded drift-gate verdict
 is the one the gate's thresholds give for its recorded numbers, so the docs' count of seeds that can judge
-protection stays true when the gate changes."""
+protection stays true when the gate changes; and the gate over the five seeds, which judges the means that the
+tables report, passes."""
 
 import json
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from keeplora_bench.continual.aggregate import load_results
+from keeplora_bench.continual.aggregate import gate_over_runs, load_results, run_gates
 from keeplora_bench.continual.metrics import judge_drift
 from keeplora_bench.continual.runconfig import load_config, shared_settings
 
@@ -57,3 +58,9 @@ def test_the_recorded_drift_runs_cover_five_seeds_with_the_gate_verdicts_of_thei
         kinds = {m["name"]: m["type"] for m in yaml.safe_load((RECORDS / name / "config.yaml").read_text())["methods"]}
         zero = sum(saved["zero_shot_panel"]) / len(saved["zero_shot_panel"]) * 100.0
         assert judge_drift(kinds, load_results(RECORDS / name), zero)["passed"] == gate["passed"], name
+
+
+def test_the_drift_setting_passes_its_gate_over_the_five_seeds():
+    over = gate_over_runs(run_gates(_records()))
+    assert over["n"] == len(SEEDS), over["text"]
+    assert over["passed"] is True, over["text"]

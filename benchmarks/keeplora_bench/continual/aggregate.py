@@ -19,6 +19,9 @@ resampled means). Below :data:`MIN_RUNS` runs no interval is given (shown as suc
 bold): with 3 runs a resample of three copies of the smallest value already has probability 1/27 > 2.5 %, so the
 "interval" is the range of the runs, whatever their spread, and not a 95 % interval. The sample standard deviations
 are reported as well.
+
+Runs with a held-out panel also get their drift gates: each run's (:func:`run_gates`, over the methods of all its
+folders) and the gate over the runs (:func:`gate_over_runs`, the same thresholds on the means).
 """
 
 from __future__ import annotations
@@ -153,6 +156,47 @@ def run_gates(run_dirs: Sequence[Path]) -> list[dict]:
         metrics = _merge(folders, [load_results(f) for f in folders], "numbers")
         out.append({"folders": [str(f) for f in folders], "gate": M.judge_drift(kinds, metrics, panels[0])})
     return out
+
+
+def gate_over_runs(gates: Sequence[dict]) -> dict:
+    """The drift gate of several runs together: the per-run thresholds (:func:`metrics.judge_drift`) applied to the
+    means over the runs whose gate was computed (``run_gates``) -- each baseline's panel drop over the runs that have
+    it, and LoRA-FT's BWT -- reported with their 95 % intervals. One run's panel mean is an estimate from a few hundred
+    probe examples, so a baseline whose mean sits near a threshold passes on some seeds and fails on others; the
+    aggregate tables report means over the runs, and this gate says whether those tables can judge protection.
+    ``{"passed", "n", "panel_drop": {name: (mean, low, high)}, "lora_ft_bwt": (mean, low, high), "text"}``."""
+    judged = [g["gate"] for g in gates if g["gate"].get("passed") is not None]
+    if not judged:
+        return {"passed": None, "n": 0, "text": "drift gate over runs: not computed (no run has a computed gate)"}
+
+    def stats(values):
+        return (statistics.fmean(values), *bootstrap_ci(values))
+
+    names = list(dict.fromkeys(name for g in judged for name in g["panel_drop"]))
+    per_name = {name: [g["panel_drop"][name] for g in judged if name in g["panel_drop"]] for name in names}
+    drops = {name: stats(values) for name, values in per_name.items()}
+    bwt = stats([g["lora_ft_bwt"] for g in judged])
+    passed = min(d[0] for d in drops.values()) <= -M.GATE_PANEL_DROP and bwt[0] <= M.GATE_BWT
+    verdict = (
+        "PASSED: on average over the runs the unprotected baselines forget and erode, so the aggregate can judge "
+        "protection"
+        if passed
+        else "FAILED: on average over the runs the unprotected baselines do not drift enough, so the aggregate cannot "
+        "judge protection"
+    )
+    detail = (
+        "panel drop vs zero-shot: "
+        + ", ".join(f"{name} {_interval(*drops[name], signed=True)} (n={len(v)})" for name, v in per_name.items())
+        + f" (need a mean <= -{M.GATE_PANEL_DROP:g} for one); LoRA-FT BWT {_interval(*bwt, signed=True)} "
+        f"(need a mean <= {M.GATE_BWT:g})"
+    )
+    return {
+        "passed": bool(passed),
+        "n": len(judged),
+        "panel_drop": drops,
+        "lora_ft_bwt": bwt,
+        "text": f"drift gate over {len(judged)} runs (means, 95 % intervals) {verdict}; {detail}",
+    }
 
 
 def is_metric(column: str) -> bool:
