@@ -375,12 +375,18 @@ def test_config_numbers_in_exponent_form_and_bad_training_values(tmp_path):
     )
     with pytest.raises(ConfigError, match="training: batch_size must be an integer >= 1"):
         load_config(path)
-    # a key that no method reads in a section of method defaults is a typo, not a setting
+    # a key that nothing reads (at the top level, in model/data/training, in a section of method defaults) is a
+    # typo, not a setting
     for section, message in {
         "keeplora: {weight_enrgy: 0.95}": r"keeplora: unknown keys \['weight_enrgy'\]; accepted: \['a_init', ",
         "adapter: {rank: 4}": r"adapter: unknown keys \['rank'\]; accepted: \['alpha', 'r', 'target_modules'\]",
         "olora: {lambda: 1}": r"olora: unknown keys \['lambda'\]; accepted: \['lambda_l2', 'lambda_orth', ",
         "keeplora: 0.9": r"keeplora: a mapping of method defaults with keys from \['a_init', .*; got 0.9",
+        "training: {epoch: 6}": r"training: unknown keys \['epoch'\]; accepted: \['batch_size', 'epochs', ",
+        "data: {train_per_clas: 8}": r"data: unknown keys \['train_per_clas'\]; accepted: \['cache', ",
+        "model: {max_len: 24}": r"model: unknown keys \['max_len'\]; accepted: \['kind', 'logit_scale', ",
+        "threads: 1": r"unknown top-level keys \['threads'\]; accepted: \['adapter', 'data', ",
+        "training: 4": r"training: a mapping with keys from \['batch_size', .*; got 4",
     }.items():
         path.write_text(
             f"tasks: [{{name: a, builder: austen_novel}}]\n{section}\nmethods: [{{name: x, type: keeplora}}]\n"

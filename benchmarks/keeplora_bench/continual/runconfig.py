@@ -147,6 +147,15 @@ def validate(cfg: dict) -> dict:
     clash = sorted(set(probe_names) & set(names)) or sorted({n for n in probe_names if probe_names.count(n) > 1})
     if clash:
         raise ConfigError(f"panel: probe names must be distinct from each other and from the tasks; repeated: {clash}")
+    top_keys = (*DEFAULTS, "order", "quick", *PEER_KEYS)  # ``extends`` is consumed by the loader
+    if set(cfg) - set(top_keys):  # a misspelt or misplaced key would be silently ignored
+        raise ConfigError(f"unknown top-level keys {sorted(set(cfg) - set(top_keys))}; accepted: {sorted(top_keys)}")
+    for section in ("model", "data", "training"):
+        given, keys = cfg[section], DEFAULTS[section]
+        if not isinstance(given, dict):
+            raise ConfigError(f"{section}: a mapping with keys from {sorted(keys)}; got {given!r}")
+        if set(given) - set(keys):
+            raise ConfigError(f"{section}: unknown keys {sorted(set(given) - set(keys))}; accepted: {sorted(keys)}")
     _check_training(cfg["training"], "training")
     for section, keys in (("adapter", ADAPTER_KEYS), ("keeplora", KEEPLORA_KEYS), *PEER_KEYS.items()):
         given = cfg.get(section) or {}
