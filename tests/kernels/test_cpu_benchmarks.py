@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import keeplora_kernels as kk
 from support.ref_ops import lora_linear_ref, outer_sum_ref, residual_project_ref
-from support.tolerances import assert_close
+from support.tolerances import assert_close, assert_within_torch_error
 
 D, FF, TOKENS, R = 384, 1536, 512, 8
 
@@ -71,7 +71,10 @@ def test_outer_sum(benchmark):
     dy = torch.randn(TOKENS, FF, generator=g).bfloat16()
     x = torch.randn(TOKENS, D, generator=g).bfloat16()
     out = benchmark(lambda: kk.outer_sum(torch.zeros(FF, D), dy, x))
-    assert_close(out, outer_sum_ref(torch.zeros(FF, D), dy, x).float(), torch.float32)
+    # sums of 512 products of magnitude ~1 (|entries| up to ~100): measured against the exact sum with the suite's
+    # rule for fp32 results (at most 2x the error of torch's own fp32 GEMM), whose summation order varies by CPU
+    torch_fp32 = torch.zeros(FF, D) + dy.float().t() @ x.float()
+    assert_within_torch_error(out, torch_fp32, outer_sum_ref(torch.zeros(FF, D), dy, x), torch.float32)
 
 
 @pytest.mark.parametrize("provider", ["keeplora", "svd_lowrank_loop"])
