@@ -172,11 +172,13 @@ def gate_over_runs(gates: Sequence[dict]) -> dict:
     def stats(values):
         return (statistics.fmean(values), *bootstrap_ci(values))
 
-    names = list(dict.fromkeys(name for g in judged for name in g["panel_drop"]))
-    per_name = {name: [g["panel_drop"][name] for g in judged if name in g["panel_drop"]] for name in names}
+    per_name: dict[str, list[float]] = {}
+    for g in judged:
+        for name, drop in g["panel_drop"].items():
+            per_name.setdefault(name, []).append(drop)
     drops = {name: stats(values) for name, values in per_name.items()}
     bwt = stats([g["lora_ft_bwt"] for g in judged])
-    passed = min(d[0] for d in drops.values()) <= -M.GATE_PANEL_DROP and bwt[0] <= M.GATE_BWT
+    passed = M.drift_gate_passes([d[0] for d in drops.values()], bwt[0])
     verdict = (
         "PASSED: on average over the runs the unprotected baselines forget and erode, so the aggregate can judge "
         "protection"

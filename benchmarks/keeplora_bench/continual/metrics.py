@@ -109,6 +109,12 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> 
     return "\n".join(out)
 
 
+def drift_gate_passes(panel_drops: Sequence[float], lora_ft_bwt: float) -> bool:
+    """The gate's rule, for one run or for means over runs: one unprotected baseline lost at least
+    ``GATE_PANEL_DROP`` points on the panel and LoRA-FT's BWT is at most ``GATE_BWT``."""
+    return min(panel_drops) <= -GATE_PANEL_DROP and lora_ft_bwt <= GATE_BWT
+
+
 def judge_drift(kinds: dict[str, str], metrics: dict[str, dict], zero_panel: float) -> dict:
     """The drift gate from a run's methods (``{name: type}``), their metrics (``retention``, ``bwt``) and the
     zero-shot model's panel mean (%): what the runner writes and ``keeplora aggregate`` recomputes for a
@@ -124,10 +130,8 @@ def judge_drift(kinds: dict[str, str], metrics: dict[str, dict], zero_panel: flo
             "passed": None,
             "text": "drift gate: not computed (needs a full_ft or lora_ft method with the panel, and a lora_ft method)",
         }
-    eroded = min(drops.values()) <= -GATE_PANEL_DROP
     bwt = min(metrics[name]["bwt"] for name in lora)
-    forgot = bwt <= GATE_BWT
-    passed = bool(eroded and forgot)
+    passed = bool(drift_gate_passes(list(drops.values()), bwt))
     detail = (
         f"panel drop vs zero-shot ({zero_panel:.1f}): "
         + ", ".join(f"{name} {d:+.1f}" for name, d in drops.items())

@@ -151,18 +151,10 @@ def validate(cfg: dict) -> dict:
     if set(cfg) - set(top_keys):  # a misspelt or misplaced key would be silently ignored
         raise ConfigError(f"unknown top-level keys {sorted(set(cfg) - set(top_keys))}; accepted: {sorted(top_keys)}")
     for section in ("model", "data", "training"):
-        given, keys = cfg[section], DEFAULTS[section]
-        if not isinstance(given, dict):
-            raise ConfigError(f"{section}: a mapping with keys from {sorted(keys)}; got {given!r}")
-        if set(given) - set(keys):
-            raise ConfigError(f"{section}: unknown keys {sorted(set(given) - set(keys))}; accepted: {sorted(keys)}")
+        _check_section_keys(section, cfg[section], DEFAULTS[section], "a mapping")
     _check_training(cfg["training"], "training")
     for section, keys in (("adapter", ADAPTER_KEYS), ("keeplora", KEEPLORA_KEYS), *PEER_KEYS.items()):
-        given = cfg.get(section) or {}
-        if not isinstance(given, dict):
-            raise ConfigError(f"{section}: a mapping of method defaults with keys from {sorted(keys)}; got {given!r}")
-        if set(given) - set(keys):  # the methods read only these keys: another one would be silently ignored
-            raise ConfigError(f"{section}: unknown keys {sorted(set(given) - set(keys))}; accepted: {sorted(keys)}")
+        _check_section_keys(section, cfg.get(section) or {}, keys, "a mapping of method defaults")
     methods = cfg.get("methods")
     if not isinstance(methods, list) or not methods:
         raise ConfigError("methods: a non-empty list of {name, type, ...} is required")
@@ -239,6 +231,14 @@ def _number(value, name: str, low: float, high: float | None = None) -> None:
     if not ok or (high is not None and value > high):
         span = f"in [{low:g}, {high:g}]" if high is not None else f">= {low:g}"
         raise ConfigError(f"{name} must be a number {span}, got {value!r}")
+
+
+def _check_section_keys(section: str, given, keys, kind: str) -> None:
+    """A section is a mapping of known keys only: another key is read by nothing and would be silently ignored."""
+    if not isinstance(given, dict):
+        raise ConfigError(f"{section}: {kind} with keys from {sorted(keys)}; got {given!r}")
+    if set(given) - set(keys):
+        raise ConfigError(f"{section}: unknown keys {sorted(set(given) - set(keys))}; accepted: {sorted(keys)}")
 
 
 def _check_training(spec: dict, where: str) -> None:
