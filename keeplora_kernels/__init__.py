@@ -1,7 +1,8 @@
 """Kernels behind keeplora: each op has a PyTorch (``torch``) backend and, where it pays, Triton and C++/CUDA ones.
 
 ``keeplora_kernels._dispatch`` picks the implementation per call; ``KEEPLORA_BACKEND`` forces one. Kernels that
-lost to these wherever they were measured are in ``keeplora_kernels.experimental``, never dispatched.
+lost to these wherever they were measured, or that no GPU has measured yet, are in
+``keeplora_kernels.experimental``, never dispatched.
 Importing this package never needs a GPU or the compiled extension.
 """
 

@@ -12,8 +12,8 @@ here touches CUDA at import time.
 Triton compiles no float64 ``tl.dot`` for a GPU (its dot lowering asserts; the interpreter does run it), so on
 CUDA, ops whose operands include float64 take the ``torch`` path.
 
-Kernels that lost to these paths wherever they were measured are not rows here: they live in
-``keeplora_kernels.experimental``, each with what it must beat to be dispatched.
+Kernels that lost to these paths wherever they were measured, or that no GPU has measured yet, are not rows here:
+they live in ``keeplora_kernels.experimental``, each with what it must beat to be dispatched.
 """
 
 from __future__ import annotations

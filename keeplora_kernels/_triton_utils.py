@@ -36,6 +36,7 @@ __all__ = [
     "load",
     "load_all",
     "mma",
+    "round_to",
 ]
 
 
@@ -127,6 +128,18 @@ def mma(a, b, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
         return tl.dot(a, b.to(a.dtype), acc)
 
 
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """fp32 ``x`` rounded to ``DTYPE`` to nearest-even, as a GPU converts. The interpreter converts fp32 to bf16
+    by truncation; there (``UPCAST`` with a bf16 target) the bits are rounded first, so that the CPU tests check
+    the GPU's rounding (finite values; a carry into the exponent is the correct result)."""
+    if UPCAST and DTYPE == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        x = u.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)
+
+
 _TRITON_TYPES = {
     torch.float16: "fp16",
     torch.bfloat16: "bf16",
@@ -142,8 +155,10 @@ _TRITON_TYPES = {
 
 def aot_compile(launch: Launch, capability: int = 90):
     """Compile ``launch``'s kernel for an NVIDIA target without a GPU (ptxas ships with triton): catches type and
-    lowering errors of the compiled path, which the interpreter does not run. Needs ``TRITON_INTERPRET`` unset
-    when the kernel modules were imported. Returns the compiled kernel (``.asm`` has ttir/ttgir/ptx/cubin)."""
+    lowering errors of the compiled path, which the interpreter does not run. Tensor arguments are typed as
+    pointers, host-side tensor descriptors (``triton.tools.tensor_descriptor``) as ``tensordesc`` of their block.
+    Needs ``TRITON_INTERPRET`` unset when the kernel modules were imported. Returns the compiled kernel (``.asm``
+    has ttir/ttgir/ptx/cubin)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -155,7 +170,10 @@ def aot_compile(launch: Launch, capability: int = 90):
             constexprs[name] = launch.constexprs[name]
             continue
         value = launch.args[name]
-        if isinstance(value, torch.Tensor):
+        base = getattr(value, "base", None)
+        if isinstance(base, torch.Tensor) and hasattr(value, "block_shape"):  # a host-side tensor descriptor
+            signature[name] = f"tensordesc<{_TRITON_TYPES[base.dtype]}{list(value.block_shape)}>"
+        elif isinstance(value, torch.Tensor):
             signature[name] = "*" + _TRITON_TYPES[value.dtype]
             if value.data_ptr() % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]

@@ -20,12 +20,12 @@ def test_cpu_smoke_run_writes_complete_rows(tmp_path):
     assert not [r for r in rows if r["note"].startswith("FAILED")]
     single = {r["provider"] for r in rows if r["op"] == "lora_linear"}
     variants = {f"{f}/{b}" for f in (*FORWARD_ORDERS, "stacked") for b in BACKWARD_ORDERS}
-    assert {"base", "unfused", "peft-bfloat16", "triton-full"} | variants <= single
+    assert {"base", "unfused", "peft-bfloat16", "triton-full", "triton-persistent"} | variants <= single
     from keeplora_kernels import _dispatch
 
     if "lora_linear" in _dispatch.extension_ops("cpu"):
         assert {"ext:base_first/base_first", "ext:expand_first/expand_first"} <= single
-    assert {"base", "unfused", "triton-shared", "expand_first/fused_dy"} <= {
+    assert {"base", "unfused", "triton-shared", "triton-persistent", "expand_first/fused_dy"} <= {
         r["provider"] for r in rows if r["op"] == "lora_qkv"
     }
     assert {(r["mode"], r["timing"]) for r in rows} == {(m, "eager") for m in ("forward", "backward", "step")}
@@ -35,7 +35,7 @@ def test_cpu_smoke_run_writes_complete_rows(tmp_path):
     lora = [r for r in rows if r["op"] == "lora_linear" and r["mode"] == "step"]
     unfused = next(r for r in lora if r["provider"] == "unfused")
     for r in lora:
-        if r["provider"] in variants or r["provider"].startswith("ext:"):
+        if r["provider"] in variants or r["provider"].startswith(("ext:", "triton-persistent")):
             for col in ("err_y", "err_dx", "err_db"):
                 assert float(r[col]) <= 2 * float(unfused[col]) + ATOL_FLOOR[torch.bfloat16], (r["provider"], col)
             assert float(r["saved_MB"]) <= float(unfused["saved_MB"])

@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent(r"""
     import torch
     from keeplora_kernels._triton_utils import aot_compile
     from keeplora_kernels import triton_residual_project as trp, triton_second_moment as tsm
-    from keeplora_kernels.experimental import triton_lora_linear as tll
+    from keeplora_kernels.experimental import triton_lora_linear as tll, triton_lora_persistent as tlp
 
     import os, re, subprocess, tempfile
     import triton
@@ -38,11 +38,14 @@ SCRIPT = textwrap.dedent(r"""
         os.unlink(f.name)
         return {k: int(v) for k, v in re.findall(r"(REG|STACK|LOCAL):(\d+)", out)}
 
-    def check(launches, label):
+    def check(launches, label, tensor_cores=False, tma=False):
         global checked
         for launch in launches:
             compiled = aot_compile(launch, capability=90)
             assert "cubin" in compiled.asm, label
+            ptx = compiled.asm["ptx"]
+            assert not tensor_cores or "wgmma" in ptx, (label, launch.kernel.__name__, "no wgmma")
+            assert ("cp.async.bulk.tensor" in ptx) == tma, (label, launch.kernel.__name__, "TMA loads")
             assert compiled.metadata.shared <= H200_SMEM, (label, compiled.metadata.shared)
             if os.path.exists(CUOBJDUMP):  # no register spills (they land in the stack frame)
                 use = resources(compiled.asm["cubin"])
@@ -60,6 +63,12 @@ SCRIPT = textwrap.dedent(r"""
         check(tll.planned_launches(x, w, b, a, lb, 0.5, dy), f"lora_linear {dtype}")
         check(tll.planned_launches(x, w, None, a[:8].to(dtype), lb[:, :8].to(dtype), 0.5, dy),
               f"lora_linear r=8 {dtype}")
+        for rank in (16, 64):  # one and four 16-wide rank blocks (the wide ones take fewer stages)
+            for tma in (True, False):
+                a_r, lb_r = torch.empty(rank, K), torch.empty(N, rank)
+                launches = tlp.planned_launches(x, w, b, a_r, lb_r, 0.5, dy, tma=tma)
+                assert all(launch.constexprs["USE_TMA"] == tma for launch in launches)
+                check(launches, f"persistent r={rank} tma={tma} {dtype}", dtype != torch.float32, tma)
         g = torch.empty(2, 512, 256, dtype=dtype)
         for k in (16, 64, 100, 184):
             check(trp.plan_project(g, torch.empty(1, 512, k), g, on_gpu=True), f"project k={k} {dtype}")
@@ -68,6 +77,9 @@ SCRIPT = textwrap.dedent(r"""
         mask = torch.empty(1000, dtype=torch.int8)
         check(tsm.plan_second_moment(acc, xs, mask, split=1, on_gpu=True)[0], f"second moment {dtype}")
         check(tsm.plan_second_moment(acc, xs, None, split=3, on_gpu=True)[0], f"second moment split {dtype}")
+    x64, w64, dy64 = (torch.empty(t.shape, dtype=torch.float64) for t in (x, w, dy))
+    for tma in (True, False):  # fp64: the kernels' checking dtype (no tensor cores)
+        check(tlp.planned_launches(x64, w64, None, a, lb, 0.5, dy64, tma=tma), f"persistent fp64 tma={tma}", tma=tma)
     print("compiled", checked)
 """)
 
@@ -82,4 +94,5 @@ def test_every_kernel_compiles_for_sm90():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert "compiled" in proc.stdout
     count = int(proc.stdout.split("compiled")[-1].split()[0])
-    assert count == 3 * (2 * 6 + 4 + 2)  # per dtype: 2 × (2 shrink, fwd, dY, 2 dX) + 4 project + 2 moment
+    # per dtype: 2 × (2 shrink, fwd, dY, 2 dX) + 2 ranks × 2 load paths × (fwd, dX) + 4 project + 2 moment; fp64: 4
+    assert count == 3 * (2 * 6 + 8 + 4 + 2) + 4

@@ -16,12 +16,14 @@ forward in the same graph):
 * ``stacked/<bwd>``       one GEMM against ``[W; A]`` (formed once per task) gives y and s;
 * ``ext:<fwd>/<bwd>``     the same GEMMs as the compiled extension's ``keeplora::lora_linear`` (one dispatcher call
                           forward, a C++ backward: what the automatic choice runs in eager when the extension is built);
-* ``triton-full``         the Triton kernels that carry the base GEMM in their own main loop.
+* ``triton-full``         the Triton kernels that carry the base GEMM in their own (pointer-load) main loop;
+* ``triton-persistent``   the persistent, TMA-fed Triton kernels with the rank-r products folded into the main loop
+                          (``keeplora_kernels.experimental.triton_lora_persistent``).
 Shapes: the Llama layer (T=8192, d=4096, r=16), the authors' CLIP layer (T=12608, d=768, r=16) and the CLIP q/k/v of
-one input (three layers; ``triton-shared`` shrinks x once for all three). Every row also has the error against an fp32
-reference computed in the same run: of y, of the adapter term alone (``y − x·Wᵀ − b`` against ``scale·x·Aᵀ·Bᵀ``), of
-dX and of dB, and the bytes autograd saves. A per-kernel profiler table of the fastest variant's eager step goes to
-``trace_lora_variants.txt``.
+one input (three layers; ``triton-shared`` shrinks x once for all three, ``triton-persistent`` is three calls).
+Every row also has the error against an fp32 reference computed in the same run: of y, of the adapter term alone
+(``y − x·Wᵀ − b`` against ``scale·x·Aᵀ·Bᵀ``), of dX and of dB, and the bytes autograd saves. A per-kernel profiler
+table of the fastest variant's eager step goes to ``trace_lora_variants.txt``.
 """
 
 from __future__ import annotations
@@ -125,7 +127,17 @@ def lora_providers(w, b, a, lb, scale, device, dtype) -> dict[str, tuple[Callabl
         lb_t = lb.detach().clone().requires_grad_()
         triton_fn = _experimental_triton().lora_linear_triton
         providers["triton-full"] = (lambda x: triton_fn(x, w, b, a, lb_t, scale), lb_t)
+        lb_p = lb.detach().clone().requires_grad_()
+        persistent = _persistent_triton()
+        providers["triton-persistent"] = (lambda x: persistent(x, w, b, a, lb_p, scale), lb_p)
     return providers
+
+
+def _persistent_triton():
+    """The persistent Triton LoRA linear (imported on use: importing it imports triton)."""
+    from keeplora_kernels.experimental.triton_lora_persistent import lora_linear_persistent
+
+    return lora_linear_persistent
 
 
 class _Timer:
@@ -316,6 +328,7 @@ def bench_qkv(timer: _Timer, rows: list[dict], shape, dtype, graph: bool = False
         shared = _experimental_triton().lora_linear_shared_triton
         lbs_t = [lb.detach().clone().requires_grad_() for lb in lbs]
         providers["triton-shared"] = (lambda x_: tuple(shared(x_, ws, bs, as_, lbs_t, [scale] * 3)), lbs_t)
+        providers["triton-persistent"] = three(_persistent_triton())
     anchors: dict[str, dict[tuple[str, str], float]] = {}
     for name, (fwd, lb_params) in providers.items():
         xg = x.detach().clone().requires_grad_()

@@ -1,0 +1,604 @@
+"""Experimental: the frozen-A LoRA linear on a persistent, TMA-fed Triton GEMM main loop, the rank-r work folded in.
+
+The pointer-load main loop of :mod:`.triton_lora_linear` runs the base GEMM at 0.82× cuBLAS on the H200; a
+persistent main loop fed by tensor descriptors (TMA on Hopper) reached cuBLAS in
+``keeplora_bench.micro.bench_triton_gemm``. Here that main loop carries the whole frozen-A LoRA linear, so the
+rank-r work costs tensor-core time inside the GEMM instead of extra passes over the T×d activations:
+
+* ``_forward_kernel``: for an output tile Y[m, n] (BM×BN), each step of the K loop loads the X tile once and feeds
+  two products, X·Wᵀ (BM×BN) and s = X·Aᵀ (BM×R, a narrow wgmma); the epilogue rounds scale·s to X's dtype, adds
+  (scale·s)·Bᵀ and the bias to the fp32 accumulator and stores Y once. The tiles of the first column block also
+  store s (T×R), the only activation backward needs.
+* ``_dx_kernel``: for a tile dX[m, k] the loop over d_out loads the dY tile once and feeds dY·W and v = dY·B
+  (BM×R); the epilogue adds (scale·v, rounded to dY's dtype)·A.
+* dB = scale·dYᵀ·s and db = Σ_T dY stay the torch path's GEMM and sum (one read of dY).
+
+Cost model (bf16, T=8192, d_in=d_out=4096, r=16, tiles 128×256×64): the narrow products add r/BN = 6 % to the
+main loop's tensor-core work and nothing to its memory traffic, so forward ≈ 1.06× the base GEMM and dX ≈ 1.06× the
+dX GEMM if the main loop runs at cuBLAS speed; dB and db read dY once more (64 MB).
+
+Dispatched when: the bf16 training step of :func:`lora_linear_persistent` beats the ``expand_first`` torch step and
+the compiled op at the Llama and CLIP layer shapes of ``keeplora_bench.micro.bench_lora_variants``.
+
+Notation as in :mod:`.triton_lora_linear`: X is T×K (tokens × d_in), W is N×K, A is R×K, B is N×R, s = X·Aᵀ.
+Operands that a tensor descriptor cannot describe (a row stride or base not 16-byte aligned, a non-unit column
+stride, a Triton without descriptors) take the same kernels' masked pointer path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .._triton_utils import Launch, acc_dtype, cdiv, dot_mode, next_pow2, round_to
+from ..lora_linear import _backward, _flatten_tokens
+from .triton_lora_linear import _grouped_pid
+
+try:  # host-side tensor descriptors (TMA on Hopper); older Triton builds lack them
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the installed triton
+    TensorDescriptor = None
+
+__all__ = ["lora_linear_persistent", "LoRALinearPersistentFunction", "plan_forward", "plan_dx", "Tiles"]
+
+MAX_RANK = 64  # the narrow accumulator is BM×R fp32 registers beside the BM×BN one
+_TL_DTYPES = {
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
+
+
+# ----------------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _forward_kernel(
+    X,
+    W,
+    A,
+    B,
+    BIAS,
+    Y,
+    S,
+    T,
+    N,
+    K,
+    R,
+    scale,
+    stride_xt,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_ar,
+    stride_ak,
+    stride_bn,
+    stride_br,
+    stride_yt,
+    stride_yn,
+    stride_st,
+    stride_sr,
+    NUM_PROGRAMS: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    STORE_S: tl.constexpr,
+    ACC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    IO_DTYPE: tl.constexpr,
+    FLATTEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """Y = X·Wᵀ + (scale·s)·Bᵀ + bias and (first column block) S = s, s = X·Aᵀ, over the output tiles
+    ``pid, pid + NUM_PROGRAMS, …``. With ``USE_TMA`` X, W, A and Y are tensor descriptors (blocks BM×BK, BN×BK,
+    BR×BK, BM×BN; the hardware zero-fills what lies outside); B, the bias and S are small and use pointers."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(T, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    for tile in tl.range(pid, num_tiles, NUM_PROGRAMS, flatten=FLATTEN):
+        pid_m, pid_n = _grouped_pid(tile, num_pid_m, num_pid_n, GROUP_M)
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: T·stride may pass 2³¹
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        acc_s = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
+        if USE_TMA:
+            off_m = pid_m * BLOCK_M
+            off_n = pid_n * BLOCK_N
+            for ki in range(0, k_tiles):
+                x = X.load([off_m, ki * BLOCK_K])
+                w = W.load([off_n, ki * BLOCK_K])
+                a = A.load([0, ki * BLOCK_K])
+                if UPCAST:
+                    x = x.to(ACC)
+                    w = w.to(ACC)
+                    a = a.to(ACC)
+                acc = tl.dot(x, w.T, acc, input_precision=PREC)
+                acc_s = tl.dot(x, a.T, acc_s, input_precision=PREC)
+        else:
+            rows = offs_m % T  # wrapped indices keep the loads in bounds; the stores are masked
+            cols = offs_n % N
+            offs_k = tl.arange(0, BLOCK_K)
+            x_ptrs = X + rows[:, None] * stride_xt + offs_k[None, :] * stride_xk
+            w_ptrs = W + cols[:, None] * stride_wn + offs_k[None, :] * stride_wk
+            a_ptrs = A + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak
+            for ki in range(0, k_tiles):
+                in_k = offs_k < K - ki * BLOCK_K
+                x = tl.load(x_ptrs, mask=in_k[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=in_k[None, :], other=0.0)
+                a = tl.load(a_ptrs, mask=(offs_r[:, None] < R) & in_k[None, :], other=0.0)
+                if UPCAST:
+                    x = x.to(ACC)
+                    w = w.to(ACC)
+                    a = a.to(ACC)
+                acc = tl.dot(x, w.T, acc, input_precision=PREC)
+                acc_s = tl.dot(x, a.T, acc_s, input_precision=PREC)
+                x_ptrs += BLOCK_K * stride_xk
+                w_ptrs += BLOCK_K * stride_wk
+                a_ptrs += BLOCK_K * stride_ak
+        # epilogue: the rank-r term in X's dtype on the tensor cores (s is rounded there as the torch path rounds
+        # it), accumulated into the fp32 tile; Y is rounded once
+        in_n = offs_n < N
+        b = tl.load(
+            B + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+            mask=in_n[:, None] & (offs_r[None, :] < R),
+            other=0.0,
+        )
+        s_scaled = round_to(acc_s * scale, IO_DTYPE, UPCAST)
+        if UPCAST:
+            acc = tl.dot(s_scaled.to(ACC), b.to(ACC).T, acc, input_precision=PREC)
+        else:
+            acc = tl.dot(s_scaled, b.T, acc)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + offs_n, mask=in_n, other=0.0).to(ACC)[None, :]
+        if USE_TMA:
+            Y.store([pid_m * BLOCK_M, pid_n * BLOCK_N], round_to(acc, IO_DTYPE, UPCAST))
+        else:
+            mask = (offs_m[:, None] < T) & in_n[None, :]
+            tl.store(
+                Y + offs_m[:, None] * stride_yt + offs_n[None, :] * stride_yn,
+                round_to(acc, IO_DTYPE, UPCAST),
+                mask=mask,
+            )
+        if STORE_S:
+            if pid_n == 0:
+                s_mask = (offs_m[:, None] < T) & (offs_r[None, :] < R)
+                s_ptrs = S + offs_m[:, None] * stride_st + offs_r[None, :] * stride_sr
+                tl.store(s_ptrs, round_to(acc_s, IO_DTYPE, UPCAST), mask=s_mask)
+
+
+@triton.jit
+def _dx_kernel(
+    DY,
+    W,
+    B,
+    A,
+    DX,
+    T,
+    N,
+    K,
+    R,
+    scale,
+    stride_dyt,
+    stride_dyn,
+    stride_wn,
+    stride_wk,
+    stride_bn,
+    stride_br,
+    stride_ar,
+    stride_ak,
+    stride_dxt,
+    stride_dxk,
+    NUM_PROGRAMS: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    ACC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    IO_DTYPE: tl.constexpr,
+    FLATTEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """dX = dY·W + (scale·dY·B)·A over the tiles of dX (T×K; BM×BN tiles, columns in d_in), the reduction over
+    d_out in steps of BLOCK_K. With ``USE_TMA`` dY, W and dX are tensor descriptors (blocks BM×BK, BK×BN, BM×BN);
+    B (N×R) and A (R×K) are small and use pointers."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(T, BLOCK_M)
+    num_pid_n = tl.cdiv(K, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    red_tiles = tl.cdiv(N, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_red = tl.arange(0, BLOCK_K)
+    for tile in tl.range(pid, num_tiles, NUM_PROGRAMS, flatten=FLATTEN):
+        pid_m, pid_n = _grouped_pid(tile, num_pid_m, num_pid_n, GROUP_M)
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: T·stride may pass 2³¹
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        acc_v = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
+        b_ptrs = B + offs_red[:, None] * stride_bn + offs_r[None, :] * stride_br
+        if USE_TMA:
+            off_m = pid_m * BLOCK_M
+            off_n = pid_n * BLOCK_N
+            for ki in range(0, red_tiles):
+                dy = DY.load([off_m, ki * BLOCK_K])
+                w = W.load([ki * BLOCK_K, off_n])
+                in_red = offs_red < N - ki * BLOCK_K
+                b = tl.load(b_ptrs, mask=in_red[:, None] & (offs_r[None, :] < R), other=0.0)
+                if UPCAST:
+                    dy = dy.to(ACC)
+                    w = w.to(ACC)
+                    b = b.to(ACC)
+                acc = tl.dot(dy, w, acc, input_precision=PREC)
+                acc_v = tl.dot(dy, b, acc_v, input_precision=PREC)
+                b_ptrs += BLOCK_K * stride_bn
+        else:
+            rows = offs_m % T  # wrapped indices keep the loads in bounds; the stores are masked
+            cols = offs_n % K
+            dy_ptrs = DY + rows[:, None] * stride_dyt + offs_red[None, :] * stride_dyn
+            w_ptrs = W + offs_red[:, None] * stride_wn + cols[None, :] * stride_wk
+            for ki in range(0, red_tiles):
+                in_red = offs_red < N - ki * BLOCK_K
+                dy = tl.load(dy_ptrs, mask=in_red[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=in_red[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=in_red[:, None] & (offs_r[None, :] < R), other=0.0)
+                if UPCAST:
+                    dy = dy.to(ACC)
+                    w = w.to(ACC)
+                    b = b.to(ACC)
+                acc = tl.dot(dy, w, acc, input_precision=PREC)
+                acc_v = tl.dot(dy, b, acc_v, input_precision=PREC)
+                dy_ptrs += BLOCK_K * stride_dyn
+                w_ptrs += BLOCK_K * stride_wn
+                b_ptrs += BLOCK_K * stride_bn
+        in_n = offs_n < K
+        a = tl.load(
+            A + offs_r[:, None] * stride_ar + offs_n[None, :] * stride_ak,
+            mask=(offs_r[:, None] < R) & in_n[None, :],
+            other=0.0,
+        )
+        v_scaled = round_to(acc_v * scale, IO_DTYPE, UPCAST)
+        if UPCAST:
+            acc = tl.dot(v_scaled.to(ACC), a.to(ACC), acc, input_precision=PREC)
+        else:
+            acc = tl.dot(v_scaled, a, acc)
+        if USE_TMA:
+            DX.store([pid_m * BLOCK_M, pid_n * BLOCK_N], round_to(acc, IO_DTYPE, UPCAST))
+        else:
+            mask = (offs_m[:, None] < T) & in_n[None, :]
+            tl.store(
+                DX + offs_m[:, None] * stride_dxt + offs_n[None, :] * stride_dxk,
+                round_to(acc, IO_DTYPE, UPCAST),
+                mask=mask,
+            )
+
+
+# --------------------------------------------------------------------------------------------------- launchers
+@dataclass(frozen=True)
+class Tiles:
+    """Tile sizes of one kernel. ``block_k`` is the reduction step (d_in for the forward, d_out for dX)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_stages: int
+    num_warps: int
+    group_m: int = 8
+    flatten: bool = True  # one software pipeline across the tile and reduction loops
+
+    def smem_bytes(self, elem: int, block_r: int) -> int:
+        """The operand ring (per stage: the two GEMM tiles and the narrow A or B tile) plus the output tile the
+        TMA store stages through; must stay under the 227 KiB a block may use on sm_90."""
+        stage = (self.block_m * self.block_k + self.block_n * self.block_k + block_r * self.block_k) * elem
+        return self.num_stages * stage + self.block_m * self.block_n * elem
+
+
+# bf16/fp16 with descriptors: the tile of the persistent GEMM that reached cuBLAS in bench_triton_gemm (128×256×64),
+#   three stages: 3·(16 + 32 + 2) KiB + 64 KiB = 214 KiB with the r ≤ 16 operand; wider ranks get two stages.
+# Pointer loads (operands TMA cannot describe) need registers for the addresses: 128×128 tiles stay spill-free.
+# fp32 (ieee products, no tensor cores) keeps its operands in registers: 64×64×16 is spill-free at r ≤ 64.
+# Every entry is compiled for sm_90 and checked spill-free by tests/kernels/test_triton_compile.py.
+GPU_TILES_TMA = Tiles(128, 256, 64, 3, 8)
+GPU_TILES_TMA_WIDE_RANK = Tiles(128, 256, 64, 2, 8)  # BLOCK_R > 16
+GPU_TILES_POINTER = Tiles(128, 128, 64, 3, 8)
+GPU_TILES_32BIT = Tiles(64, 64, 16, 3, 8)
+GPU_TILES_64BIT = Tiles(32, 32, 16, 2, 4)  # fp64: for checks, not speed
+INTERPRETER_TILES = Tiles(32, 32, 32, 1, 4, group_m=2)  # several tiles and reduction steps on the test shapes
+H200_SMEM = 232448
+
+
+def _tiles(dtype: torch.dtype, block_r: int, use_tma: bool, on_gpu: bool) -> Tiles:
+    if not on_gpu:
+        return INTERPRETER_TILES
+    if dtype == torch.float64:
+        return GPU_TILES_64BIT
+    if dtype == torch.float32:
+        return GPU_TILES_32BIT
+    if not use_tma:
+        return GPU_TILES_POINTER
+    return GPU_TILES_TMA if block_r <= 16 else GPU_TILES_TMA_WIDE_RANK
+
+
+def _rank_block(r: int) -> int:
+    return max(16, next_pow2(r))
+
+
+def _num_programs(device: torch.device, num_tiles: int) -> int:
+    """One program per SM on a GPU; four under the interpreter (so the tile loop runs several times)."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = 4
+    return max(1, min(sms, num_tiles))
+
+
+def tma_blocker(*tensors: torch.Tensor) -> str | None:
+    """None when every tensor can be described for TMA, else why not (the pointer path then runs)."""
+    if TensorDescriptor is None:
+        return "this triton has no triton.tools.tensor_descriptor"
+    for t in tensors:
+        if t.dim() != 2 or t.stride(1) != 1:
+            return "operands must be row-major 2-D"
+        if t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
+            return f"row stride {t.stride(0) * t.element_size()} B or base not 16-byte aligned"
+    return None
+
+
+def _ensure_allocator(device: torch.device) -> None:
+    """Some Triton versions build TMA descriptors in global memory at launch and refuse to launch without a device
+    allocator: torch's caching allocator serves it."""
+    if device.type == "cuda" and hasattr(triton, "set_allocator"):
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device=device, dtype=torch.int8))
+
+
+def _descriptors(use_tma: bool, pairs):
+    """``[(tensor, block)]`` -> tensor descriptors (TMA) or the tensors themselves (pointer path)."""
+    if not use_tma:
+        return [t for t, _ in pairs]
+    return [TensorDescriptor.from_tensor(t, list(block)) for t, block in pairs]
+
+
+def _use_tma(device: torch.device, tensors, tma: bool | None) -> bool:
+    why_not = tma_blocker(*tensors)
+    if tma is True and why_not:
+        raise ValueError(f"lora_linear_persistent: tma=True but {why_not}")
+    use = why_not is None and tma is not False
+    if use:
+        _ensure_allocator(device)
+    return use
+
+
+def plan_forward(x2, weight, bias, a, b, scale, y, s, *, tma: bool | None = None, on_gpu: bool | None = None):
+    """The launch of ``y = x2·weightᵀ + (scale·x2·aᵀ)·bᵀ + bias`` writing ``s = x2·aᵀ`` when ``s`` is given
+    (a and b in x2's dtype). ``tma``: None = descriptors where the operands allow, True = require, False = pointers."""
+    T, K = x2.shape
+    N, R = weight.shape[0], a.shape[0]
+    on_gpu = x2.device.type == "cuda" if on_gpu is None else on_gpu
+    block_r = _rank_block(R)
+    use_tma = _use_tma(x2.device, (x2, weight, a, y), tma)
+    cfg = _tiles(x2.dtype, block_r, use_tma, on_gpu)
+    upcast, prec = dot_mode(x2.dtype)
+    xd, wd, ad, yd = _descriptors(
+        use_tma,
+        [
+            (x2, (cfg.block_m, cfg.block_k)),
+            (weight, (cfg.block_n, cfg.block_k)),
+            (a, (block_r, cfg.block_k)),
+            (y, (cfg.block_m, cfg.block_n)),
+        ],
+    )
+    num_tiles = cdiv(T, cfg.block_m) * cdiv(N, cfg.block_n)
+    programs = _num_programs(x2.device, num_tiles)
+    s_out = s if s is not None else y  # never written without STORE_S
+    launch = Launch(
+        _forward_kernel,
+        (programs,),
+        dict(
+            X=xd,
+            W=wd,
+            A=ad,
+            B=b,
+            BIAS=bias if bias is not None else y,
+            Y=yd,
+            S=s_out,
+            T=T,
+            N=N,
+            K=K,
+            R=R,
+            scale=float(scale),
+            stride_xt=x2.stride(0),
+            stride_xk=x2.stride(1),
+            stride_wn=weight.stride(0),
+            stride_wk=weight.stride(1),
+            stride_ar=a.stride(0),
+            stride_ak=a.stride(1),
+            stride_bn=b.stride(0),
+            stride_br=b.stride(1),
+            stride_yt=y.stride(0),
+            stride_yn=y.stride(1),
+            stride_st=s_out.stride(0),
+            stride_sr=s_out.stride(1),
+        ),
+        dict(
+            NUM_PROGRAMS=programs,
+            USE_TMA=use_tma,
+            HAS_BIAS=bias is not None,
+            STORE_S=s is not None,
+            ACC=acc_dtype(x2.dtype),
+            UPCAST=upcast,
+            PREC=prec,
+            IO_DTYPE=_TL_DTYPES[x2.dtype],
+            FLATTEN=cfg.flatten,
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k,
+            BLOCK_R=block_r,
+            GROUP_M=cfg.group_m,
+        ),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return launch
+
+
+def plan_dx(dy2, weight, b, a, scale, dx, *, tma: bool | None = None, on_gpu: bool | None = None):
+    """The launch of ``dx = dy2·weight + (scale·dy2·b)·a`` (a and b in dy2's dtype); ``tma`` as in
+    :func:`plan_forward`."""
+    T, N = dy2.shape
+    K, R = weight.shape[1], a.shape[0]
+    on_gpu = dy2.device.type == "cuda" if on_gpu is None else on_gpu
+    block_r = _rank_block(R)
+    use_tma = _use_tma(dy2.device, (dy2, weight, dx), tma)
+    cfg = _tiles(dy2.dtype, block_r, use_tma, on_gpu)
+    upcast, prec = dot_mode(dy2.dtype)
+    dyd, wd, dxd = _descriptors(
+        use_tma,
+        [(dy2, (cfg.block_m, cfg.block_k)), (weight, (cfg.block_k, cfg.block_n)), (dx, (cfg.block_m, cfg.block_n))],
+    )
+    num_tiles = cdiv(T, cfg.block_m) * cdiv(K, cfg.block_n)
+    programs = _num_programs(dy2.device, num_tiles)
+    return Launch(
+        _dx_kernel,
+        (programs,),
+        dict(
+            DY=dyd,
+            W=wd,
+            B=b,
+            A=a,
+            DX=dxd,
+            T=T,
+            N=N,
+            K=K,
+            R=R,
+            scale=float(scale),
+            stride_dyt=dy2.stride(0),
+            stride_dyn=dy2.stride(1),
+            stride_wn=weight.stride(0),
+            stride_wk=weight.stride(1),
+            stride_bn=b.stride(0),
+            stride_br=b.stride(1),
+            stride_ar=a.stride(0),
+            stride_ak=a.stride(1),
+            stride_dxt=dx.stride(0),
+            stride_dxk=dx.stride(1),
+        ),
+        dict(
+            NUM_PROGRAMS=programs,
+            USE_TMA=use_tma,
+            ACC=acc_dtype(dy2.dtype),
+            UPCAST=upcast,
+            PREC=prec,
+            IO_DTYPE=_TL_DTYPES[dy2.dtype],
+            FLATTEN=cfg.flatten,
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k,
+            BLOCK_R=block_r,
+            GROUP_M=cfg.group_m,
+        ),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+
+
+# ------------------------------------------------------------------------------------------ forward / backward
+def _check(x, weight, bias, lora_a, lora_b):
+    if x.dtype not in _TL_DTYPES:
+        raise TypeError(f"lora_linear_persistent: x must be bfloat16, float16, float32 or float64, got {x.dtype}")
+    k = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != k:
+        raise ValueError(f"lora_linear_persistent: weight must be (d_out, {k}), got {tuple(weight.shape)}")
+    if lora_a.dim() != 2 or lora_a.shape[1] != k:
+        raise ValueError(f"lora_linear_persistent: lora_a must be (r, {k}), got {tuple(lora_a.shape)}")
+    if not 1 <= lora_a.shape[0] <= MAX_RANK:
+        raise ValueError(
+            f"lora_linear_persistent: rank {lora_a.shape[0]} outside 1..{MAX_RANK}; use keeplora_kernels.lora_linear"
+        )
+    if lora_b.shape != (weight.shape[0], lora_a.shape[0]):
+        raise ValueError(
+            f"lora_linear_persistent: lora_b must be ({weight.shape[0]}, {lora_a.shape[0]}), got {tuple(lora_b.shape)}"
+        )
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"lora_linear_persistent: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if weight.requires_grad or lora_a.requires_grad:
+        raise RuntimeError(
+            "lora_linear treats `weight` and `lora_a` as frozen, but one of them requires grad; "
+            "call .requires_grad_(False) on it, or use lora_linear_unfused (plain autograd)"
+        )
+    for t in (weight, lora_a, lora_b) + ((bias,) if bias is not None else ()):
+        if t.device != x.device:
+            raise ValueError(f"lora_linear_persistent: all tensors must be on {x.device}, got one on {t.device}")
+
+
+class LoRALinearPersistentFunction(torch.autograd.Function):
+    """The frozen-A LoRA linear (same math, arguments and saved tensors as ``keeplora_kernels.LoRALinearFunction``):
+    forward one :func:`_forward_kernel` launch (Y and s), backward one :func:`_dx_kernel` launch for dX plus the
+    torch path's dB and db. The weight is cast to x's dtype (no copy when it already is); A and B once per step,
+    backward reuses the forward's casts."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, tma=None):
+        _check(x, weight, bias, lora_a, lora_b)
+        x2 = _flatten_tokens(x)
+        w = weight.to(x.dtype)
+        a = lora_a.to(x.dtype).contiguous()
+        b = lora_b.to(x.dtype).contiguous()
+        T, N = x2.shape[0], w.shape[0]
+        y2 = torch.empty((T, N), device=x.device, dtype=x.dtype)
+        s = torch.empty((T, a.shape[0]), device=x.device, dtype=x.dtype)
+        bias_x = None if bias is None else bias.to(x.dtype)
+        if T:
+            plan_forward(x2, w, bias_x, a, b, scale, y2, s, tma=tma)()
+        ctx.save_for_backward(s, w, a, b)
+        ctx.scale, ctx.tma, ctx.x_shape = scale, tma, x.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.lora_b_dtype = lora_b.dtype
+        return y2.reshape(*x.shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx, dy):
+        s, w, a, b = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dy2 = _flatten_tokens(dy).to(s.dtype)
+        _, dlora_b, dbias = _backward(
+            dy2, s, w, a, b, ctx.scale, "expand_first", False, ctx.lora_b_dtype if need[4] else None, need[2]
+        )
+        dx = None
+        if need[0]:
+            dx2 = torch.empty((dy2.shape[0], w.shape[1]), device=dy2.device, dtype=dy2.dtype)
+            if dy2.shape[0]:
+                plan_dx(dy2, w, b, a, ctx.scale, dx2, tma=ctx.tma)()
+            dx = dx2.reshape(ctx.x_shape)
+        db = None if dbias is None else dbias.to(ctx.bias_dtype)
+        return dx, None, db, None, dlora_b, None, None
+
+
+def lora_linear_persistent(x, weight, bias, lora_a, lora_b, scale, *, tma: bool | None = None) -> torch.Tensor:
+    """:func:`keeplora_kernels.lora_linear` on the persistent Triton kernels (same arguments and results; x in
+    bf16, fp16, fp32 or fp64, rank ≤ :data:`MAX_RANK`). ``tma``: None = tensor descriptors where the operands allow,
+    True = require them, False = the pointer path (for tests)."""
+    return LoRALinearPersistentFunction.apply(x, weight, bias, lora_a, lora_b, float(scale), tma)
+
+
+def planned_launches(x2, weight, bias, lora_a, lora_b, scale, dy2, *, tma: bool, on_gpu: bool = True) -> list[Launch]:
+    """The forward and dX launches for these inputs (not run), for the ahead-of-time compile test."""
+    T = x2.shape[0]
+    a = lora_a.to(x2.dtype)
+    b = lora_b.to(x2.dtype)
+    y = torch.empty((T, weight.shape[0]), device=x2.device, dtype=x2.dtype)
+    s = torch.empty((T, a.shape[0]), device=x2.device, dtype=x2.dtype)
+    dx = torch.empty_like(x2)
+    return [
+        plan_forward(x2, weight, bias, a, b, scale, y, s, tma=tma, on_gpu=on_gpu),
+        plan_dx(dy2, weight, b, a, scale, dx, tma=tma, on_gpu=on_gpu),
+    ]
