@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_utils import Launch, acc_dtype, cdiv, dot_mode, next_pow2, round_to
+from .._triton_utils import Launch, acc_dtype, cdiv, dot_mode, mma, next_pow2, round_to
 from ..lora_linear import _backward, _flatten_tokens
 from .triton_lora_linear import _grouped_pid
 
@@ -121,8 +121,8 @@ def _forward_kernel(
                     x = x.to(ACC)
                     w = w.to(ACC)
                     a = a.to(ACC)
-                acc = tl.dot(x, w.T, acc, input_precision=PREC)
-                acc_s = tl.dot(x, a.T, acc_s, input_precision=PREC)
+                acc = mma(x, w.T, acc, UPCAST, PREC)
+                acc_s = mma(x, a.T, acc_s, UPCAST, PREC)
         else:
             rows = offs_m % T  # wrapped indices keep the loads in bounds; the stores are masked
             cols = offs_n % N
@@ -139,8 +139,8 @@ def _forward_kernel(
                     x = x.to(ACC)
                     w = w.to(ACC)
                     a = a.to(ACC)
-                acc = tl.dot(x, w.T, acc, input_precision=PREC)
-                acc_s = tl.dot(x, a.T, acc_s, input_precision=PREC)
+                acc = mma(x, w.T, acc, UPCAST, PREC)
+                acc_s = mma(x, a.T, acc_s, UPCAST, PREC)
                 x_ptrs += BLOCK_K * stride_xk
                 w_ptrs += BLOCK_K * stride_wk
                 a_ptrs += BLOCK_K * stride_ak
@@ -154,9 +154,9 @@ def _forward_kernel(
         )
         s_scaled = round_to(acc_s * scale, IO_DTYPE, UPCAST)
         if UPCAST:
-            acc = tl.dot(s_scaled.to(ACC), b.to(ACC).T, acc, input_precision=PREC)
-        else:
-            acc = tl.dot(s_scaled, b.T, acc)
+            s_scaled = s_scaled.to(ACC)
+            b = b.to(ACC)
+        acc = mma(s_scaled, b.T, acc, UPCAST, PREC)
         if HAS_BIAS:
             acc += tl.load(BIAS + offs_n, mask=in_n, other=0.0).to(ACC)[None, :]
         if USE_TMA:
@@ -239,8 +239,8 @@ def _dx_kernel(
                     dy = dy.to(ACC)
                     w = w.to(ACC)
                     b = b.to(ACC)
-                acc = tl.dot(dy, w, acc, input_precision=PREC)
-                acc_v = tl.dot(dy, b, acc_v, input_precision=PREC)
+                acc = mma(dy, w, acc, UPCAST, PREC)
+                acc_v = mma(dy, b, acc_v, UPCAST, PREC)
                 b_ptrs += BLOCK_K * stride_bn
         else:
             rows = offs_m % T  # wrapped indices keep the loads in bounds; the stores are masked
@@ -256,8 +256,8 @@ def _dx_kernel(
                     dy = dy.to(ACC)
                     w = w.to(ACC)
                     b = b.to(ACC)
-                acc = tl.dot(dy, w, acc, input_precision=PREC)
-                acc_v = tl.dot(dy, b, acc_v, input_precision=PREC)
+                acc = mma(dy, w, acc, UPCAST, PREC)
+                acc_v = mma(dy, b, acc_v, UPCAST, PREC)
                 dy_ptrs += BLOCK_K * stride_dyn
                 w_ptrs += BLOCK_K * stride_wn
                 b_ptrs += BLOCK_K * stride_bn
@@ -269,9 +269,9 @@ def _dx_kernel(
         )
         v_scaled = round_to(acc_v * scale, IO_DTYPE, UPCAST)
         if UPCAST:
-            acc = tl.dot(v_scaled.to(ACC), a.to(ACC), acc, input_precision=PREC)
-        else:
-            acc = tl.dot(v_scaled, a, acc)
+            v_scaled = v_scaled.to(ACC)
+            a = a.to(ACC)
+        acc = mma(v_scaled, a, acc, UPCAST, PREC)
         if USE_TMA:
             DX.store([pid_m * BLOCK_M, pid_n * BLOCK_N], round_to(acc, IO_DTYPE, UPCAST))
         else:

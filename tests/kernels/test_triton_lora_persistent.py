@@ -66,6 +66,20 @@ def test_low_precision_within_twice_torch_error(dtype, lead, d_in, d_out, r, tma
     assert_matches_oracle(_persistent(tma), x, w, b, a, lb, dtype)
 
 
+@pytest.mark.parametrize("tma", [None, False])
+def test_fp16_native_dot_path(monkeypatch, tma):
+    """The GPU's arithmetic path on the CPU: fp16 tiles go to ``tl.dot`` unconverted (fp32 accumulation). The
+    interpreter runs fp16 dots natively (not bf16: it stores bf16 as integers), so pretending not to interpret
+    exercises those branches here."""
+    from keeplora_kernels import _triton_utils
+
+    if DEVICE.type == "cpu":
+        monkeypatch.setattr(_triton_utils, "interpreted", lambda: False)
+    assert _triton_utils.dot_mode(torch.float16)[0] is False
+    x, w, b, a, lb = seeded_inputs((37,), 64, 48, 8, torch.float16, device=DEVICE, seed=5)
+    assert_matches_oracle(_persistent(tma), x, w, b, a, lb, torch.float16)
+
+
 def test_non_contiguous_input():
     """x whose last dim is not contiguous: flattened by a copy, then the descriptor path."""
     x = torch.randn(64, 2, 5, device=DEVICE).movedim(0, -1)  # (2, 5, 64), stride 1 along dim 0
