@@ -3,9 +3,12 @@
 // arithmetic, linalg_cholesky_ex (cuSOLVER), the failure-flag ops, an identity and linalg_solve_triangular
 // (cuBLAS trsm): about a dozen launches, several with host-side pointer-array setup.
 //
-// The matrices are worked on in place in the outputs (global memory, L1/L2 resident: l <= 256 means at most
-// 512 KB per fp64 matrix). Every step is the shared code of csrc/kernels/cholesky.h with the block's threads
-// as the item stride, and a barrier between steps; the serial CPU twin runs the same steps.
+// The factorisation is 2l dependent steps with a barrier after each, so its time is the latency of the memory the
+// steps read: the block works on R and X in shared memory when both fit in kStagingBytes (l <= 55 in fp64, 78 in
+// fp32; the rSVD's l = r + oversampling is 24-40), and writes them out once; larger matrices are worked on in place
+// in the outputs (global memory, L2 resident). Every step is the shared code of csrc/kernels/cholesky.h with the
+// block's threads as the item stride, and a barrier between steps; the serial CPU twin runs the same steps, so the
+// results do not depend on where the matrices are staged.
 #include <cstdint>
 
 #include <cuda_runtime.h>
@@ -18,19 +21,23 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr size_t kStagingBytes = 48 * 1024;  // dynamic shared memory a block may use without an opt-in
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     shifted_cholesky_kernel(const T* __restrict__ g, T* __restrict__ r, T* __restrict__ x, int* __restrict__ info,
-                            int l, T factor, T tiny, bool check_rank) {
+                            int l, T factor, T tiny, bool check_rank, bool staged) {
+  extern __shared__ __align__(16) unsigned char staging[];
   __shared__ T s_shift;
   __shared__ int s_failed;
   __shared__ int s_rank_lost;
   const int64_t ll = static_cast<int64_t>(l) * l;
   const int64_t mat = blockIdx.x;
   const T* gm = g + ll * mat;
-  T* rm = r + ll * mat;
-  T* xm = x + ll * mat;
+  T* r_out = r + ll * mat;
+  T* x_out = x + ll * mat;
+  T* rm = staged ? reinterpret_cast<T*>(staging) : r_out;
+  T* xm = staged ? rm + ll : x_out;
   const int tid = threadIdx.x;
   const int nthreads = blockDim.x;
 
@@ -60,22 +67,28 @@ __global__ void __launch_bounds__(kThreads)
   if (s_failed) {
     cholesky::set_identity(rm, xm, l, tid, nthreads);
     if (tid == 0) info[mat] |= cholesky::kFailed;
-    return;
-  }
-  cholesky::zero_lower(rm, l, tid, nthreads);
-
-  for (int k = l - 1; k >= 0; --k) {
-    cholesky::finalise_inverse_row(rm, xm, l, k, tid, nthreads);
-    __syncthreads();
-    cholesky::fold_inverse_row(rm, xm, l, k, tid, nthreads);
-    __syncthreads();
-  }
-  if (check_rank) {
-    for (int c = tid; c < l; c += nthreads) {
-      if (!cholesky::column_kept(xm, l, c, s)) s_rank_lost = 1;  // benign race: every writer stores 1
+  } else {
+    cholesky::zero_lower(rm, l, tid, nthreads);
+    for (int k = l - 1; k >= 0; --k) {
+      cholesky::finalise_inverse_row(rm, xm, l, k, tid, nthreads);
+      __syncthreads();
+      cholesky::fold_inverse_row(rm, xm, l, k, tid, nthreads);
+      __syncthreads();
     }
+    if (check_rank) {
+      for (int c = tid; c < l; c += nthreads) {
+        if (!cholesky::column_kept(xm, l, c, s)) s_rank_lost = 1;  // benign race: every writer stores 1
+      }
+      __syncthreads();
+      if (tid == 0 && s_rank_lost) info[mat] |= cholesky::kRankDeficient;
+    }
+  }
+  if (staged) {
     __syncthreads();
-    if (tid == 0 && s_rank_lost) info[mat] |= cholesky::kRankDeficient;
+    for (int64_t e = tid; e < ll; e += nthreads) {
+      r_out[e] = rm[e];
+      x_out[e] = xm[e];
+    }
   }
 }
 
@@ -84,8 +97,10 @@ cudaError_t launch(const T* g, T* r, T* x, int* info, int64_t batch, int l, T fa
                    cudaStream_t stream) {
   if (batch == 0 || l == 0) return cudaSuccess;
   if (batch > 2147483647LL) return cudaErrorInvalidConfiguration;
-  shifted_cholesky_kernel<T><<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(g, r, x, info, l, factor, tiny,
-                                                                                   check_rank);
+  const size_t staging = 2 * static_cast<size_t>(l) * l * sizeof(T);
+  const bool staged = staging <= kStagingBytes;
+  shifted_cholesky_kernel<T><<<static_cast<unsigned>(batch), kThreads, staged ? staging : 0, stream>>>(
+      g, r, x, info, l, factor, tiny, check_rank, staged);
   return cudaGetLastError();
 }
 
