@@ -168,11 +168,12 @@ def _forward_kernel(
                 round_to(acc, IO_DTYPE, UPCAST),
                 mask=mask,
             )
-        if STORE_S:
-            if pid_n == 0:
-                s_mask = (offs_m[:, None] < T) & (offs_r[None, :] < R)
-                s_ptrs = S + offs_m[:, None] * stride_st + offs_r[None, :] * stride_sr
-                tl.store(s_ptrs, round_to(acc_s, IO_DTYPE, UPCAST), mask=s_mask)
+        if STORE_S:  # the first column block's tiles write s: a row limit of T there and 0 elsewhere, not a branch
+            # (Triton 3.6 cannot flatten the tile loop around a data-dependent scf.if)
+            s_rows = T - T * tl.minimum(pid_n, 1)
+            s_mask = (offs_m[:, None] < s_rows) & (offs_r[None, :] < R)
+            s_ptrs = S + offs_m[:, None] * stride_st + offs_r[None, :] * stride_sr
+            tl.store(s_ptrs, round_to(acc_s, IO_DTYPE, UPCAST), mask=s_mask)
 
 
 @triton.jit
@@ -312,7 +313,6 @@ GPU_TILES_TMA = Tiles(128, 256, 64, 3, 8)
 GPU_TILES_TMA_WIDE_RANK = Tiles(128, 256, 64, 2, 8)  # BLOCK_R > 16
 GPU_TILES_POINTER = Tiles(128, 128, 64, 3, 8)
 GPU_TILES_32BIT = Tiles(64, 64, 16, 3, 8)
-GPU_TILES_64BIT = Tiles(32, 32, 16, 2, 4)  # fp64: for checks, not speed
 INTERPRETER_TILES = Tiles(32, 32, 32, 1, 4, group_m=2)  # several tiles and reduction steps on the test shapes
 H200_SMEM = 232448
 
@@ -320,8 +320,6 @@ H200_SMEM = 232448
 def _tiles(dtype: torch.dtype, block_r: int, use_tma: bool, on_gpu: bool) -> Tiles:
     if not on_gpu:
         return INTERPRETER_TILES
-    if dtype == torch.float64:
-        return GPU_TILES_64BIT
     if dtype == torch.float32:
         return GPU_TILES_32BIT
     if not use_tma:
@@ -515,6 +513,11 @@ def plan_dx(dy2, weight, b, a, scale, dx, *, tma: bool | None = None, on_gpu: bo
 def _check(x, weight, bias, lora_a, lora_b):
     if x.dtype not in _TL_DTYPES:
         raise TypeError(f"lora_linear_persistent: x must be bfloat16, float16, float32 or float64, got {x.dtype}")
+    if x.dtype == torch.float64 and x.device.type == "cuda":
+        raise TypeError(
+            "lora_linear_persistent: float64 runs only under the Triton interpreter (Triton compiles no float64 "
+            "tl.dot for a GPU); use keeplora_kernels.lora_linear"
+        )
     k = x.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != k:
         raise ValueError(f"lora_linear_persistent: weight must be (d_out, {k}), got {tuple(weight.shape)}")
@@ -585,8 +588,8 @@ class LoRALinearPersistentFunction(torch.autograd.Function):
 
 def lora_linear_persistent(x, weight, bias, lora_a, lora_b, scale, *, tma: bool | None = None) -> torch.Tensor:
     """:func:`keeplora_kernels.lora_linear` on the persistent Triton kernels (same arguments and results; x in
-    bf16, fp16, fp32 or fp64, rank ≤ :data:`MAX_RANK`). ``tma``: None = tensor descriptors where the operands allow,
-    True = require them, False = the pointer path (for tests)."""
+    bf16, fp16 or fp32, fp64 under the interpreter; rank ≤ :data:`MAX_RANK`). ``tma``: None = tensor descriptors
+    where the operands allow, True = require them, False = the pointer path (for tests)."""
     return LoRALinearPersistentFunction.apply(x, weight, bias, lora_a, lora_b, float(scale), tma)
 
 

@@ -5,6 +5,10 @@ The interpreter runs the kernels' arithmetic on CPU but never lowers them; this 
 plan with the GPU tile sizes, so type errors, unsupported ops, shared-memory overflows and register spills
 (``cuobjdump -res-usage`` of the cubin: an empty stack frame) show up here. It runs
 in a subprocess because the kernels must be imported without ``TRITON_INTERPRET``.
+
+The GPU machine's Triton may be older than this one's: ``KEEPLORA_AOT_TRITON=<folder>`` puts another Triton first on
+the subprocess's path (e.g. ``pip install --no-deps --target <folder> triton==<its version>``), so the same check runs
+against the compiler the GPU will use.
 """
 
 import os
@@ -77,9 +81,6 @@ SCRIPT = textwrap.dedent(r"""
         mask = torch.empty(1000, dtype=torch.int8)
         check(tsm.plan_second_moment(acc, xs, mask, split=1, on_gpu=True)[0], f"second moment {dtype}")
         check(tsm.plan_second_moment(acc, xs, None, split=3, on_gpu=True)[0], f"second moment split {dtype}")
-    x64, w64, dy64 = (torch.empty(t.shape, dtype=torch.float64) for t in (x, w, dy))
-    for tma in (True, False):  # fp64: the kernels' checking dtype (no tensor cores)
-        check(tlp.planned_launches(x64, w64, None, a, lb, 0.5, dy64, tma=tma), f"persistent fp64 tma={tma}", tma=tma)
     print("compiled", checked)
 """)
 
@@ -90,9 +91,11 @@ SCRIPT = textwrap.dedent(r"""
 def test_every_kernel_compiles_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    if os.environ.get("KEEPLORA_AOT_TRITON"):
+        env["PYTHONPATH"] = os.pathsep.join([os.environ["KEEPLORA_AOT_TRITON"], *sys.path])
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert "compiled" in proc.stdout
     count = int(proc.stdout.split("compiled")[-1].split()[0])
-    # per dtype: 2 × (2 shrink, fwd, dY, 2 dX) + 2 ranks × 2 load paths × (fwd, dX) + 4 project + 2 moment; fp64: 4
-    assert count == 3 * (2 * 6 + 8 + 4 + 2) + 4
+    # per dtype: 2 × (2 shrink, fwd, dY, 2 dX) + 2 ranks × 2 load paths × (fwd, dX) + 4 project + 2 moment
+    assert count == 3 * (2 * 6 + 8 + 4 + 2)
