@@ -1,8 +1,8 @@
 """Experimental: the frozen-A LoRA linear on a persistent, TMA-fed Triton GEMM main loop, the rank-r work folded in.
 
-The pointer-load main loop of :mod:`.triton_lora_linear` runs the base GEMM at 0.82× cuBLAS on the H200; a
-persistent main loop fed by tensor descriptors (TMA on Hopper) reached cuBLAS in
-``keeplora_bench.micro.bench_triton_gemm``. Here that main loop carries the whole frozen-A LoRA linear, so the
+The pointer-load main loop of :mod:`.triton_lora_linear` does not reach cuBLAS speed on the H200; a persistent main
+loop fed by tensor descriptors (TMA on Hopper) did in ``keeplora_bench.micro.bench_triton_gemm`` (numbers:
+``benchmarks/results/h200/``). Here that main loop carries the whole frozen-A LoRA linear, so the
 rank-r work costs tensor-core time inside the GEMM instead of extra passes over the T×d activations:
 
 * ``_forward_kernel``: for an output tile Y[m, n] (BM×BN), each step of the K loop loads the X tile once and feeds
