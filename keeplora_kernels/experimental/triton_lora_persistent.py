@@ -543,30 +543,67 @@ def _check(x, weight, bias, lora_a, lora_b):
             raise ValueError(f"lora_linear_persistent: all tensors must be on {x.device}, got one on {t.device}")
 
 
+@torch.library.custom_op("keeplora::lora_persistent_forward", mutates_args=())
+def _forward_op(
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+    tma: bool | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y2, s)`` of :func:`_forward_kernel` (every operand in x2's dtype) as a registered op: opaque to
+    ``torch.compile`` (no graph break), captured by CUDA graphs."""
+    T, N = x2.shape[0], weight.shape[0]
+    y2 = x2.new_empty((T, N))
+    s = x2.new_empty((T, a.shape[0]))
+    if T:
+        plan_forward(x2, weight, bias, a, b, scale, y2, s, tma=tma)()
+    return y2, s
+
+
+@_forward_op.register_fake
+def _(x2, weight, bias, a, b, scale, tma):
+    return x2.new_empty((x2.shape[0], weight.shape[0])), x2.new_empty((x2.shape[0], a.shape[0]))
+
+
+@torch.library.custom_op("keeplora::lora_persistent_dx", mutates_args=())
+def _dx_op(
+    dy2: torch.Tensor, weight: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scale: float, tma: bool | None
+) -> torch.Tensor:
+    """dX of :func:`_dx_kernel` (every operand in dy2's dtype) as a registered op."""
+    dx2 = dy2.new_empty((dy2.shape[0], weight.shape[1]))
+    if dy2.shape[0]:
+        plan_dx(dy2, weight, b, a, scale, dx2, tma=tma)()
+    return dx2
+
+
+@_dx_op.register_fake
+def _(dy2, weight, b, a, scale, tma):
+    return dy2.new_empty((dy2.shape[0], weight.shape[1]))
+
+
 class LoRALinearPersistentFunction(torch.autograd.Function):
     """The frozen-A LoRA linear (same math, arguments and saved tensors as ``keeplora_kernels.LoRALinearFunction``):
     forward one :func:`_forward_kernel` launch (Y and s), backward one :func:`_dx_kernel` launch for dX plus the
     torch path's dB and db. The weight is cast to x's dtype (no copy when it already is); A and B once per step,
-    backward reuses the forward's casts."""
+    backward reuses the forward's casts. The launches are the registered ops ``keeplora::lora_persistent_forward``
+    and ``keeplora::lora_persistent_dx``, so dynamo traces this Function without a graph break."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale, tma=None):
         _check(x, weight, bias, lora_a, lora_b)
-        x2 = _flatten_tokens(x)
         w = weight.to(x.dtype)
         a = lora_a.to(x.dtype).contiguous()
         b = lora_b.to(x.dtype).contiguous()
-        T, N = x2.shape[0], w.shape[0]
-        y2 = torch.empty((T, N), device=x.device, dtype=x.dtype)
-        s = torch.empty((T, a.shape[0]), device=x.device, dtype=x.dtype)
         bias_x = None if bias is None else bias.to(x.dtype)
-        if T:
-            plan_forward(x2, w, bias_x, a, b, scale, y2, s, tma=tma)()
+        y2, s = torch.ops.keeplora.lora_persistent_forward(_flatten_tokens(x), w, bias_x, a, b, scale, tma)
         ctx.save_for_backward(s, w, a, b)
         ctx.scale, ctx.tma, ctx.x_shape = scale, tma, x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.lora_b_dtype = lora_b.dtype
-        return y2.reshape(*x.shape[:-1], N)
+        return y2.reshape(*x.shape[:-1], w.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
@@ -578,10 +615,7 @@ class LoRALinearPersistentFunction(torch.autograd.Function):
         )
         dx = None
         if need[0]:
-            dx2 = torch.empty((dy2.shape[0], w.shape[1]), device=dy2.device, dtype=dy2.dtype)
-            if dy2.shape[0]:
-                plan_dx(dy2, w, b, a, ctx.scale, dx2, tma=ctx.tma)()
-            dx = dx2.reshape(ctx.x_shape)
+            dx = torch.ops.keeplora.lora_persistent_dx(dy2, w, b, a, ctx.scale, ctx.tma).reshape(ctx.x_shape)
         db = None if dbias is None else dbias.to(ctx.bias_dtype)
         return dx, None, db, None, dlora_b, None, None
 

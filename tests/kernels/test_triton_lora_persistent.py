@@ -186,6 +186,47 @@ def test_gpu_tiles_fit_the_h200():
         assert tiles.smem_bytes(elem, block_r) <= tlp.H200_SMEM, tiles
 
 
+# ------------------------------------------------------------------------------------------- torch.compile
+def _layer_step(x, w, b, a, lb):
+    return (lora_linear_persistent(x, w, b, a, lb, 0.5) ** 2).sum()
+
+
+def test_compiled_has_no_graph_break_and_equals_eager():
+    torch._dynamo.reset()
+    x, w, b, a, lb = seeded_inputs((3, 10), 64, 40, 8, torch.float32, device=DEVICE)
+    explained = torch._dynamo.explain(_layer_step)(x, w, b, a, lb.clone().requires_grad_())
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+    results = []
+    for fn in (_layer_step, torch.compile(_layer_step, backend="aot_eager", fullgraph=True)):
+        xs, ls, bs = x.clone().requires_grad_(), lb.clone().requires_grad_(), b.clone().requires_grad_()
+        loss = fn(xs, w, bs, a, ls)
+        results.append((loss.detach(), *torch.autograd.grad(loss, (xs, ls, bs))))
+    for got, ref in zip(results[1], results[0]):
+        assert_close(got, ref)
+
+
+def test_compiled_graphs_call_the_registered_ops():
+    """Forward and backward graphs call ``keeplora::lora_persistent_forward`` / ``_dx`` (not opaque Python)."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    torch._dynamo.reset()
+    seen = []
+
+    def record(gm, _inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    def backend(gm, example_inputs):
+        return aot_module_simplified(gm, example_inputs, fw_compiler=record, bw_compiler=record)
+
+    x, w, b, a, lb = seeded_inputs((3, 10), 64, 40, 8, torch.float32, device=DEVICE)
+    torch.compile(_layer_step, backend=backend, fullgraph=True)(
+        x.requires_grad_(), w, b, a, lb.requires_grad_()
+    ).backward()
+    assert any("lora_persistent_forward" in t for t in seen), sorted(set(seen))[:20]
+    assert any("lora_persistent_dx" in t for t in seen), sorted(set(seen))[:20]
+
+
 # ---------------------------------------------------------------------------------------------------- GPU only
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
