@@ -80,7 +80,7 @@ def _forward_kernel(
     stride_yn,
     stride_st,
     stride_sr,
-    NUM_PROGRAMS: tl.constexpr,
+    num_programs,
     USE_TMA: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     STORE_S: tl.constexpr,
@@ -96,15 +96,16 @@ def _forward_kernel(
     GROUP_M: tl.constexpr,
 ):
     """Y = X·Wᵀ + (scale·s)·Bᵀ + bias and (first column block) S = s, s = X·Aᵀ, over the output tiles
-    ``pid, pid + NUM_PROGRAMS, …``. With ``USE_TMA`` X, W, A and Y are tensor descriptors (blocks BM×BK, BN×BK,
-    BR×BK, BM×BN; the hardware zero-fills what lies outside); B, the bias and S are small and use pointers."""
+    ``pid, pid + num_programs, …`` (a runtime stride: a new token count compiles nothing). With ``USE_TMA`` X, W,
+    A and Y are tensor descriptors (blocks BM×BK, BN×BK, BR×BK, BM×BN; the hardware zero-fills what lies outside);
+    B, the bias and S are small and use pointers."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(T, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
     k_tiles = tl.cdiv(K, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
-    for tile in tl.range(pid, num_tiles, NUM_PROGRAMS, flatten=FLATTEN):
+    for tile in tl.range(pid, num_tiles, num_programs, flatten=FLATTEN):
         pid_m, pid_n = _grouped_pid(tile, num_pid_m, num_pid_n, GROUP_M)
         offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: T·stride may pass 2³¹
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -198,7 +199,7 @@ def _dx_kernel(
     stride_ak,
     stride_dxt,
     stride_dxk,
-    NUM_PROGRAMS: tl.constexpr,
+    num_programs,
     USE_TMA: tl.constexpr,
     ACC: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -211,9 +212,9 @@ def _dx_kernel(
     BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """dX = dY·W + (scale·dY·B)·A over the tiles of dX (T×K; BM×BN tiles, columns in d_in), the reduction over
-    d_out in steps of BLOCK_K. With ``USE_TMA`` dY, W and dX are tensor descriptors (blocks BM×BK, BK×BN, BM×BN);
-    B (N×R) and A (R×K) are small and use pointers."""
+    """dX = dY·W + (scale·dY·B)·A over the tiles of dX (T×K; BM×BN tiles, columns in d_in; ``pid, pid +
+    num_programs, …``), the reduction over d_out in steps of BLOCK_K. With ``USE_TMA`` dY, W and dX are tensor
+    descriptors (blocks BM×BK, BK×BN, BM×BN); B (N×R) and A (R×K) are small and use pointers."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(T, BLOCK_M)
     num_pid_n = tl.cdiv(K, BLOCK_N)
@@ -221,7 +222,7 @@ def _dx_kernel(
     red_tiles = tl.cdiv(N, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     offs_red = tl.arange(0, BLOCK_K)
-    for tile in tl.range(pid, num_tiles, NUM_PROGRAMS, flatten=FLATTEN):
+    for tile in tl.range(pid, num_tiles, num_programs, flatten=FLATTEN):
         pid_m, pid_n = _grouped_pid(tile, num_pid_m, num_pid_n, GROUP_M)
         offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: T·stride may pass 2³¹
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -426,9 +427,9 @@ def plan_forward(x2, weight, bias, a, b, scale, y, s, *, tma: bool | None = None
             stride_yn=y.stride(1),
             stride_st=s_out.stride(0),
             stride_sr=s_out.stride(1),
+            num_programs=programs,
         ),
         dict(
-            NUM_PROGRAMS=programs,
             USE_TMA=use_tma,
             HAS_BIAS=bias is not None,
             STORE_S=s is not None,
@@ -489,9 +490,9 @@ def plan_dx(dy2, weight, b, a, scale, dx, *, tma: bool | None = None, on_gpu: bo
             stride_ak=a.stride(1),
             stride_dxt=dx.stride(0),
             stride_dxk=dx.stride(1),
+            num_programs=programs,
         ),
         dict(
-            NUM_PROGRAMS=programs,
             USE_TMA=use_tma,
             ACC=acc_dtype(dy2.dtype),
             UPCAST=upcast,
