@@ -10,12 +10,13 @@ rank-r work costs tensor-core time inside the GEMM instead of extra passes over 
   (scale·s)·Bᵀ and the bias to the fp32 accumulator and stores Y once. The tiles of the first column block also
   store s (T×R), the only activation backward needs.
 * ``_dx_kernel``: for a tile dX[m, k] the loop over d_out loads the dY tile once and feeds dY·W and v = dY·B
-  (BM×R); the epilogue adds (scale·v, rounded to dY's dtype)·A.
-* dB = scale·dYᵀ·s and db = Σ_T dY stay the torch path's GEMM and sum (one read of dY).
+  (BM×R); the epilogue adds (scale·v, rounded to dY's dtype)·A. With ``fuse_db`` the launch also computes
+  dB = scale·dYᵀ·s and db = Σ_T dY in dB tiles placed first in its tile sequence (one read of each dY column block;
+  they fill the idle programs of the dX tiles' last wave); otherwise they are the torch path's GEMM and sum.
 
 Cost model (bf16, T=8192, d_in=d_out=4096, r=16, tiles 128×256×64): the narrow products add r/BN = 6 % to the
 main loop's tensor-core work and nothing to its memory traffic, so forward ≈ 1.06× the base GEMM and dX ≈ 1.06× the
-dX GEMM if the main loop runs at cuBLAS speed; dB and db read dY once more (64 MB).
+dX GEMM if the main loop runs at cuBLAS speed; the 32 dB tiles fit the 1024 dX tiles' last wave (8 × 132 programs).
 
 Dispatched when: the bf16 training step of :func:`lora_linear_persistent` beats the ``expand_first`` torch step and
 the compiled op at the Llama and CLIP layer shapes of ``keeplora_bench.micro.bench_lora_variants``.
@@ -184,6 +185,10 @@ def _dx_kernel(
     B,
     A,
     DX,
+    DY_DB,
+    S,
+    DB,
+    DBIAS,
     T,
     N,
     K,
@@ -199,7 +204,14 @@ def _dx_kernel(
     stride_ak,
     stride_dxt,
     stride_dxk,
+    stride_st,
+    stride_sr,
+    stride_dbn,
+    stride_dbr,
     num_programs,
+    FUSE_DB: tl.constexpr,
+    HAS_DBIAS: tl.constexpr,
+    BLOCK_DB: tl.constexpr,
     USE_TMA: tl.constexpr,
     ACC: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -212,9 +224,16 @@ def _dx_kernel(
     BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """dX = dY·W + (scale·dY·B)·A over the tiles of dX (T×K; BM×BN tiles, columns in d_in; ``pid, pid +
-    num_programs, …``), the reduction over d_out in steps of BLOCK_K. With ``USE_TMA`` dY, W and dX are tensor
-    descriptors (blocks BM×BK, BK×BN, BM×BN); B (N×R) and A (R×K) are small and use pointers."""
+    """dX = dY·W + (scale·dY·B)·A over the tiles of dX (T×K; BM×BN tiles, columns in d_in), the reduction over
+    d_out in steps of BLOCK_K. With ``USE_TMA`` dY, W and dX are tensor descriptors (blocks BM×BK, BK×BN, BM×BN);
+    B (N×R) and A (R×K) are small and use pointers.
+
+    With ``FUSE_DB`` the tile sequence ``pid, pid + num_programs, …`` starts with ⌈N/BLOCK_DB⌉ dB tiles:
+    DB[n-block] = scale·dY[:, n-block]ᵀ·S (fp32, and DBIAS[n-block] = Σ_T dY[:, n-block] with ``HAS_DBIAS``),
+    each reading its column block of dY once (``DY_DB``: blocks BM×BLOCK_DB). They are memory-bound and few; the dX
+    tiles are compute-bound and fill the waves, so the dB tiles mostly take the last wave's idle programs instead of
+    a launch of their own. Two loops in sequence, not a branch per tile (Triton 3.6 cannot flatten a loop around one).
+    """
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(T, BLOCK_M)
     num_pid_n = tl.cdiv(K, BLOCK_N)
@@ -222,7 +241,45 @@ def _dx_kernel(
     red_tiles = tl.cdiv(N, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     offs_red = tl.arange(0, BLOCK_K)
-    for tile in tl.range(pid, num_tiles, num_programs, flatten=FLATTEN):
+    num_db_tiles = 0
+    if FUSE_DB:
+        num_db_tiles = tl.cdiv(N, BLOCK_DB)
+        offs_db_local = tl.arange(0, BLOCK_DB)
+        offs_t = tl.arange(0, BLOCK_M)
+        for db_tile in tl.range(pid, num_db_tiles, num_programs):
+            offs_db = db_tile * BLOCK_DB + offs_db_local
+            in_db = offs_db < N
+            acc_db = tl.zeros((BLOCK_DB, BLOCK_R), dtype=ACC)
+            acc_bias = tl.zeros((BLOCK_DB,), dtype=ACC)
+            for m0 in range(0, T, BLOCK_M):
+                rows = (m0 + offs_t).to(tl.int64)
+                in_t = rows < T
+                if USE_TMA:
+                    dy = DY_DB.load([m0, db_tile * BLOCK_DB])
+                else:
+                    dy = tl.load(
+                        DY_DB + rows[:, None] * stride_dyt + offs_db[None, :] * stride_dyn,
+                        mask=in_t[:, None] & in_db[None, :],
+                        other=0.0,
+                    )
+                s_tile = tl.load(
+                    S + rows[:, None] * stride_st + offs_r[None, :] * stride_sr,
+                    mask=in_t[:, None] & (offs_r[None, :] < R),
+                    other=0.0,
+                )
+                if UPCAST:
+                    dy = dy.to(ACC)
+                    s_tile = s_tile.to(ACC)
+                acc_db = mma(dy.T, s_tile, acc_db, UPCAST, PREC)
+                if HAS_DBIAS:
+                    acc_bias += tl.sum(dy.to(ACC), axis=0)
+            db_mask = in_db[:, None] & (offs_r[None, :] < R)
+            tl.store(DB + offs_db[:, None] * stride_dbn + offs_r[None, :] * stride_dbr, acc_db * scale, mask=db_mask)
+            if HAS_DBIAS:
+                tl.store(DBIAS + offs_db, acc_bias, mask=in_db)
+    # this program's first dX tile: its first position in the shared sequence past the dB tiles
+    first = pid + num_programs * tl.cdiv(tl.maximum(num_db_tiles - pid, 0), num_programs) - num_db_tiles
+    for tile in tl.range(first, num_tiles, num_programs, flatten=FLATTEN):
         pid_m, pid_n = _grouped_pid(tile, num_pid_m, num_pid_n, GROUP_M)
         offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: T·stride may pass 2³¹
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -450,9 +507,23 @@ def plan_forward(x2, weight, bias, a, b, scale, y, s, *, tma: bool | None = None
     return launch
 
 
-def plan_dx(dy2, weight, b, a, scale, dx, *, tma: bool | None = None, on_gpu: bool | None = None):
-    """The launch of ``dx = dy2·weight + (scale·dy2·b)·a`` (a and b in dy2's dtype); ``tma`` as in
-    :func:`plan_forward`."""
+def plan_dx(
+    dy2,
+    weight,
+    b,
+    a,
+    scale,
+    dx,
+    *,
+    s=None,
+    db=None,
+    dbias=None,
+    tma: bool | None = None,
+    on_gpu: bool | None = None,
+):
+    """The launch of ``dx = dy2·weight + (scale·dy2·b)·a`` (a and b in dy2's dtype) and, when ``db`` (N×R fp32)
+    is given, of ``db = scale·dy2ᵀ·s`` (and ``dbias = Σ_T dy2`` when ``dbias`` is given) in the same launch;
+    ``tma`` as in :func:`plan_forward`."""
     T, N = dy2.shape
     K, R = weight.shape[1], a.shape[0]
     on_gpu = dy2.device.type == "cuda" if on_gpu is None else on_gpu
@@ -460,12 +531,23 @@ def plan_dx(dy2, weight, b, a, scale, dx, *, tma: bool | None = None, on_gpu: bo
     use_tma = _use_tma(dy2.device, (dy2, weight, dx), tma)
     cfg = _tiles(dy2.dtype, block_r, use_tma, on_gpu)
     upcast, prec = dot_mode(dy2.dtype)
-    dyd, wd, dxd = _descriptors(
+    fuse_db = db is not None
+    # dB tiles of 128 d_out columns (32 KB per bf16 stage) where descriptors feed the tiles, 64 where they pass
+    # through registers (pointer loads): both spill-free (fp32 does not fuse on a GPU: see _fuses_db)
+    block_db = cfg.block_k if not on_gpu else 128 if use_tma else 64
+    dyd, wd, dxd, dy_db = _descriptors(
         use_tma,
-        [(dy2, (cfg.block_m, cfg.block_k)), (weight, (cfg.block_k, cfg.block_n)), (dx, (cfg.block_m, cfg.block_n))],
+        [
+            (dy2, (cfg.block_m, cfg.block_k)),
+            (weight, (cfg.block_k, cfg.block_n)),
+            (dx, (cfg.block_m, cfg.block_n)),
+            (dy2, (cfg.block_m, block_db)),
+        ],
     )
-    num_tiles = cdiv(T, cfg.block_m) * cdiv(K, cfg.block_n)
+    num_tiles = cdiv(T, cfg.block_m) * cdiv(K, cfg.block_n) + (cdiv(N, block_db) if fuse_db else 0)
     programs = _num_programs(dy2.device, num_tiles)
+    s_in = s if fuse_db else a  # never read without FUSE_DB
+    db_out = db if fuse_db else dx
     return Launch(
         _dx_kernel,
         (programs,),
@@ -475,6 +557,10 @@ def plan_dx(dy2, weight, b, a, scale, dx, *, tma: bool | None = None, on_gpu: bo
             B=b,
             A=a,
             DX=dxd,
+            DY_DB=dy_db,
+            S=s_in,
+            DB=db_out,
+            DBIAS=dbias if dbias is not None else db_out,
             T=T,
             N=N,
             K=K,
@@ -490,9 +576,16 @@ def plan_dx(dy2, weight, b, a, scale, dx, *, tma: bool | None = None, on_gpu: bo
             stride_ak=a.stride(1),
             stride_dxt=dx.stride(0),
             stride_dxk=dx.stride(1),
+            stride_st=s_in.stride(0),
+            stride_sr=s_in.stride(1),
+            stride_dbn=db_out.stride(0),
+            stride_dbr=db_out.stride(1),
             num_programs=programs,
         ),
         dict(
+            FUSE_DB=fuse_db,
+            HAS_DBIAS=fuse_db and dbias is not None,
+            BLOCK_DB=block_db,
             USE_TMA=use_tma,
             ACC=acc_dtype(dy2.dtype),
             UPCAST=upcast,
@@ -569,31 +662,71 @@ def _(x2, weight, bias, a, b, scale, tma):
     return x2.new_empty((x2.shape[0], weight.shape[0])), x2.new_empty((x2.shape[0], a.shape[0]))
 
 
-@torch.library.custom_op("keeplora::lora_persistent_dx", mutates_args=())
-def _dx_op(
-    dy2: torch.Tensor, weight: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scale: float, tma: bool | None
-) -> torch.Tensor:
-    """dX of :func:`_dx_kernel` (every operand in dy2's dtype) as a registered op."""
-    dx2 = dy2.new_empty((dy2.shape[0], weight.shape[1]))
-    if dy2.shape[0]:
-        plan_dx(dy2, weight, b, a, scale, dx2, tma=tma)()
-    return dx2
+@torch.library.custom_op("keeplora::lora_persistent_backward", mutates_args=())
+def _backward_op(
+    dy2: torch.Tensor,
+    weight: torch.Tensor,
+    b: torch.Tensor,
+    a: torch.Tensor,
+    s: torch.Tensor,
+    scale: float,
+    fuse_db: bool,
+    need_dbias: bool,
+    tma: bool | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dX, dB, db)`` of :func:`_dx_kernel` (every operand in dy2's dtype) as a registered op; dB (N×R) and db
+    (N,) in fp32 (fp64 for fp64 input) from the fused dB tiles when ``fuse_db``, else empty (0×R, 0)."""
+    T, N = dy2.shape
+    acc = torch.float64 if dy2.dtype == torch.float64 else torch.float32
+    dx2 = dy2.new_empty((T, weight.shape[1]))
+    db = dy2.new_empty((N if fuse_db else 0, a.shape[0]), dtype=acc)
+    dbias = dy2.new_empty((N if fuse_db and need_dbias else 0,), dtype=acc)
+    if T:
+        plan_dx(
+            dy2,
+            weight,
+            b,
+            a,
+            scale,
+            dx2,
+            s=s if fuse_db else None,
+            db=db if fuse_db else None,
+            dbias=dbias if fuse_db and need_dbias else None,
+            tma=tma,
+        )()
+    else:  # sums over no tokens
+        db.zero_()
+        dbias.zero_()
+    return dx2, db, dbias
 
 
-@_dx_op.register_fake
-def _(dy2, weight, b, a, scale, tma):
-    return dy2.new_empty((dy2.shape[0], weight.shape[1]))
+@_backward_op.register_fake
+def _(dy2, weight, b, a, s, scale, fuse_db, need_dbias, tma):
+    T, N = dy2.shape
+    acc = torch.float64 if dy2.dtype == torch.float64 else torch.float32
+    return (
+        dy2.new_empty((T, weight.shape[1])),
+        dy2.new_empty((N if fuse_db else 0, a.shape[0]), dtype=acc),
+        dy2.new_empty((N if fuse_db and need_dbias else 0,), dtype=acc),
+    )
+
+
+def _fuses_db(dy2: torch.Tensor) -> bool:
+    """Whether the dX launch can also take dB and db: 16-bit inputs on a GPU (fp32's dB tiles, whose products
+    are not tensor-core ones, spill registers there), any dtype under the interpreter."""
+    return dy2.device.type != "cuda" or dy2.element_size() == 2
 
 
 class LoRALinearPersistentFunction(torch.autograd.Function):
     """The frozen-A LoRA linear (same math, arguments and saved tensors as ``keeplora_kernels.LoRALinearFunction``):
-    forward one :func:`_forward_kernel` launch (Y and s), backward one :func:`_dx_kernel` launch for dX plus the
-    torch path's dB and db. The weight is cast to x's dtype (no copy when it already is); A and B once per step,
-    backward reuses the forward's casts. The launches are the registered ops ``keeplora::lora_persistent_forward``
-    and ``keeplora::lora_persistent_dx``, so dynamo traces this Function without a graph break."""
+    forward one :func:`_forward_kernel` launch (Y and s), backward one :func:`_dx_kernel` launch for dX and, with
+    ``fuse_db`` (16-bit inputs on a GPU), dB and db in the same launch (else the torch path's GEMM and sum). The
+    weight is cast to x's dtype (no copy when it already is); A and B once per step, backward reuses the forward's
+    casts. The launches are the registered ops ``keeplora::lora_persistent_forward`` and
+    ``keeplora::lora_persistent_backward``, so dynamo traces this Function without a graph break."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, tma=None):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, tma=None, fuse_db=True):
         _check(x, weight, bias, lora_a, lora_b)
         w = weight.to(x.dtype)
         a = lora_a.to(x.dtype).contiguous()
@@ -601,7 +734,7 @@ class LoRALinearPersistentFunction(torch.autograd.Function):
         bias_x = None if bias is None else bias.to(x.dtype)
         y2, s = torch.ops.keeplora.lora_persistent_forward(_flatten_tokens(x), w, bias_x, a, b, scale, tma)
         ctx.save_for_backward(s, w, a, b)
-        ctx.scale, ctx.tma, ctx.x_shape = scale, tma, x.shape
+        ctx.scale, ctx.tma, ctx.fuse_db, ctx.x_shape = scale, tma, fuse_db, x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.lora_b_dtype = lora_b.dtype
         return y2.reshape(*x.shape[:-1], w.shape[0])
@@ -611,32 +744,49 @@ class LoRALinearPersistentFunction(torch.autograd.Function):
         s, w, a, b = ctx.saved_tensors
         need = ctx.needs_input_grad
         dy2 = _flatten_tokens(dy).to(s.dtype)
-        _, dlora_b, dbias = _backward(
-            dy2, s, w, a, b, ctx.scale, "expand_first", False, ctx.lora_b_dtype if need[4] else None, need[2]
-        )
-        dx = None
+        dx = dlora_b = dbias = None
+        fused = need[0] and ctx.fuse_db and _fuses_db(dy2)
         if need[0]:
-            dx = torch.ops.keeplora.lora_persistent_dx(dy2, w, b, a, ctx.scale, ctx.tma).reshape(ctx.x_shape)
+            dx2, db32, dbias32 = torch.ops.keeplora.lora_persistent_backward(
+                dy2, w, b, a, s, ctx.scale, fused, fused and need[2], ctx.tma
+            )
+            dx = dx2.reshape(ctx.x_shape)
+            if fused:
+                dlora_b = db32.to(ctx.lora_b_dtype) if need[4] else None
+                dbias = dbias32 if need[2] else None
+        if not fused:
+            _, dlora_b, dbias = _backward(
+                dy2, s, w, a, b, ctx.scale, "expand_first", False, ctx.lora_b_dtype if need[4] else None, need[2]
+            )
         db = None if dbias is None else dbias.to(ctx.bias_dtype)
-        return dx, None, db, None, dlora_b, None, None
+        return dx, None, db, None, dlora_b, None, None, None
 
 
-def lora_linear_persistent(x, weight, bias, lora_a, lora_b, scale, *, tma: bool | None = None) -> torch.Tensor:
+def lora_linear_persistent(
+    x, weight, bias, lora_a, lora_b, scale, *, tma: bool | None = None, fuse_db: bool = True
+) -> torch.Tensor:
     """:func:`keeplora_kernels.lora_linear` on the persistent Triton kernels (same arguments and results; x in
     bf16, fp16 or fp32, fp64 under the interpreter; rank ≤ :data:`MAX_RANK`). ``tma``: None = tensor descriptors
-    where the operands allow, True = require them, False = the pointer path (for tests)."""
-    return LoRALinearPersistentFunction.apply(x, weight, bias, lora_a, lora_b, float(scale), tma)
+    where the operands allow, True = require them, False = the pointer path (for tests). ``fuse_db``: dB and db
+    from the dX launch's own tiles (default; 16-bit inputs on a GPU) or from the torch path's GEMM and sum."""
+    return LoRALinearPersistentFunction.apply(x, weight, bias, lora_a, lora_b, float(scale), tma, fuse_db)
 
 
 def planned_launches(x2, weight, bias, lora_a, lora_b, scale, dy2, *, tma: bool, on_gpu: bool = True) -> list[Launch]:
-    """The forward and dX launches for these inputs (not run), for the ahead-of-time compile test."""
+    """The forward, the dX and (16-bit inputs) the dX-with-dB launches for these inputs (not run), for the
+    ahead-of-time compile test."""
     T = x2.shape[0]
     a = lora_a.to(x2.dtype)
     b = lora_b.to(x2.dtype)
     y = torch.empty((T, weight.shape[0]), device=x2.device, dtype=x2.dtype)
     s = torch.empty((T, a.shape[0]), device=x2.device, dtype=x2.dtype)
     dx = torch.empty_like(x2)
-    return [
+    db = torch.empty((weight.shape[0], a.shape[0]), device=x2.device, dtype=torch.float32)
+    dbias = torch.empty(weight.shape[0], device=x2.device, dtype=torch.float32)
+    launches = [
         plan_forward(x2, weight, bias, a, b, scale, y, s, tma=tma, on_gpu=on_gpu),
         plan_dx(dy2, weight, b, a, scale, dx, tma=tma, on_gpu=on_gpu),
     ]
+    if x2.element_size() == 2:  # fused dB on a GPU: 16-bit inputs only (_fuses_db)
+        launches.append(plan_dx(dy2, weight, b, a, scale, dx, s=s, db=db, dbias=dbias, tma=tma, on_gpu=on_gpu))
+    return launches

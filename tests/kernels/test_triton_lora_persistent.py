@@ -30,8 +30,8 @@ pytestmark = pytest.mark.usefixtures("force_triton")
 SHAPES = [((37,), 64, 48), ((3, 11), 96, 36), ((5,), 70, 33)]
 
 
-def _persistent(tma):
-    return lambda x, w, b, a, lb, scale=0.5: lora_linear_persistent(x, w, b, a, lb, scale, tma=tma)
+def _persistent(tma, fuse_db=True):
+    return lambda x, w, b, a, lb, scale=0.5: lora_linear_persistent(x, w, b, a, lb, scale, tma=tma, fuse_db=fuse_db)
 
 
 def _path(x, w, a, tma):
@@ -49,21 +49,24 @@ def _path(x, w, a, tma):
 @pytest.mark.parametrize("r", [1, 8, 16, 40])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("tma", [None, False])
-def test_matches_the_oracle_fp32(lead, d_in, d_out, r, bias, tma):
+@pytest.mark.parametrize("fuse_db", [True, False])
+def test_matches_the_oracle_fp32(lead, d_in, d_out, r, bias, tma, fuse_db):
+    """Output, dX, dB and db; dB/db from the dX launch's own tiles (``fuse_db``) or from the torch path."""
     x, w, b, a, lb = seeded_inputs(lead, d_in, d_out, r, torch.float32, bias=bias, device=DEVICE, seed=r + d_in)
     assert _path(x, w, a, tma) == (tma is None and d_in % 4 == 0 and d_out % 4 == 0)
-    assert_matches_oracle(_persistent(tma), x, w, b, a, lb, torch.float32)
+    assert_matches_oracle(_persistent(tma, fuse_db), x, w, b, a, lb, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("lead,d_in,d_out", SHAPES[:2])
 @pytest.mark.parametrize("r", [4, 16])
 @pytest.mark.parametrize("tma", [None, False])
-def test_low_precision_within_twice_torch_error(dtype, lead, d_in, d_out, r, tma):
+@pytest.mark.parametrize("fuse_db", [True, False])
+def test_low_precision_within_twice_torch_error(dtype, lead, d_in, d_out, r, tma, fuse_db):
     """Output and every gradient within 2× PyTorch's own error at this dtype (bf16 with fp32 adapters, the
     engine's configuration)."""
     x, w, b, a, lb = seeded_inputs(lead, d_in, d_out, r, dtype, device=DEVICE, seed=3)
-    assert_matches_oracle(_persistent(tma), x, w, b, a, lb, dtype)
+    assert_matches_oracle(_persistent(tma, fuse_db), x, w, b, a, lb, dtype)
 
 
 @pytest.mark.parametrize("tma", [None, False])
@@ -92,8 +95,10 @@ def test_gradcheck_fp64():
     """The kernels themselves in fp64 (the interpreter runs fp64 ``tl.dot`` through numpy), both load paths."""
     x, w, b, a, lb = seeded_inputs((6,), 16, 10, 3, torch.float64, device=DEVICE)
     for tma in (None, False):
-        args = (x.clone().requires_grad_(), b.clone().requires_grad_(), lb.clone().requires_grad_())
-        assert torch.autograd.gradcheck(lambda x_, b_, lb_: _persistent(tma)(x_, w, b_, a, lb_, 0.7), args)
+        for fuse_db in (True, False):
+            args = (x.clone().requires_grad_(), b.clone().requires_grad_(), lb.clone().requires_grad_())
+            fn = _persistent(tma, fuse_db)
+            assert torch.autograd.gradcheck(lambda x_, b_, lb_: fn(x_, w, b_, a, lb_, 0.7), args)
 
 
 def test_descriptor_path_equals_pointer_path():
@@ -206,7 +211,7 @@ def test_compiled_has_no_graph_break_and_equals_eager():
 
 
 def test_compiled_graphs_call_the_registered_ops():
-    """Forward and backward graphs call ``keeplora::lora_persistent_forward`` / ``_dx`` (not opaque Python)."""
+    """Forward and backward graphs call ``keeplora::lora_persistent_forward`` / ``_backward`` (not opaque Python)."""
     from torch._functorch.aot_autograd import aot_module_simplified
 
     torch._dynamo.reset()
@@ -224,7 +229,7 @@ def test_compiled_graphs_call_the_registered_ops():
         x.requires_grad_(), w, b, a, lb.requires_grad_()
     ).backward()
     assert any("lora_persistent_forward" in t for t in seen), sorted(set(seen))[:20]
-    assert any("lora_persistent_dx" in t for t in seen), sorted(set(seen))[:20]
+    assert any("lora_persistent_backward" in t for t in seen), sorted(set(seen))[:20]
 
 
 # ---------------------------------------------------------------------------------------------------- GPU only

@@ -18,7 +18,8 @@ forward in the same graph):
                           forward, a C++ backward: what the automatic choice runs in eager when the extension is built);
 * ``triton-full``         the Triton kernels that carry the base GEMM in their own (pointer-load) main loop;
 * ``triton-persistent``   the persistent, TMA-fed Triton kernels with the rank-r products folded into the main loop
-                          (``keeplora_kernels.experimental.triton_lora_persistent``).
+                          and dB/db from the dX launch's own tiles (``keeplora_kernels.experimental.
+                          triton_lora_persistent``); ``triton-persistent/torch-db``: dB/db from the torch path.
 Shapes: the Llama layer (T=8192, d=4096, r=16), the authors' CLIP layer (T=12608, d=768, r=16) and the CLIP q/k/v of
 one input (three layers; ``triton-shared`` shrinks x once for all three, ``triton-persistent`` is three calls).
 Every row also has the error against an fp32 reference computed in the same run: of y, of the adapter term alone
@@ -130,6 +131,8 @@ def lora_providers(w, b, a, lb, scale, device, dtype) -> dict[str, tuple[Callabl
         lb_p = lb.detach().clone().requires_grad_()
         persistent = _persistent_triton()
         providers["triton-persistent"] = (lambda x: persistent(x, w, b, a, lb_p, scale), lb_p)
+        lb_q = lb.detach().clone().requires_grad_()
+        providers["triton-persistent/torch-db"] = (lambda x: persistent(x, w, b, a, lb_q, scale, fuse_db=False), lb_q)
     return providers
 
 
