@@ -28,13 +28,14 @@ stride, a Triton without descriptors) take the same kernels' masked pointer path
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .._triton_utils import Launch, acc_dtype, cdiv, dot_mode, mma, next_pow2, round_to
+from .._triton_utils import Launch, _sm_count, acc_dtype, cdiv, dot_mode, mma, next_pow2, round_to
 from ..lora_linear import _backward, _flatten_tokens
 from .triton_lora_linear import _grouped_pid
 
@@ -392,7 +393,7 @@ def _rank_block(r: int) -> int:
 def _num_programs(device: torch.device, num_tiles: int) -> int:
     """One program per SM on a GPU; four under the interpreter (so the tile loop runs several times)."""
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:
         sms = 4
     return max(1, min(sms, num_tiles))
@@ -410,9 +411,10 @@ def tma_blocker(*tensors: torch.Tensor) -> str | None:
     return None
 
 
+@functools.cache
 def _ensure_allocator(device: torch.device) -> None:
     """Some Triton versions build TMA descriptors in global memory at launch and refuse to launch without a device
-    allocator: torch's caching allocator serves it."""
+    allocator: torch's caching allocator serves it (set once per device: the calls are on the host's hot path)."""
     if device.type == "cuda" and hasattr(triton, "set_allocator"):
         triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device=device, dtype=torch.int8))
 
