@@ -238,6 +238,35 @@ def test_a_method_value_from_its_section_or_its_entry_is_the_same_run(tmp_path):
         aggregate([b, d])
 
 
+def test_the_torch_thread_count_does_not_split_a_run(tmp_path):
+    """Two processes of one seed, one run with ``training.threads: 1`` in its config and one with the thread count
+    from the environment: the same run (the count says how a machine ran it, not what was computed), still checked
+    by the numbers of the method both ran."""
+    zero, lora, keep = (50, 50, 50), (60, 70, 72), (61, 72, 75)
+    a = _resolved(
+        _run(tmp_path, "a", {"zero-shot": zero, "lora-ft": lora}),
+        tmp_path,
+        "training: {threads: 1}\nmethods: [{name: zero-shot, type: zero_shot}, {name: lora-ft, type: lora_ft}]",
+    )
+    b = _resolved(
+        _run(tmp_path, "b", {"zero-shot": zero, "kl": keep}),
+        tmp_path,
+        "methods: [{name: zero-shot, type: zero_shot}, {name: kl, type: keeplora}]",
+    )
+    assert yaml.safe_load((a / "config.yaml").read_text())["training"]["threads"] == 1
+    assert yaml.safe_load((b / "config.yaml").read_text())["training"]["threads"] is None
+    rows = {r["method"]: r for r in aggregate([a, b], baseline="lora-ft")}
+    assert {m: r["n"] for m, r in rows.items()} == {"zero-shot": 1, "lora-ft": 1, "kl": 1}
+    assert rows["kl"]["average_diff_vs_lora_ft_mean"] == 2.0
+    c = _resolved(
+        _run(tmp_path, "c", {"zero-shot": (50, 50, 49), "kl": keep}),
+        tmp_path,
+        "methods: [{name: zero-shot, type: zero_shot}, {name: kl, type: keeplora}]",
+    )
+    with pytest.raises(ValueError, match="different numbers for 'zero-shot'"):
+        aggregate([a, c])
+
+
 def test_plots_of_the_panel_over_runs_and_of_the_paired_differences(tmp_path, capsys):
     """--plots: the held-out panel's curves of one run split over two folders merge per method; the PNGs are
     written, and disagreeing curves of one run are refused."""

@@ -1,8 +1,8 @@
 """The recorded five-seed runs of the drift setting (``docs/results/drift-seeds/``, the tables of the README and
 ``docs/benchmark.md``) and of the peers on it (``docs/results/peers-drift/``) against the configs and the gate as they
-stand: every folder is a run of its setting's config for its seed (the same shared settings apart from the torch
-thread count, and each method it ran resolved as the config resolves it now, wherever the config sets its values), so
-a config change that is not re-run fails here; and each seed's recorded drift-gate verdict
+stand: every folder is a run of its setting's config for its seed (the same shared settings, which leave out the
+torch thread count, and each method it ran resolved as the config resolves it now, wherever the config sets its
+values), so a config change that is not re-run fails here; and each seed's recorded drift-gate verdict
 is the one the gate's thresholds give for its recorded numbers, so the docs' count of seeds that can judge
 protection stays true when the gate changes; and the gate over the five seeds, which judges the means that the
 tables report, passes."""
@@ -40,7 +40,6 @@ def test_a_recorded_drift_run_is_a_run_of_its_config_as_it_stands(record):
     for which, cfg in (("recorded", recorded), ("expected", expected)):
         methods[which] = {m["name"]: m for m in cfg["methods"]}
         shared[which] = shared_settings(cfg)
-        shared[which]["training"].pop("threads")
     assert shared["recorded"] == shared["expected"]
     assert methods["recorded"], "a run without methods"
     for name, spec in methods["recorded"].items():

@@ -176,15 +176,16 @@ def validate(cfg: dict) -> dict:
 def shared_settings(cfg: dict) -> dict:
     """What all methods of a run share (seed, model, data, tasks, panel, the run-level training keys): a resolved
     config without its name, its methods and the per-method defaults that :func:`resolve_method` copied into every
-    method (the ``adapter``, ``keeplora`` and peer sections, the training keys a method may override). Resolved
-    configs with equal shared settings and equal definitions of the methods they have in common describe one run,
-    however the methods got their values (a method-level key or a section default)."""
+    method (the ``adapter``, ``keeplora`` and peer sections, the training keys a method may override), and without
+    the torch thread count, which says how a machine ran it (like the machine itself), not what was computed.
+    Resolved configs with equal shared settings and equal definitions of the methods they have in common describe
+    one run, however the methods got their values (a method-level key or a section default)."""
     out = copy.deepcopy(cfg)
     for key in ("name", "methods", "adapter", "keeplora", *PEER_KEYS):
         out.pop(key, None)
     training = out.get("training")
     if isinstance(training, dict):
-        for key in TRAINING_KEYS:
+        for key in (*TRAINING_KEYS, "threads"):
             training.pop(key, None)
     return out
 
