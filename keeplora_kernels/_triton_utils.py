@@ -130,11 +130,11 @@ def mma(a, b, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
 
 @triton.jit
 def round_to(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
-    """fp32 ``x`` rounded to ``DTYPE`` to nearest-even, as a GPU converts. The interpreter converts fp32 to bf16
-    by truncation; there (``UPCAST`` with a bf16 target) the bits are rounded first, so that the CPU tests check
-    the GPU's rounding (finite values; a carry into the exponent is the correct result)."""
+    """``x`` (fp32 or fp64) rounded to ``DTYPE`` to nearest-even, as a GPU converts. The interpreter converts to
+    bf16 by truncation; there (``UPCAST`` with a bf16 target) the fp32 bits are rounded first, so that the CPU tests
+    check the GPU's rounding (finite values; a carry into the exponent is the correct result)."""
     if UPCAST and DTYPE == tl.bfloat16:
-        u = x.to(tl.uint32, bitcast=True)
+        u = x.to(tl.float32).to(tl.uint32, bitcast=True)
         u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
         x = u.to(tl.float32, bitcast=True)
     return x.to(DTYPE)

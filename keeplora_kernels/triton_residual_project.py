@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import Launch, acc_dtype, cdiv, dot_mode, load, next_pow2
+from ._triton_utils import Launch, acc_dtype, cdiv, dot_mode, interpreted, load, next_pow2, round_to
 
 __all__ = ["residual_project_triton", "FUSED_MAX_K"]
 
@@ -47,6 +47,7 @@ def _project_kernel(
     stride_on,
     ACC: tl.constexpr,
     PREC: tl.constexpr,
+    INTERPRETED: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -75,7 +76,8 @@ def _project_kernel(
         p = load(p_base + rows[:, None] * stride_pd, in_d[:, None] & in_k[None, :], True, ACC)
         g = load(g_base + rows[:, None] * stride_gd, in_d[:, None] & in_n[None, :], True, ACC)
         out = g - tl.dot(p, coeff, input_precision=PREC)
-        tl.store(o_base + rows[:, None] * stride_od, out.to(O.dtype.element_ty), mask=in_d[:, None] & in_n[None, :])
+        out = round_to(out, O.dtype.element_ty, INTERPRETED)  # a GPU's rounding under the interpreter too
+        tl.store(o_base + rows[:, None] * stride_od, out, mask=in_d[:, None] & in_n[None, :])
 
 
 def plan_project(g3: torch.Tensor, p3: torch.Tensor, out3: torch.Tensor, *, on_gpu: bool | None = None) -> list[Launch]:
@@ -118,7 +120,7 @@ def plan_project(g3: torch.Tensor, p3: torch.Tensor, out3: torch.Tensor, *, on_g
                 stride_od=out3.stride(1),
                 stride_on=out3.stride(2),
             ),
-            dict(ACC=acc, PREC=prec, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_K=block_k),
+            dict(ACC=acc, PREC=prec, INTERPRETED=interpreted(), BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_K=block_k),
             num_warps=warps,
             num_stages=stages,
         )
