@@ -37,7 +37,17 @@ __all__ = [
     "load_all",
     "mma",
     "round_to",
+    "TensorDescriptor",
+    "tma_blocker",
+    "ensure_tma_allocator",
+    "persistent_programs",
 ]
+
+
+try:  # host-side tensor descriptors (TMA on Hopper); older Triton builds lack them
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the installed triton
+    TensorDescriptor = None
 
 
 def interpreted() -> bool:
@@ -79,6 +89,37 @@ def target_programs(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
     return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def persistent_programs(device: torch.device, num_tiles: int) -> int:
+    """Programs of a persistent kernel (each walks the tiles ``pid, pid + programs, …``): one per SM on a GPU, never
+    more than there are tiles; four under the interpreter, so the tile loop runs several times on test shapes."""
+    sms = (
+        _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        if device.type == "cuda"
+        else 4
+    )
+    return max(1, min(sms, num_tiles))
+
+
+def tma_blocker(*tensors: torch.Tensor) -> str | None:
+    """None when every tensor can be described for TMA (a host-side tensor descriptor), else why not."""
+    if TensorDescriptor is None:
+        return "this triton has no triton.tools.tensor_descriptor"
+    for t in tensors:
+        if t.dim() != 2 or t.stride(1) != 1:
+            return "operands must be row-major 2-D"
+        if t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
+            return f"row stride {t.stride(0) * t.element_size()} B or base not 16-byte aligned"
+    return None
+
+
+@functools.cache
+def ensure_tma_allocator(device: torch.device) -> None:
+    """Some Triton versions build TMA descriptors in global memory at launch and refuse to launch without a device
+    allocator: torch's caching allocator serves it (set once per device: launches are on the host's hot path)."""
+    if device.type == "cuda" and hasattr(triton, "set_allocator"):
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device=device, dtype=torch.int8))
 
 
 @dataclass

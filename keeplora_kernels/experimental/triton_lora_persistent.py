@@ -28,21 +28,27 @@ stride, a Triton without descriptors) take the same kernels' masked pointer path
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .._triton_utils import Launch, _sm_count, acc_dtype, cdiv, dot_mode, mma, next_pow2, round_to
+from .._triton_utils import (
+    Launch,
+    TensorDescriptor,
+    acc_dtype,
+    cdiv,
+    dot_mode,
+    ensure_tma_allocator,
+    mma,
+    next_pow2,
+    persistent_programs,
+    round_to,
+    tma_blocker,
+)
 from ..lora_linear import _backward, _flatten_tokens
 from .triton_lora_linear import _grouped_pid
-
-try:  # host-side tensor descriptors (TMA on Hopper); older Triton builds lack them
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - depends on the installed triton
-    TensorDescriptor = None
 
 __all__ = ["lora_linear_persistent", "LoRALinearPersistentFunction", "plan_forward", "plan_dx", "Tiles"]
 
@@ -390,35 +396,6 @@ def _rank_block(r: int) -> int:
     return max(16, next_pow2(r))
 
 
-def _num_programs(device: torch.device, num_tiles: int) -> int:
-    """One program per SM on a GPU; four under the interpreter (so the tile loop runs several times)."""
-    if device.type == "cuda":
-        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    else:
-        sms = 4
-    return max(1, min(sms, num_tiles))
-
-
-def tma_blocker(*tensors: torch.Tensor) -> str | None:
-    """None when every tensor can be described for TMA, else why not (the pointer path then runs)."""
-    if TensorDescriptor is None:
-        return "this triton has no triton.tools.tensor_descriptor"
-    for t in tensors:
-        if t.dim() != 2 or t.stride(1) != 1:
-            return "operands must be row-major 2-D"
-        if t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
-            return f"row stride {t.stride(0) * t.element_size()} B or base not 16-byte aligned"
-    return None
-
-
-@functools.cache
-def _ensure_allocator(device: torch.device) -> None:
-    """Some Triton versions build TMA descriptors in global memory at launch and refuse to launch without a device
-    allocator: torch's caching allocator serves it (set once per device: the calls are on the host's hot path)."""
-    if device.type == "cuda" and hasattr(triton, "set_allocator"):
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device=device, dtype=torch.int8))
-
-
 def _descriptors(use_tma: bool, pairs):
     """``[(tensor, block)]`` -> tensor descriptors (TMA) or the tensors themselves (pointer path)."""
     if not use_tma:
@@ -432,7 +409,7 @@ def _use_tma(device: torch.device, tensors, tma: bool | None) -> bool:
         raise ValueError(f"lora_linear_persistent: tma=True but {why_not}")
     use = why_not is None and tma is not False
     if use:
-        _ensure_allocator(device)
+        ensure_tma_allocator(device)
     return use
 
 
@@ -456,7 +433,7 @@ def plan_forward(x2, weight, bias, a, b, scale, y, s, *, tma: bool | None = None
         ],
     )
     num_tiles = cdiv(T, cfg.block_m) * cdiv(N, cfg.block_n)
-    programs = _num_programs(x2.device, num_tiles)
+    programs = persistent_programs(x2.device, num_tiles)
     s_out = s if s is not None else y  # never written without STORE_S
     launch = Launch(
         _forward_kernel,
@@ -537,17 +514,11 @@ def plan_dx(
     # dB tiles of 128 d_out columns (32 KB per bf16 stage) where descriptors feed the tiles, 64 where they pass
     # through registers (pointer loads): both spill-free (fp32 does not fuse on a GPU: see _fuses_db)
     block_db = cfg.block_k if not on_gpu else 128 if use_tma else 64
-    dyd, wd, dxd, dy_db = _descriptors(
-        use_tma,
-        [
-            (dy2, (cfg.block_m, cfg.block_k)),
-            (weight, (cfg.block_k, cfg.block_n)),
-            (dx, (cfg.block_m, cfg.block_n)),
-            (dy2, (cfg.block_m, block_db)),
-        ],
-    )
+    pairs = [(dy2, (cfg.block_m, cfg.block_k)), (weight, (cfg.block_k, cfg.block_n)), (dx, (cfg.block_m, cfg.block_n))]
+    dyd, wd, dxd, *rest = _descriptors(use_tma, pairs + ([(dy2, (cfg.block_m, block_db))] if fuse_db else []))
+    dy_db = rest[0] if fuse_db else dyd  # never read without FUSE_DB
     num_tiles = cdiv(T, cfg.block_m) * cdiv(K, cfg.block_n) + (cdiv(N, block_db) if fuse_db else 0)
-    programs = _num_programs(dy2.device, num_tiles)
+    programs = persistent_programs(dy2.device, num_tiles)
     s_in = s if fuse_db else a  # never read without FUSE_DB
     db_out = db if fuse_db else dx
     return Launch(

@@ -46,7 +46,7 @@ CONFIGS = btg.TMA_CONFIGS if ON_GPU else btg.SMOKE_CONFIGS
 def test_persistent_gemm_matches_fp32(M, N, K, cfg, use_tma):
     x, w, ref = _operands(M, N, K)
     call, path = btg.persistent_gemm(x, w, cfg, use_tma=use_tma)
-    aligned = btg.tma_usable(x, w, torch.empty(M, N, dtype=torch.bfloat16, device=DEVICE)) is None
+    aligned = btg.tma_blocker(x, w, torch.empty(M, N, dtype=torch.bfloat16, device=DEVICE)) is None
     assert path == "tma" if use_tma is None and aligned else path.startswith("pointer")
     y = call()
     _assert_close_to_fp32(y, ref)

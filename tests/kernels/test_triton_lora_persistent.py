@@ -10,12 +10,11 @@ for sm_90 is in ``test_triton_compile.py``.
 import pytest
 import torch
 
-from keeplora_kernels import _dispatch
 from keeplora_kernels._triton_utils import dot_mode, round_to
 from keeplora_kernels.experimental import triton_lora_persistent as tlp
 from keeplora_kernels.experimental.triton_lora_persistent import lora_linear_persistent
 from keeplora_kernels.lora_linear import LoRALinearFunction
-from support.lora_checks import assert_matches_oracle, assert_saves_only_s, seeded_inputs
+from support.lora_checks import assert_matches_oracle, assert_saves_only_s, compiled_graph_targets, seeded_inputs
 from support.ref_ops import lora_linear_ref
 from support.tolerances import assert_close, assert_within_torch_error
 from support.triton_env import DEVICE, force_triton, triton  # noqa: F401  (skips without triton; fixture used below)
@@ -173,12 +172,6 @@ def test_refuses_bad_input():
         lora_linear_persistent(x.to(torch.int32), w, b, a, lb, 1.0)
 
 
-def test_dispatch_never_picks_it():
-    """Experimental: even with ``KEEPLORA_BACKEND=triton`` (the fixture) the LoRA op keeps the automatic choice."""
-    assert "triton" not in _dispatch.implemented("lora_linear")
-    assert _dispatch.select("lora_linear", DEVICE, torch.bfloat16) in ("torch", "extension")
-
-
 def test_gpu_tiles_fit_the_h200():
     """Every GPU tile's operand ring and output staging fit the shared memory of one sm_90 block (the compile test
     checks what the compiler actually allocates)."""
@@ -212,24 +205,10 @@ def test_compiled_has_no_graph_break_and_equals_eager():
 
 def test_compiled_graphs_call_the_registered_ops():
     """Forward and backward graphs call ``keeplora::lora_persistent_forward`` / ``_backward`` (not opaque Python)."""
-    from torch._functorch.aot_autograd import aot_module_simplified
-
-    torch._dynamo.reset()
-    seen = []
-
-    def record(gm, _inputs):
-        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        return gm.forward
-
-    def backend(gm, example_inputs):
-        return aot_module_simplified(gm, example_inputs, fw_compiler=record, bw_compiler=record)
-
     x, w, b, a, lb = seeded_inputs((3, 10), 64, 40, 8, torch.float32, device=DEVICE)
-    torch.compile(_layer_step, backend=backend, fullgraph=True)(
-        x.requires_grad_(), w, b, a, lb.requires_grad_()
-    ).backward()
-    assert any("lora_persistent_forward" in t for t in seen), sorted(set(seen))[:20]
-    assert any("lora_persistent_backward" in t for t in seen), sorted(set(seen))[:20]
+    seen = compiled_graph_targets(_layer_step, x.requires_grad_(), w, b, a, lb.requires_grad_())
+    assert any("lora_persistent_forward" in t for t in seen), sorted(seen)[:20]
+    assert any("lora_persistent_backward" in t for t in seen), sorted(seen)[:20]
 
 
 # ---------------------------------------------------------------------------------------------------- GPU only

@@ -68,3 +68,22 @@ def assert_matches_oracle(fn, x, w, b, a, lb, dtype):
         for got, low, ref in zip((y, *grads), lows, refs):
             assert_within_torch_error(got, low, ref, dtype)
     assert grads[1].dtype == lb.dtype
+
+
+def compiled_graph_targets(fn, *args) -> set[str]:
+    """The call targets of the forward and backward graphs that ``torch.compile(fn, fullgraph=True)`` builds for
+    ``fn(*args).backward()`` (AOT autograd, graphs run as traced): which ops a compiled step calls."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    torch._dynamo.reset()
+    seen: set[str] = set()
+
+    def record(gm, _inputs):
+        seen.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    def backend(gm, example_inputs):
+        return aot_module_simplified(gm, example_inputs, fw_compiler=record, bw_compiler=record)
+
+    torch.compile(fn, backend=backend, fullgraph=True)(*args).backward()
+    return seen

@@ -39,16 +39,18 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from keeplora_kernels._triton_utils import cdiv, interpreted
+from keeplora_kernels._triton_utils import (
+    TensorDescriptor,
+    cdiv,
+    ensure_tma_allocator,
+    interpreted,
+    persistent_programs,
+    tma_blocker,
+)
 from keeplora_kernels.experimental import triton_lora_linear as tll
 from keeplora_kernels.experimental.triton_lora_linear import _grouped_pid
 
 from . import harness
-
-try:  # host-side tensor descriptors (TMA on Hopper); older Triton builds lack them
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - depends on the installed triton
-    TensorDescriptor = None
 
 GO_RATIO = 0.95  # cublas_time / triton_time needed at the Llama shape to keep the full-GEMM LoRA kernels
 LLAMA_SHAPE = (8192, 4096, 4096)  # (M, N, K)
@@ -181,36 +183,6 @@ def _persistent_gemm_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------- launchers
-def tma_usable(*tensors: torch.Tensor) -> str | None:
-    """None when every tensor can be described for TMA, else why not (the pointer path then runs)."""
-    if TensorDescriptor is None:
-        return "this triton has no triton.tools.tensor_descriptor"
-    for t in tensors:
-        if t.dim() != 2 or t.stride(1) != 1:
-            return "operands must be row-major 2-D"
-        if t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
-            return f"row stride {t.stride(0) * t.element_size()} B or base not 16-byte aligned"
-    return None
-
-
-def _ensure_allocator(device: torch.device) -> None:
-    """Give Triton a device allocator for kernel scratch: some Triton versions build TMA descriptors in global
-    memory at launch and refuse to launch without one. Torch's caching allocator serves it."""
-    if device.type != "cuda" or not hasattr(triton, "set_allocator"):
-        return
-    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device=device, dtype=torch.int8))
-
-
-def num_programs(device: torch.device, num_tiles: int) -> int:
-    """One program per SM on a GPU (never more than there are tiles); four under the interpreter, so that the tile
-    loop runs several times per program on the smoke shapes."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sms = 4
-    return max(1, min(sms, num_tiles))
-
-
 def persistent_gemm(
     x: torch.Tensor, w: torch.Tensor, cfg: TileConfig, *, use_tma: bool | None = None, out: torch.Tensor | None = None
 ) -> tuple[Callable[[], torch.Tensor], str]:
@@ -224,12 +196,12 @@ def persistent_gemm(
     M, K = x.shape
     N = w.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype) if out is None else out
-    why_not = tma_usable(x, w, y)
+    why_not = tma_blocker(x, w, y)
     if use_tma is True and why_not:
         raise ValueError(f"persistent_gemm: use_tma=True but {why_not}")
     tma = why_not is None and use_tma is not False
     if tma:
-        _ensure_allocator(x.device)
+        ensure_tma_allocator(x.device)
         ops = (
             TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k]),
             TensorDescriptor.from_tensor(w, [cfg.block_n, cfg.block_k]),
@@ -238,7 +210,7 @@ def persistent_gemm(
     else:
         ops = (x, w, y)
     num_tiles = cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n)
-    programs = num_programs(x.device, num_tiles)
+    programs = persistent_programs(x.device, num_tiles)
     kernel = _persistent_gemm_kernel[(programs,)]
     args = (*ops, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1))
     meta = dict(
