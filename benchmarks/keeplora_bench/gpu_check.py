@@ -1,11 +1,13 @@
-"""The one GPU script: everything a lent H200 session should measure, in one prepared run (< 8 minutes).
+"""The one GPU script: everything a lent GPU session (an H200 or an H100) should measure, in one prepared run
+(< 8 minutes).
 
     bash benchmarks/gpu_check.sh                              # on the GPU machine: sets the path, runs this
     python -m keeplora_bench.gpu_check --dry --out /tmp/x     # CPU rehearsal with tiny shapes (tested in CI)
 
 Steps, each time-boxed and independent (a failing step is recorded, the others still run), in the order of what is
 still to be measured, since the script's overall limit cuts the last ones:
-  1. environment: GPU, driver, torch/triton/transformers/peft versions, git sha;
+  1. environment: GPU, driver, torch/triton/transformers/peft versions, git sha, and the roofline every step's
+     floors use (the H200 anchors on an H200, measured on any other GPU: keeplora_bench.micro.roofline);
   2. build the C++/CUDA extension for sm_90 in place (skipped in dry mode unless a compiler is there);
   3. the GPU-marked tests (pytest -m gpu) — the whole suite's CUDA paths;
   4. the LoRA linear's variants side by side, eager and graph-replayed (keeplora_bench.micro.bench_lora_variants);
@@ -86,6 +88,11 @@ def step_environment(out: Path, dry: bool) -> list[dict[str, Any]]:
     info["cuda_available"] = torch.cuda.is_available()
     if torch.cuda.is_available():
         info["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+        from .micro import roofline
+
+        # measured once here (on a GPU other than the H200) and handed to every later step, subprocesses included
+        os.environ[roofline.ENV] = roofline.roofline(torch.device("cuda")).to_json()
+        info["roofline"] = json.loads(os.environ[roofline.ENV])
     (out / "environment.json").write_text(json.dumps(info, indent=1))
     return []
 
@@ -272,14 +279,14 @@ STEPS: dict[str, Callable[[Path, bool], list[dict[str, Any]]]] = {
     "build_extension": step_build_extension,
     "gpu_tests": step_gpu_tests,
     "lora_variants": step_lora_variants,
-    # no bench_rsvd case starts after 60 s (the trace and the summary still fit the box); the engine's own calls
-    # first (principal subspaces at set-up, the memory update of end_task), then a whole model's set, then single
-    # calls
+    # no bench_rsvd case starts after 60 s (the trace and the summary still fit the box); the single calls and the
+    # whole model's set first (the open floor targets, changed since they were last measured), then the engine's
+    # own calls (principal subspaces at set-up, the memory update of end_task: measured in run 5)
     "bench_rsvd": _bench_step(
         "bench_rsvd",
         trace=True,
         time_box_s=BUDGET["bench_rsvd"] - 40,
-        sections=("principal_subspace", "memory_update", "model_set", "rsvd"),
+        sections=("rsvd", "model_set", "principal_subspace", "memory_update"),
     ),
     "profile": step_profile,
     "profile_batched": step_profile_batched,

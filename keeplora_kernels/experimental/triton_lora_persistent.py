@@ -379,7 +379,7 @@ GPU_TILES_TMA_WIDE_RANK = Tiles(128, 256, 64, 2, 8)  # BLOCK_R > 16
 GPU_TILES_POINTER = Tiles(128, 128, 64, 3, 8)
 GPU_TILES_32BIT = Tiles(64, 64, 16, 3, 8)
 INTERPRETER_TILES = Tiles(32, 32, 32, 1, 4, group_m=2)  # several tiles and reduction steps on the test shapes
-H200_SMEM = 232448
+SM90_SMEM = 232448  # bytes of shared memory one block may use on sm_90 (H100 and H200)
 
 
 def _tiles(dtype: torch.dtype, block_r: int, use_tma: bool, on_gpu: bool) -> Tiles:

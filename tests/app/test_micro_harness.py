@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from keeplora_bench.micro.harness import append_rows, library_calls, measure_memory
@@ -116,3 +117,24 @@ def test_plot_script_draws_the_result_csvs(tmp_path):
     assert plot.main(["--results", str(tmp_path)]) == 0
     pngs = list(tmp_path.glob("profile_*.png"))
     assert len(pngs) == 1 and pngs[0].stat().st_size > 10_000
+
+
+def test_roofline_floors_and_measurement(monkeypatch):
+    from keeplora_bench.micro import roofline as rl
+
+    monkeypatch.delenv(rl.ENV, raising=False)
+    h200 = rl.roofline("cpu")
+    assert h200 == rl.H200
+    # compute-bound and memory-bound ends of the roofline, in ms
+    assert h200.floor_ms(790e12, 0.0) == 1e3 and h200.floor_ms(0.0, 4.3e9) == 1.0
+    # the GPU script's one measurement, handed over as JSON, wins over the anchors
+    measured = rl.Roofline(600e12, 3.0e12, "measured on X")
+    monkeypatch.setenv(rl.ENV, measured.to_json())
+    assert rl.roofline("cpu") == measured
+    monkeypatch.setenv(rl.ENV, '{"flops_per_s": 1}')
+    with pytest.raises(ValueError, match=rl.ENV):
+        rl.roofline("cpu")
+    # the measurement itself (CPU, tiny sizes): positive finite rates named after the device
+    got = rl.measure("cpu", matmul_n=64, copy_bytes=1 << 16)
+    assert 0 < got.flops_per_s < float("inf") and 0 < got.bytes_per_s < float("inf")
+    assert got.source.startswith("measured on CPU")

@@ -138,7 +138,7 @@ AOT_SCRIPT = textwrap.dedent(r"""
                                target=GPUTarget("cuda", 90, 32),
                                options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
             ptx = k.asm["ptx"]
-            assert k.metadata.shared <= btg.H200_SMEM, (cfg.name, k.metadata.shared)
+            assert k.metadata.shared <= btg.SM90_SMEM, (cfg.name, k.metadata.shared)
             assert "wgmma" in ptx and (("cp.async.bulk.tensor" in ptx) == tma), (cfg.name, tma)
             if os.path.exists(CUOBJDUMP):
                 with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:

@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent(r"""
     import os, re, subprocess, tempfile
     import triton
 
-    H200_SMEM = 232448  # bytes of shared memory a block may use on sm_90
+    SM90_SMEM = 232448  # bytes of shared memory a block may use on sm_90
     CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     checked = 0
 
@@ -50,7 +50,7 @@ SCRIPT = textwrap.dedent(r"""
             ptx = compiled.asm["ptx"]
             assert not tensor_cores or "wgmma" in ptx, (label, launch.kernel.__name__, "no wgmma")
             assert ("cp.async.bulk.tensor" in ptx) == tma, (label, launch.kernel.__name__, "TMA loads")
-            assert compiled.metadata.shared <= H200_SMEM, (label, compiled.metadata.shared)
+            assert compiled.metadata.shared <= SM90_SMEM, (label, compiled.metadata.shared)
             if os.path.exists(CUOBJDUMP):  # no register spills (they land in the stack frame)
                 use = resources(compiled.asm["cubin"])
                 assert use.get("STACK") == 0 and use.get("LOCAL") == 0, (label, launch.kernel.__name__, use)

@@ -181,7 +181,7 @@ def test_gpu_tiles_fit_the_h200():
         (tlp.GPU_TILES_POINTER, 2, 64),
         (tlp.GPU_TILES_32BIT, 4, 64),
     ]:
-        assert tiles.smem_bytes(elem, block_r) <= tlp.H200_SMEM, tiles
+        assert tiles.smem_bytes(elem, block_r) <= tlp.SM90_SMEM, tiles
 
 
 # ------------------------------------------------------------------------------------------- torch.compile

@@ -1,5 +1,5 @@
 """Kernel benchmarks: frozen-A LoRA linear (single and q/k/v shared-input), residual projection,
-streaming second moment — each against its baselines, with its roofline floor on an H200.
+streaming second moment — each against its baselines, with its roofline floor.
 
 GPU (bf16; the project's GPU script calls :func:`run`)::
 
@@ -18,9 +18,10 @@ Providers (baselines come from the library, never re-defined here):
 * ``ours``       the dispatched op, e.g. ``keeplora_kernels.lora_linear`` (the ``backend`` column says what ran);
 * ``experimental-triton``  the Triton full-GEMM LoRA kernels of ``keeplora_kernels.experimental`` (not dispatched),
                  where Triton runs.
-Every row: median time, the floor (roofline of the counted FLOPs and bytes on an H200: 790 TFLOP/s bf16,
-4.3 TB/s), % of the floor, peak memory of the step, bytes of saved activations (autograd's saved tensors that are
-not weights), and the max relative error against an fp32 reference computed in the same run.
+Every row: median time, the floor (roofline of the counted FLOPs and bytes at the device's rates,
+:mod:`.roofline`: the H200 anchors 790 TFLOP/s bf16 and 4.3 TB/s, or measured on another GPU), % of the floor,
+peak memory of the step, bytes of saved activations (autograd's saved tensors that are not weights), and the max
+relative error against an fp32 reference computed in the same run.
 """
 
 from __future__ import annotations
@@ -40,9 +41,7 @@ from keeplora_kernels.residual_project import residual_project_dense, residual_p
 from keeplora_kernels.second_moment import second_moment_update_torch
 
 from . import harness
-
-H200_FLOPS = 790e12  # bf16 dense matmul on an H200, as cuBLAS reaches it (benchmarks/results/h200)
-H200_BYTES_PER_S = 4.3e12  # a device-to-device copy on an H200 (benchmarks/results/h200)
+from .roofline import roofline
 
 LORA_SHAPES_FULL = [(t, d, r) for d in (768, 4096) for t in (2048, 8192, 12608) for r in (16, 64)]
 LORA_SHAPES_QUICK = [(8192, 4096, 16), (12608, 768, 16), (2048, 4096, 64)]
@@ -77,9 +76,9 @@ COLUMNS = [
 
 
 # ------------------------------------------------------------------------------------------------------ floors
-def floor_ms(flops: float, nbytes: float) -> float:
-    """Roofline floor on the H200: the larger of compute time at 790 TFLOP/s and memory time at 4.3 TB/s."""
-    return max(flops / H200_FLOPS, nbytes / H200_BYTES_PER_S) * 1e3
+def floor_ms(flops: float, nbytes: float, device: torch.device) -> float:
+    """Roofline floor on ``device`` (:func:`.roofline.roofline`): the larger of compute and memory time."""
+    return roofline(device).floor_ms(flops, nbytes)
 
 
 def lora_counts(T: int, d_in: int, d_out: int, r: int, mode: str, elem: int = 2) -> tuple[float, float]:
@@ -279,7 +278,7 @@ def bench_lora(bench: _Bench, shapes, dtype) -> None:
                     backend=backend,
                     mode=mode,
                     time_ms=t,
-                    floor_ms=floor_ms(*lora_counts(T, d, d, r, mode, x.element_size())),
+                    floor_ms=floor_ms(*lora_counts(T, d, d, r, mode, x.element_size()), bench.device),
                     **ratios,
                     peak_MB=round(peak, 2),
                     saved_MB=saved,
@@ -337,7 +336,7 @@ def bench_qkv(bench: _Bench, shape, dtype) -> None:
                 backend=backend,
                 mode=mode,
                 time_ms=t,
-                floor_ms=floor_ms(3 * f, 3 * nb),
+                floor_ms=floor_ms(3 * f, 3 * nb, bench.device),
                 **ratios,
                 peak_MB=round(peak, 2),
                 saved_MB=saved,
@@ -353,7 +352,7 @@ def bench_project(bench: _Bench, shapes) -> None:
         g = torch.randn(*lead, d, n, device=dev).to(dtype)
         exact = residual_project_torch(g.double(), basis.double())
         nbytes = b * (2 * d * n * g.element_size() + d * k * 4)
-        floor = floor_ms(4.0 * b * d * n * k, nbytes)
+        floor = floor_ms(4.0 * b * d * n * k, nbytes, bench.device)
         work = g.clone()
         providers = {
             "reference": lambda: residual_project_torch(g, basis),
@@ -394,7 +393,7 @@ def bench_moment(bench: _Bench, shapes, dtype) -> None:
         rows = x.double() * mask[:, None]
         exact = rows.T @ rows
         tiles_flops = 2.0 * n * d * (d + 1) / 2  # upper triangle incl. diagonal
-        floor = floor_ms(tiles_flops, n * d * x.element_size() + d * d * 4 * 2)
+        floor = floor_ms(tiles_flops, n * d * x.element_size() + d * d * 4 * 2, bench.device)
         providers = {
             "reference": lambda acc: second_moment_update_torch(acc, x, mask),
             "addmm-out-dtype": lambda acc: (

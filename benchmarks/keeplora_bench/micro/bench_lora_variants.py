@@ -276,7 +276,7 @@ def bench_single(timer: _Timer, rows: list[dict], shape, dtype, graph: bool = Fa
                 )
                 for ref_name in ("base", "unfused")
             }
-            fl = floor_ms(flops, nbytes)
+            fl = floor_ms(flops, nbytes, dev)
             rows.append(
                 dict(
                     op="lora_linear",

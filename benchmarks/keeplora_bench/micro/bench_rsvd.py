@@ -14,8 +14,9 @@ and scaled to the batch (``batch_time_ms``).
 
 ``run(out_dir, quick)`` writes the detailed rows to ``<out_dir>/rsvd.csv`` and returns summary rows (op, time_ms,
 pct_of_floor, ratio, peak_mb, note) for keeplora_bench.gpu_check; on CUDA the full mode is sized for about a
-minute. On CUDA every keeplora row also reports the bandwidth floor ``(2q+2)·Σ m·n·bytes / 4.3 TB/s``
-and the time as a multiple of it (``x_floor``; the target is ≤ 1.5 on the Llama shapes).
+minute. On CUDA every keeplora row also reports the bandwidth floor ``(2q+2)·Σ m·n·bytes`` at the device's copy
+rate (:mod:`.roofline`: 4.3 TB/s on an H200) and the time as a multiple of it (``x_floor``; the target is ≤ 1.5
+on the Llama shapes).
 """
 
 from __future__ import annotations
@@ -35,8 +36,7 @@ from keeplora_kernels.graphs import GraphedCall, default_cache
 from keeplora_kernels.rsvd import rsvd_torch, small_svd_method
 
 from .harness import append_rows, library_calls, measure_memory, print_table, profile_table, time_fn
-
-H200_BANDWIDTH = 4.3e12  # bytes/s: a device-to-device copy on an H200 (benchmarks/results/h200)
+from .roofline import roofline
 
 
 @dataclass(frozen=True)
@@ -57,15 +57,16 @@ def cases(device: torch.device, quick: bool, smoke: bool = False) -> list[Case]:
     llama = dict(rank=24, dtype=torch.bfloat16)  # with oversample 8: l = 32, bf16 weights
     if device.type == "cuda":
         full = [
-            Case("clip_vision", 48, 768, 768, svd_subset=8, **clip),
-            Case("clip_text", 96, 512, 512, svd_subset=8, **clip),
             Case("llama_4096x4096", 32, 4096, 4096, svd_subset=1, **llama),
             Case("llama_11008x4096", 16, 11008, 4096, svd_subset=1, **llama),
+            Case("clip_vision", 48, 768, 768, svd_subset=8, **clip),
+            Case("clip_text", 96, 512, 512, svd_subset=8, **clip),
             Case("minilm", 24, 384, 384, svd_subset=8, **clip),
         ]
         # quick = full on a GPU: the cost is the one-matrix linalg_svd baseline, not the batch (at a fraction of
-        # the Llama batches fixed launch overhead hides the bandwidth-bound part); ordered
-        # by value, as a time box skips the last cases (run_detailed)
+        # the Llama batches fixed launch overhead hides the bandwidth-bound part); ordered by value (the Llama
+        # rows carry the open floor targets, the CLIP rows' targets are met), as a time box skips the last cases
+        # (run_detailed)
         return full
     if quick:  # CPU, < 1 min: the per-layer shapes with smaller batches; Llama scaled down by 4 per side
         return [
@@ -232,7 +233,7 @@ def _rows(
                 row.update(graph=f"{graph}; not counted: {type(exc).__name__}: {exc}"[:200])
         if device.type == "cuda" and method.startswith("keeplora"):
             bytes_read = sum(a.numel() * a.element_size() for a, _ in groups)
-            floor_ms = (2 * q + 2) * bytes_read / H200_BANDWIDTH * 1e3
+            floor_ms = roofline(device).floor_ms(0.0, (2 * q + 2) * bytes_read)
             row.update(floor_ms=floor_ms, x_floor=batch_ms / floor_ms)
         rows.append(row)
     base = next(x for x in rows if x["method"] == "svd_lowrank_loop")
@@ -647,11 +648,12 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def trace_rsvd(out_dir: Path, device: torch.device, smoke: bool = False) -> Path:
     """torch.profiler table (by self device time; CPU time without a GPU) of one warm batched ``kk.rsvd`` call on
-    the Llama 4096² case at a quarter batch (tiny in smoke mode): where the gap to the bandwidth floor goes."""
+    the Llama 4096² case at the batch of its floor target, 32 (tiny in smoke mode): where the gap to the bandwidth
+    floor goes. At a smaller batch the fixed per-call costs (one block per matrix) weigh more than at the target."""
     case = (
         Case("smoke", 2, 96, 64, 4, torch.float32, 1)
         if smoke
-        else Case("llama_4096x4096", 8, 4096, 4096, 24, torch.bfloat16, 1)
+        else Case("llama_4096x4096", 32, 4096, 4096, 24, torch.bfloat16, 1)
     )
     a, _ = make_batch(case, device)
     call = functools.partial(kk.rsvd, a, case.rank, oversample=8, power_iters=2, seed=0)

@@ -101,7 +101,7 @@ SMOKE_CONFIGS = [
     TileConfig(32, 32, 32, 1, 4, split_epilogue=True, group_m=2),
     TileConfig(16, 32, 16, 1, 4, flatten=False, group_m=2),
 ]
-H200_SMEM = 232448  # bytes of shared memory one block may use on sm_90
+SM90_SMEM = 232448  # bytes of shared memory one block may use on sm_90 (H100 and H200)
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -311,8 +311,8 @@ def bench_shape(
         for cfg in configs:
 
             def persistent(cfg=cfg):
-                if device.type == "cuda" and cfg.smem_bytes() > H200_SMEM:
-                    return None, "-", f"skipped: {cfg.smem_bytes()} B of shared memory > {H200_SMEM}"
+                if device.type == "cuda" and cfg.smem_bytes() > SM90_SMEM:
+                    return None, "-", f"skipped: {cfg.smem_bytes()} B of shared memory > {SM90_SMEM}"
                 call, path = persistent_gemm(x, w, cfg)
                 return call, path, "" if path == "tma" else "no TMA on these operands"
 
@@ -440,7 +440,7 @@ def main(argv=None) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny ragged shapes; on a CPU through the interpreter")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
-        parser.error("no CUDA device: the full shapes need an H200; use --smoke for tiny shapes on the CPU")
+        parser.error("no CUDA device: the full shapes need a Hopper GPU; use --smoke for tiny shapes on the CPU")
     if args.smoke and not torch.cuda.is_available() and not interpreted():
         # the interpreter is chosen when triton is imported, which already happened: start again with it set
         env = {**os.environ, "TRITON_INTERPRET": "1"}
