@@ -31,7 +31,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_utils import Launch, acc_dtype, cdiv, dot_mode, load, load_all, mma, next_pow2, target_programs
+from .._triton_utils import (
+    Launch,
+    acc_dtype,
+    cdiv,
+    dot_mode,
+    load,
+    load_all,
+    mma,
+    next_pow2,
+    round_to,
+    target_programs,
+)
 
 __all__ = ["lora_linear_triton", "lora_linear_shared_triton", "LoRALinearTritonFunction", "lora_dy_pass"]
 
@@ -100,7 +111,7 @@ def _shrink_kernel(
         )
         acc = mma(x, a, acc, UPCAST, PREC)
     ptrs = S + pid_s * stride_ss + offs_t[:, None] * stride_st + offs_r[None, :] * stride_sr
-    tl.store(ptrs, acc.to(S.dtype.element_ty), mask=(offs_t[:, None] < T) & (offs_r[None, :] < R))
+    tl.store(ptrs, round_to(acc, S.dtype.element_ty, UPCAST), mask=(offs_t[:, None] < T) & (offs_r[None, :] < R))
 
 
 @triton.jit
@@ -196,7 +207,11 @@ def _fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(BIAS + cols).to(ACC)[None, :]
     mask = (offs_t[:, None] < T) & (offs_n[None, :] < N)
-    tl.store(Y + offs_t[:, None] * stride_yt + offs_n[None, :] * stride_yn, acc.to(Y.dtype.element_ty), mask=mask)
+    tl.store(
+        Y + offs_t[:, None] * stride_yt + offs_n[None, :] * stride_yn,
+        round_to(acc, Y.dtype.element_ty, UPCAST),
+        mask=mask,
+    )
 
 
 @triton.jit
@@ -257,7 +272,7 @@ def _bwd_dy_kernel(
         ds = mma(dy, b, tl.zeros((BLOCK_T, BLOCK_R), dtype=ACC), UPCAST, PREC)
         tl.store(
             DS_PART + pid_n * stride_dsp + offs_t[:, None] * stride_dst + offs_r[None, :] * stride_dsr,
-            (ds * scale).to(DS_PART.dtype.element_ty),
+            round_to(ds * scale, DS_PART.dtype.element_ty, UPCAST),
             mask=in_t[:, None] & in_r[None, :],
         )
         db_acc = mma(tl.trans(dy), s, db_acc, UPCAST, PREC)
@@ -265,11 +280,15 @@ def _bwd_dy_kernel(
             dbias_acc += tl.sum(dy.to(ACC), axis=0)
     tl.store(
         DB_PART + pid_t * stride_dbp + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
-        (db_acc * scale).to(DB_PART.dtype.element_ty),
+        round_to(db_acc * scale, DB_PART.dtype.element_ty, UPCAST),
         mask=in_n[:, None] & in_r[None, :],
     )
     if HAS_DBIAS:
-        tl.store(DBIAS_PART + pid_t * stride_dbiasp + offs_n, dbias_acc.to(DBIAS_PART.dtype.element_ty), mask=in_n)
+        tl.store(
+            DBIAS_PART + pid_t * stride_dbiasp + offs_n,
+            round_to(dbias_acc, DBIAS_PART.dtype.element_ty, UPCAST),
+            mask=in_n,
+        )
 
 
 @triton.jit
@@ -357,7 +376,11 @@ def _bwd_dx_kernel(
             ds = ds.to(DY0.dtype.element_ty)
         acc = mma(ds, a, acc, UPCAST, PREC)
     mask = (offs_t[:, None] < T) & (offs_k[None, :] < K)
-    tl.store(DX + offs_t[:, None] * stride_dxt + offs_k[None, :] * stride_dxk, acc.to(DX.dtype.element_ty), mask=mask)
+    tl.store(
+        DX + offs_t[:, None] * stride_dxt + offs_k[None, :] * stride_dxk,
+        round_to(acc, DX.dtype.element_ty, UPCAST),
+        mask=mask,
+    )
 
 
 # --------------------------------------------------------------------------------------------------- launchers
