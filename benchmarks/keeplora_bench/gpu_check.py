@@ -210,9 +210,10 @@ def step_profile(out: Path, dry: bool) -> list[dict[str, Any]]:
     return [
         dict(
             op=f"{r['method']} {r['phase']}",
-            time_ms=r["time_ms"],
-            peak_mb=r["peak_mb"],
+            time_ms=r.get("time_ms", ""),
+            peak_mb=r.get("peak_mb", ""),
             ratio=r.get("time_vs_keeplora", ""),
+            note=f"FAILED: {r['error']}" if "error" in r else "",
         )
         for r in rows
     ]
@@ -236,7 +237,9 @@ def step_profile_batched(out: Path, dry: bool) -> list[dict[str, Any]]:
     summary = []
     for r in rows:
         row = dict(op=f"{r['method']} {r['phase']} ({r['batch']}x{r['tokens_per_batch'] // r['batch']})")
-        row.update(time_ms=r["time_ms"], peak_mb=r["peak_mb"], ratio=r.get("time_vs_keeplora", ""))
+        row.update(time_ms=r.get("time_ms", ""), peak_mb=r.get("peak_mb", ""), ratio=r.get("time_vs_keeplora", ""))
+        if "error" in r:
+            row["note"] = f"FAILED: {r['error']}"
         if "memory_vs_authors_begin_task" in r:
             row["note"] = (
                 f"peak {r['memory_vs_authors_begin_task']:.2f}x the authors' begin_task's, "
@@ -269,7 +272,8 @@ def step_profile_orders(out: Path, dry: bool) -> list[dict[str, Any]]:
             row["lora_orders"] = orders
         append_rows("profile_orders", rows, results_dir=out)
         summary += [
-            dict(op=f"keeplora[{orders}] {r['phase']}", time_ms=r["time_ms"], peak_mb=r["peak_mb"]) for r in rows
+            dict(op=f"keeplora[{orders}] {r['phase']}", time_ms=r.get("time_ms", ""), peak_mb=r.get("peak_mb", ""))
+            for r in rows
         ]
     return summary
 

@@ -119,6 +119,18 @@ class KeepLoRAConfig:
             )
         },
     )
+    grad_checkpoint: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Run the model's repeated blocks (its decoder or encoder layers) under activation checkpointing during "
+                "begin_task's gradient pass: the pass keeps each block's inputs instead of its activations and "
+                "recomputes one block at a time in the backward, at the cost of one more forward (grad_offload "
+                "instead copies every saved activation to the host and back). The same gradient sums; for batches "
+                "that micro-batching cannot split (one long sequence, or a user loss_fn)."
+            )
+        },
+    )
     memory_source: str = field(
         default="features",
         metadata={
@@ -270,6 +282,8 @@ class KeepLoRAConfig:
             )
         if not isinstance(self.grad_offload, bool):
             raise ValueError(f"KeepLoRAConfig.grad_offload must be True or False, got {self.grad_offload!r}")
+        if not isinstance(self.grad_checkpoint, bool):
+            raise ValueError(f"KeepLoRAConfig.grad_checkpoint must be True or False, got {self.grad_checkpoint!r}")
         if not isinstance(self.adapter_name, str) or not self.adapter_name:
             raise ValueError(f"KeepLoRAConfig.adapter_name must be a non-empty string, got {self.adapter_name!r}")
 

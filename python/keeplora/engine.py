@@ -282,6 +282,7 @@ class KeepLoRA:
                 desc=f"task {self.state.tasks_done + 1} gradient",
                 micro_batch_tokens=self.config.grad_micro_batch,
                 offload=self.config.grad_offload,
+                checkpoint=self.config.grad_checkpoint,
             )
 
     def _adapters_are_zero(self) -> bool:

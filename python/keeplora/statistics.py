@@ -150,6 +150,62 @@ def _eval_mode(model: nn.Module):
             m.training = mode
 
 
+def checkpoint_blocks(model: nn.Module, layers: Mapping[str, nn.Module]) -> list[nn.Module]:
+    """The model's repeated blocks that hold targets: the children of every outermost ``nn.ModuleList`` of modules of
+    one class of which some hold a target (a transformers model's decoder or encoder layers; both towers of a
+    two-tower model). Empty when the model has none."""
+    targets = {id(layer) for layer in layers.values()}
+
+    def holds_target(module: nn.Module) -> bool:
+        return any(id(m) in targets for m in module.modules())
+
+    blocks: list[nn.Module] = []
+    chosen: list[str] = []
+    for name, module in model.named_modules():  # parents before their children
+        if not isinstance(module, nn.ModuleList) or len({type(c) for c in module}) != 1:
+            continue
+        if any(name.startswith(prefix + ".") for prefix in chosen):
+            continue
+        holding = [child for child in module if holds_target(child)]
+        if holding:
+            chosen.append(name)
+            blocks.extend(holding)
+    return blocks
+
+
+@contextlib.contextmanager
+def _checkpointed(model: nn.Module, blocks: list[nn.Module]):
+    """Inside, each block's forward runs under non-reentrant activation checkpointing: autograd keeps a block's
+    inputs, and its backward recomputes the block's forward (the same kernels on the same inputs: the same
+    values) to get what it saved. A transformers model's key/value cache is off inside (a recomputed forward would
+    append to it a second time); the forwards and the cache setting are restored on exit."""
+    from torch.utils.checkpoint import checkpoint
+
+    config = getattr(unwrap_model(model), "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    patched: list[tuple[nn.Module, bool, Callable[..., Any]]] = []
+    try:
+        if use_cache:
+            config.use_cache = False
+        for block in blocks:
+            forward = block.forward
+
+            def run(*args, _forward=forward, **kwargs):
+                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+            patched.append((block, "forward" in vars(block), forward))
+            block.forward = run
+        yield
+    finally:
+        for block, had_own, forward in reversed(patched):
+            if had_own:
+                block.forward = forward
+            else:
+                del block.forward
+        if use_cache:
+            config.use_cache = use_cache
+
+
 class _GradientTap(torch.autograd.Function):
     """Identity on a target's output ``y`` whose backward adds ``dyᵀ·x`` to the target's accumulator.
 
@@ -248,6 +304,7 @@ def estimate_gradients(
     desc: str = "gradient",
     micro_batch_tokens: int = 0,
     offload: bool = False,
+    checkpoint: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Mean over batches of ``∂L/∂W_l`` (``d_out × d_in``) for every target, and nothing else.
 
@@ -261,12 +318,21 @@ def estimate_gradients(
     ``micro_batch_tokens`` > 0 splits a batch by rows into parts of at most that many tokens where the split is exact
     (the model's own loss, ``loss_fn=None``; see :func:`_micro_batches`); a user ``loss_fn`` always sees whole
     batches. ``offload`` keeps the tensors saved for backward in host memory (pinned on CUDA) during the pass.
+    ``checkpoint`` runs the model's repeated blocks (:func:`checkpoint_blocks`) under activation checkpointing: the
+    pass keeps each block's inputs instead of its activations and recomputes one block at a time in the backward
+    (one more forward); raises ``ValueError`` when the model has no such blocks.
     Raises ``EmptyDataError`` for an empty dataloader and ``FloatingPointError`` for a non-finite loss or gradient
     (checked once at the end: no per-batch host sync). Under ``torch.distributed`` the mean is over the batches of
     all ranks (the sums and the batch count are summed over the ranks) and every rank raises when one failed.
     """
     split = loss_fn is None
     loss_fn = loss_fn or model_loss
+    blocks = checkpoint_blocks(model, layers) if checkpoint else []
+    if checkpoint and not blocks:
+        raise ValueError(
+            f"grad_checkpoint=True: {type(model).__name__} has no repeated blocks to checkpoint (an nn.ModuleList of "
+            "modules of one class holding adapted layers); set grad_checkpoint=False"
+        )
     sums = {name: torch.zeros(target_shape(layer), device=device, dtype=dtype) for name, layer in layers.items()}
     anchor = torch.zeros((), device=device, dtype=torch.float32, requires_grad=True)
     tapped = [0]
@@ -303,7 +369,7 @@ def estimate_gradients(
     saved = torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda") if offload else contextlib.nullcontext()
     with failures_shared(f"{desc} pass"):
         try:
-            with _frozen_parameters(model), _eval_mode(model), torch.enable_grad():
+            with _frozen_parameters(model), _eval_mode(model), _checkpointed(model, blocks), torch.enable_grad():
                 for index, batch in _progress(evenly_spaced(dataloader, fraction), f"keeplora: {desc}", progress):
                     batch = move_to_device(batch, device)
                     parts = _micro_batches(model, batch, micro_batch_tokens) if split else [(batch, None)]

@@ -51,7 +51,7 @@ def test_profile_runs_all_methods_and_the_baseline_agrees_with_keeplora():
     # begin_task's peak is reported next to the training step's and the accumulators' (with and without offload)
     ours = {r["phase"]: r for r in rows if r["method"] == "keeplora"}
     assert ours["begin_task"]["default_grad_micro_batch"] == 4096
-    for phase in ("begin_task", "begin_task_offload", "begin_task_micro16"):
+    for phase in ("begin_task", "begin_task_offload", "begin_task_checkpoint", "begin_task_micro16"):
         assert ours[phase]["train_step_peak_mb"] == ours["train_step"]["peak_mb"]
         assert ours[phase]["authors_begin_task_time_ratio"] == authors_begin["time_ms"] / ours[phase]["time_ms"]
         # (a CPU peak of a tiny model can measure 0 MB: the ratio's guard, not a division by zero)
@@ -59,6 +59,18 @@ def test_profile_runs_all_methods_and_the_baseline_agrees_with_keeplora():
         assert ours[phase]["memory_vs_authors_begin_task"] == expected
     d, layers = 64, 1  # TINY: four d×d targets per layer
     assert ours["begin_task"]["accumulators_mb"] == 4 * layers * 4 * d * d / 2**20
+
+
+def test_profile_records_a_failed_setting_and_keeps_the_other_rows(monkeypatch):
+    import keeplora.statistics
+
+    monkeypatch.setattr(keeplora.statistics, "checkpoint_blocks", lambda model, layers: [])
+    rows = profile(TINY, batch=2, seq=16, steps=1, tasks=1, batches_per_task=2, r=4, methods=("keeplora",))
+    ours = {r["phase"]: r for r in rows}
+    assert "has no repeated blocks" in ours["begin_task_checkpoint"]["error"]
+    assert "time_ms" not in ours["begin_task_checkpoint"]
+    for phase in ("setup", "begin_task", "begin_task_offload", "train_step", "end_task"):
+        assert ours[phase]["time_ms"] > 0 and "error" not in ours[phase]
 
 
 def test_gpu_script_dry_mode(tmp_path):

@@ -76,6 +76,7 @@ def refused(model, kl=None, *, raises, match=None):
         ("grad_micro_batch", 512.0, "grad_micro_batch must be a non-negative integer"),
         ("grad_micro_batch", True, "grad_micro_batch must be a non-negative integer"),
         ("grad_offload", "yes", "grad_offload must be True or False"),
+        ("grad_checkpoint", 1, "grad_checkpoint must be True or False"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(field, value, match):

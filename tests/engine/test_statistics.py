@@ -261,9 +261,15 @@ def test_micro_batching_leaves_user_losses_and_other_batches_whole():
 
 
 @pytest.mark.parametrize("kind", ["bert", "llama"])
-def test_begin_task_with_micro_batches_and_offload_gives_the_same_adapter(kind):
+def test_begin_task_with_micro_batches_offload_or_checkpointing_gives_the_same_adapter(kind):
     results = []
-    for options in (dict(grad_micro_batch=0), dict(grad_micro_batch=18), dict(grad_micro_batch=0, grad_offload=True)):
+    for options in (
+        dict(grad_micro_batch=0),
+        dict(grad_micro_batch=18),
+        dict(grad_micro_batch=0, grad_offload=True),
+        dict(grad_micro_batch=0, grad_checkpoint=True),
+        dict(grad_micro_batch=18, grad_checkpoint=True),
+    ):
         model, targets = _own_loss_model(kind)
         kl = KeepLoRA(
             model,
@@ -285,3 +291,72 @@ def test_begin_task_with_micro_batches_and_offload_gives_the_same_adapter(kind):
         for n, (a, b) in results[0].items():
             # A's columns are singular vectors (sign-ambiguous); the product B·A is not
             torch.testing.assert_close(other[n][1] @ other[n][0], b @ a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_checkpointed_pass_gives_the_same_sums_and_restores_the_model(kind):
+    from keeplora.statistics import checkpoint_blocks
+
+    case = CASES[kind]
+    model = case.build()
+    kl = KeepLoRA(model, KeepLoRAConfig(target_modules=case.targets, r=4, weight_energy=0.5, progress=False))
+    blocks = checkpoint_blocks(model, kl.layers)
+    # the transformer blocks: every target sits in exactly one (both towers of CLIP)
+    assert blocks and all(sum(any(m is t for m in b.modules()) for b in blocks) == 1 for t in kl.layers.values())
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    calls = []
+    inner = next(t for t in kl.layers.values() if any(m is t for m in blocks[0].modules()))
+    hook = inner.register_forward_hook(lambda *_: calls.append(1))
+    kw = dict(device=torch.device("cpu"), dtype=torch.float64)
+    data = case.batches(n=2)
+    plain = estimate_gradients(model, kl.layers, data, case.loss, **kw)
+    assert len(calls) == 2
+    calls.clear()
+    kept = estimate_gradients(model, kl.layers, data, case.loss, checkpoint=True, **kw)
+    assert len(calls) == 4  # the block's forward ran again in the backward
+    hook.remove()
+    for n in plain:
+        assert plain[n].abs().max() > 0
+        torch.testing.assert_close(kept[n], plain[n], rtol=1e-12, atol=1e-14)
+    assert all("forward" not in vars(b) for b in blocks)  # the class forward again
+    assert getattr(config, "use_cache", None) == use_cache
+
+
+def test_checkpointed_pass_keeps_less_for_backward():
+    """What autograd keeps at the end of the forward (the backward's working set): with checkpointing, the blocks'
+    inputs instead of their activations."""
+    model, targets = _own_loss_model("llama")
+    kl = KeepLoRA(model, KeepLoRAConfig(target_modules=targets, r=4, weight_energy=0.5, progress=False))
+    batch = _labelled_batches("llama", 1, rows=4, length=32)
+    alive = {}
+    for checkpoint in (False, True):
+        storages = set()
+
+        def pack(t, storages=storages):
+            storages.add((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            estimate_gradients(
+                model, kl.layers, batch, None, device=torch.device("cpu"), dtype=torch.float32, checkpoint=checkpoint
+            )
+        alive[checkpoint] = sum(nbytes for _, nbytes in storages)
+    # checkpoint's own hooks take over inside the blocks: only what is saved outside them reaches ours
+    assert 0 < alive[True] < alive[False] / 3, alive
+
+
+def test_checkpointing_needs_repeated_blocks():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    kl = KeepLoRA(model, KeepLoRAConfig(target_modules=["0"], r=2, weight_energy=0.5, progress=False))
+    batch = [torch.randn(4, 8)]
+    with pytest.raises(ValueError, match="grad_checkpoint=True: Sequential has no repeated blocks"):
+        estimate_gradients(
+            model,
+            kl.layers,
+            batch,
+            lambda m, b: m(b).sum(),
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+            checkpoint=True,
+        )

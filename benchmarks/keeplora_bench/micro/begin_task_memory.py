@@ -338,6 +338,7 @@ def main(argv=None) -> int:
     parser.add_argument("-r", "--rank", type=int, default=16)
     parser.add_argument("--versions", default="HEAD", help="comma-separated git revisions; HEAD = this tree")
     parser.add_argument("--offload", action="store_true", help="also measure keeplora with grad_offload=True")
+    parser.add_argument("--checkpoint", action="store_true", help="also measure keeplora with grad_checkpoint=True")
     parser.add_argument("--micro-batch", default="", help="comma-separated grad_micro_batch values to measure too")
     parser.add_argument("--account", action="store_true", help="print the accounting of this code's peak")
     parser.add_argument("--phases", action="store_true", help="print the measured peak of each part of begin_task")
@@ -364,6 +365,8 @@ def main(argv=None) -> int:
     variants = {"keeplora": {}}
     if args.offload:
         variants["keeplora-offload"] = {"grad_offload": True}
+    if args.checkpoint:
+        variants["keeplora-checkpoint"] = {"grad_checkpoint": True}
     for tokens in filter(None, (v.strip() for v in args.micro_batch.split(","))):
         variants[f"keeplora-micro{tokens}"] = {"grad_micro_batch": int(tokens)}
     rows = compare(

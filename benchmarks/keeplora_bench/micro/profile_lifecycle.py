@@ -10,8 +10,9 @@ the same kernels are compiled) before the timed ones: otherwise the first begin_
 compiles and the CUDA libraries' first-use set-up, which the first method in the list absorbs for every other, and
 a short warm-up leaves part of it in the timed task. The timed tasks then start from one learned task, the steady
 state of a continual run. KeepLoRA's begin_task is also timed with its gradient pass's activations in host memory
-(``begin_task_offload``) and, per value of ``grad_micro_batches``, with that many tokens per micro-batch
-(``begin_task_micro<N>``; a batch splits only by rows). ``trace_dir`` writes torch.profiler tables of one more
+(``begin_task_offload``), with the model's blocks under activation checkpointing (``begin_task_checkpoint``) and,
+per value of ``grad_micro_batches``, with that many tokens per micro-batch (``begin_task_micro<N>``; a batch splits
+only by rows). ``trace_dir`` writes torch.profiler tables of one more
 keeplora task (begin_task, end_task), untimed, to show where the time goes.
 
     python -m keeplora_bench.micro.profile_lifecycle --model llama:d=256,layers=2 --batch 4 --seq 128
@@ -139,17 +140,25 @@ def profile(
             if method != "peft-lora":
                 end.append(time_and_memory(lambda: handle.end_task(data, loss), device=dev))
         variants = {}  # keeplora's begin_task again under other settings of its gradient pass, one task each
+        failed: dict[str, str] = {}  # setting -> error
         if method == "keeplora":
             default_micro = handle.config.grad_micro_batch
-            settings = [("begin_task_offload", dict(grad_offload=True))] + [
-                (f"begin_task_micro{n}", dict(grad_micro_batch=n)) for n in grad_micro_batches
-            ]
+            settings = [
+                ("begin_task_offload", dict(grad_offload=True)),
+                ("begin_task_checkpoint", dict(grad_checkpoint=True)),
+            ] + [(f"begin_task_micro{n}", dict(grad_micro_batch=n)) for n in grad_micro_batches]
             for phase, options in settings:
                 for key, value in options.items():
                     setattr(handle.config, key, value)
-                variants[phase] = time_and_memory(lambda: handle.begin_task(data, loss), device=dev)
-                handle.config.grad_offload, handle.config.grad_micro_batch = False, default_micro
-                handle.end_task(data, loss)
+                try:
+                    variants[phase] = time_and_memory(lambda: handle.begin_task(data, loss), device=dev)
+                except Exception as exc:  # one setting's failure must not cost the profile its other rows
+                    failed[phase] = f"{type(exc).__name__}: {exc}"[:200]
+                finally:
+                    handle.config.grad_offload, handle.config.grad_checkpoint = False, False
+                    handle.config.grad_micro_batch = default_micro
+                if phase in variants:  # a failed begin_task leaves no task to end
+                    handle.end_task(data, loss)
         if trace_dir is not None and method == "keeplora":
             _trace_task(handle, data, loss, Path(trace_dir), dev)
         step_ms = statistics.median(step_times)
@@ -189,6 +198,7 @@ def profile(
                         **context,
                     )
                 )
+            rows += [dict(method=method, phase=phase, error=error) for phase, error in failed.items()]
             rows.append(
                 dict(
                     method=method,
@@ -205,16 +215,18 @@ def profile(
     ours = {(row["phase"]): row for row in rows if row["method"] == "keeplora"}
     authors = {(row["phase"]): row for row in rows if row["method"] == "authors"}
     for row in rows:
+        row.update(
+            model=model_spec, device_kind=dev.type, dtype=dtype, batch=batch, tokens_per_batch=tokens_per_batch, r=r
+        )
+        if "error" in row:
+            continue
         base = ours.get(row["phase"])
-        if base and row["method"] != "keeplora":
+        if base and "error" not in base and row["method"] != "keeplora":
             row["time_vs_keeplora"] = row["time_ms"] / base["time_ms"]
             row["memory_vs_keeplora"] = row["peak_mb"] / max(base["peak_mb"], 1e-9)
         if row["method"] == "keeplora" and row["phase"].startswith("begin_task") and "begin_task" in authors:
             row["memory_vs_authors_begin_task"] = row["peak_mb"] / max(authors["begin_task"]["peak_mb"], 1e-9)
             row["authors_begin_task_time_ratio"] = authors["begin_task"]["time_ms"] / max(row["time_ms"], 1e-9)
-        row.update(
-            model=model_spec, device_kind=dev.type, dtype=dtype, batch=batch, tokens_per_batch=tokens_per_batch, r=r
-        )
     if "keeplora" in subspaces and "authors" in subspaces:
         worst = 0.0
         for name, a in subspaces["keeplora"].items():
