@@ -44,8 +44,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(launcher: str, scenario: str, out: Path, pg_timeout_s: int = 30, case: str = "bert") -> dict:
-    """Run the worker on 2 ranks (on the tiny model ``case``); return ``{rank: (tensors, outcome)}``."""
+def launch(
+    launcher: str, scenario: str, out: Path, pg_timeout_s: int = 30, case: str = "bert", env: dict | None = None
+) -> dict:
+    """Run the worker on 2 ranks (on the tiny model ``case``, with ``env`` added to the environment); return
+    ``{rank: (tensors, outcome)}``."""
+    extra_env = env or {}
     port = str(_free_port())
     if launcher == "torchrun":
         cmd = [
@@ -88,6 +92,7 @@ def launch(launcher: str, scenario: str, out: Path, pg_timeout_s: int = 30, case
         "KEEPLORA_TEST_CASE": case,
         # the worker imports the test helpers as the package ``support`` (its folder's parent)
         "PYTHONPATH": os.pathsep.join(p for p in (str(WORKER.parents[1]), os.environ.get("PYTHONPATH")) if p),
+        **extra_env,
     }
     proc = subprocess.Popen(
         [*cmd, str(WORKER), scenario, str(out)],
@@ -172,6 +177,14 @@ def test_fsdp2_two_ranks_equal_one_rank(tmp_path, reference):
     memory = outcome["history"][-1]["memory"]
     assert [m["rank"] for m in memory] == [0, 1]
     assert all(m["parameter_bytes"] < 0.75 * outcome["full_bytes"] for m in memory), memory
+
+
+def test_fsdp2_with_a_checkpointed_gradient_pass_equals_one_rank(tmp_path, reference):
+    """grad_checkpoint under FSDP2: the recomputed blocks are the sharded ones (their parameters gathered again for
+    the backward); the run equals the one-process run without checkpointing."""
+    ranks = launch("torchrun", "fsdp", tmp_path, env={"KEEPLORA_TEST_GRAD_CHECKPOINT": "1"})
+    assert all(ranks[0][1]["sharded"].values())
+    assert_equals_reference(ranks, reference)
 
 
 def test_fsdp2_two_ranks_equal_one_rank_with_conv1d_targets(tmp_path, monkeypatch):

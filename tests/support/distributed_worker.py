@@ -46,6 +46,7 @@ def config() -> KeepLoRAConfig:
         feature_energy=0.9,
         progress=False,
         stats_dtype=str(DTYPE).removeprefix("torch."),
+        grad_checkpoint=os.environ.get("KEEPLORA_TEST_GRAD_CHECKPOINT") == "1",
     )
 
 
