@@ -99,12 +99,12 @@ class KeepLoRAConfig:
         default=4096,
         metadata={
             "help": (
-                "Tokens per micro-batch of the gradient pass in begin_task: a batch is split by rows into parts of at "
-                "most this many tokens (rows × sequence length, at least one row), which bounds the activations the "
-                "pass keeps for backward. Only where the split is exact: the model's own loss (loss_fn=None) of a "
-                "transformers causal LM, masked LM or token classifier (a mean over the labels that are not -100; each"
-                " part is weighted by its share of those labels); batches of a user loss_fn are never split. 0 "
-                "disables."
+                "Tokens per micro-batch of the gradient passes (begin_task's, and end_task's with "
+                "memory_source='gradients'): a batch is split by rows into parts of at most this many tokens (rows × "
+                "sequence length, at least one row), which bounds the activations the pass keeps for backward. Only "
+                "where the split is exact: the model's own loss (loss_fn=None) of a transformers causal LM, masked LM "
+                "or token classifier (a mean over the labels that are not -100; each part is weighted by its share of "
+                "those labels); batches of a user loss_fn are never split. 0 disables."
             )
         },
     )
@@ -112,10 +112,10 @@ class KeepLoRAConfig:
         default=False,
         metadata={
             "help": (
-                "Keep the activations saved for backward in host memory (pinned on CUDA) during begin_task's gradient "
-                "pass: device memory then holds about one layer's working set besides the accumulators, at the cost of"
-                " copying every saved activation to the host and back. For batches that micro-batching cannot split "
-                "(one long sequence, or a user loss_fn)."
+                "Keep the activations saved for backward in host memory (pinned on CUDA) during the gradient passes "
+                "(as grad_micro_batch): device memory then holds about one layer's working set besides the "
+                "accumulators, at the cost of copying every saved activation to the host and back. For batches that "
+                "micro-batching cannot split (one long sequence, or a user loss_fn)."
             )
         },
     )
@@ -124,10 +124,10 @@ class KeepLoRAConfig:
         metadata={
             "help": (
                 "Run the model's repeated blocks (its decoder or encoder layers) under activation checkpointing during "
-                "begin_task's gradient pass: the pass keeps each block's inputs instead of its activations and "
-                "recomputes one block at a time in the backward, at the cost of one more forward (grad_offload "
-                "instead copies every saved activation to the host and back). The same gradient sums; for batches "
-                "that micro-batching cannot split (one long sequence, or a user loss_fn)."
+                "the gradient passes (as grad_micro_batch): the pass keeps each block's inputs instead of its "
+                "activations and recomputes one block at a time in the backward, at the cost of one more forward "
+                "(grad_offload instead copies every saved activation to the host and back). The same gradient sums; "
+                "for batches that micro-batching cannot split (one long sequence, or a user loss_fn)."
             )
         },
     )

@@ -580,6 +580,9 @@ class KeepLoRA:
             dtype=cfg.torch_stats_dtype,
             progress=cfg.progress,
             desc=f"task {self.state.tasks_done + 1} memory gradient",
+            micro_batch_tokens=cfg.grad_micro_batch,
+            offload=cfg.grad_offload,
+            checkpoint=cfg.grad_checkpoint,
         )
         return {name: g.t() @ g for name, g in grads.items()}, {}
 

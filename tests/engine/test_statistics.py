@@ -360,3 +360,34 @@ def test_checkpointing_needs_repeated_blocks():
             dtype=torch.float32,
             checkpoint=True,
         )
+
+
+def test_memory_gradient_pass_takes_the_gradient_pass_memory_options():
+    """end_task's gradient pass (memory_source='gradients') with micro-batches or checkpointing: the same memory."""
+    bases = []
+    for options in (dict(grad_micro_batch=0), dict(grad_micro_batch=18), dict(grad_checkpoint=True)):
+        model, targets = _own_loss_model("llama")
+        kl = KeepLoRA(
+            model,
+            KeepLoRAConfig(
+                target_modules=targets,
+                r=4,
+                weight_energy=0.5,
+                feature_energy=0.9,
+                memory_source="gradients",
+                progress=False,
+                svd_method="exact",
+                **options,
+            ),
+        )
+        data = _labelled_batches("llama", 2)
+        kl.begin_task(data)
+        rows = []
+        hook = next(iter(kl.layers.values())).register_forward_hook(lambda _m, a, _o: rows.append(a[0].shape[0]))
+        kl.end_task(data)
+        hook.remove()
+        assert max(rows) == (2 if options.get("grad_micro_batch") == 18 else 7)  # the pass was split or not
+        bases.append({n: p @ p.t() for n, p in kl.bases.items()})  # projectors: sign-free
+    for other in bases[1:]:
+        for n, proj in bases[0].items():
+            torch.testing.assert_close(other[n], proj, rtol=1e-4, atol=1e-5)
