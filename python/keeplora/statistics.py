@@ -178,14 +178,15 @@ def _checkpointed(model: nn.Module, blocks: list[nn.Module]):
     """Inside, each block's forward runs under non-reentrant activation checkpointing: autograd keeps a block's
     inputs, and its backward recomputes the block's forward (the same kernels on the same inputs: the same
     values) to get what it saved. A transformers model's key/value cache is off inside (a recomputed forward would
-    append to it a second time); the forwards and the cache setting are restored on exit."""
+    append to it a second time); the forwards and the cache settings are restored on exit."""
     from torch.utils.checkpoint import checkpoint
 
-    config = getattr(unwrap_model(model), "config", None)
-    use_cache = getattr(config, "use_cache", None)
+    # every config that turns a cache on: a multimodal model's language model has its own (text_config)
+    caching = {id(c): c for m in model.modules() if getattr(c := getattr(m, "config", None), "use_cache", False)}
+    settings = [(config, config.use_cache) for config in caching.values()]
     patched: list[tuple[nn.Module, bool, Callable[..., Any]]] = []
     try:
-        if use_cache:
+        for config, _ in settings:
             config.use_cache = False
         for block in blocks:
             forward = block.forward
@@ -202,8 +203,8 @@ def _checkpointed(model: nn.Module, blocks: list[nn.Module]):
                 block.forward = forward
             else:
                 del block.forward
-        if use_cache:
-            config.use_cache = use_cache
+        for config, value in settings:
+            config.use_cache = value
 
 
 class _GradientTap(torch.autograd.Function):

@@ -307,7 +307,7 @@ def test_checkpointed_pass_gives_the_same_sums_and_restores_the_model(kind):
     use_cache = getattr(config, "use_cache", None)
     calls = []
     inner = next(t for t in kl.layers.values() if any(m is t for m in blocks[0].modules()))
-    hook = inner.register_forward_hook(lambda *_: calls.append(1))
+    hook = inner.register_forward_hook(lambda *_: calls.append(getattr(config, "use_cache", None)))
     kw = dict(device=torch.device("cpu"), dtype=torch.float64)
     data = case.batches(n=2)
     plain = estimate_gradients(model, kl.layers, data, case.loss, **kw)
@@ -315,6 +315,7 @@ def test_checkpointed_pass_gives_the_same_sums_and_restores_the_model(kind):
     calls.clear()
     kept = estimate_gradients(model, kl.layers, data, case.loss, checkpoint=True, **kw)
     assert len(calls) == 4  # the block's forward ran again in the backward
+    assert not any(calls)  # no key/value cache inside the checkpointed pass
     hook.remove()
     for n in plain:
         assert plain[n].abs().max() > 0
@@ -391,3 +392,38 @@ def test_memory_gradient_pass_takes_the_gradient_pass_memory_options():
     for other in bases[1:]:
         for n, proj in bases[0].items():
             torch.testing.assert_close(other[n], proj, rtol=1e-4, atol=1e-5)
+
+
+def test_checkpointed_pass_turns_off_every_cache_of_a_nested_model():
+    """A multimodal model's language model has its own config: its cache is off inside the pass too."""
+    import types
+
+    model, targets = _own_loss_model("llama")
+
+    class Outer(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+            self.config = types.SimpleNamespace(use_cache=True)
+
+        def forward(self, **batch):
+            return self.lm(**batch)
+
+    outer = Outer(model)
+    kl = KeepLoRA(outer, KeepLoRAConfig(target_modules=targets, r=4, weight_energy=0.5, progress=False))
+    seen = []
+    layer = next(iter(kl.layers.values()))
+    hook = layer.register_forward_hook(lambda *_: seen.append((outer.config.use_cache, model.config.use_cache)))
+    estimate_gradients(
+        outer,
+        kl.layers,
+        _labelled_batches("llama", 1),
+        lambda m, b: m(**b).loss,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        checkpoint=True,
+        progress=False,
+    )
+    hook.remove()
+    assert seen and not any(a or b for a, b in seen)
+    assert outer.config.use_cache is True and model.config.use_cache is True
