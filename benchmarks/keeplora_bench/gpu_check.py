@@ -4,8 +4,9 @@
     bash benchmarks/gpu_check.sh                              # on the GPU machine: sets the path, runs this
     python -m keeplora_bench.gpu_check --dry --out /tmp/x     # CPU rehearsal with tiny shapes (tested in CI)
 
-Steps, each time-boxed and independent (a failing step is recorded, the others still run), in the order of what is
-still to be measured, since the script's overall limit cuts the last ones:
+Steps, each time-boxed and independent (a failing step is recorded, the others still run; the tests and the
+benchmarks of new device code run in subprocesses, so that a CUDA fault cannot take the later steps' device), in the
+order of what is still to be measured, since the script's overall limit cuts the last ones:
   1. environment: GPU, driver, torch/triton/transformers/peft versions, git sha, and the roofline every step's
      floors use (the H200 anchors on an H200, measured on any other GPU: keeplora_bench.micro.roofline);
   2. build the C++/CUDA extension for sm_90 in place (skipped in dry mode unless a compiler is there);
@@ -24,7 +25,7 @@ Everything goes under --out (logs, CSVs, summary.json); a short table (op, time,
 from __future__ import annotations
 
 import argparse
-import importlib
+import importlib.util
 import json
 import os
 import signal
@@ -139,15 +140,35 @@ def step_gpu_tests(out: Path, dry: bool) -> list[dict[str, Any]]:
     return [dict(op="gpu tests", note=tail[0], rc=rc)]
 
 
-def _bench_step(module: str, **extra) -> Callable[[Path, bool], list[dict[str, Any]]]:
+# A benchmark module's ``run`` in a subprocess; its summary rows come back through a JSON file.
+_BENCH_CHILD = """
+import importlib, json, sys
+from pathlib import Path
+module, kwargs, out, summary = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+rows = importlib.import_module(module).run(out, **kwargs)
+summary.write_text(json.dumps(rows, default=str))
+"""
+
+
+def _bench_step(module: str, budget: str, **extra) -> Callable[[Path, bool], list[dict[str, Any]]]:
+    """``keeplora_bench.micro.<module>.run(out, quick=True, smoke=dry, **extra)`` (the GPU script's subset; dry: tiny
+    shapes) in a subprocess boxed by ``BUDGET[budget]``: a CUDA fault or a broken graph capture in new, never-run
+    device code leaves a process's CUDA context unusable, which must not cost the later steps their rows. The rows
+    a benchmark writes case by case survive its failure."""
+
     def step(out: Path, dry: bool) -> list[dict[str, Any]]:
-        try:
-            mod = importlib.import_module(f"{__package__}.micro.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"{__package__}.micro.{module}":
-                return [dict(op=module, note="not in this checkout")]
-            raise
-        return mod.run(out, quick=True, smoke=dry, **extra)  # the GPU script's subset; dry: tiny shapes
+        target = f"{__package__}.micro.{module}"
+        if importlib.util.find_spec(target) is None:
+            return [dict(op=module, note="not in this checkout")]
+        summary = out / f"{module}.summary.json"
+        summary.unlink(missing_ok=True)
+        kwargs = json.dumps(dict(quick=True, smoke=dry, **extra))
+        args = [sys.executable, "-c", _BENCH_CHILD, target, kwargs, str(out), str(summary)]
+        rc = _run(args, out / f"{module}.log", BUDGET[budget] - 5)
+        rows = json.loads(summary.read_text()) if summary.is_file() else []
+        if rc != 0:
+            rows.append(dict(op=module, note=f"FAILED: rc={rc}, see {module}.log"))
+        return rows
 
     return step
 
@@ -288,15 +309,16 @@ STEPS: dict[str, Callable[[Path, bool], list[dict[str, Any]]]] = {
     # own calls (principal subspaces at set-up, the memory update of end_task: measured in run 5)
     "bench_rsvd": _bench_step(
         "bench_rsvd",
+        "bench_rsvd",
         trace=True,
         time_box_s=BUDGET["bench_rsvd"] - 40,
         sections=("rsvd", "model_set", "principal_subspace", "memory_update"),
     ),
     "profile": step_profile,
     "profile_batched": step_profile_batched,
-    "bench_kernels": _bench_step("bench_kernels", trace=True),
+    "bench_kernels": _bench_step("bench_kernels", "bench_kernels", trace=True),
     "profile_orders": step_profile_orders,
-    "triton_gemm": _bench_step("bench_triton_gemm"),
+    "triton_gemm": _bench_step("bench_triton_gemm", "triton_gemm"),
 }
 # what a plain run measures (module docstring): every step but the measured-and-decided ones
 DEFAULT_STEPS = [name for name in STEPS if name not in ("profile_orders", "triton_gemm")]
