@@ -4,9 +4,9 @@
     bash benchmarks/gpu_check.sh                              # on the GPU machine: sets the path, runs this
     python -m keeplora_bench.gpu_check --dry --out /tmp/x     # CPU rehearsal with tiny shapes (tested in CI)
 
-Steps, each time-boxed and independent (a failing step is recorded, the others still run; the tests and the
-benchmarks of new device code run in subprocesses, so that a CUDA fault cannot take the later steps' device), in the
-order of what is still to be measured, since the script's overall limit cuts the last ones:
+Steps, each time-boxed and independent (a failing step is recorded, the others still run; the tests, benchmarks and
+profiles run in subprocesses, so that a CUDA fault in never-run device code cannot take the later steps' device), in
+the order of what is still to be measured, since the script's overall limit cuts the last ones:
   1. environment: GPU, driver, torch/triton/transformers/peft versions, git sha, and the roofline every step's
      floors use (the H200 anchors on an H200, measured on any other GPU: keeplora_bench.micro.roofline);
   2. build the C++/CUDA extension for sm_90 in place (skipped in dry mode unless a compiler is there);
@@ -48,8 +48,8 @@ BUDGET = {
     "gpu_tests": 150,
     "lora_variants": 100,
     "bench_rsvd": 100,
-    "profile": 100,
-    "profile_batched": 70,
+    "profile": 115,  # run 5: 92 s in process; a subprocess adds its imports and CUDA start-up
+    "profile_batched": 90,
     "bench_kernels": 60,
     "profile_orders": 60,
     "triton_gemm": 50,
@@ -140,35 +140,45 @@ def step_gpu_tests(out: Path, dry: bool) -> list[dict[str, Any]]:
     return [dict(op="gpu tests", note=tail[0], rc=rc)]
 
 
-# A benchmark module's ``run`` in a subprocess; its summary rows come back through a JSON file.
-_BENCH_CHILD = """
+# One benchmark function in a child process: keeplora_bench.micro.<module>.<function>(**kwargs), rows back as JSON.
+_CHILD = """
 import importlib, json, sys
 from pathlib import Path
-module, kwargs, out, summary = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
-rows = importlib.import_module(module).run(out, **kwargs)
-summary.write_text(json.dumps(rows, default=str))
+module, function, kwargs, rows_file = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), Path(sys.argv[4])
+rows = getattr(importlib.import_module(module), function)(**kwargs)
+rows_file.write_text(json.dumps(rows, default=str))
 """
+
+
+def _in_subprocess(
+    module: str, function: str, kwargs: dict[str, Any], out: Path, name: str, timeout: float, env: dict | None = None
+) -> tuple[int, list[dict[str, Any]]]:
+    """``keeplora_bench.micro.<module>.<function>(**kwargs)`` in a subprocess (log ``<name>.log``): a CUDA fault or a
+    broken graph capture in new, never-run device code leaves a process's CUDA context unusable, which must not cost
+    the later steps their rows. Returns the exit code and the rows the function returned (none if it failed; the
+    rows a benchmark writes case by case survive its failure)."""
+    rows_file = out / f"{name}.rows.json"
+    rows_file.unlink(missing_ok=True)
+    target = f"{__package__}.micro.{module}"
+    args = [sys.executable, "-c", _CHILD, target, function, json.dumps(kwargs), str(rows_file)]
+    rc = _run(args, out / f"{name}.log", timeout, env)
+    return rc, json.loads(rows_file.read_text()) if rc == 0 and rows_file.is_file() else []
+
+
+def _failed(name: str, rc: int) -> list[dict[str, Any]]:
+    return [dict(op=name, note=f"FAILED: rc={rc}, see {name}.log")] if rc != 0 else []
 
 
 def _bench_step(module: str, budget: str, **extra) -> Callable[[Path, bool], list[dict[str, Any]]]:
     """``keeplora_bench.micro.<module>.run(out, quick=True, smoke=dry, **extra)`` (the GPU script's subset; dry: tiny
-    shapes) in a subprocess boxed by ``BUDGET[budget]``: a CUDA fault or a broken graph capture in new, never-run
-    device code leaves a process's CUDA context unusable, which must not cost the later steps their rows. The rows
-    a benchmark writes case by case survive its failure."""
+    shapes) in a subprocess boxed by ``BUDGET[budget]``; its summary rows."""
 
     def step(out: Path, dry: bool) -> list[dict[str, Any]]:
-        target = f"{__package__}.micro.{module}"
-        if importlib.util.find_spec(target) is None:
+        if importlib.util.find_spec(f"{__package__}.micro.{module}") is None:
             return [dict(op=module, note="not in this checkout")]
-        summary = out / f"{module}.summary.json"
-        summary.unlink(missing_ok=True)
-        kwargs = json.dumps(dict(quick=True, smoke=dry, **extra))
-        args = [sys.executable, "-c", _BENCH_CHILD, target, kwargs, str(out), str(summary)]
-        rc = _run(args, out / f"{module}.log", BUDGET[budget] - 5)
-        rows = json.loads(summary.read_text()) if summary.is_file() else []
-        if rc != 0:
-            rows.append(dict(op=module, note=f"FAILED: rc={rc}, see {module}.log"))
-        return rows
+        kwargs = dict(out_dir=str(out), quick=True, smoke=dry, **extra)
+        rc, rows = _in_subprocess(module, "run", kwargs, out, module, BUDGET[budget] - 5)
+        return rows + _failed(module, rc)
 
     return step
 
@@ -224,10 +234,9 @@ def step_lora_variants(out: Path, dry: bool) -> list[dict[str, Any]]:
 
 
 def step_profile(out: Path, dry: bool) -> list[dict[str, Any]]:
-    from .micro import profile_lifecycle
-
     # timed after one untimed warm-up task per method (JIT, library set-up); one traced keeplora task at the end
-    rows = profile_lifecycle.run(out, trace_dir=out, **_profile_kwargs(dry))
+    kwargs = dict(out_dir=str(out), trace_dir=str(out), **_profile_kwargs(dry))
+    rc, rows = _in_subprocess("profile_lifecycle", "run", kwargs, out, "profile", BUDGET["profile"] - 5)
     return [
         dict(
             op=f"{r['method']} {r['phase']}",
@@ -237,25 +246,27 @@ def step_profile(out: Path, dry: bool) -> list[dict[str, Any]]:
             note=f"FAILED: {r['error']}" if "error" in r else "",
         )
         for r in rows
-    ]
+    ] + _failed("profile", rc)
 
 
 def step_profile_batched(out: Path, dry: bool) -> list[dict[str, Any]]:
     """The same 8192 tokens per batch as ``profile`` in four rows of 2048: begin_task's gradient pass splits a batch
     into micro-batches by rows only (exact for the model's own loss), so here it holds the activations of 4096
     tokens (the default ``grad_micro_batch``) or 2048, where the authors' pipeline holds the whole batch's."""
-    from .micro import profile_lifecycle
+    from .micro.harness import append_rows
 
     kwargs = _profile_kwargs(dry)
     if not dry and kwargs["device"] == "cuda":
         kwargs.update(batch=4, seq=2048, steps=3)
     else:
         kwargs.update(batch=4, seq=kwargs["seq"] // 2)
-    rows = profile_lifecycle.profile(methods=("keeplora", "authors"), grad_micro_batches=(kwargs["seq"],), **kwargs)
-    from .micro.harness import append_rows
-
-    append_rows("profile_batched", rows, results_dir=out)
-    summary = []
+    kwargs.update(methods=["keeplora", "authors"], grad_micro_batches=[kwargs["seq"]])
+    rc, rows = _in_subprocess(
+        "profile_lifecycle", "profile", kwargs, out, "profile_batched", BUDGET["profile_batched"] - 5
+    )
+    if rows:
+        append_rows("profile_batched", rows, results_dir=out)
+    summary = _failed("profile_batched", rc)
     for r in rows:
         row = dict(op=f"{r['method']} {r['phase']} ({r['batch']}x{r['tokens_per_batch'] // r['batch']})")
         row.update(time_ms=r.get("time_ms", ""), peak_mb=r.get("peak_mb", ""), ratio=r.get("time_vs_keeplora", ""))
@@ -277,18 +288,17 @@ def step_profile_orders(out: Path, dry: bool) -> list[dict[str, Any]]:
     """KeepLoRA's lifecycle again under each alternative GEMM order of the LoRA linear (``KEEPLORA_LORA_ORDERS``):
     the training step of the candidates for the CUDA default, next to the default's own row of step ``profile``."""
 
-    from .micro import profile_lifecycle
     from .micro.harness import append_rows
 
     summary = []
     for orders in PROFILED_ORDERS:
-        fwd, bwd = orders.split(",")
-        kwargs = _profile_kwargs(dry)
-        os.environ["KEEPLORA_LORA_ORDERS"] = orders
-        try:
-            rows = profile_lifecycle.profile(methods=("keeplora",), **kwargs)
-        finally:
-            del os.environ["KEEPLORA_LORA_ORDERS"]
+        kwargs = dict(methods=["keeplora"], **_profile_kwargs(dry))
+        name = f"profile_orders_{orders.replace(',', '_')}"
+        timeout = BUDGET["profile_orders"] / len(PROFILED_ORDERS) - 5
+        rc, rows = _in_subprocess(
+            "profile_lifecycle", "profile", kwargs, out, name, timeout, env={"KEEPLORA_LORA_ORDERS": orders}
+        )
+        summary += _failed(name, rc)
         for row in rows:
             row["lora_orders"] = orders
         append_rows("profile_orders", rows, results_dir=out)
