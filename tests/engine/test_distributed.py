@@ -180,8 +180,8 @@ def test_fsdp2_two_ranks_equal_one_rank(tmp_path, reference):
 
 
 def test_fsdp2_with_a_checkpointed_gradient_pass_equals_one_rank(tmp_path, reference):
-    """grad_checkpoint under FSDP2: the recomputed blocks are the sharded ones (their parameters gathered again for
-    the backward); the run equals the one-process run without checkpointing."""
+    """grad_checkpoint under FSDP2: the checkpointed blocks are the sharded ones; the run equals the one-process run
+    without checkpointing."""
     ranks = launch("torchrun", "fsdp", tmp_path, env={"KEEPLORA_TEST_GRAD_CHECKPOINT": "1"})
     assert all(ranks[0][1]["sharded"].values())
     assert_equals_reference(ranks, reference)
