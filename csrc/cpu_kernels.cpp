@@ -87,6 +87,44 @@ at::Tensor split_operand_cpu(const at::Tensor& x, at::ScalarType dtype, double s
   return at::cat({hi, lo}, -1);
 }
 
+void check_split_basis_input(const at::Tensor& y, int64_t parts, const at::Tensor* r_inv) {
+  TORCH_CHECK(parts == 1 || parts == 2, "keeplora split basis ops: parts must be 1 or 2, got ", parts);
+  TORCH_CHECK(y.dim() == 3 && y.scalar_type() == at::kFloat && y.size(2) % parts == 0,
+              "keeplora split basis ops expect float32 y of shape (b, rows, parts * w), got ", y.scalar_type(), " ",
+              y.sizes());
+  const int64_t w = y.size(2) / parts;
+  TORCH_CHECK(w >= 1 && w <= kMaxSplitBasisWidth, "keeplora split basis ops: w must be in [1, ",
+              kMaxSplitBasisWidth, "], got ", w);
+  if (r_inv != nullptr) {
+    TORCH_CHECK(r_inv->dim() == 3 && r_inv->size(0) == y.size(0) && r_inv->size(1) == w && r_inv->size(2) == w &&
+                    r_inv->scalar_type() == at::kDouble,
+                "keeplora::split_product expects float64 r_inv of shape (", y.size(0), ", ", w, ", ", w, "), got ",
+                r_inv->scalar_type(), " ", r_inv->sizes());
+    TORCH_CHECK(r_inv->device() == y.device(), "keeplora::split_product: r_inv is on ", r_inv->device(),
+                " but y on ", y.device());
+  }
+}
+
+at::Tensor combined_columns(const at::Tensor& y, int64_t parts, double lo_scale) {
+  const int64_t w = y.size(2) / parts;
+  return parts == 2 ? y.narrow(-1, 0, w).add(y.narrow(-1, w, w), lo_scale) : y;
+}
+
+// The formulas in library calls (the CUDA kernels read y once each, in the same arithmetic but another summation
+// order).
+at::Tensor gram_of_sum_cpu(const at::Tensor& y, int64_t parts, double lo_scale) {
+  check_split_basis_input(y, parts, nullptr);
+  const at::Tensor v = combined_columns(y, parts, lo_scale).to(at::kDouble);
+  return at::matmul(v.mT(), v);
+}
+
+at::Tensor split_product_cpu(const at::Tensor& y, int64_t parts, double lo_scale, const at::Tensor& r_inv,
+                             at::ScalarType dtype, double scale) {
+  check_split_basis_input(y, parts, &r_inv);
+  const at::Tensor q = at::matmul(combined_columns(y, parts, lo_scale).to(at::kDouble), r_inv);
+  return split_operand_cpu(q, dtype, scale);
+}
+
 double cholesky_tiny_shift(at::ScalarType dtype) { return dtype == at::kDouble ? 1e-290 : 1e-30; }
 
 void check_shifted_cholesky_input(const at::Tensor& gram, const at::Tensor& info) {

@@ -125,6 +125,42 @@ at::Tensor split_operand_cuda(const at::Tensor& x, at::ScalarType dtype, double 
   return out;
 }
 
+static_assert(cuda::kMaxSplitBasisWidth == kMaxSplitBasisWidth, "one width limit for the split basis ops");
+
+at::Tensor gram_of_sum_cuda(const at::Tensor& y, int64_t parts, double lo_scale) {
+  check_split_basis_input(y, parts, nullptr);
+  const c10::cuda::CUDAGuard guard(y.device());
+  const at::Tensor yc = y.contiguous();
+  const int64_t batch = y.size(0), rows = y.size(1), w = y.size(2) / parts;
+  const int64_t chunks = cuda::gram_of_sum_chunks(batch, rows);
+  at::Tensor partial = at::empty({batch, chunks, w, w}, y.options().dtype(at::kDouble));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(y.device().index()).stream();
+  check_launch(cuda::launch_gram_of_sum(yc.data_ptr<float>(), partial.data_ptr<double>(), batch, rows,
+                                        static_cast<int>(w), static_cast<int>(parts), static_cast<float>(lo_scale),
+                                        chunks, stream),
+               "gram_of_sum");
+  return chunks == 1 ? partial.squeeze(1) : partial.sum(1);
+}
+
+at::Tensor split_product_cuda(const at::Tensor& y, int64_t parts, double lo_scale, const at::Tensor& r_inv,
+                              at::ScalarType dtype, double scale) {
+  check_split_basis_input(y, parts, &r_inv);
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf,
+              "keeplora::split_product: dtype must be bfloat16 or float16, got ", dtype);
+  const c10::cuda::CUDAGuard guard(y.device());
+  const at::Tensor yc = y.contiguous();
+  const at::Tensor rc = r_inv.contiguous();
+  const int64_t batch = y.size(0), rows = y.size(1), w = y.size(2) / parts;
+  at::Tensor out = at::empty({batch, rows, 2 * w}, y.options().dtype(dtype));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(y.device().index()).stream();
+  check_launch(cuda::launch_split_product(yc.data_ptr<float>(), rc.data_ptr<double>(), out.data_ptr(),
+                                          dtype == at::kBFloat16, batch, rows, static_cast<int>(w),
+                                          static_cast<int>(parts), static_cast<float>(lo_scale),
+                                          static_cast<float>(scale), stream),
+               "split_product");
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> shifted_cholesky_cuda(const at::Tensor& gram, double shift_factor,
                                                          bool check_rank, const at::Tensor& info) {
   check_shifted_cholesky_input(gram, info);
@@ -159,6 +195,8 @@ TORCH_LIBRARY_IMPL(keeplora, CUDA, m) {
   m.impl("gesvdj_batched", &keeplora::gesvdj_batched_cuda);
   m.impl("shifted_cholesky", &keeplora::shifted_cholesky_cuda);
   m.impl("split_operand", &keeplora::split_operand_cuda);
+  m.impl("gram_of_sum", &keeplora::gram_of_sum_cuda);
+  m.impl("split_product", &keeplora::split_product_cuda);
   m.impl("cholesky_qr", &keeplora::cholesky_qr);
   m.impl("rsvd", &keeplora::rsvd);
   m.impl("lora_linear", &keeplora::lora_linear_forward);

@@ -20,6 +20,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_svd_cpu(const at::Tensor& 
 at::Tensor split_operand_cpu(const at::Tensor& x, at::ScalarType dtype, double scale);
 std::tuple<at::Tensor, at::Tensor> shifted_cholesky_cpu(const at::Tensor& gram, double shift_factor, bool check_rank,
                                                         const at::Tensor& info);
+at::Tensor gram_of_sum_cpu(const at::Tensor& y, int64_t parts, double lo_scale);
+at::Tensor split_product_cpu(const at::Tensor& y, int64_t parts, double lo_scale, const at::Tensor& r_inv,
+                             at::ScalarType dtype, double scale);
 
 // cuSOLVER's batched Jacobi SVD (CUDA only, l <= 32): the same contract as jacobi_svd.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gesvdj_batched_cuda(const at::Tensor& a);
@@ -48,6 +51,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_svd_meta(const at::Tensor&
 at::Tensor split_operand_meta(const at::Tensor& x, at::ScalarType dtype, double scale);
 std::tuple<at::Tensor, at::Tensor> shifted_cholesky_meta(const at::Tensor& gram, double shift_factor,
                                                          bool check_rank, const at::Tensor& info);
+at::Tensor gram_of_sum_meta(const at::Tensor& y, int64_t parts, double lo_scale);
+at::Tensor split_product_meta(const at::Tensor& y, int64_t parts, double lo_scale, const at::Tensor& r_inv,
+                              at::ScalarType dtype, double scale);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cholesky_qr_meta(const at::Tensor& y, int64_t shifted_passes,
                                                                 int64_t plain_passes);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rsvd_meta(const at::Tensor& a, int64_t rank,
@@ -59,6 +65,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rsvd_meta(const at::T
 void check_jacobi_input(const at::Tensor& a);
 void check_split_operand_input(const at::Tensor& x, at::ScalarType dtype);
 void check_shifted_cholesky_input(const at::Tensor& gram, const at::Tensor& info);
+// Widest basis (w columns) the split basis ops take (the CUDA kernels' limit).
+constexpr int64_t kMaxSplitBasisWidth = 64;
+// y (b, rows, parts * w) float32, parts 1 or 2, 1 <= w <= kMaxSplitBasisWidth; r_inv (b, w, w) float64 when given.
+void check_split_basis_input(const at::Tensor& y, int64_t parts, const at::Tensor* r_inv);
+// v = y[..., :w] + lo_scale * y[..., w:] (parts 2) or y (parts 1), float32: the value a split GEMM's output holds.
+at::Tensor combined_columns(const at::Tensor& y, int64_t parts, double lo_scale);
 // Tiny diagonal shift that lets an all-zero block factor (its Q is then zero), per dtype.
 double cholesky_tiny_shift(at::ScalarType dtype);
 void check_rsvd_input(const at::Tensor& a, int64_t rank, int64_t oversample, int64_t power_iters,

@@ -8,8 +8,8 @@ namespace keeplora {
 
 const std::vector<std::string>& op_names() {
   static const std::vector<std::string> names = {"gaussian_sketch", "jacobi_svd", "shifted_cholesky",
-                                                 "split_operand", "cholesky_qr", "rsvd",
-                                                 "gesvdj_batched", "lora_linear"};
+                                                 "split_operand", "gram_of_sum", "split_product",
+                                                 "cholesky_qr", "rsvd", "gesvdj_batched", "lora_linear"};
   return names;
 }
 
@@ -32,6 +32,12 @@ TORCH_LIBRARY(keeplora, m) {
   // x (b, c, w) float32/float64 -> [hi | lo] (b, c, 2w) in dtype (bfloat16 or float16), hi = round(float(x)),
   // lo = round((float(x) - hi) * scale): the operand of a low-precision GEMM that keeps ~16 bits of x.
   m.def("split_operand(Tensor x, ScalarType dtype, float scale) -> Tensor");
+  // The randomized SVD's intermediate basis from a GEMM's float32 output y (b, rows, parts * w): with v = y (parts
+  // 1) or v = y[..., :w] + lo_scale * y[..., w:] (parts 2, the output of a GEMM on a split operand), gram_of_sum is
+  // the float64 Gram double(v)^T double(v) (b, w, w) and split_product is split_operand(double(v) r_inv, dtype,
+  // scale) (b, rows, 2w), r_inv (b, w, w) float64. w <= 64.
+  m.def("gram_of_sum(Tensor y, int parts, float lo_scale) -> Tensor");
+  m.def("split_product(Tensor y, int parts, float lo_scale, Tensor r_inv, ScalarType dtype, float scale) -> Tensor");
   // y (b, m, l) = Q R (float64) by shifted CholeskyQR: `shifted_passes` passes with the provably safe shift,
   // then `plain_passes` with a shift at the rounding level. info: bit 1 a Cholesky failed, bit 2 a column of Q
   // came out with norm < 1/sqrt(2) (numerically rank-deficient y).
@@ -47,6 +53,8 @@ TORCH_LIBRARY_IMPL(keeplora, CPU, m) {
   m.impl("jacobi_svd", &keeplora::jacobi_svd_cpu);
   m.impl("shifted_cholesky", &keeplora::shifted_cholesky_cpu);
   m.impl("split_operand", &keeplora::split_operand_cpu);
+  m.impl("gram_of_sum", &keeplora::gram_of_sum_cpu);
+  m.impl("split_product", &keeplora::split_product_cpu);
   m.impl("cholesky_qr", &keeplora::cholesky_qr);
   m.impl("rsvd", &keeplora::rsvd);
 }
@@ -57,6 +65,8 @@ TORCH_LIBRARY_IMPL(keeplora, Meta, m) {
   m.impl("gesvdj_batched", &keeplora::jacobi_svd_meta);
   m.impl("shifted_cholesky", &keeplora::shifted_cholesky_meta);
   m.impl("split_operand", &keeplora::split_operand_meta);
+  m.impl("gram_of_sum", &keeplora::gram_of_sum_meta);
+  m.impl("split_product", &keeplora::split_product_meta);
   m.impl("cholesky_qr", &keeplora::cholesky_qr_meta);
   m.impl("rsvd", &keeplora::rsvd_meta);
 }

@@ -42,6 +42,21 @@ Tensor split_operand(const Tensor& x, at::ScalarType dtype, double scale) {
   return op.call(x, dtype, scale);
 }
 
+Tensor gram_of_sum(const Tensor& y, int64_t parts, double lo_scale) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("keeplora::gram_of_sum", "")
+                       .typed<Tensor(const Tensor&, int64_t, double)>();
+  return op.call(y, parts, lo_scale);
+}
+
+Tensor split_product(const Tensor& y, int64_t parts, double lo_scale, const Tensor& r_inv, at::ScalarType dtype,
+                     double scale) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("keeplora::split_product", "")
+                       .typed<Tensor(const Tensor&, int64_t, double, const Tensor&, at::ScalarType, double)>();
+  return op.call(y, parts, lo_scale, r_inv, dtype, scale);
+}
+
 std::tuple<Tensor, Tensor, Tensor> jacobi_svd(const Tensor& a) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("keeplora::jacobi_svd", "")
@@ -228,18 +243,23 @@ struct Residual {
   at::ScalarType cd;  // compute dtype (float32 or float64)
   bool split = false;
 
+  // The split operand's scale: x = hi + lo / scale, lo's exponent range in the matrix's dtype.
+  double split_scale() const { return a.scalar_type() == at::kHalf ? 2048.0 : 256.0; }
+
   // mat (b, r, c) times x (b, c, w), result in the compute dtype.
   Tensor gemm(const Tensor& mat, const Tensor& x) const {
     if (!split) return at::matmul(mat, x.to(cd));
-#if KEEPLORA_HAVE_BMM_OUT_DTYPE
     // Low-precision matrix, float32/float64 operand: x = hi + lo / scale with hi, lo in the matrix's dtype
     // (one split_operand launch); one GEMM on [hi | lo] with float32 accumulation and output reads the matrix
     // once and keeps ~16 mantissa bits of x.
-    const auto lowp = mat.scalar_type();
-    const double scale = lowp == at::kHalf ? 2048.0 : 256.0;
-    const int64_t w = x.size(-1);
-    const Tensor y = at::bmm(mat, split_operand(x, lowp, scale), at::kFloat);
-    return y.narrow(-1, 0, w).add(y.narrow(-1, w, w), 1.0 / scale);
+    const double scale = split_scale();
+    return combined_columns(gemm_split(mat, split_operand(x, mat.scalar_type(), scale)), 2, 1.0 / scale);
+  }
+
+  // mat (b, r, c) times an operand already split, xs (b, c, 2w) [hi | lo]: the float32 output (b, r, 2w).
+  Tensor gemm_split(const Tensor& mat, const Tensor& xs) const {
+#if KEEPLORA_HAVE_BMM_OUT_DTYPE
+    return at::bmm(mat, xs, at::kFloat);
 #else
     TORCH_CHECK(false, "keeplora::rsvd: internal error, split GEMM without aten::bmm.dtype");
 #endif
@@ -284,6 +304,38 @@ Residual make_residual(const Tensor& a, const std::optional<Tensor>& project_out
 
 using RsvdResult = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 
+// Whether the range finder keeps its intermediate bases as split operands (fused_range_finder): CUDA with a split
+// GEMM, no projection, cholqr, l within the split basis ops' width, power iterations to run, and
+// KEEPLORA_RSVD_FUSED_BASIS=1 (read at every call: an A/B switch until a GPU run decides the default).
+bool use_fused_basis(const Residual& op, int64_t l, int64_t power_iters, bool householder) {
+  const char* env = std::getenv("KEEPLORA_RSVD_FUSED_BASIS");
+  return env != nullptr && std::string(env) == "1" && op.split && !op.p.defined() && !householder &&
+         power_iters > 0 && l <= kMaxSplitBasisWidth;
+}
+
+// The range finder's power iterations with each intermediate basis kept as the split operand of the next GEMM:
+// a GEMM's float32 output y gives the Gram of its one shifted CholeskyQR pass (gram_of_sum) and then, times R^-1,
+// the next operand (split_product), where orthonormalize would write Q in float64 and split_operand read it again
+// (the same formulas: the shift, float32 rounding before the split). Returns A_hat z for the last z, in float32, for
+// orthonormalize to finish as on the library path.
+Tensor fused_range_finder(const Residual& op, const Tensor& omega, int64_t power_iters, const Tensor& info) {
+  const auto lowp = op.a.scalar_type();
+  const double scale = op.split_scale();
+  auto next_operand = [&](const Tensor& y, int64_t parts) {
+    const double rows = static_cast<double>(y.size(1)), w = static_cast<double>(y.size(2) / parts);
+    const double c_shift = 11.0 * (rows * w + w * (w + 1)) * kUnitRoundoff64;
+    auto [r, r_inv] = shifted_cholesky(gram_of_sum(y, parts, 1.0 / scale), c_shift, false, info);
+    return split_product(y, parts, 1.0 / scale, r_inv, lowp, scale);
+  };
+  Tensor xs = next_operand(op.sketch(omega), 1);
+  Tensor y2;
+  for (int64_t it = 0; it < power_iters; ++it) {
+    y2 = op.gemm_split(op.a, next_operand(op.gemm_split(op.a.mT(), xs), 2));
+    if (it + 1 < power_iters) xs = next_operand(y2, 2);
+  }
+  return combined_columns(y2, 2, 1.0 / scale);
+}
+
 RsvdResult rsvd_impl(const Residual& op, int64_t rank, int64_t oversample, int64_t power_iters, int64_t seed,
                      bool householder) {
   const Tensor& a = op.a;
@@ -300,10 +352,14 @@ RsvdResult rsvd_impl(const Residual& op, int64_t rank, int64_t oversample, int64
   Tensor q64;
   if (l < mn) {
     const Tensor omega = gaussian_sketch(a, seed, n, l);  // (n, l), identical on every device
-    q64 = orth(op.sketch(omega), false, power_iters > 0).q;
-    for (int64_t it = 0; it < power_iters; ++it) {
-      const Tensor z = orth(op.t_times(q64), false, true).q;
-      q64 = orth(op.times(z), false, it + 1 < power_iters).q;
+    if (use_fused_basis(op, l, power_iters, householder)) {
+      q64 = orth(fused_range_finder(op, omega, power_iters, info), false).q;
+    } else {
+      q64 = orth(op.sketch(omega), false, power_iters > 0).q;
+      for (int64_t it = 0; it < power_iters; ++it) {
+        const Tensor z = orth(op.t_times(q64), false, true).q;
+        q64 = orth(op.times(z), false, it + 1 < power_iters).q;
+      }
     }
   } else if (n <= m) {  // the sketch would span R^n: orthonormalise A_hat itself (exact)
     q64 = orth(op.dense(), false).q;
@@ -425,6 +481,19 @@ Tensor gaussian_sketch_meta(const Tensor& like, int64_t, int64_t rows, int64_t c
 Tensor split_operand_meta(const Tensor& x, at::ScalarType dtype, double) {
   check_split_operand_input(x, dtype);
   return at::empty({x.size(0), x.size(1), 2 * x.size(2)}, x.options().dtype(dtype));
+}
+
+Tensor gram_of_sum_meta(const Tensor& y, int64_t parts, double) {
+  check_split_basis_input(y, parts, nullptr);
+  const int64_t w = y.size(2) / parts;
+  return at::empty({y.size(0), w, w}, y.options().dtype(at::kDouble));
+}
+
+Tensor split_product_meta(const Tensor& y, int64_t parts, double, const Tensor& r_inv, at::ScalarType dtype, double) {
+  check_split_basis_input(y, parts, &r_inv);
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf,
+              "keeplora::split_product: dtype must be bfloat16 or float16, got ", dtype);
+  return at::empty({y.size(0), y.size(1), 2 * (y.size(2) / parts)}, y.options().dtype(dtype));
 }
 
 std::tuple<Tensor, Tensor> shifted_cholesky_meta(const Tensor& gram, double, bool, const Tensor& info) {

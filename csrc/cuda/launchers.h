@@ -54,5 +54,17 @@ cudaError_t launch_shifted_cholesky_f64(const double* g, double* r, double* x, i
 cudaError_t launch_split_operand(const void* x, bool x_is_double, void* out, bool out_is_bf16, int64_t rows,
                                  int64_t w, float scale, cudaStream_t stream);
 
+// The randomized SVD's intermediate basis from a GEMM's float32 output y (batch x rows x parts*w, row-major; parts 1:
+// one block v, parts 2: [hi | lo] with v = hi + lo_scale * lo in float32), w <= kMaxSplitBasisWidth:
+// gram_of_sum writes the float64 Gram of double(v) per chunk of rows, partial (batch x chunks x w x w), to be summed
+// over the chunks (gram_of_sum_chunks picks the count); split_product writes out (batch x rows x 2w, bf16 or fp16)
+// = [hi | lo] of q = double(v) r_inv (r_inv batch x w x w float64, row-major) as split_operand splits float(q).
+constexpr int kMaxSplitBasisWidth = 64;
+int64_t gram_of_sum_chunks(int64_t batch, int64_t rows);
+cudaError_t launch_gram_of_sum(const float* y, double* partial, int64_t batch, int64_t rows, int w, int parts,
+                               float lo_scale, int64_t chunks, cudaStream_t stream);
+cudaError_t launch_split_product(const float* y, const double* r_inv, void* out, bool out_is_bf16, int64_t batch,
+                                 int64_t rows, int w, int parts, float lo_scale, float scale, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace keeplora

@@ -86,6 +86,7 @@ def test_extension_reports_its_ops():
     if not ops:
         pytest.skip(f"extension not loaded: {_extension.status()}")
     assert {"rsvd", "gaussian_sketch", "jacobi_svd", "cholesky_qr", "shifted_cholesky", "split_operand"} <= set(ops)
+    assert {"gram_of_sum", "split_product"} <= set(ops)
     # every op has a CPU kernel but the cuSOLVER launcher (CPU runs LAPACK or the Jacobi twin for that step)
     assert _extension.registered_ops("cpu") == ops - {"gesvdj_batched"}
     assert "gesvdj_batched" in _extension.library().registered_ops()
@@ -222,6 +223,102 @@ def test_split_operand_keeps_sixteen_bits(dtype, scale, source):
         torch.ops.keeplora.split_operand(x, torch.float32, scale)
 
 
+def _split_gemm_output(batch, rows, w, parts, seed=0):
+    """What a float32-output GEMM on a split operand returns: [hi | lo] blocks (parts 2) or one block."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(batch, rows, parts * w, generator=g)
+    if parts == 2:
+        y[..., w:] *= 256.0 * 2.0**-8  # lo carries the operand's rounding error, scaled back up by 256
+    return y
+
+
+@_needs("gram_of_sum")
+@pytest.mark.parametrize("parts", [1, 2])
+@pytest.mark.parametrize("rows,w", [(1, 1), (37, 5), (300, 32), (70, 64)])
+def test_split_basis_ops_are_the_library_path_formulas(parts, rows, w):
+    """gram_of_sum and split_product give what the library path's intermediate CholeskyQR pass gives: the Gram of
+    y's combined columns in float64, and split_operand of (those columns) · R^-1."""
+    y = _split_gemm_output(3, rows, w, parts, seed=rows + w)
+    lo_scale = 1.0 / 256.0
+    v = y if parts == 1 else y[..., :w].add(y[..., w:], alpha=lo_scale)
+    g = torch.ops.keeplora.gram_of_sum(y, parts, lo_scale)
+    assert g.dtype == torch.float64 and g.shape == (3, w, w)
+    assert torch.equal(g, v.double().mT @ v.double())
+    r_inv = torch.linalg.inv(torch.linalg.cholesky(g + 1e-3 * torch.eye(w, dtype=torch.float64), upper=True))
+    out = torch.ops.keeplora.split_product(y, parts, lo_scale, r_inv, torch.bfloat16, 256.0)
+    assert torch.equal(out, torch.ops.keeplora.split_operand(v.double() @ r_inv, torch.bfloat16, 256.0))
+
+
+@_needs("gram_of_sum")
+def test_split_basis_ops_validate_inputs_and_have_meta_shapes():
+    y = torch.randn(2, 10, 8)
+    r_inv = torch.eye(4, dtype=torch.float64).expand(2, 4, 4)
+    with pytest.raises(RuntimeError, match="parts must be 1 or 2"):
+        torch.ops.keeplora.gram_of_sum(y, 3, 1.0)
+    with pytest.raises(RuntimeError, match="w must be in"):
+        torch.ops.keeplora.gram_of_sum(torch.randn(2, 10, 130), 2, 1.0)
+    with pytest.raises(RuntimeError, match="float32 y"):
+        torch.ops.keeplora.gram_of_sum(y.double(), 2, 1.0)
+    with pytest.raises(RuntimeError, match="r_inv"):
+        torch.ops.keeplora.split_product(y, 2, 1.0, r_inv.float(), torch.bfloat16, 256.0)
+    with pytest.raises(RuntimeError, match="bfloat16 or float16"):
+        torch.ops.keeplora.split_product(y, 2, 1.0, r_inv, torch.float32, 256.0)
+    meta = y.to("meta")
+    assert torch.ops.keeplora.gram_of_sum(meta, 2, 1.0).shape == (2, 4, 4)
+    out = torch.ops.keeplora.split_product(meta, 2, 1.0, r_inv.to("meta"), torch.float16, 2048.0)
+    assert out.shape == (2, 10, 8) and out.dtype == torch.float16
+
+
+@_needs("split_product")
+def test_fused_range_finder_formulas_give_the_library_path_basis():
+    """The fused range finder (csrc/rsvd.cpp, KEEPLORA_RSVD_FUSED_BASIS=1, CUDA only) written with the CPU ops, the
+    bf16 GEMMs emulated (bf16 values multiplied in float32): it computes what the library path computes
+    (orthonormalize's intermediate passes, then split_operand of Q), without ever forming Q."""
+    torch.manual_seed(0)
+    b, m, n, l, q, scale = 2, 300, 200, 12, 2, 256.0
+    spectrum = torch.tensor([0.85**i for i in range(n)])
+    a = (torch.linalg.qr(torch.randn(b, m, n)).Q * spectrum) @ torch.linalg.qr(torch.randn(b, n, n)).Q.mT
+    a = a.to(torch.bfloat16)
+
+    def gemm(mat, xs):  # a bf16 GEMM with float32 output on [hi | lo]
+        return mat.float() @ xs.float()
+
+    def shift(rows, w):
+        return 11.0 * (rows * w + w * (w + 1)) * 2.0**-53
+
+    def fused_next(y, parts):
+        w = y.shape[-1] // parts
+        info = torch.zeros(b, dtype=torch.int32)
+        _, r_inv = torch.ops.keeplora.shifted_cholesky(
+            torch.ops.keeplora.gram_of_sum(y, parts, 1 / scale), shift(y.shape[1], w), False, info
+        )
+        return torch.ops.keeplora.split_product(y, parts, 1 / scale, r_inv, torch.bfloat16, scale)
+
+    def library_next(y):  # orthonormalize's intermediate pass, then split_operand of Q
+        q64, _, _ = torch.ops.keeplora.cholesky_qr(y, 1, 0)
+        return torch.ops.keeplora.split_operand(q64, torch.bfloat16, scale)
+
+    def combined(y2):
+        w = y2.shape[-1] // 2
+        return y2[..., :w].add(y2[..., w:], alpha=1 / scale)
+
+    omega = torch.ops.keeplora.gaussian_sketch(a, 0, n, l).to(torch.bfloat16)
+    ends = []
+    for step in (
+        lambda y, parts: fused_next(y, parts),
+        lambda y, parts: library_next(y if parts == 1 else combined(y)),
+    ):
+        xs = step(a.float() @ omega.float(), 1)
+        for it in range(q):
+            y2 = gemm(a, step(gemm(a.mT, xs), 2))
+            if it + 1 < q:
+                xs = step(y2, 2)
+        ends.append(combined(y2))
+    fused, library = ends
+    # on the CPU both compute the same float64 products in the same order: the last A·z agrees to the bit
+    assert torch.equal(fused, library) and fused.abs().max() > 0
+
+
 @_needs("rsvd")
 def test_rsvd_meta_shapes():
     a = torch.empty(4, 70, 50, device="meta", dtype=torch.bfloat16)
@@ -311,6 +408,43 @@ def test_split_operand_cuda_equals_cpu(dtype, source):
         torch.ops.keeplora.split_operand(x.cuda(), dtype, scale).cpu(),
         torch.ops.keeplora.split_operand(x, dtype, scale),
     )
+
+
+@pytest.mark.gpu
+@_needs("split_product", "cuda")
+@pytest.mark.parametrize("parts", [1, 2])
+@pytest.mark.parametrize("batch,rows,w", [(1, 1, 1), (3, 4099, 32), (2, 1000, 17), (33, 513, 64)])
+def test_split_basis_ops_cuda_match_cpu(parts, batch, rows, w):
+    y = _split_gemm_output(batch, rows, w, parts, seed=rows)
+    g_c = torch.ops.keeplora.gram_of_sum(y, parts, 1 / 256)
+    g = torch.ops.keeplora.gram_of_sum(y.cuda(), parts, 1 / 256).cpu()
+    assert ((g - g_c).abs() <= 1e-12 * rows * g_c.abs().amax((-2, -1), keepdim=True)).all()
+    r_inv = torch.linalg.inv(torch.linalg.cholesky(g_c + 1e-3 * torch.eye(w, dtype=torch.float64), upper=True))
+    for dtype, scale in ((torch.bfloat16, 256.0), (torch.float16, 2048.0)):
+        out = torch.ops.keeplora.split_product(y.cuda(), parts, 1 / 256, r_inv.cuda(), dtype, scale).cpu()
+        ref = torch.ops.keeplora.split_product(y, parts, 1 / 256, r_inv, dtype, scale)
+        value, value_ref = (t[..., :w].double() + t[..., w:].double() / scale for t in (out, ref))
+        # another summation order of q = v R^-1 may round q's float32 value to its neighbour: 16 bits agree
+        assert ((value - value_ref).abs() <= 2.0**-15 * value_ref.abs().amax(-1, keepdim=True)).all()
+
+
+@pytest.mark.gpu
+@_needs("rsvd", "cuda")
+def test_rsvd_with_the_fused_basis_matches_the_library_path_on_cuda(monkeypatch):
+    a = _decaying_batch(torch.bfloat16).cuda()
+    monkeypatch.delenv("KEEPLORA_RSVD_FUSED_BASIS", raising=False)
+    u0, s0, v0, _ = torch.ops.keeplora.rsvd(a, 8, 8, 2, None, 3)
+    monkeypatch.setenv("KEEPLORA_RSVD_FUSED_BASIS", "1")
+    torch.ops.keeplora.rsvd(a, 8, 8, 2, None, 3)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        u, s, v, info = torch.ops.keeplora.rsvd(a, 8, 8, 2, None, 3)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert (info.cpu() & 1).sum() == 0
+    assert (s - s0).abs().max() <= 1e-3 * s0.max()
+    assert ((u * s.unsqueeze(-2)) @ v.mT - (u0 * s0.unsqueeze(-2)) @ v0.mT).abs().max() <= 1e-2 * s0.max()
 
 
 @pytest.mark.gpu

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -147,7 +148,11 @@ CONFIGS = {"keeplora_rsvd": lambda r: (8, 2), "keeplora_rsvd_matched": lambda r:
 # graph's static input buffer (how a caller that stacks its matrices into it runs), "_graph_copy" through
 # kk.rsvd(graph=True), which copies the batch into that buffer first. Without CUDA both run eagerly (the fallback).
 GRAPH_METHODS = ("keeplora_rsvd_graph", "keeplora_rsvd_graph_copy")
-COUNTED = ("keeplora_rsvd", *GRAPH_METHODS)  # rows that report library calls (CUDA: kernels) per call
+COUNTED = (
+    "keeplora_rsvd",
+    "keeplora_rsvd_fused_basis",
+    *GRAPH_METHODS,
+)  # rows that report library calls (CUDA: kernels) per call
 
 
 def _graph_methods(batches: list[torch.Tensor], r: int, over: int, q: int, backend: str):
@@ -166,6 +171,31 @@ def _graph_methods(batches: list[torch.Tensor], r: int, over: int, q: int, backe
         ("keeplora_rsvd_graph", backend, lambda: graphed(*batches), False, (over, q), note),
         ("keeplora_rsvd_graph_copy", backend, copied, False, (over, q), note),
     ]
+
+
+FUSED_BASIS_ENV = "KEEPLORA_RSVD_FUSED_BASIS"
+
+
+def _fused_basis_runs(device: torch.device, backend: str, dtype: torch.dtype) -> bool:
+    """Whether the fused range finder applies (csrc/rsvd.cpp: CUDA extension, a 16-bit matrix, no projection)."""
+    return device.type == "cuda" and backend == "extension" and dtype in (torch.bfloat16, torch.float16)
+
+
+def _with_fused_basis(fn: Callable):
+    """``fn`` with the range finder's intermediate bases kept as split operands (A/B with the default path)."""
+
+    def run():
+        before = os.environ.get(FUSED_BASIS_ENV)
+        os.environ[FUSED_BASIS_ENV] = "1"
+        try:
+            return fn()
+        finally:
+            if before is None:
+                del os.environ[FUSED_BASIS_ENV]
+            else:
+                os.environ[FUSED_BASIS_ENV] = before
+
+    return run
 
 
 @functools.cache
@@ -274,6 +304,8 @@ def run_case(case: Case, device: torch.device, quick: bool) -> list[dict]:
         methods.append((name, backend, eager, False, (over, q), ""))
         if name == "keeplora_rsvd":
             methods += _graph_methods([a], r, over, q, backend)
+            if _fused_basis_runs(device, backend, case.dtype) and r + over <= 64:
+                methods.append(("keeplora_rsvd_fused_basis", backend, _with_fused_basis(eager), False, (over, q), ""))
             if backend == "extension" and r + over <= 32 and _gesvdj_runs(device):
 
                 def cusolver_small_svd(over=over, q=q):  # A/B with the row above: the small SVD by cuSOLVER
@@ -354,6 +386,8 @@ def run_model_set(mset: ModelSet, device: torch.device, quick: bool) -> list[dic
         *_graph_methods(batches, r, over, q, backend),
         ("svd_lowrank_loop", "torch", lambda: _lowrank_loop(batches, r), True, (3 * r, 4), ""),
     ]
+    if _fused_basis_runs(device, backend, mset.dtype) and r + over <= 64:
+        methods.insert(1, ("keeplora_rsvd_fused_basis", backend, _with_fused_basis(eager), False, (over, q), ""))
     total = sum(c for _, _, c in mset.groups)
     fields = {
         "case": mset.name,
@@ -649,23 +683,31 @@ def summarize(rows: list[dict]) -> list[dict]:
 def trace_rsvd(out_dir: Path, device: torch.device, smoke: bool = False) -> Path:
     """torch.profiler table (by self device time; CPU time without a GPU) of one warm batched ``kk.rsvd`` call on
     the Llama 4096² case at the batch of its floor target, 32 (tiny in smoke mode): where the gap to the bandwidth
-    floor goes. At a smaller batch the fixed per-call costs (one block per matrix) weigh more than at the target."""
+    floor goes. At a smaller batch the fixed per-call costs (one block per matrix) weigh more than at the target.
+    Where the fused intermediate bases apply, a second table shows the same call with them."""
     case = (
         Case("smoke", 2, 96, 64, 4, torch.float32, 1)
         if smoke
         else Case("llama_4096x4096", 32, 4096, 4096, 24, torch.bfloat16, 1)
     )
     a, _ = make_batch(case, device)
-    call = functools.partial(kk.rsvd, a, case.rank, oversample=8, power_iters=2, seed=0)
-    with torch.no_grad():
-        call()
-        _sync(device)
-        table = profile_table(call, device=device)
+    backend = _dispatch.select("rsvd", device)
+    variants = {"": functools.partial(kk.rsvd, a, case.rank, oversample=8, power_iters=2, seed=0)}
+    if _fused_basis_runs(device, backend, case.dtype):
+        variants[f" {FUSED_BASIS_ENV}=1"] = _with_fused_basis(variants[""])
+    text = ""
+    for label, call in variants.items():
+        with torch.no_grad():
+            call()
+            _sync(device)
+            table = profile_table(call, device=device)
+        text += (
+            f"kk.rsvd {case.name} b={case.batch} r={case.rank} oversample=8 power_iters=2 [{backend}]{label}\n"
+            + table
+            + "\n"
+        )
     path = Path(out_dir) / "trace_rsvd.txt"
-    path.write_text(
-        f"kk.rsvd {case.name} b={case.batch} r={case.rank} oversample=8 power_iters=2 "
-        f"[{_dispatch.select('rsvd', device)}]\n" + table
-    )
+    path.write_text(text)
     return path
 
 
