@@ -127,7 +127,10 @@ def step_gpu_tests(out: Path, dry: bool) -> list[dict[str, Any]]:
     if not torch.cuda.is_available() and not dry:
         raise RuntimeError("no CUDA device")
     marker = "gpu" if torch.cuda.is_available() else "gpu or not gpu"
-    args = [sys.executable, "-m", "pytest", "-q", "-rfE", "-m", marker, "--no-header", "-p", "no:cacheprovider"]
+    # -v: each test's outcome is in the log as it ends, so a run cut by the box still says which passed and failed;
+    # the slowest tests are listed to size the box
+    args = [sys.executable, "-m", "pytest", "-v", "-rfE", "--durations=15", "-m", marker, "--no-header"]
+    args += ["-p", "no:cacheprovider"]
     if dry and not torch.cuda.is_available():
         args += ["tests/kernels/test_reference_ops.py"]  # rehearsal: the mechanics only
     rc = _run(
