@@ -87,7 +87,8 @@ at::Tensor split_operand_cpu(const at::Tensor& x, at::ScalarType dtype, double s
   return at::cat({hi, lo}, -1);
 }
 
-void check_split_basis_input(const at::Tensor& y, int64_t parts, const at::Tensor* r_inv) {
+void check_split_basis_input(const at::Tensor& y, int64_t parts, const at::Tensor* r_inv,
+                             std::optional<at::ScalarType> dtype) {
   TORCH_CHECK(parts == 1 || parts == 2, "keeplora split basis ops: parts must be 1 or 2, got ", parts);
   TORCH_CHECK(y.dim() == 3 && y.scalar_type() == at::kFloat && y.size(2) % parts == 0,
               "keeplora split basis ops expect float32 y of shape (b, rows, parts * w), got ", y.scalar_type(), " ",
@@ -103,6 +104,8 @@ void check_split_basis_input(const at::Tensor& y, int64_t parts, const at::Tenso
     TORCH_CHECK(r_inv->device() == y.device(), "keeplora::split_product: r_inv is on ", r_inv->device(),
                 " but y on ", y.device());
   }
+  TORCH_CHECK(!dtype || *dtype == at::kBFloat16 || *dtype == at::kHalf,
+              "keeplora::split_product: dtype must be bfloat16 or float16, got ", *dtype);
 }
 
 at::Tensor combined_columns(const at::Tensor& y, int64_t parts, double lo_scale) {
@@ -120,7 +123,7 @@ at::Tensor gram_of_sum_cpu(const at::Tensor& y, int64_t parts, double lo_scale) 
 
 at::Tensor split_product_cpu(const at::Tensor& y, int64_t parts, double lo_scale, const at::Tensor& r_inv,
                              at::ScalarType dtype, double scale) {
-  check_split_basis_input(y, parts, &r_inv);
+  check_split_basis_input(y, parts, &r_inv, dtype);
   const at::Tensor q = at::matmul(combined_columns(y, parts, lo_scale).to(at::kDouble), r_inv);
   return split_operand_cpu(q, dtype, scale);
 }

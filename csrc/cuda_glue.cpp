@@ -144,9 +144,7 @@ at::Tensor gram_of_sum_cuda(const at::Tensor& y, int64_t parts, double lo_scale)
 
 at::Tensor split_product_cuda(const at::Tensor& y, int64_t parts, double lo_scale, const at::Tensor& r_inv,
                               at::ScalarType dtype, double scale) {
-  check_split_basis_input(y, parts, &r_inv);
-  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf,
-              "keeplora::split_product: dtype must be bfloat16 or float16, got ", dtype);
+  check_split_basis_input(y, parts, &r_inv, dtype);
   const c10::cuda::CUDAGuard guard(y.device());
   const at::Tensor yc = y.contiguous();
   const at::Tensor rc = r_inv.contiguous();

@@ -67,8 +67,10 @@ void check_split_operand_input(const at::Tensor& x, at::ScalarType dtype);
 void check_shifted_cholesky_input(const at::Tensor& gram, const at::Tensor& info);
 // Widest basis (w columns) the split basis ops take (the CUDA kernels' limit).
 constexpr int64_t kMaxSplitBasisWidth = 64;
-// y (b, rows, parts * w) float32, parts 1 or 2, 1 <= w <= kMaxSplitBasisWidth; r_inv (b, w, w) float64 when given.
-void check_split_basis_input(const at::Tensor& y, int64_t parts, const at::Tensor* r_inv);
+// y (b, rows, parts * w) float32, parts 1 or 2, 1 <= w <= kMaxSplitBasisWidth; r_inv (b, w, w) float64 and the
+// output dtype (bfloat16 or float16) when given.
+void check_split_basis_input(const at::Tensor& y, int64_t parts, const at::Tensor* r_inv,
+                             std::optional<at::ScalarType> dtype = std::nullopt);
 // v = y[..., :w] + lo_scale * y[..., w:] (parts 2) or y (parts 1), float32: the value a split GEMM's output holds.
 at::Tensor combined_columns(const at::Tensor& y, int64_t parts, double lo_scale);
 // Tiny diagonal shift that lets an all-zero block factor (its Q is then zero), per dtype.

@@ -162,6 +162,11 @@ Tensor gram(const Tensor& q) {
 // Largest l for which the one-block shifted_cholesky kernel is used (as for the Jacobi kernel).
 constexpr int64_t kFusedCholeskyMax = 256;
 
+// The shift factor of a shifted CholeskyQR pass on an m x l block (s = factor tr(G); see cholesky_qr_fp64).
+double safe_shift_factor(int64_t m, int64_t l) {
+  return 11.0 * (static_cast<double>(m) * l + static_cast<double>(l) * (l + 1)) * kUnitRoundoff64;
+}
+
 // Shifted CholeskyQR in float64 on batched GEMMs. Each pass: G = Q^T Q, G += s I, R = chol(G), Q <- Q R^-1.
 // The first `shifted` passes use s = 11 (m l + l (l + 1)) u tr(G), the shift with which the factorisation
 // provably succeeds for any finite input (Fukaya, Kannan, Nakatsukasa, Yamamoto, Yanagisawa 2020); the remaining
@@ -175,7 +180,7 @@ Factor cholesky_qr_fp64(const Tensor& y, int64_t shifted, int64_t plain, bool wa
   const int64_t b = y.size(0), m = y.size(1), l = y.size(2);
   Tensor r_total;
   if (l == 0) return {q, at::zeros({b, 0, 0}, q.options())};
-  const double c_shift = 11.0 * (static_cast<double>(m) * l + static_cast<double>(l) * (l + 1)) * kUnitRoundoff64;
+  const double c_shift = safe_shift_factor(m, l);
   const int64_t passes = shifted + plain;
   for (int64_t pass = 0; pass < passes; ++pass) {
     const Tensor g = gram(q);
@@ -320,12 +325,11 @@ bool use_fused_basis(const Residual& op, int64_t l, int64_t power_iters, bool ho
 // orthonormalize to finish as on the library path.
 Tensor fused_range_finder(const Residual& op, const Tensor& omega, int64_t power_iters, const Tensor& info) {
   const auto lowp = op.a.scalar_type();
-  const double scale = op.split_scale();
+  const double scale = op.split_scale(), lo_scale = 1.0 / scale;
   auto next_operand = [&](const Tensor& y, int64_t parts) {
-    const double rows = static_cast<double>(y.size(1)), w = static_cast<double>(y.size(2) / parts);
-    const double c_shift = 11.0 * (rows * w + w * (w + 1)) * kUnitRoundoff64;
-    auto [r, r_inv] = shifted_cholesky(gram_of_sum(y, parts, 1.0 / scale), c_shift, false, info);
-    return split_product(y, parts, 1.0 / scale, r_inv, lowp, scale);
+    const double factor = safe_shift_factor(y.size(1), y.size(2) / parts);
+    auto [r, r_inv] = shifted_cholesky(gram_of_sum(y, parts, lo_scale), factor, false, info);
+    return split_product(y, parts, lo_scale, r_inv, lowp, scale);
   };
   Tensor xs = next_operand(op.sketch(omega), 1);
   Tensor y2;
@@ -333,7 +337,7 @@ Tensor fused_range_finder(const Residual& op, const Tensor& omega, int64_t power
     y2 = op.gemm_split(op.a, next_operand(op.gemm_split(op.a.mT(), xs), 2));
     if (it + 1 < power_iters) xs = next_operand(y2, 2);
   }
-  return combined_columns(y2, 2, 1.0 / scale);
+  return combined_columns(y2, 2, lo_scale);
 }
 
 RsvdResult rsvd_impl(const Residual& op, int64_t rank, int64_t oversample, int64_t power_iters, int64_t seed,
@@ -490,9 +494,7 @@ Tensor gram_of_sum_meta(const Tensor& y, int64_t parts, double) {
 }
 
 Tensor split_product_meta(const Tensor& y, int64_t parts, double, const Tensor& r_inv, at::ScalarType dtype, double) {
-  check_split_basis_input(y, parts, &r_inv);
-  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf,
-              "keeplora::split_product: dtype must be bfloat16 or float16, got ", dtype);
+  check_split_basis_input(y, parts, &r_inv, dtype);
   return at::empty({y.size(0), y.size(1), 2 * (y.size(2) / parts)}, y.options().dtype(dtype));
 }
 

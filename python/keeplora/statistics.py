@@ -179,6 +179,9 @@ def _checkpointed(model: nn.Module, blocks: list[nn.Module]):
     inputs, and its backward recomputes the block's forward (the same kernels on the same inputs: the same
     values) to get what it saved. A transformers model's key/value cache is off inside (a recomputed forward would
     append to it a second time); the forwards and the cache settings are restored on exit."""
+    if not blocks:  # the plain pass: nothing to change
+        yield
+        return
     from torch.utils.checkpoint import checkpoint
 
     # every config that turns a cache on: a multimodal model's language model has its own (text_config)

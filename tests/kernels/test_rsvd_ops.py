@@ -348,6 +348,18 @@ def _decaying_batch(dtype: torch.dtype) -> torch.Tensor:
     return ((u0 * spectrum) @ v0.mT).to(dtype)
 
 
+def _rsvd_without_host_sync(*args):
+    """``keeplora::rsvd(*args)`` on CUDA after one warm-up call (library handles, allocator), failing if it
+    synchronises with the host."""
+    torch.ops.keeplora.rsvd(*args)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return torch.ops.keeplora.rsvd(*args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.gpu
 @_needs("rsvd", "cuda")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -355,14 +367,7 @@ def test_rsvd_cuda_matches_cpu_without_host_sync(dtype):
     a = _decaying_batch(dtype)
     p = torch.zeros(6, 256, 10)
     p[:, :, :7] = torch.linalg.qr(torch.randn(6, 256, 7)).Q
-    a_cuda, p_cuda = a.cuda(), p.cuda()
-    torch.ops.keeplora.rsvd(a_cuda, 8, 8, 2, p_cuda, 3)  # warm-up (cuBLAS/cuSOLVER handles, allocator)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        u, s, v, info = torch.ops.keeplora.rsvd(a_cuda, 8, 8, 2, p_cuda, 3)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    u, s, v, info = _rsvd_without_host_sync(a.cuda(), 8, 8, 2, p.cuda(), 3)
     u_c, s_c, v_c, _ = torch.ops.keeplora.rsvd(a, 8, 8, 2, p, 3)
     assert (info.cpu() & 1).sum() == 0
     tol = 1e-5 if dtype == torch.float32 else 1e-3  # bf16: CPU converts to fp32, CUDA uses the split bf16 GEMM
@@ -432,13 +437,7 @@ def test_rsvd_with_the_fused_basis_matches_the_library_path_on_cuda(monkeypatch)
     monkeypatch.delenv("KEEPLORA_RSVD_FUSED_BASIS", raising=False)
     u0, s0, v0, _ = torch.ops.keeplora.rsvd(a, 8, 8, 2, None, 3)
     monkeypatch.setenv("KEEPLORA_RSVD_FUSED_BASIS", "1")
-    torch.ops.keeplora.rsvd(a, 8, 8, 2, None, 3)  # warm-up
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        u, s, v, info = torch.ops.keeplora.rsvd(a, 8, 8, 2, None, 3)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    u, s, v, info = _rsvd_without_host_sync(a, 8, 8, 2, None, 3)
     assert (info.cpu() & 1).sum() == 0
     assert (s - s0).abs().max() <= 1e-3 * s0.max()
     assert ((u * s.unsqueeze(-2)) @ v.mT - (u0 * s0.unsqueeze(-2)) @ v0.mT).abs().max() <= 1e-2 * s0.max()
