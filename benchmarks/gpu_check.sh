@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The prepared GPU run, from the repository root of a checkout on a GPU machine:
-#   bash benchmarks/gpu_check.sh            # results under $OUT, the summary table printed last
+#   bash benchmarks/gpu_check.sh            # results under $OUT; the summary table, then the open targets, print last
 # (the Python part stops at GPU_CHECK_TIMEOUT, default 470 s, then the bundle is made)
 # Uses the machine's preinstalled torch/triton/transformers/peft; nothing is installed there: the library, its kernels
 # and the benchmark app (benchmarks/keeplora_bench) are imported from this checkout through PYTHONPATH.
@@ -16,6 +16,8 @@ mkdir -p "$OUT" "$WORK"
 nvidia-smi > "$WORK/nvidia-smi.txt" 2>&1 || true
 timeout "${GPU_CHECK_TIMEOUT:-470}" "$PY" -m keeplora_bench.gpu_check --out "$WORK" "$@"
 rc=$?
+# cut by the limit before its own end: the targets table (seconds) from the CSVs the finished steps wrote
+[ $rc -eq 124 ] && "$PY" -m keeplora_bench.targets "$WORK" --write "$WORK/targets.md"
 # The device's .git is the session's starting commit plus the working tree as uncommitted changes, so the sha in the
 # rows reads "<start>-dirty". The tree hash of the files that ran identifies the commit: compare it with
 # `git rev-parse <commit>^{tree}` where the run was launched.

@@ -19,7 +19,8 @@ the order of what is still to be measured, since the script's overall limit cuts
 Measured and decided, so run only when named in ``--steps``: KeepLoRA's lifecycle under each alternative GEMM order
 of the LoRA linear (profile_orders) and the Triton GEMM main loop against cuBLAS, the go / no-go for the full-GEMM
 LoRA kernels (triton_gemm, keeplora_bench.micro.bench_triton_gemm).
-Everything goes under --out (logs, CSVs, summary.json); a short table (op, time, % of floor, ratio) prints last.
+Everything goes under --out (logs, CSVs, summary.json); a short table (op, time, % of floor, ratio) prints at the
+end, then the open targets and A/B decisions judged from this run's CSVs (keeplora_bench.targets; also targets.md).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from . import targets
 
 APP = Path(__file__).resolve().parents[1]  # the folder that holds the keeplora_bench package
 ROOT = APP.parent  # the source tree: the extension is built and the tests run there
@@ -377,6 +380,11 @@ def main(argv=None) -> int:
         (args.out / "summary.json").write_text(json.dumps({"status": status, "rows": summary}, indent=1, default=str))
     print()
     print_table(summary, SUMMARY_COLUMNS)
+    print()
+    # last: the open targets and the A/B decisions, judged from the CSVs this run wrote (keeplora_bench.targets)
+    lines = targets.judge(targets.read_results(args.out))
+    (args.out / "targets.md").write_text(targets.markdown(lines))
+    print_table(lines, targets.COLUMNS)
     return 0 if all(v.startswith("ok") for v in status.values()) else 1
 
 

@@ -108,7 +108,20 @@ def test_gpu_script_dry_mode(tmp_path):
     assert (out / "environment.json").is_file() and (out / "profile_lifecycle.csv").is_file()
     batched = list(csv.DictReader((out / "profile_batched.csv").open()))
     assert {r["phase"] for r in batched if r["method"] == "keeplora"} >= {"begin_task", "begin_task_micro8"}
-    assert proc.stdout.strip().splitlines()[-1]  # the table prints last
+    # the open targets print last, judged from this run's CSVs (also targets.md)
+    from keeplora_bench import targets
+
+    last = proc.stdout.strip().split("\n\n")[-1].splitlines()
+    assert last[0].split() == ["target", "measured", "bound", "verdict", "source"]
+    lines = targets.judge(targets.read_results(out))
+    assert len(last) == len(lines) + 2 and (out / "targets.md").read_text() == targets.markdown(lines)
+    profiled = [line for line in lines if line["source"].startswith(("profile_lifecycle", "profile_batched"))]
+    assert len(profiled) >= 14 and all(line["verdict"] != "not measured" for line in profiled), profiled
+    # the LoRA rows as the benchmark writes them today (columns, provider names), at the target shapes
+    smoke = [r for r in csv.DictReader((out / "lora_variants.csv").open()) if r["op"] == "lora_linear"]
+    relabeled = [dict(r, shape=s) for s in (targets.LLAMA_LAYER, targets.CLIP_LAYER) for r in smoke]
+    eager = [line for line in targets.layer_targets(relabeled) if "graph" not in line["target"]]
+    assert len(eager) == 4 and all(line["verdict"] in ("met", "NOT met") for line in eager), eager
 
 
 def test_plot_script_draws_the_result_csvs(tmp_path):
