@@ -79,7 +79,7 @@ def _best_layer(rows: Rows, op: str, shape: str, mode: str, timing: str, column:
     latest: dict[str, dict[str, str]] = {}
     for r in rows:
         if r.get("op") == op and r.get("shape") == shape and r.get("mode") == mode and r.get("timing") == timing:
-            latest[r["provider"]] = r
+            latest[r.get("provider", "")] = r
     values = [(v, p) for p, r in latest.items() if _ours(p) and (v := _float(r.get(column))) is not None]
     if not values:
         return None, f"lora_variants {op} {shape} {mode} {timing}: no row"
@@ -126,7 +126,7 @@ def layer_ab(rows: Rows) -> list[dict]:
                     and r.get("timing") == timing
                     and _float(r.get("time_ms")) is not None
                 ]
-                latest = {r["provider"]: _float(r["time_ms"]) for r in picked}
+                latest = {r.get("provider", ""): _float(r["time_ms"]) for r in picked}
                 persistent = {p: t for p, t in latest.items() if p.startswith("triton-persistent")}
                 others = {p: t for p, t in latest.items() if _ours(p) and not p.startswith("triton-persistent")}
                 if not persistent or not others:
