@@ -74,21 +74,27 @@ def _ours(provider: str) -> bool:
     return provider not in REFERENCE_PROVIDERS and not provider.startswith("peft")
 
 
+def _by_provider(rows: Rows, op: str, shape: str, mode: str, timing: str, column: str) -> dict[str, float]:
+    """``column`` of KeepLoRA's providers at one op, shape, mode and timing (the last row per provider)."""
+    latest = {
+        r.get("provider", ""): _float(r.get(column))
+        for r in rows
+        if r.get("op") == op and r.get("shape") == shape and r.get("mode") == mode and r.get("timing") == timing
+    }
+    return {p: v for p, v in latest.items() if _ours(p) and v is not None}
+
+
 def _best_layer(rows: Rows, op: str, shape: str, mode: str, timing: str, column: str) -> tuple[float | None, str]:
-    """The smallest ``column`` over KeepLoRA's providers (last row per provider) and which provider gave it."""
-    latest: dict[str, dict[str, str]] = {}
-    for r in rows:
-        if r.get("op") == op and r.get("shape") == shape and r.get("mode") == mode and r.get("timing") == timing:
-            latest[r.get("provider", "")] = r
-    values = [(v, p) for p, r in latest.items() if _ours(p) and (v := _float(r.get(column))) is not None]
+    """The smallest ``column`` over KeepLoRA's providers and which provider gave it."""
+    values = _by_provider(rows, op, shape, mode, timing, column)
     if not values:
         return None, f"lora_variants {op} {shape} {mode} {timing}: no row"
-    value, provider = min(values)
-    return value, f"lora_variants {op} {shape} {mode} {timing}, {provider}"
+    provider = min(values, key=values.get)
+    return values[provider], f"lora_variants {op} {shape} {mode} {timing}, {provider}"
 
 
 def layer_targets(rows: Rows) -> list[dict]:
-    """Issue 15: the frozen-A LoRA layer against the frozen layer (Llama width) and the authors' path (CLIP)."""
+    """The frozen-A LoRA layer against the frozen layer (Llama width) and the authors' path (CLIP)."""
     out = []
     for mode, what in (("forward", "base GEMM"), ("backward", "dX GEMM"), ("step", "frozen layer's step")):
         value, source = _best_layer(rows, "lora_linear", LLAMA_LAYER, mode, "eager", "vs_base")
@@ -117,18 +123,9 @@ def layer_ab(rows: Rows) -> list[dict]:
     for op in ("lora_linear", "lora_qkv"):
         for shape in shapes:
             for timing in ("eager", "graph"):
-                picked = [
-                    r
-                    for r in rows
-                    if r.get("op") == op
-                    and r.get("shape") == shape
-                    and r.get("mode") == "step"
-                    and r.get("timing") == timing
-                    and _float(r.get("time_ms")) is not None
-                ]
-                latest = {r.get("provider", ""): _float(r["time_ms"]) for r in picked}
-                persistent = {p: t for p, t in latest.items() if p.startswith("triton-persistent")}
-                others = {p: t for p, t in latest.items() if _ours(p) and not p.startswith("triton-persistent")}
+                times = _by_provider(rows, op, shape, "step", timing, "time_ms")
+                persistent = {p: t for p, t in times.items() if p.startswith("triton-persistent")}
+                others = {p: t for p, t in times.items() if not p.startswith("triton-persistent")}
                 if not persistent or not others:
                     continue
                 p_name, p_time = min(persistent.items(), key=lambda kv: kv[1])
@@ -146,7 +143,7 @@ def layer_ab(rows: Rows) -> list[dict]:
 
 
 def rsvd_targets(rows: Rows) -> list[dict]:
-    """Issue 16: the batched rSVD against its bandwidth floor (Llama) and the authors' svd_lowrank loop (CLIP)."""
+    """The batched rSVD against its bandwidth floor (Llama) and the authors' svd_lowrank loop (CLIP)."""
     out = []
     ours = ("keeplora_rsvd", "keeplora_rsvd_graph", "keeplora_rsvd_fused_basis")
     for case, batch, bound in RSVD_FLOOR_CASES:
@@ -211,11 +208,10 @@ def _batch_label(rows: Rows, name: str) -> str:
 
 
 def lifecycle_targets(rows: Rows, name: str) -> list[dict]:
-    """Issues 15 and 16 on one lifecycle profile: the step, begin_task's time and memory, end_task."""
+    """One lifecycle profile against the authors' pipeline: the step, begin_task's time and memory, end_task."""
     label = _batch_label(rows, name)
     ours = {r["phase"]: r for r in rows if r.get("method") == "keeplora"}
     authors = {r["phase"]: r for r in rows if r.get("method") == "authors"}
-    src = name
     out = []
     step = _float(authors.get("train_step", {}).get("time_vs_keeplora"))
     out.append(
@@ -224,7 +220,7 @@ def lifecycle_targets(rows: Rows, name: str) -> list[dict]:
             step,
             "≥ 1.25",
             lambda v: v >= 1.25,
-            f"{src}, authors train_step time_vs_keeplora",
+            f"{name}, authors train_step time_vs_keeplora",
         )
     )
     begin = ours.get("begin_task", {})
@@ -234,19 +230,19 @@ def lifecycle_targets(rows: Rows, name: str) -> list[dict]:
             _float(begin.get("authors_begin_task_time_ratio")),
             "≥ 5",
             lambda v: v >= 5,
-            f"{src}, keeplora begin_task authors_begin_task_time_ratio",
+            f"{name}, keeplora begin_task authors_begin_task_time_ratio",
         )
     )
     for phase in sorted(p for p in ours if p.startswith("begin_task")):
         row = ours[phase]
-        if "error" in row and row.get("error"):
+        if row.get("error"):
             out.append(
                 _line(
                     f"{phase} peak ≤ 0.5x the authors' begin_task ({label})",
                     None,
                     "≤ 0.5",
                     None,
-                    f"{src}: FAILED {row['error'][:80]}",
+                    f"{name}: FAILED {row['error'][:80]}",
                 )
             )
             continue
@@ -257,7 +253,7 @@ def lifecycle_targets(rows: Rows, name: str) -> list[dict]:
                 _float(row.get("memory_vs_authors_begin_task")),
                 "≤ 0.5",
                 lambda v: v <= 0.5,
-                f"{src}, memory_vs_authors_begin_task; {speed:.3g}x the authors' speed" if speed else src,
+                f"{name}, memory_vs_authors_begin_task; {speed:.3g}x the authors' speed" if speed else name,
             )
         )
     peak, step_peak, sums = (_float(begin.get(k)) for k in ("peak_mb", "train_step_peak_mb", "accumulators_mb"))
@@ -267,7 +263,7 @@ def lifecycle_targets(rows: Rows, name: str) -> list[dict]:
             None if None in (peak, step_peak, sums) else peak - step_peak - sums,
             "≤ 0",
             lambda v: v <= 0,
-            f"{src}, peak_mb − train_step_peak_mb − accumulators_mb",
+            f"{name}, peak_mb − train_step_peak_mb − accumulators_mb",
         )
     )
     end = _float(authors.get("end_task", {}).get("time_vs_keeplora"))
@@ -277,7 +273,7 @@ def lifecycle_targets(rows: Rows, name: str) -> list[dict]:
             end,
             "≥ 20",
             lambda v: v >= 20,
-            f"{src}, authors end_task time_vs_keeplora",
+            f"{name}, authors end_task time_vs_keeplora",
         )
     )
     return out
